@@ -1,0 +1,16 @@
+"""offload: run models bigger than memory by streaming their blocks from disk, prefetched.
+
+    import offload
+    handle = offload.enable(model, prefetch=2)   # Accelerate-dispatched or plain nn.Module
+    handle.stats()                               # bytes read, stall time, misses
+    offload.disable(model)                       # or: with offload.enable(...):
+    offload.convert("hf-folder/", "store/")      # checkpoint → store
+"""
+from .convert import convert
+from .errors import (CheckpointError, ChecksumError, OffloadError, StoreError, StoreMismatchError,
+                     UnitReadError)
+from .runtime import Handle, Stats, disable, enable
+
+__version__ = "0.1.0"
+__all__ = ["enable", "disable", "convert", "Handle", "Stats", "OffloadError", "StoreError", "ChecksumError",
+           "StoreMismatchError", "UnitReadError", "CheckpointError", "__version__"]

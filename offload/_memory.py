@@ -1,0 +1,87 @@
+"""Byte sizes and memory budgets, including the container limits psutil does not see."""
+from __future__ import annotations
+
+import os
+import re
+
+import psutil
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """Accept 1234, "1.5GB", "8GiB" (binary and decimal suffixes, case-insensitive)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a byte size, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"byte size must be >= 0, got {value!r}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {value!r} as a byte size: use a number of bytes or e.g. '512MiB', '8GiB', '4GB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def cgroup_memory_headroom() -> int | None:
+    """Bytes this process's memory cgroup still allows (limit - usage), or None without a limit.
+
+    psutil reports the host's memory; inside a container (or a benchmark's cgroup) the
+    cgroup limit is what triggers the OOM killer, so a budget must respect it.
+    """
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    best: int | None = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        rel = rel.lstrip("/")
+        if controllers == "":  # cgroup v2
+            base = os.path.join("/sys/fs/cgroup", rel)
+            limit, usage = _read_int(os.path.join(base, "memory.max")), _read_int(os.path.join(base, "memory.current"))
+        elif "memory" in controllers.split(","):  # cgroup v1
+            base = os.path.join("/sys/fs/cgroup/memory", rel)
+            limit = _read_int(os.path.join(base, "memory.limit_in_bytes"))
+            usage = _read_int(os.path.join(base, "memory.usage_in_bytes"))
+            if limit is not None and limit >= 1 << 60:  # v1 reports "no limit" as a huge number
+                limit = None
+        else:
+            continue
+        if limit is not None:
+            headroom = max(0, limit - (usage or 0))
+            best = headroom if best is None else min(best, headroom)
+    return best
+
+
+def available_memory() -> int:
+    """Memory a new allocation can use without swapping or tripping a container limit."""
+    avail = psutil.virtual_memory().available
+    cg = cgroup_memory_headroom()
+    return avail if cg is None else min(avail, cg)

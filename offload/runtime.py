@@ -1,0 +1,380 @@
+"""``offload.enable`` / ``offload.disable`` and the handle they share.
+
+enable: plan (what streams) → store (write or validate) → free the streamed weights → prefetcher
+(ring + RAM tier) → hooks. disable undoes it in reverse, and gives a plain module its weights back.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .convert import sources_from_plans, write_store
+from .errors import OffloadError, StoreMismatchError
+from .hooks import Binding, CpuStager, UnitHook
+from .io import HostBuffer, Reader, get_reader
+from .plan import (UnitPlan, choose_resident, find_units, is_accelerate_offloaded, offload_folder_of,
+                   plan_accelerate, plan_plain)
+from .prefetch import Prefetcher
+from .store import MANIFEST, Store, TensorSpec, UnitRecord, fingerprint, unit_crc
+from ._memory import available_memory, format_bytes, parse_bytes
+
+log = logging.getLogger("offload")
+
+# Head-room left for activations, the KV cache and the allocator when the RAM tier is sized by default.
+DEFAULT_MARGIN_BYTES = 1 << 30
+_live_handles: weakref.WeakSet[Handle] = weakref.WeakSet()
+
+
+@dataclasses.dataclass
+class Stats:
+    """What the runtime did since ``enable`` (or ``reset_stats``): I/O, stalls and the memory plan."""
+    bytes_read: int
+    read_seconds: float
+    wait_seconds: float
+    units_loaded: int
+    hits: int
+    misses: int
+    resident_hits: int
+    units_in_flight: int
+    streamed_units: int
+    resident_units: int
+    ring_bytes: int
+    resident_bytes: int
+    prefetch: int
+    reader: str
+    store: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def cache_dir() -> str:
+    root = os.environ.get("OFFLOAD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "offload")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+class Handle:
+    """A model with offloading enabled. ``disable()`` (or leaving the ``with`` block) undoes it."""
+
+    def __init__(self, model: nn.Module, store: Store, prefetcher: Prefetcher, hooks: list[UnitHook],
+                 plans: list[UnitPlan], kind: str, temp_store: bool, stager: Any,
+                 accelerate_state: list[tuple[Any, bool, Any]], restore: dict[int, torch.Tensor]):
+        self.model, self.store, self.prefetcher, self.hooks, self.plans = model, store, prefetcher, hooks, plans
+        self.kind, self.temp_store, self.stager = kind, temp_store, stager
+        self._accelerate_state = accelerate_state
+        self._restore = restore
+        self._root_hook = model.register_forward_pre_hook(self._root_pre)
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def _root_pre(self, module: nn.Module, args: Any) -> None:
+        # A new top-level forward: any unit still bound was left by an interrupted forward
+        # (KeyboardInterrupt skips post-hooks). Unbind it so its staging buffer returns to the ring.
+        for h in self.hooks:
+            if h.bound:
+                h.unbind()
+
+    def stats(self) -> Stats:
+        s = self.prefetcher.stats() if not self.closed else None
+        resident = self.prefetcher.resident if not self.closed else {}
+        return Stats(
+            bytes_read=s.bytes_read if s else 0, read_seconds=s.read_seconds if s else 0.0,
+            wait_seconds=s.wait_seconds if s else 0.0, units_loaded=s.units_loaded if s else 0,
+            hits=s.hits if s else 0, misses=s.misses if s else 0, resident_hits=s.resident_hits if s else 0,
+            units_in_flight=s.units_in_flight if s else 0,
+            streamed_units=len(self.hooks) - len(resident), resident_units=len(resident),
+            ring_bytes=(self.prefetcher.slot_bytes * len(self.prefetcher._slots)) if not self.closed else 0,
+            resident_bytes=sum(b.nbytes for b in resident.values()),
+            prefetch=self.prefetcher.depth, reader=self.prefetcher.reader.name, store=self.store.path)
+
+    def reset_stats(self) -> None:
+        if not self.closed:
+            self.prefetcher.reset_stats()
+
+    def disable(self) -> None:
+        """Stop the reader threads, free the buffers, remove the hooks and restore the model.
+
+        Idempotent. A plain module gets its streamed weights back as ordinary tensors read from the
+        store; an Accelerate-dispatched model gets its own offload hooks back.
+        """
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        self._root_hook.remove()
+        for h in self.hooks:
+            h.remove()
+            if h.bound:
+                with contextlib.suppress(Exception):
+                    h.unbind()
+        self.prefetcher.close()
+        self.stager.close()
+        for hook, offload, weights_map in self._accelerate_state:
+            hook.offload, hook.weights_map = offload, weights_map
+        if self._restore:
+            self._restore_weights()
+        if getattr(self.model, "_offload_handle", None) is self:
+            del self.model._offload_handle
+        if self.temp_store:
+            shutil.rmtree(self.store.path, ignore_errors=True)
+        _live_handles.discard(self)
+
+    def _restore_weights(self) -> None:
+        for h in self.hooks:
+            rec = h.record
+            data = torch.empty(rec.data_bytes, dtype=torch.uint8)
+            with open(self.store.file_path(rec), "rb") as f:
+                f.seek(rec.data_offset)
+                f.readinto(memoryview(data.numpy()))
+            for b in h.bindings:
+                t = data[b.offset:b.offset + b.nbytes].view(b.dtype).view(b.shape).clone()
+                p = self._restore[id(b)]
+                p.data = t
+                b.owner._parameters[b.attr] = p  # type: ignore[assignment]
+
+    close = disable
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.disable()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self.hooks)} units, prefetch={self.prefetcher.depth}"
+        return f"<offload.Handle {state} store={self.store.path!r}>"
+
+
+@atexit.register
+def _close_all() -> None:
+    for h in list(_live_handles):
+        with contextlib.suppress(Exception):
+            h.disable()
+
+
+def _expected(plans: Sequence[UnitPlan]) -> dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    return {p.name: {t.rel: (t.dtype, t.shape) for t in p.tensors} for p in plans}
+
+
+def _source_fingerprint(plans: Sequence[UnitPlan], kind: str) -> str:
+    if kind == "accelerate" and all(t.source_id is not None for p in plans for t in p.tensors):
+        return fingerprint((p.name, t.rel, str(t.dtype), t.shape, t.source_id) for p in plans for t in p.tensors)
+    # No file identity (a plain module, or weights Accelerate keeps in RAM): the content decides,
+    # through the per-unit checksums compared when a store is reused.
+    return "content:" + fingerprint((p.name, t.rel, str(t.dtype), t.shape) for p in plans for t in p.tensors)
+
+
+def _check_reused(store: Store, plans: Sequence[UnitPlan], fp: str) -> None:
+    have = str(store.source.get("fingerprint", ""))
+    if not fp.startswith("content:"):
+        if have != fp:
+            raise StoreMismatchError(f"store {store.path} was built from other checkpoint files than this model's "
+                                     f"(source fingerprint {have[:12]} vs {fp[:12]}): delete it or pass another store=")
+        return
+    for p in plans:
+        rec = store.by_name[p.name]
+        by_rel = {t.rel: t for t in p.tensors}
+        crc = unit_crc(p.name, [TensorSpec(t.rel, t.dtype, t.shape) for t in p.tensors], lambda r: by_rel[r].fetch())
+        if crc != rec.crc32:
+            raise StoreMismatchError(f"store {store.path}: unit {p.name} holds different weights than the model "
+                                     f"(checksum {rec.crc32:08x} vs {crc:08x}): delete the store or pass another store=")
+
+
+def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | None = None,
+           device: str | torch.device | None = None, *, cpu_memory: int | str | None = None,
+           units: Sequence[str] | None = None, reader: str | Reader | None = None, io_threads: int = 8,
+           verify: bool = False, progress: bool = True) -> Handle:
+    """Stream a model's blocks from disk, prefetching the next ``prefetch`` blocks while one computes.
+
+    Args:
+        model: a model dispatched by Accelerate/Transformers with blocks on ``"disk"`` (its offload
+            hooks are taken over), or any ``nn.Module`` (its repeated blocks are streamed).
+        prefetch: how many units are read ahead. Staging memory is ``(prefetch + 1) × largest unit``.
+        store: the folder of per-unit files. Default: ``offload-store`` inside Accelerate's offload
+            folder, else a temporary folder removed by ``disable``. An existing store is validated
+            against the model and reused; a mismatch is an error, never a silent rewrite.
+        device: where the units compute (default: Accelerate's execution device, else CPU).
+        cpu_memory: RAM-tier budget (bytes or ``"8GiB"``): that many bytes of units are read once and
+            kept in RAM; the rest stream. Default: free memory (the container limit included) minus
+            1 GiB. ``0`` streams everything.
+        units: names of the modules to stream (plain modules only; default: the repeated blocks).
+        reader: ``"native"``, ``"python"``, ``"mmap"``, or a reader object (default: fastest available).
+        io_threads: reader threads (the python reader's queue depth).
+        verify: re-read every unit file and check its checksum before starting.
+
+    Returns:
+        A :class:`Handle` (``stats()``, ``disable()``, context manager).
+
+    Example:
+        >>> with offload.enable(model, prefetch=2, cpu_memory=0) as h:
+        ...     model.generate(**inputs, max_new_tokens=16)
+        ...     print(h.stats())
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"offload.enable expects an nn.Module, got {type(model).__name__}")
+    old = getattr(model, "_offload_handle", None)
+    if old is not None and not old.closed:
+        raise OffloadError("offload is already enabled on this model: call offload.disable(model) first")
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
+        raise ValueError(f"prefetch must be an integer >= 1, got {prefetch!r}")
+    if not isinstance(io_threads, int) or io_threads < 1:
+        raise ValueError(f"io_threads must be an integer >= 1, got {io_threads!r}")
+    rd = reader if (reader is not None and not isinstance(reader, str)) else get_reader(reader)
+    budget = parse_bytes(cpu_memory) if cpu_memory is not None else None
+
+    accelerate = is_accelerate_offloaded(model)
+    if accelerate:
+        if units is not None:
+            raise ValueError("units= applies to plain modules; Accelerate's device_map decides the units here")
+        plans = plan_accelerate(model)
+        kind = "accelerate"
+    else:
+        dev = torch.device(device) if device is not None else _module_device(model)
+        plans = plan_plain(model, find_units(model, units), dev)
+        kind = "module"
+    plans = [p for p in plans if p.tensors]
+    if not plans:
+        raise OffloadError("nothing to stream: the chosen units have no parameters of their own (all tied or shared)")
+    devices = {p.device for p in plans}
+    if device is not None and accelerate:
+        devices = {torch.device(device)}
+    exec_device = next(iter(devices))
+    if len(devices) > 1 or exec_device.type not in ("cpu", "cuda"):
+        raise OffloadError(f"streamed units execute on {sorted(map(str, devices))}: offload supports one CPU or "
+                           f"CUDA execution device for streamed units")
+
+    fp = _source_fingerprint(plans, kind)
+    temp_store = False
+    if store is None:
+        folder = offload_folder_of(model) if accelerate else None
+        if folder:
+            store = os.path.join(folder, "offload-store")
+        elif kind == "accelerate" and not fp.startswith("content:"):
+            store = os.path.join(cache_dir(), "stores", fp)
+        else:
+            store = tempfile.mkdtemp(prefix="store-", dir=cache_dir())
+            temp_store = True
+    store = os.fspath(store)
+    try:
+        if os.path.exists(os.path.join(store, MANIFEST)):
+            st = Store.open(store)
+            st.match(_expected(plans))
+            _check_reused(st, plans, fp)
+        else:
+            st = write_store(store, sources_from_plans(plans), {"kind": kind, "class": type(model).__name__,
+                                                               "fingerprint": fp}, progress=progress)
+            st.match(_expected(plans))
+        if verify:
+            for p in plans:
+                st.verify_unit(st.by_name[p.name])
+    except BaseException:
+        if temp_store:
+            shutil.rmtree(store, ignore_errors=True)
+        raise
+    records = [st.by_name[p.name] for p in plans]
+
+    # The RAM tier: a fixed set of units read once. The streamed weights about to be freed count as free.
+    ring_bytes = (prefetch + 1) * max(r.data_bytes for r in records)
+    if budget is None:
+        freed = sum(p.nbytes for p in plans) if kind == "module" else 0
+        budget = max(0, available_memory() + freed - ring_bytes - DEFAULT_MARGIN_BYTES)
+    resident_idx = choose_resident([r.data_bytes for r in records], budget)
+    resident = {i: HostBuffer(records[i].data_bytes) for i in sorted(resident_idx)}
+
+    stager = _make_stager(exec_device, prefetch, records, resident)
+    prefetcher = Prefetcher(st, records, rd, prefetch, resident, io_threads)
+    restore: dict[int, torch.Tensor] = {}
+    hooks: list[UnitHook] = []
+    accelerate_state: list[tuple[Any, bool, Any]] = []
+    try:
+        if resident:
+            from .convert import _progress
+            bar = _progress(sum(b.nbytes for b in resident.values()), "offload: loading RAM tier", progress)
+            try:
+                prefetcher.load_resident(bar.update)
+            finally:
+                bar.close()
+        for i, (p, rec) in enumerate(zip(plans, records)):
+            bindings = _bindings(p, rec, restore)
+            hooks.append(UnitHook(i, p.module, rec, bindings, prefetcher, stager))
+    except BaseException:
+        prefetcher.close()
+        stager.close()
+        if temp_store:
+            shutil.rmtree(store, ignore_errors=True)
+        raise
+    # Point of no return: free the streamed weights and install the hooks.
+    for h in hooks:
+        for b in h.bindings:
+            b.unbind()
+        h.register()
+    for p in plans:
+        for hk in p.hooks:
+            accelerate_state.append((hk, hk.offload, hk.weights_map))
+            hk.offload, hk.weights_map = False, None
+    handle = Handle(model, st, prefetcher, hooks, plans, kind, temp_store, stager, accelerate_state, restore)
+    model._offload_handle = handle  # type: ignore[assignment]
+    _live_handles.add(handle)
+    streamed = [r for i, r in enumerate(records) if i not in resident]
+    log.info("offload: %d units (%s) from %s; %d in RAM (%s), %d streamed, ring %d x %s, reader %s",
+             len(records), format_bytes(sum(r.data_bytes for r in records)), st.path, len(resident),
+             format_bytes(sum(b.nbytes for b in resident.values())), len(streamed),
+             len(prefetcher._slots), format_bytes(prefetcher.slot_bytes), rd.name)
+    return handle
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def _bindings(plan: UnitPlan, rec: UnitRecord, restore: dict[int, torch.Tensor]) -> list[Binding]:
+    by_name = {t.name: t for t in rec.tensors}
+    out = []
+    for t in plan.tensors:
+        r = by_name[t.rel]
+        current = (t.owner._parameters if t.is_param else t.owner._buffers)[t.attr]
+        assert current is not None
+        if t.is_param:
+            if current.device.type == "meta":  # Accelerate's placeholder: keep it, bind a fresh Parameter
+                placeholder, live = current, nn.Parameter(torch.empty(0, dtype=t.dtype), requires_grad=False)
+            else:  # the user's Parameter: keep its identity, swap its storage
+                placeholder = nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=current.requires_grad)
+                live = current
+        else:
+            placeholder, live = current if current.device.type == "meta" else current.to("meta"), None
+        b = Binding(t.owner, t.attr, t.is_param, r.offset, r.nbytes, t.dtype, t.shape, placeholder, live)
+        if t.is_param and current.device.type != "meta":
+            restore[id(b)] = current
+        out.append(b)
+    return out
+
+
+def _make_stager(device: torch.device, prefetch: int, records: Sequence[UnitRecord], resident: dict[int, HostBuffer]) -> Any:
+    if device.type == "cpu":
+        return CpuStager()
+    from .device import CudaStager
+    return CudaStager(device, prefetch, records, resident)
+
+
+def disable(model: nn.Module) -> None:
+    """Undo :func:`enable` on ``model`` (no-op if it is not enabled)."""
+    h = getattr(model, "_offload_handle", None)
+    if h is not None:
+        h.disable()

@@ -1,0 +1,451 @@
+"""The on-disk store: ``manifest.json`` plus one safetensors file per unit.
+
+Format (version 1)
+------------------
+* ``manifest.json`` — ``{"format": "offload-store", "version": 1, "source": {...}, "units": [...],
+  "resident": {...} | null}``. Each unit records its file, the file's byte size, where the data
+  section starts, its length, a CRC32 of the data section and the tensor table
+  (name, dtype, shape, offset into the data section, byte size).
+* Each unit file is a standard safetensors file. Its JSON header is padded with spaces so the data
+  section starts at a multiple of 4096 bytes (O_DIRECT needs aligned offsets), tensors are placed at
+  256-byte aligned offsets (fast kernels, element-aligned views), and the data section is padded to a
+  multiple of 4096 bytes so a whole unit is one aligned read. safetensors forbids holes between
+  tensors, so padding is stored as ``U8`` tensors named ``__offload_pad_<k>__``.
+* Files are written under a temporary name, fsync'd and renamed; the manifest is written last. A
+  folder without a valid manifest is not a store.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .errors import ChecksumError, StoreError, StoreMismatchError
+
+FORMAT = "offload-store"
+VERSION = 1
+MANIFEST = "manifest.json"
+IN_PROGRESS = ".offload-store-in-progress"
+PAGE = 4096
+TENSOR_ALIGN = 256
+PAD_PREFIX = "__offload_pad_"
+# A declared header larger than this is rejected before it is read (a giant size is an attack, not a model).
+MAX_HEADER_BYTES = 64 << 20
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _name):
+        DTYPES["F8_E4M3" if "e4m3" in _name else "F8_E5M2"] = getattr(torch, _name)
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise StoreError(f"dtype {dtype} cannot be stored: supported are {sorted(DTYPES)}") from None
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRecord:
+    name: str  # relative to the unit, e.g. "self_attention.dense.weight"
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    offset: int  # into the unit's data section
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitRecord:
+    name: str
+    file: str  # relative to the store folder
+    file_bytes: int
+    data_offset: int
+    data_bytes: int
+    crc32: int
+    tensors: tuple[TensorRecord, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tensors"] = [dict(dataclasses.asdict(t), shape=list(t.shape)) for t in self.tensors]
+        return d
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of real tensor data (the data section minus alignment padding)."""
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """What the writer needs to know about a tensor before its bytes exist."""
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+def plan_layout(specs: Sequence[TensorSpec]) -> tuple[list[TensorRecord], int]:
+    """Place tensors at 256-byte aligned offsets; return records and the padded data length.
+
+    Larger element sizes go first and bigger tensors before smaller ones, so padding is rare.
+    """
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise StoreError(f"duplicate tensor names in one unit: {sorted({n for n in names if names.count(n) > 1})}")
+    order = sorted(specs, key=lambda s: (-s.dtype.itemsize, -s.nbytes, s.name))
+    records, pos = [], 0
+    for s in order:
+        pos = _align(pos, TENSOR_ALIGN)
+        records.append(TensorRecord(s.name, dtype_name(s.dtype), tuple(int(x) for x in s.shape), pos, s.nbytes))
+        pos += s.nbytes
+    return records, _align(max(pos, 1), PAGE)
+
+
+def _header_bytes(records: Sequence[TensorRecord], data_bytes: int, metadata: dict[str, str]) -> bytes:
+    """safetensors header with explicit padding tensors, padded so 8 + len(header) % 4096 == 0."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    pos, k = 0, 0
+    for r in records:
+        if r.offset > pos:
+            header[f"{PAD_PREFIX}{k}__"] = {"dtype": "U8", "shape": [r.offset - pos], "data_offsets": [pos, r.offset]}
+            k += 1
+        header[r.name] = {"dtype": r.dtype, "shape": list(r.shape), "data_offsets": [r.offset, r.offset + r.nbytes]}
+        pos = r.offset + r.nbytes
+    if data_bytes > pos:
+        header[f"{PAD_PREFIX}{k}__"] = {"dtype": "U8", "shape": [data_bytes - pos], "data_offsets": [pos, data_bytes]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * ((-(8 + len(raw))) % PAGE)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's raw bytes without a copy when it is already contiguous on the CPU."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def unit_file_name(index: int, name: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:120]
+    return f"{index:05d}.{safe}.safetensors"
+
+
+def _data_chunks(name: str, records: Sequence[TensorRecord], data_bytes: int, specs: Sequence[TensorSpec],
+                 fetch: Callable[[str], torch.Tensor]) -> Iterator[tuple[memoryview | bytes, int]]:
+    """The bytes of a unit's data section in file order: (chunk, tensor bytes it completes)."""
+    spec_by_name = {s.name: s for s in specs}
+    pos = 0
+    for r in records:
+        if r.offset > pos:
+            yield bytes(r.offset - pos), 0
+        t = fetch(r.name)
+        spec = spec_by_name[r.name]
+        if tuple(t.shape) != spec.shape:
+            raise StoreError(f"tensor {name}.{r.name} has shape {tuple(t.shape)} in the source but "
+                             f"{spec.shape} in the model: the checkpoint does not match the model")
+        if t.dtype != spec.dtype:
+            t = t.to(spec.dtype)
+        mv = tensor_bytes(t)
+        if len(mv) != r.nbytes:
+            raise StoreError(f"tensor {name}.{r.name}: got {len(mv)} bytes, expected {r.nbytes}")
+        yield mv, r.nbytes
+        del t, mv
+        pos = r.offset + r.nbytes
+    if data_bytes > pos:
+        yield bytes(data_bytes - pos), 0
+
+
+def unit_crc(name: str, specs: Sequence[TensorSpec], fetch: Callable[[str], torch.Tensor]) -> int:
+    """The CRC32 ``write_unit_file`` would record for these tensors, without writing anything."""
+    records, data_bytes = plan_layout(specs)
+    crc = 0
+    for chunk, _ in _data_chunks(name, records, data_bytes, specs, fetch):
+        crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_unit_file(folder: str, file: str, name: str, specs: Sequence[TensorSpec],
+                    fetch: Callable[[str], torch.Tensor], on_bytes: Callable[[int], None] | None = None) -> UnitRecord:
+    """Stream one unit's tensors into ``folder/file`` atomically; peak memory is one tensor.
+
+    ``fetch(name)`` returns one tensor at a time, so a source backed by memory maps (Accelerate's
+    ``.dat`` files, safetensors shards) never has more than one tensor materialised.
+    """
+    records, data_bytes = plan_layout(specs)
+    header = _header_bytes(records, data_bytes, {"format": "pt", "offload_unit": name})
+    data_offset = 8 + len(header)
+    final = os.path.join(folder, file)
+    tmp = os.path.join(folder, f".{file}.tmp-{os.getpid()}")
+    crc = 0
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            for chunk, done in _data_chunks(name, records, data_bytes, specs, fetch):
+                f.write(chunk)
+                crc = zlib.crc32(chunk, crc)
+                if on_bytes and done:
+                    on_bytes(done)
+            f.flush()
+            os.fsync(f.fileno())
+            # The writer's pages are not worth caching: the reader uses O_DIRECT.
+            with contextlib.suppress(OSError, AttributeError):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return UnitRecord(name, file, data_offset + data_bytes, data_offset, data_bytes, crc, tuple(records))
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_manifest(folder: str, units: Sequence[UnitRecord], source: dict[str, Any],
+                   resident: UnitRecord | None = None, extra: dict[str, Any] | None = None) -> None:
+    doc = {"format": FORMAT, "version": VERSION, "source": source,
+           "units": [u.to_json() for u in units], "resident": resident.to_json() if resident else None}
+    if extra:
+        doc.update(extra)
+    tmp = os.path.join(folder, f".{MANIFEST}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, MANIFEST))
+    _fsync_dir(folder)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(folder, IN_PROGRESS))
+
+
+def fingerprint(items: Iterable[Any]) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        h.update(repr(item).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and validating
+
+
+def _parse_unit(d: Any, where: str) -> UnitRecord:
+    try:
+        tensors = tuple(
+            TensorRecord(str(t["name"]), str(t["dtype"]), tuple(int(x) for x in t["shape"]), int(t["offset"]), int(t["nbytes"]))
+            for t in d["tensors"])
+        rec = UnitRecord(str(d["name"]), str(d["file"]), int(d["file_bytes"]), int(d["data_offset"]),
+                         int(d["data_bytes"]), int(d["crc32"]), tensors)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StoreError(f"{where}: malformed unit entry ({type(e).__name__}: {e}): re-run `offload convert`") from None
+    for t in rec.tensors:
+        if t.dtype not in DTYPES:
+            raise StoreError(f"{where}: unit {rec.name} tensor {t.name} has unknown dtype {t.dtype!r}")
+        if any(s < 0 for s in t.shape) or t.offset < 0 or t.nbytes < 0:
+            raise StoreError(f"{where}: unit {rec.name} tensor {t.name} has a negative shape, offset or size")
+        n = 1
+        for s in t.shape:
+            n *= s
+        if n * t.torch_dtype.itemsize != t.nbytes:
+            raise StoreError(f"{where}: unit {rec.name} tensor {t.name}: shape {t.shape} does not match {t.nbytes} bytes")
+        if t.offset + t.nbytes > rec.data_bytes:
+            raise StoreError(f"{where}: unit {rec.name} tensor {t.name} lies outside the unit's data section")
+    if rec.data_offset < 8 or rec.data_bytes < 0 or rec.file_bytes != rec.data_offset + rec.data_bytes:
+        raise StoreError(f"{where}: unit {rec.name} has inconsistent sizes (file {rec.file_bytes}, "
+                         f"data {rec.data_offset}+{rec.data_bytes}): re-run `offload convert`")
+    return rec
+
+
+def _safe_path(folder: str, rel: str, unit: str) -> str:
+    """Resolve a manifest file name and refuse anything that leaves the store folder."""
+    if not rel or os.path.isabs(rel) or "\\" in rel or any(p in ("..", "") for p in rel.split("/")):
+        raise StoreError(f"{os.path.join(folder, MANIFEST)}: unit {unit} names file {rel!r} outside the store "
+                         f"folder; refusing to read it (the manifest is damaged or hostile)")
+    path = os.path.join(folder, rel)
+    real_folder = os.path.realpath(folder)
+    if os.path.commonpath([os.path.realpath(path), real_folder]) != real_folder:
+        raise StoreError(f"{path}: unit {unit}'s file is a link that leaves the store folder {folder}; refusing to read it")
+    return path
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header without trusting its declared size."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise StoreError(f"{path}: file is {len(raw)} bytes, too short for a safetensors header: re-run `offload convert`")
+        (n,) = struct.unpack("<Q", raw)
+        size = os.fstat(f.fileno()).st_size
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise StoreError(f"{path}: safetensors header declares {n} bytes but the file has {size}: "
+                             f"the file is truncated or corrupted; re-run `offload convert`")
+        body = f.read(n)
+    try:
+        header = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path}: safetensors header is not valid JSON ({e}): re-run `offload convert`") from None
+    if not isinstance(header, dict):
+        raise StoreError(f"{path}: safetensors header is not a JSON object: re-run `offload convert`")
+    return header, 8 + n
+
+
+class Store:
+    """A validated store folder. Opening it checks everything that does not require reading the data."""
+
+    def __init__(self, path: str, manifest: dict[str, Any], units: list[UnitRecord], resident: UnitRecord | None):
+        self.path = path
+        self.manifest = manifest
+        self.units = units
+        self.resident = resident
+        self.by_name = {u.name: u for u in units}
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return self.manifest.get("source") or {}
+
+    def file_path(self, unit: UnitRecord) -> str:
+        return os.path.join(self.path, unit.file)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], check_files: bool = True) -> Store:
+        path = os.fspath(path)
+        mpath = os.path.join(path, MANIFEST)
+        if not os.path.isdir(path):
+            raise StoreError(f"{path} is not a folder: pass a store created by `offload convert` or `offload.enable(store=...)`")
+        if not os.path.exists(mpath):
+            hint = (" (a conversion into it was interrupted: re-run it to finish)"
+                    if os.path.exists(os.path.join(path, IN_PROGRESS)) else "")
+            raise StoreError(f"{mpath} is missing, so {path} is not a store{hint}: create one with `offload convert`")
+        try:
+            with open(mpath, "rb") as f:
+                raw = f.read(MAX_HEADER_BYTES + 1)
+            if len(raw) > MAX_HEADER_BYTES:
+                raise StoreError(f"{mpath} is larger than {MAX_HEADER_BYTES} bytes; refusing to parse it")
+            manifest = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StoreError(f"{mpath} is not valid JSON ({e}): re-run `offload convert`") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise StoreError(f"{mpath} is not an offload store manifest: re-run `offload convert`")
+        version = manifest.get("version")
+        if not isinstance(version, int) or version > VERSION or version < 1:
+            raise StoreError(f"{mpath} has format version {version!r}; this offload reads version {VERSION}: "
+                             f"upgrade offload or re-run `offload convert` with this version")
+        raw_units = manifest.get("units")
+        if not isinstance(raw_units, list):
+            raise StoreError(f"{mpath}: 'units' must be a list: re-run `offload convert`")
+        units = [_parse_unit(u, mpath) for u in raw_units]
+        names = [u.name for u in units]
+        if len(set(names)) != len(names):
+            raise StoreError(f"{mpath}: unit names repeat: re-run `offload convert`")
+        resident = _parse_unit(manifest["resident"], mpath) if manifest.get("resident") else None
+        for u in units + ([resident] if resident else []):
+            _safe_path(path, u.file, u.name)
+        store = cls(path, manifest, units, resident)
+        if check_files:
+            for u in units + ([resident] if resident else []):
+                store.check_file(u)
+        return store
+
+    def check_file(self, unit: UnitRecord) -> None:
+        """Size and header checks: cheap, and they catch truncation, extension and a swapped file."""
+        path = _safe_path(self.path, unit.file, unit.name)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise StoreError(f"layer file {path} (unit {unit.name}) is missing: re-run `offload convert`") from None
+        if size != unit.file_bytes:
+            diff = unit.file_bytes - size
+            word = "shorter" if diff > 0 else "longer"
+            raise StoreError(f"layer file {path} (unit {unit.name}) is {abs(diff)} bytes {word} than the manifest "
+                             f"says ({size} vs {unit.file_bytes}): re-run `offload convert`")
+        header, data_offset = read_safetensors_header(path)
+        if data_offset != unit.data_offset:
+            raise StoreError(f"layer file {path} (unit {unit.name}): data starts at {data_offset}, manifest says "
+                             f"{unit.data_offset}: re-run `offload convert`")
+        for t in unit.tensors:
+            h = header.get(t.name)
+            if (not isinstance(h, dict) or h.get("dtype") != t.dtype or h.get("shape") != list(t.shape)
+                    or h.get("data_offsets") != [t.offset, t.offset + t.nbytes]):
+                raise StoreError(f"layer file {path} (unit {unit.name}): header entry for {t.name} differs from "
+                                 f"the manifest: re-run `offload convert`")
+
+    def verify_unit(self, unit: UnitRecord) -> None:
+        """Re-read the data section and compare its CRC32 with the manifest's."""
+        path = _safe_path(self.path, unit.file, unit.name)
+        crc = 0
+        with open(path, "rb") as f:
+            f.seek(unit.data_offset)
+            left = unit.data_bytes
+            while left:
+                chunk = f.read(min(left, 16 << 20))
+                if not chunk:
+                    raise StoreError(f"layer file {path} (unit {unit.name}) ended early: re-run `offload convert`")
+                crc = zlib.crc32(chunk, crc)
+                left -= len(chunk)
+        with contextlib.suppress(OSError, AttributeError):
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        if crc != unit.crc32:
+            raise ChecksumError(f"layer file {path} (unit {unit.name}) fails its checksum (crc32 {crc:08x}, manifest "
+                                f"{unit.crc32:08x}): the data is corrupted; re-run `offload convert`")
+
+    def match(self, expected: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]) -> None:
+        """Check the store holds exactly the units and tensors a model needs; name the first difference."""
+        have = {u.name: u for u in self.units}
+        missing = [n for n in expected if n not in have]
+        extra = [n for n in have if n not in expected]
+        if missing or extra:
+            raise StoreMismatchError(
+                f"store {self.path} does not match the model: units missing from the store {missing[:5]}, units the "
+                f"model does not have {extra[:5]}. Use another store folder or delete this one to rebuild it")
+        for name, tensors in expected.items():
+            u = have[name]
+            got = {t.name: (t.torch_dtype, t.shape) for t in u.tensors}
+            if set(got) != set(tensors):
+                raise StoreMismatchError(
+                    f"store {self.path}, unit {name}: tensors differ (only in store: {sorted(set(got) - set(tensors))[:5]}, "
+                    f"only in model: {sorted(set(tensors) - set(got))[:5]}). Use another store folder or delete this one")
+            for tname, (dtype, shape) in tensors.items():
+                if got[tname] != (dtype, tuple(shape)):
+                    raise StoreMismatchError(
+                        f"store {self.path}, unit {name}, tensor {tname}: store has {got[tname][0]} {list(got[tname][1])}, "
+                        f"model has {dtype} {list(shape)}. Use another store folder or delete this one")
