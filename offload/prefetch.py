@@ -411,6 +411,16 @@ class Prefetcher:
             s.units_in_flight = sum(1 for sl in self._slots if sl.load is not None and not sl.load.done.is_set())
         return s
 
+    def wait_idle(self) -> None:
+        """Block until no read is in flight (so counters are final); used by tests and benchmarks."""
+        while True:
+            with self._lock:
+                pending = [s.load for s in self._slots if s.load is not None and not s.load.done.is_set()]
+            if not pending:
+                return
+            for load in pending:
+                self._wait(load)
+
     def reset_stats(self) -> None:
         with self._lock, self._stats_lock:
             self._stats = PrefetchStats()

@@ -1,0 +1,96 @@
+"""Tiny random-weight models of the real architectures, built from configs (no hub needed)."""
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+ARCHS = ["bloom", "opt", "gptneox", "t5"]
+
+
+def make_config(arch: str):
+    import transformers as tf
+    if arch == "bloom":
+        return tf.BloomConfig(vocab_size=256, hidden_size=64, n_layer=4, n_head=4)
+    if arch == "opt":
+        return tf.OPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=4, ffn_dim=128, num_attention_heads=4,
+                            max_position_embeddings=128, word_embed_proj_dim=64)
+    if arch == "gptneox":
+        return tf.GPTNeoXConfig(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=128)
+    if arch == "t5":
+        return tf.T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_decoder_layers=3,
+                           num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    raise ValueError(arch)
+
+
+def make_model(arch: str, seed: int = 0):
+    import transformers as tf
+    torch.manual_seed(seed)
+    cfg = make_config(arch)
+    cls = tf.T5ForConditionalGeneration if arch == "t5" else tf.AutoModelForCausalLM
+    model = cls(cfg) if arch == "t5" else cls.from_config(cfg)
+    return model.eval()
+
+
+def block_device_map(model, disk_blocks) -> dict[str, str]:
+    """Every module on "cpu" except the named blocks, which go to "disk"."""
+    disk = set(disk_blocks)
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if full in disk:
+                out[full] = "disk"
+            elif any(d.startswith(full + ".") for d in disk):
+                walk(full, child)
+            else:
+                out[full] = "cpu"
+        for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            out[f"{prefix}.{pname}" if prefix else pname] = "cpu"
+
+    walk("", model)
+    return out
+
+
+def inputs_for(arch: str, batch: int = 1, length: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 256, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def forward_logits(model, arch: str, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        if arch == "t5":
+            dec = torch.zeros((inputs["input_ids"].shape[0], 3), dtype=torch.long)
+            return model(**inputs, decoder_input_ids=dec).logits
+        return model(**inputs).logits
+
+
+def greedy(model, inputs, n: int = 16) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def no_thread_leak():
+    """Fail if a test leaves an offload reader thread running."""
+    yield
+    left = [t.name for t in threading.enumerate() if t.name.startswith("offload-")]
+    assert not left, f"threads left running: {left}"
+
+
+def offload_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("offload-")]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
