@@ -111,7 +111,7 @@ class PythonReader:
     def read(self, h: _PyHandle, offset: int, dest: memoryview) -> None:
         want = len(dest)
         done = 0
-        direct = h.direct and offset % PAGE == 0 and want % PAGE == 0
+        direct = h.direct and offset % PAGE == 0 and want % PAGE == 0 and (want == 0 or address_of(dest) % PAGE == 0)
         fd = h.fd
         if h.direct and not direct:
             # O_DIRECT needs aligned offsets and lengths; an odd request goes through the page cache.
@@ -155,6 +155,9 @@ class MmapReader:
         try:
             size = os.fstat(fd).st_size
             mm = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
+        except OSError as e:
+            os.close(fd)
+            raise OSError(e.errno, e.strerror, path) from None
         except BaseException:
             os.close(fd)
             raise

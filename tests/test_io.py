@@ -6,9 +6,20 @@ import random
 
 import pytest
 
+import threading
+
+from offload import _native
 from offload.io import HostBuffer, MmapReader, PythonReader, get_reader
 
 READERS = [PythonReader(direct=True), PythonReader(direct=False), MmapReader()]
+if _native.load_error() is None:
+    # small chunks and a shallow queue so a few hundred KB make many requests and reuse slots
+    READERS += [_native.NativeReader("threads", depth=4, chunk_bytes=8192),
+                _native.NativeReader("threads", depth=3, chunk_bytes=4096, direct=False)]
+    if _native.uring_available():
+        READERS += [_native.NativeReader("uring", depth=4, chunk_bytes=8192),
+                    _native.NativeReader("uring", depth=2, chunk_bytes=4096, direct=False)]
+IDS = [f"{r.name}-{'direct' if getattr(r, 'direct', False) else 'buffered'}" for r in READERS]
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +31,7 @@ def data_file(tmp_path_factory):
     return str(path), payload
 
 
-@pytest.mark.parametrize("reader", READERS, ids=lambda r: f"{r.name}-{getattr(r, 'direct', '')}")
+@pytest.mark.parametrize("reader", READERS, ids=IDS)
 def test_random_ranges_match_plain_read(data_file, reader):
     path, payload = data_file
     rnd = random.Random(1)
@@ -37,7 +48,7 @@ def test_random_ranges_match_plain_read(data_file, reader):
         reader.close(h)
 
 
-@pytest.mark.parametrize("reader", READERS, ids=lambda r: f"{r.name}-{getattr(r, 'direct', '')}")
+@pytest.mark.parametrize("reader", READERS, ids=IDS)
 def test_reading_past_eof_is_a_clear_error(data_file, reader):
     path, payload = data_file
     buf = HostBuffer(len(payload) + 8192)
@@ -67,3 +78,71 @@ def test_get_reader_validates_names():
     assert get_reader("mmap").name == "mmap"
     with pytest.raises(ValueError, match="native, python, mmap"):
         get_reader("fast")
+
+
+@pytest.mark.parametrize("reader", READERS, ids=IDS)
+def test_unaligned_buffer_and_offset(data_file, reader):
+    """O_DIRECT cannot serve these; readers must fall back, not fail."""
+    path, payload = data_file
+    buf = HostBuffer(len(payload) + 4096)
+    h = reader.open(path)
+    try:
+        for off, start, n in [(1, 0, 5000), (4096, 3, 8192), (17, 100, len(payload) - 17)]:
+            reader.read(h, off, buf.view(start, n))
+            assert bytes(buf.view(start, n)) == payload[off:off + n]
+    finally:
+        reader.close(h)
+
+
+@pytest.mark.parametrize("reader", READERS, ids=IDS)
+def test_concurrent_reads_into_distinct_buffers(data_file, reader):
+    path, payload = data_file
+    bufs = [HostBuffer(len(payload)) for _ in range(8)]
+    errors = []
+
+    def work(i):
+        try:
+            h = reader.open(path)
+            try:
+                for k in range(5):
+                    off = ((i * 7 + k * 3) % 30) * 4096
+                    reader.read(h, off, bufs[i].view(0, len(payload) - off))
+                    assert bytes(bufs[i].view(0, len(payload) - off)) == payload[off:]
+            finally:
+                reader.close(h)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("reader", READERS, ids=IDS)
+def test_closed_handle_is_a_clear_error(data_file, reader):
+    path, _ = data_file
+    buf = HostBuffer(8192)
+    h = reader.open(path)
+    reader.close(h)
+    with pytest.raises((OSError, ValueError)):
+        reader.read(h, 0, buf.view(0, 8192))
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    d = tmp_path / "dir.safetensors"
+    d.mkdir()
+    for reader in READERS:
+        try:
+            h = reader.open(str(d))
+        except OSError as e:  # mmap of a directory fails at open
+            assert e.filename == str(d) or str(d) in str(e)
+            continue
+        try:
+            with pytest.raises(OSError) as e:
+                reader.read(h, 0, HostBuffer(4096).view(0, 4096))
+            assert e.value.filename == str(d), reader.name
+        finally:
+            reader.close(h)

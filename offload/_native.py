@@ -1,0 +1,91 @@
+"""The native reader (``native/``): O_DIRECT with many requests in flight, io_uring or a pthread pool.
+
+The extension is optional: ``load_error()`` says why it is unavailable, and ``get_reader`` then
+falls back to the python reader and logs that once.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from .io import PAGE, address_of, _short_read
+
+try:
+    from . import _ol_native as _ext  # type: ignore[attr-defined]
+    _error: str | None = None
+except ImportError as e:  # not built (no compiler at install time) or built for another Python
+    _ext = None
+    _error = f"extension offload._ol_native not built: {e}"
+
+ENGINES = {"auto": 0, "uring": 1, "threads": 2}
+
+
+def load_error() -> str | None:
+    return _error
+
+
+def uring_available() -> bool:
+    return bool(_ext is not None and _ext.uring_available())
+
+
+@dataclass
+class _Handle:
+    fd: int
+    path: str
+    direct: bool
+    buffered_fd: int = -1  # for requests O_DIRECT cannot serve (unaligned offset or address)
+
+
+class NativeReader:
+    """Whole-unit reads: one call keeps ``depth`` requests of ``chunk_bytes`` in flight, GIL released."""
+
+    task_bytes: int | None = None  # the native engine keeps its own queue full
+
+    def __init__(self, engine: str = "auto", depth: int = 16, chunk_bytes: int = 1 << 20, direct: bool = True):
+        if _ext is None:
+            raise RuntimeError(_error)
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        self.engine, self.depth, self.chunk_bytes, self.direct = engine, depth, chunk_bytes, direct
+        self.name = "native" if engine == "auto" else f"native-{engine}"
+
+    def open(self, path: str) -> _Handle:
+        flags = os.O_RDONLY | os.O_CLOEXEC
+        if self.direct and hasattr(os, "O_DIRECT"):
+            try:
+                return _Handle(os.open(path, flags | os.O_DIRECT), path, True)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise OSError(e.errno, e.strerror, path) from None
+        try:
+            return _Handle(os.open(path, flags), path, False)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None
+
+    def read(self, h: _Handle, offset: int, dest: memoryview) -> None:
+        n = len(dest)
+        if n == 0:
+            return
+        addr = address_of(dest)
+        fd = h.fd
+        if h.direct and (offset % PAGE or addr % PAGE):
+            if h.buffered_fd < 0:
+                h.buffered_fd = os.open(h.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = h.buffered_fd
+        assert _ext is not None
+        rc, valid = _ext.read(fd, addr, n, offset, self.chunk_bytes, self.depth, ENGINES[self.engine])
+        if rc == _ext.SHORT:
+            raise _short_read(h.path, offset, n, valid)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc), h.path)
+        if not h.direct or fd != h.fd:
+            try:
+                os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+
+    def close(self, h: _Handle) -> None:
+        os.close(h.fd)
+        if h.buffered_fd >= 0:
+            os.close(h.buffered_fd)
