@@ -123,6 +123,15 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (str(t.device), t.untyped_storage().data_ptr())
 
 
+def _fetcher(unit: str, rel: str, p: torch.Tensor) -> Callable[[], torch.Tensor]:
+    if p.device.type != "meta":
+        return p.detach
+    def missing() -> torch.Tensor:
+        raise OffloadError(f"{unit}.{rel} is on the meta device (no weights in memory) and the store does not exist "
+                           f"yet: pass store= pointing at a store made by `offload convert`")
+    return missing
+
+
 def plan_plain(model: nn.Module, units: list[tuple[str, nn.Module]], device: torch.device) -> list[UnitPlan]:
     """Parameters of each unit that are not shared with anything else; buffers stay resident."""
     owners: dict[tuple[str, int], set[str]] = {}
@@ -135,12 +144,12 @@ def plan_plain(model: nn.Module, units: list[tuple[str, nn.Module]], device: tor
         tensors: list[StreamedTensor] = []
         for mn, m in umod.named_modules(remove_duplicate=False):
             for an, p in m._parameters.items():
-                if p is None or p.device.type == "meta":
+                if p is None:
                     continue
-                if len(owners.get(_storage_key(p), ())) != 1:
+                if p.device.type != "meta" and len(owners.get(_storage_key(p), ())) != 1:
                     continue  # tied or aliased: streaming one name would corrupt the other
                 rel = f"{mn}.{an}" if mn else an
-                tensors.append(StreamedTensor(m, an, rel, True, p.dtype, tuple(p.shape), (lambda p=p: p.detach())))
+                tensors.append(StreamedTensor(m, an, rel, True, p.dtype, tuple(p.shape), _fetcher(uname, rel, p)))
         plans.append(UnitPlan(uname, umod, tensors, device))
     return plans
 

@@ -24,7 +24,7 @@ from .convert import sources_from_plans, write_store
 from .errors import OffloadError, StoreMismatchError
 from .hooks import Binding, CpuStager, UnitHook
 from .io import HostBuffer, Reader, get_reader
-from .plan import (UnitPlan, choose_resident, find_units, is_accelerate_offloaded, offload_folder_of,
+from .plan import (UnitPlan, _numel, choose_resident, find_units, is_accelerate_offloaded, offload_folder_of,
                    plan_accelerate, plan_plain)
 from .prefetch import Prefetcher
 from .store import MANIFEST, Store, TensorSpec, UnitRecord, fingerprint, unit_crc
@@ -186,6 +186,9 @@ def _check_reused(store: Store, plans: Sequence[UnitPlan], fp: str) -> None:
                                      f"(source fingerprint {have[:12]} vs {fp[:12]}): delete it or pass another store=")
         return
     for p in plans:
+        if any(t.owner._parameters.get(t.attr) is not None and t.owner._parameters[t.attr].device.type == "meta"
+               for t in p.tensors if t.is_param):
+            continue  # a model built on meta has no weights to compare: the store is its weights
         rec = store.by_name[p.name]
         by_rel = {t.rel: t for t in p.tensors}
         crc = unit_crc(p.name, [TensorSpec(t.rel, t.dtype, t.shape) for t in p.tensors], lambda r: by_rel[r].fetch())
@@ -290,7 +293,8 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
     # The RAM tier: a fixed set of units read once. The streamed weights about to be freed count as free.
     ring_bytes = (prefetch + 1) * max(r.data_bytes for r in records)
     if budget is None:
-        freed = sum(p.nbytes for p in plans) if kind == "module" else 0
+        freed = sum(_numel(t.shape) * t.dtype.itemsize for p in plans for t in p.tensors
+                    if kind == "module" and t.is_param and t.owner._parameters[t.attr].device.type != "meta")
         budget = max(0, available_memory() + freed - ring_bytes - DEFAULT_MARGIN_BYTES)
     resident_idx = choose_resident([r.data_bytes for r in records], budget)
     resident = {i: HostBuffer(records[i].data_bytes) for i in sorted(resident_idx)}

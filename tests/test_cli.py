@@ -1,0 +1,73 @@
+"""Each CLI command on tiny inputs: exit codes, output shape, one-line errors (exit 2, no traceback)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from offload.cli import main
+from conftest import make_model
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "offload.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args", [["run", "/no/such/model"], ["info", "/no/such/store"], ["convert", "/no/such", "/tmp/x"],
+                                  ["run", "--random", "no-such-model"], ["bench-disk", "/no/such/dir/file"]])
+def test_bad_input_is_one_line_exit_2(args):
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip() and "deprecated" not in x]
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_convert_and_info(tmp_path, capsys):
+    model = make_model("bloom")
+    model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    assert main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "store"), "-q"]) == 0
+    assert "4 units" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "store"), "--verify", "--units", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "checksum ok (5 files)" in out and "transformer.h.3" in out
+    # damage one unit's data: --verify names it and exits 2
+    victim = sorted((tmp_path / "store").glob("00002.*.safetensors"))[0]
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    assert main(["info", str(tmp_path / "store"), "--verify", "-q"]) == 2
+    assert victim.name in capsys.readouterr().err
+    # converting into a folder that holds something else is refused
+    assert main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "ckpt"), "-q"]) == 2
+
+
+def test_run_random_prints_tokens_and_summary(tmp_path):
+    r = run_cli("run", "--random", "tiny-bloom", "--max-new-tokens", "5", "--dtype", "fp32", "--cpu-memory", "0", "-q")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("placement") and any("streamed from disk" in x for x in lines)
+    tokens = [x for x in lines if x.strip() and x.strip().split()[0].isdigit() and "tokens" not in x]
+    assert len(tokens[0].split()) == 5
+    summary = lines[-1]
+    assert "5 tokens x batch 1" in summary and "s/token" in summary and "read/token" in summary and "peak RSS" in summary
+
+
+def test_run_dry_run_plans_the_176b_shape():
+    r = run_cli("run", "--random", "bloom", "--dry-run", "--dtype", "bf16", "--cpu-memory", "64GiB")
+    assert r.returncode == 0, r.stderr
+    assert "70 units" in r.stdout and "352.5 GB" in r.stdout
+
+
+def test_bench_disk_small(tmp_path):
+    out = tmp_path / "r.json"
+    r = run_cli("bench-disk", str(tmp_path), "--size", "8MiB", "--repeats", "1", "--block-size", "1MiB", "--depth", "2",
+                "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    names = {s["backend"] for s in report["summary"]}
+    assert {"python-direct", "python-buffered", "mmap"} <= names
+    assert all(s["gbps_median"] > 0 and s["cpu_s_per_gb"] >= 0 for s in report["summary"])
+    assert "offload.enable uses reader=" in r.stdout and "| backend" in r.stdout
+    assert not (tmp_path / "offload-bench-disk.bin").exists()  # the file it created is removed
