@@ -300,3 +300,6 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--dry-run", action="store_true", help="print the placement plan and stop")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=cmd_run)
+
+    from .bench import add_parser
+    add_parser(sub, mem)
