@@ -21,13 +21,17 @@ from torch import nn
 from .prefetch import Prefetcher
 from .store import UnitRecord
 
-_EMPTY: dict[torch.dtype, torch.Tensor] = {}
+_EMPTY: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _empty(dtype: torch.dtype) -> torch.Tensor:
-    t = _EMPTY.get(dtype)
+def _empty(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A shared zero-element tensor: what a parameter's ``.data`` becomes between forwards.
+
+    ``.data`` cannot change device type (cpu↔meta↔cuda), so it must be on the parameter's device.
+    """
+    t = _EMPTY.get((dtype, device))
     if t is None:
-        t = _EMPTY[dtype] = torch.empty(0, dtype=dtype)
+        t = _EMPTY[(dtype, device)] = torch.empty(0, dtype=dtype, device=device)
     return t
 
 
@@ -57,7 +61,7 @@ class Binding:
         if self.is_param:
             self.owner._parameters[self.attr] = self.placeholder  # type: ignore[assignment]
             assert self.live is not None
-            self.live.data = _empty(self.dtype)
+            self.live.data = _empty(self.dtype, self.live.device)
         else:
             self.owner._buffers[self.attr] = self.placeholder
 
