@@ -38,6 +38,7 @@ from .store import Store, UnitRecord
 _POLL_S = 0.1  # how often a blocked wait re-checks that the prefetcher is still open
 _IDLE_EXIT_S = 0.5  # an idle worker thread exits after this long; it is restarted on demand
 _ids = itertools.count()
+_NOTHING = torch.empty(0, dtype=torch.uint8)  # what acquire returns for a unit held on the GPU
 
 
 class _Task:
@@ -211,7 +212,7 @@ class Prefetcher:
 
     def __init__(self, store: Store, units: Sequence[UnitRecord], reader: Reader, depth: int,
                  resident: dict[int, HostBuffer] | None = None, io_threads: int = 8,
-                 observer: Callable[..., None] | None = None):
+                 observer: Callable[..., None] | None = None, elsewhere: set[int] | None = None):
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self.store = store
@@ -220,14 +221,16 @@ class Prefetcher:
         self.depth = depth
         self.resident = dict(resident or {})
         self.observer = observer  # test/diagnostic hook: observer(event, unit_name, *details)
+        self.elsewhere = set(elsewhere or ())  # units kept by another tier (GPU memory): never read here
         n = len(self.units)
         self._succ = {i: (i + 1) % n for i in range(n)}
         self._last: int | None = None
-        self._lock = threading.Lock()
+        # Re-entrant: a read can complete (and re-plan) on a thread that already holds it (shutdown).
+        self._lock = threading.RLock()
         self._stats_lock = threading.Lock()
         self.closed = False
         self._stats = PrefetchStats()
-        streamed = [u for i, u in enumerate(self.units) if i not in self.resident]
+        streamed = [u for i, u in enumerate(self.units) if i not in self.resident and i not in self.elsewhere]
         self.slot_bytes = max((u.data_bytes for u in streamed), default=0)
         ring = min(depth + 1, len(streamed))
         self._slots = [_Slot(HostBuffer(self.slot_bytes)) for _ in range(ring)]
@@ -245,10 +248,10 @@ class Prefetcher:
                 if self._last is not None and self._last != i:
                     self._succ[self._last] = i
                 self._last = i
-                if i in self.resident:
+                if i in self.resident or i in self.elsewhere:
                     self._stats.resident_hits += 1
                     self._schedule(i)
-                    return self.resident[i].tensor[:unit.data_bytes]
+                    return self.resident[i].tensor[:unit.data_bytes] if i in self.resident else _NOTHING
                 slot = self._slot_of(i)
                 if slot is None:
                     slot, wait_for = self._claim(i, demand=True)
@@ -280,9 +283,25 @@ class Prefetcher:
             raise UnitReadError(f"reading unit {unit.name} from {self.store.file_path(unit)} failed: {err}") from err
         return slot.buffer.tensor[:unit.data_bytes]
 
+    def peek(self, i: int) -> torch.Tensor | None:
+        """Unit i's bytes if its read already finished cleanly, pinned until ``release(i)``; never blocks.
+
+        The CUDA stager uses this to start host→device copies of units ahead of their forward.
+        """
+        with self._lock:
+            if self.closed:
+                return None
+            if i in self.resident:
+                return self.resident[i].tensor[:self.units[i].data_bytes]
+            slot = self._slot_of(i)
+            if slot is None or slot.load is None or not slot.load.done.is_set() or slot.load.error is not None:
+                return None
+            slot.users += 1
+            return slot.buffer.tensor[:self.units[i].data_bytes]
+
     def release(self, i: int) -> None:
         """Unit i's forward is over: its buffer may be reused once it leaves the look-ahead window."""
-        if i in self.resident:
+        if i in self.resident or i in self.elsewhere:
             return
         with self._lock:
             slot = self._slot_of(i)
@@ -295,15 +314,18 @@ class Prefetcher:
             for s in self._slots:
                 s.users = 0
 
-    def window(self, i: int) -> list[int]:
-        """The streamed units expected after i, nearest first, at most ``depth`` of them."""
+    def window(self, i: int, include_resident: bool = False) -> list[int]:
+        """The streamed units expected after i, nearest first, at most ``depth`` of them.
+
+        ``include_resident`` also counts RAM-tier units (the CUDA stager copies those ahead too).
+        """
         out: list[int] = []
         j = i
         for _ in range(len(self.units)):
             j = self._succ.get(j, (j + 1) % len(self.units))
             if j == i:
                 break
-            if j not in self.resident and j not in out:
+            if (include_resident or j not in self.resident) and j not in self.elsewhere and j not in out:
                 out.append(j)
                 if len(out) == self.depth:
                     break
@@ -329,6 +351,9 @@ class Prefetcher:
                 s.unit, s.load = None, None
                 return s, None
         if not demand:
+            for s in reusable:  # a stale read holds the buffer: stop it; its completion re-plans
+                assert s.load is not None
+                s.load.cancelled = True
             return None, None
         if reusable:  # only in-flight prefetches of units no longer expected: cancel one and wait
             victim = reusable[0]
@@ -379,8 +404,12 @@ class Prefetcher:
 
     def load_resident(self, progress: Callable[[int], None] | None = None) -> None:
         """Read every RAM-tier unit once, in parallel, on the same reader threads."""
+        self.read_into(self.resident, progress)
+
+    def read_into(self, buffers: dict[int, HostBuffer], progress: Callable[[int], None] | None = None) -> None:
+        """Read the given units into the given buffers, in parallel, and wait (enable-time work)."""
         loads = []
-        for i, buf in self.resident.items():
+        for i, buf in buffers.items():
             unit = self.units[i]
             load = _Load(unit, self.store.file_path(unit), buf, self.reader, self.observer, self._finished)
             try:
@@ -397,13 +426,18 @@ class Prefetcher:
                 progress(load.unit.data_bytes)
 
     def _finished(self, load: _Load) -> None:
-        # Called from a worker thread; a lock of its own, so it never waits on the schedule's lock.
+        """A read completed (called on the worker thread): count it, and fill the buffer it may have freed."""
         with self._stats_lock:
             self._stats.bytes_read += load.bytes_done
             if load.t_start:
                 self._stats.read_seconds += load.t_end - load.t_start
             if load.error is None and not load.cancelled:
                 self._stats.units_loaded += 1
+        if load.cancelled:
+            with self._lock:
+                if not self.closed and self._last is not None:
+                    load.done.set()  # so _claim sees this buffer as reusable now
+                    self._schedule(self._last)
 
     def stats(self) -> PrefetchStats:
         with self._lock, self._stats_lock:
@@ -440,6 +474,10 @@ class Prefetcher:
             b.close()
         self._slots = []
         self.resident = {}
+
+    def host_buffers(self) -> list[HostBuffer]:
+        """Every host buffer this prefetcher reads into (ring and RAM tier), e.g. to register with CUDA."""
+        return [s.buffer for s in self._slots] + list(self.resident.values())
 
     def threads_alive(self) -> int:
         return self._workers.alive()

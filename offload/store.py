@@ -274,7 +274,7 @@ def _parse_unit(d: Any, where: str) -> UnitRecord:
             for t in d["tensors"])
         rec = UnitRecord(str(d["name"]), str(d["file"]), int(d["file_bytes"]), int(d["data_offset"]),
                          int(d["data_bytes"]), int(d["crc32"]), tensors)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise StoreError(f"{where}: malformed unit entry ({type(e).__name__}: {e}): re-run `offload convert`") from None
     for t in rec.tensors:
         if t.dtype not in DTYPES:
@@ -296,7 +296,8 @@ def _parse_unit(d: Any, where: str) -> UnitRecord:
 
 def _safe_path(folder: str, rel: str, unit: str) -> str:
     """Resolve a manifest file name and refuse anything that leaves the store folder."""
-    if not rel or os.path.isabs(rel) or "\\" in rel or any(p in ("..", "") for p in rel.split("/")):
+    if (not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or "\\" in rel
+            or any(p in ("..", "") for p in rel.split("/"))):
         raise StoreError(f"{os.path.join(folder, MANIFEST)}: unit {unit} names file {rel!r} outside the store "
                          f"folder; refusing to read it (the manifest is damaged or hostile)")
     path = os.path.join(folder, rel)
@@ -320,7 +321,7 @@ def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
         body = f.read(n)
     try:
         header = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise StoreError(f"{path}: safetensors header is not valid JSON ({e}): re-run `offload convert`") from None
     if not isinstance(header, dict):
         raise StoreError(f"{path}: safetensors header is not a JSON object: re-run `offload convert`")
@@ -360,7 +361,7 @@ class Store:
             if len(raw) > MAX_HEADER_BYTES:
                 raise StoreError(f"{mpath} is larger than {MAX_HEADER_BYTES} bytes; refusing to parse it")
             manifest = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise StoreError(f"{mpath} is not valid JSON ({e}): re-run `offload convert`") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise StoreError(f"{mpath} is not an offload store manifest: re-run `offload convert`")
@@ -376,6 +377,8 @@ class Store:
         if len(set(names)) != len(names):
             raise StoreError(f"{mpath}: unit names repeat: re-run `offload convert`")
         resident = _parse_unit(manifest["resident"], mpath) if manifest.get("resident") else None
+        if not all(isinstance(d, dict) for d in raw_units):
+            raise StoreError(f"{mpath}: every unit entry must be an object: re-run `offload convert`")
         for u in units + ([resident] if resident else []):
             _safe_path(path, u.file, u.name)
         store = cls(path, manifest, units, resident)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import offload
-from conftest import forward_logits, inputs_for, make_model, offload_threads, open_fds
+from conftest import forward_logits, greedy, inputs_for, make_model, offload_threads, open_fds
 
 
 @pytest.fixture
@@ -90,3 +90,101 @@ def test_store_of_another_model_is_refused_not_rewritten(tmp_path, no_thread_lea
     with pytest.raises(offload.StoreMismatchError, match="units missing"):
         offload.enable(make_model("opt"), cpu_memory=0, store=store, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == before
+
+
+class FaultyReader:
+    """Wraps a real reader; the ``fail_at``-th read of ``victim`` raises EIO (from a reader thread)."""
+
+    def __init__(self, victim: str, fail_at: int):
+        from offload.io import PythonReader
+        self.inner = PythonReader()
+        self.name, self.task_bytes = "faulty", self.inner.task_bytes
+        self.victim, self.fail_at, self.count = victim, fail_at, 0
+
+    def open(self, path):
+        return self.inner.open(path)
+
+    def read(self, handle, offset, dest):
+        if handle.path.endswith(self.victim):
+            self.count += 1
+            if self.count == self.fail_at:
+                raise OSError(5, "Input/output error", handle.path)
+        self.inner.read(handle, offset, dest)
+
+    def close(self, handle):
+        self.inner.close(handle)
+
+
+def test_eio_mid_decode_surfaces_in_forward_and_leaks_nothing(built_store, no_thread_leak):
+    model, store = built_store
+    inputs = inputs_for("bloom")
+    expected = forward_logits(make_model("bloom"), "bloom", inputs)
+    fds, threads = open_fds(), len(offload_threads())
+    victim = unit_files(store)[3].name
+    reader = FaultyReader(victim, fail_at=4)  # fine for three passes, then the disk fails
+    h = offload.enable(model, prefetch=1, cpu_memory=0, store=store, reader=reader, progress=False)
+    raised = 0
+    for _ in range(6):
+        try:
+            assert torch.equal(forward_logits(model, "bloom", inputs), expected)
+        except offload.UnitReadError as e:
+            raised += 1
+            assert "unit transformer.h.3" in str(e) and victim in str(e) and "Input/output error" in str(e)
+            assert isinstance(e.__cause__, OSError)
+    assert raised == 1  # documented: the failed read is forgotten and the next forward reads it again
+    h.disable()
+    assert open_fds() <= fds and len(offload_threads()) <= threads
+
+
+def test_keyboard_interrupt_stops_reader_threads(built_store, no_thread_leak):
+    model, store = built_store
+    inputs = inputs_for("bloom")
+    expected = forward_logits(make_model("bloom"), "bloom", inputs)
+    h = offload.enable(model, prefetch=2, cpu_memory=0, store=store, progress=False)
+    calls = {"n": 0}
+
+    def interrupt(module, args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+    x = h.hooks[2].module.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        greedy(model, inputs, n=8)
+    x.remove()
+    import threading
+    import time
+    deadline = time.monotonic() + 1.0
+    for t in [t for t in threading.enumerate() if t.name.startswith("offload-")]:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert offload_threads() == [], "reader threads still running 1 s after the interrupt"
+    # the unit left bound by the interrupted forward is released by the next forward
+    assert torch.equal(forward_logits(model, "bloom", inputs), expected)
+    h.disable()
+
+
+def test_two_models_in_one_process_do_not_interfere(tmp_path, no_thread_leak):
+    a, b = make_model("bloom", seed=0), make_model("opt", seed=1)
+    ia, ib = inputs_for("bloom"), inputs_for("opt")
+    ea, eb = forward_logits(a, "bloom", ia), forward_logits(b, "opt", ib)
+    ta, tb = greedy(a, ia), greedy(b, ib)
+    with offload.enable(a, prefetch=1, cpu_memory=0, store=tmp_path / "a", progress=False), \
+            offload.enable(b, prefetch=2, cpu_memory=0, store=tmp_path / "b", progress=False):
+        for _ in range(2):
+            assert torch.equal(forward_logits(a, "bloom", ia), ea)
+            assert torch.equal(forward_logits(b, "opt", ib), eb)
+        assert torch.equal(greedy(a, ia), ta) and torch.equal(greedy(b, ib), tb)
+
+
+def test_source_checkpoint_is_only_read(tmp_path):
+    model = make_model("bloom")
+    model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    files = sorted((tmp_path / "ckpt").iterdir())
+    before = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+    for f in files:
+        f.chmod(0o444)
+    (tmp_path / "ckpt").chmod(0o555)
+    try:
+        offload.convert(tmp_path / "ckpt", tmp_path / "store", progress=False)
+    finally:
+        (tmp_path / "ckpt").chmod(0o755)
+    assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted((tmp_path / "ckpt").iterdir())} == before
