@@ -111,7 +111,7 @@ def random_checkpoint(name: str, dtype: torch.dtype, folder: str, progress: bool
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": sum(p.numel() * p.element_size() for _, p in params)},
                    "weight_map": weight_map}, f)
-    config.torch_dtype = str(dtype).removeprefix("torch.")
+    config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(tmp)
     for fname in os.listdir(tmp):
         os.replace(os.path.join(tmp, fname), os.path.join(folder, fname))
