@@ -95,7 +95,7 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
     import transformers as tf
 
     from . import enable
-    from .benchdisk import make_test_file, run_fio
+    from .benchdisk import run_fio
     from .plan import find_units
     from .run import _meta_model
 

@@ -204,9 +204,7 @@ def _hf_sources(src: str, dtype: torch.dtype | None) -> tuple[list[UnitSource], 
         return UnitSource(name, specs, opened)
 
     units = [source(n, ks) for n, ks in groups.items() if n is not None]
-    order = {n: i for i, n in enumerate(dict.fromkeys(unit_of_key(k) for k in key_shard))}
     units.sort(key=lambda u: _natural_key(u.name))
-    del order
     resident = source(RESIDENT, groups[None]) if None in groups else None
     fp = fingerprint((os.path.basename(s), os.path.getsize(s), os.stat(s).st_mtime_ns) for s in shards)
     return units, resident, {"kind": "hf-safetensors", "path": os.path.abspath(src), "fingerprint": fp}

@@ -12,7 +12,6 @@ reading stale bytes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,9 +69,9 @@ class UnitHook:
     """The pre/post pair for one unit, registered with ``register_forward_pre_hook``/``register_forward_hook``."""
 
     def __init__(self, index: int, module: nn.Module, record: UnitRecord, bindings: list[Binding],
-                 prefetcher: Prefetcher, stager: Any, observer: Callable[..., None] | None = None):
+                 prefetcher: Prefetcher, stager: Any):
         self.index, self.module, self.record, self.bindings = index, module, record, bindings
-        self.prefetcher, self.stager, self.observer = prefetcher, stager, observer
+        self.prefetcher, self.stager = prefetcher, stager
         self.bound = False
         self.handles: list[Any] = []
 
@@ -99,14 +98,10 @@ class UnitHook:
             self.prefetcher.release(self.index)
             raise
         self.bound = True
-        if self.observer is not None:
-            self.observer("forward_start", self.record.name)
 
     def post(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self.bound:
             return
-        if self.observer is not None:
-            self.observer("forward_end", self.record.name)
         self.unbind()
 
     def unbind(self) -> None:

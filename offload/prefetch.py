@@ -58,8 +58,6 @@ class _Task:
             if load.t_start == 0.0:
                 load.t_start = time.perf_counter()
             load.reader.read(load.handle, load.unit.data_offset + self.offset, load.buffer.view(self.offset, self.length))
-            if load.observer is not None:
-                load.observer("read", load.unit.name, self.offset, self.length)
         except BaseException as e:  # noqa: BLE001 - carried to the waiter, re-raised there
             load.task_done(e)
             return
@@ -73,8 +71,8 @@ class _Load:
     """One unit being read into one buffer. Completes exactly once, error included."""
 
     def __init__(self, unit: UnitRecord, path: str, buffer: HostBuffer, reader: Reader,
-                 observer: Callable[..., None] | None, on_finish: Callable[[_Load], None] | None = None):
-        self.unit, self.path, self.buffer, self.reader, self.observer = unit, path, buffer, reader, observer
+                 on_finish: Callable[[_Load], None] | None = None):
+        self.unit, self.path, self.buffer, self.reader = unit, path, buffer, reader
         self.on_finish = on_finish
         self.bytes_done = 0
         self.done = threading.Event()
@@ -212,7 +210,7 @@ class Prefetcher:
 
     def __init__(self, store: Store, units: Sequence[UnitRecord], reader: Reader, depth: int,
                  resident: dict[int, HostBuffer] | None = None, io_threads: int = 8,
-                 observer: Callable[..., None] | None = None, elsewhere: set[int] | None = None):
+                 elsewhere: set[int] | None = None):
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self.store = store
@@ -220,7 +218,6 @@ class Prefetcher:
         self.reader = reader
         self.depth = depth
         self.resident = dict(resident or {})
-        self.observer = observer  # test/diagnostic hook: observer(event, unit_name, *details)
         self.elsewhere = set(elsewhere or ())  # units kept by another tier (GPU memory): never read here
         n = len(self.units)
         self._succ = {i: (i + 1) % n for i in range(n)}
@@ -374,10 +371,8 @@ class Prefetcher:
     def _start(self, i: int, slot: _Slot, urgent: bool) -> None:
         unit = self.units[i]
         path = self.store.file_path(unit)
-        load = _Load(unit, path, slot.buffer, self.reader, self.observer, self._finished)
+        load = _Load(unit, path, slot.buffer, self.reader, self._finished)
         slot.unit, slot.load = i, load
-        if self.observer is not None:
-            self.observer("issue", unit.name, urgent)
         try:
             load.handle = self.reader.open(path)
         except BaseException as e:  # noqa: BLE001 - surfaces in the forward that needs the unit
@@ -411,7 +406,7 @@ class Prefetcher:
         loads = []
         for i, buf in buffers.items():
             unit = self.units[i]
-            load = _Load(unit, self.store.file_path(unit), buf, self.reader, self.observer, self._finished)
+            load = _Load(unit, self.store.file_path(unit), buf, self.reader, self._finished)
             try:
                 load.handle = self.reader.open(load.path)
             except OSError as e:

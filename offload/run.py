@@ -236,7 +236,6 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.gpu_memory is not None and not torch.cuda.is_available():
         print("note: --gpu-memory ignored: no CUDA device; units compute on the CPU", file=sys.stderr)
     if a.dry_run and a.random:
-        import transformers as tf  # noqa: F401
         from .plan import find_units
         model = _meta_model(_config(a.random), dtype)
         units = find_units(model)
