@@ -84,11 +84,6 @@ def _row(name: str, cache: str, bs: int, times: list[float], **extra: Any) -> di
             "s_per_token_median": statistics.median(times), "samples": times, **extra}
 
 
-def _free(*objs: Any) -> None:
-    del objs
-    gc.collect()
-
-
 def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: list[int], prefetches: list[int],
               new_tokens: int, include: set[str], fio_file: str | None, log: Callable[[str], None]) -> dict[str, Any]:
     import accelerate
@@ -96,7 +91,7 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
 
     from . import enable
     from .benchdisk import run_fio
-    from .plan import find_units
+    from .plan import disk_device_map, find_units
     from .run import _meta_model
 
     config = tf.AutoConfig.from_pretrained(checkpoint)
@@ -116,24 +111,7 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
     everything = ckpt_files + [workdir]
 
     def device_map(model: torch.nn.Module) -> dict[str, str]:
-        out = {}
-        for n, m in model.named_children():
-            sub = [b for b in blocks if b.startswith(n + ".")]
-            if not sub:
-                out[n] = "cpu"
-                continue
-            for cn, _ in m.named_children():
-                full = f"{n}.{cn}"
-                if full in blocks:
-                    out[full] = "disk"
-                elif any(b.startswith(full + ".") for b in blocks):
-                    for gn, _ in dict(m.named_children())[cn].named_children():
-                        out[f"{full}.{gn}"] = "disk" if f"{full}.{gn}" in blocks else "cpu"
-                else:
-                    out[full] = "cpu"
-            for pn, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-                out[f"{n}.{pn}"] = "cpu"
-        return out
+        return disk_device_map(model, blocks)
 
     fio_rows: list[float] = []
 
@@ -164,8 +142,8 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
             model = cls.from_pretrained(checkpoint, dtype=dtype).eval()
             same = check_tokens("memory", model)
             rows.append(_row("in memory (compute floor)", "warm", bs, decode_times(model, ids, new_tokens, None), same_tokens=same))
-            _free(model)
             model = None
+            gc.collect()  # before the next row loads its own copy
         if "accelerate" in include:
             log(f"[bs={bs}] accelerate from_pretrained(device_map=blocks on disk)")
             off = os.path.join(workdir, "accelerate-offload")
@@ -179,8 +157,8 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
             fio = fio_now()
             rows.append(_row("accelerate from_pretrained", "cold", bs,
                              decode_times(model, ids, new_tokens, ckpt_files + [off]), fio_bps=fio))
-            _free(model, skeleton)
             model = skeleton = None
+            gc.collect()  # before the next row loads its own copy
         if "dispatch" in include:
             log(f"[bs={bs}] accelerate load_checkpoint_and_dispatch (.dat per tensor)")
             off = os.path.join(workdir, "dispatch-offload")
@@ -199,8 +177,8 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
             fio = fio_now()
             rows.append(_row("accelerate load_checkpoint_and_dispatch", "cold", bs,
                              decode_times(model, ids, new_tokens, ckpt_files + [off]), fio_bps=fio))
-            _free(model)
             model = None
+            gc.collect()  # before the next row loads its own copy
         if "offload" in include:
             off = os.path.join(workdir, "offload-run")
             with accelerate.init_empty_weights():
@@ -221,8 +199,8 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
                                  bytes_per_token=s.bytes_read / (new_tokens), wait_fraction=s.wait_seconds / sum(times),
                                  enable_seconds=enable_s, misses=s.misses))
                 handle.disable()
-                _free(model, handle)
                 model = handle = None
+                gc.collect()  # before the next row loads its own copy
             log(f"[bs={bs}] offload, RAM tier holds the blocks (warm)")
             model = cls.from_pretrained(checkpoint, dtype=dtype, device_map=device_map(skeleton), offload_folder=off).eval()
             handle = enable(model, prefetch=2, store=os.path.join(workdir, "offload-store"))
@@ -235,8 +213,8 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
             rows.append(_row("offload RAM tier (default cpu_memory)", "warm", bs, times, same_tokens=same,
                              bytes_per_token=s.bytes_read / new_tokens, resident_units=s.resident_units))
             handle.disable()
-            _free(model, handle, skeleton)
             model = handle = skeleton = None
+            gc.collect()  # before the next row loads its own copy
     return {"rows": rows, "fio_gbps": fio_rows, "block_bytes": block_bytes, "blocks": len(blocks)}
 
 

@@ -239,6 +239,31 @@ def plan_accelerate(model: nn.Module) -> list[UnitPlan]:
     return sorted((p for p in units.values() if p.tensors), key=lambda p: order[p.name])
 
 
+def disk_device_map(model: nn.Module, disk_units: Sequence[str]) -> dict[str, str]:
+    """An Accelerate ``device_map`` with the named units on ``"disk"`` and everything else on ``"cpu"``.
+
+    Used by the benchmark (and the tests) to have Transformers/Accelerate dispatch a model the way a
+    user with too little memory would, at any nesting depth.
+    """
+    disk = set(disk_units)
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if full in disk:
+                out[full] = "disk"
+            elif any(d.startswith(full + ".") for d in disk):
+                walk(full, child)
+            else:
+                out[full] = "cpu"
+        for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            out[f"{prefix}.{pname}" if prefix else pname] = "cpu"
+
+    walk("", model)
+    return out
+
+
 # ------------------------------------------------------------------------------ RAM tier
 
 

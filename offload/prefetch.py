@@ -180,9 +180,6 @@ class _Workers:
             t.join()
         self._threads = []
 
-    def alive(self) -> int:
-        return sum(t.is_alive() for t in self._threads)
-
 
 @dataclasses.dataclass
 class _Slot:
@@ -304,12 +301,6 @@ class Prefetcher:
             slot = self._slot_of(i)
             if slot is not None and slot.users > 0:
                 slot.users -= 1
-
-    def release_all(self) -> None:
-        """Forget every in-use mark (a forward was interrupted and never released its unit)."""
-        with self._lock:
-            for s in self._slots:
-                s.users = 0
 
     def window(self, i: int, include_resident: bool = False) -> list[int]:
         """The streamed units expected after i, nearest first, at most ``depth`` of them.
@@ -473,6 +464,3 @@ class Prefetcher:
     def host_buffers(self) -> list[HostBuffer]:
         """Every host buffer this prefetcher reads into (ring and RAM tier), e.g. to register with CUDA."""
         return [s.buffer for s in self._slots] + list(self.resident.values())
-
-    def threads_alive(self) -> int:
-        return self._workers.alive()

@@ -37,23 +37,8 @@ def make_model(arch: str, seed: int = 0):
 
 def block_device_map(model, disk_blocks) -> dict[str, str]:
     """Every module on "cpu" except the named blocks, which go to "disk"."""
-    disk = set(disk_blocks)
-    out: dict[str, str] = {}
-
-    def walk(prefix: str, module) -> None:
-        for name, child in module.named_children():
-            full = f"{prefix}.{name}" if prefix else name
-            if full in disk:
-                out[full] = "disk"
-            elif any(d.startswith(full + ".") for d in disk):
-                walk(full, child)
-            else:
-                out[full] = "cpu"
-        for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            out[f"{prefix}.{pname}" if prefix else pname] = "cpu"
-
-    walk("", model)
-    return out
+    from offload.plan import disk_device_map
+    return disk_device_map(model, disk_blocks)
 
 
 def inputs_for(arch: str, batch: int = 1, length: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
