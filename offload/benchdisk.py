@@ -5,7 +5,10 @@ Method (see MEASURING.md): the test file is evicted from the page cache before e
 configuration of a small grid once to find its best settings. Phase 2 alternates fio and the best
 configuration of each backend (fio, native, fio, python, ...) ``repeats`` times and reports the
 median of the per-pair ratios, because this class of disk drifts by tens of percent between runs.
-CPU cost is user+sys seconds of this process (all threads) per GB read, beside fio's own.
+CPU cost is user+sys seconds of this process (all threads) per GB read, beside fio's own (its job
+threads' usr+sys). Reads land in one buffer allocated and touched before the first pass, as the
+prefetcher's ring is allocated once at ``enable``: a pass pays for reading, not for first-touch
+page zeroing. That buffer uses huge pages unless ``huge=False`` (see ``HostBuffer``).
 """
 from __future__ import annotations
 
@@ -86,9 +89,8 @@ def make_test_file(path: str, size: int, progress: Callable[[int], None] | None 
     os.replace(tmp, path)
 
 
-def _read_with(reader: Reader, path: str, size: int, block: int, depth: int) -> None:
-    """Read the whole file into a fixed buffer, ``depth`` requests of ``block`` bytes in flight."""
-    buf = HostBuffer(min(BUFFER_BYTES, size))
+def _read_with(reader: Reader, path: str, size: int, block: int, depth: int, buf: HostBuffer) -> None:
+    """Read the whole file through ``buf``, ``depth`` requests of ``block`` bytes in flight."""
     h = reader.open(path)
     try:
         if reader.task_bytes is None:  # native: one call per buffer-full, its own queue depth
@@ -104,7 +106,6 @@ def _read_with(reader: Reader, path: str, size: int, block: int, depth: int) -> 
                     f.result()
     finally:
         reader.close(h)
-        buf.close()
 
 
 def _read_aiofiles(path: str, size: int, block: int, depth: int) -> None:
@@ -124,20 +125,44 @@ def _read_aiofiles(path: str, size: int, block: int, depth: int) -> None:
     asyncio.run(main())
 
 
-def _fio_cmds(path: str, size: int) -> list[list[str]]:
+def hugetlbfs_dir(pages_needed: int = 32) -> str | None:
+    """A writable hugetlbfs mount with enough free 2 MiB pages for fio's buffers (2 jobs x 16 x 1 MiB), or None.
+
+    fio allocates its I/O buffers with malloc (4 KiB pages) unless told ``--mem=mmaphuge:FILE``,
+    which needs hugetlbfs; our readers use transparent huge pages. To compare like with like,
+    bench-disk also runs fio on huge pages when the machine has them set up, e.g.
+    ``echo 64 > /proc/sys/vm/nr_hugepages; mount -t hugetlbfs none /mnt/huge``.
+    """
+    try:
+        with open("/proc/meminfo") as f:
+            free = next((int(line.split()[1]) for line in f if line.startswith("HugePages_Free:")), 0)
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1] for line in f if line.split()[2:3] == ["hugetlbfs"]]
+    except OSError:
+        return None
+    if free < pages_needed:
+        return None
+    return next((m for m in mounts if os.access(m, os.W_OK)), None)
+
+
+def _fio_cmds(path: str, size: int, huge_dir: str | None = None) -> list[list[str]]:
     base = ["fio", "--name=r", f"--filename={path}", "--rw=read", "--bs=1M", "--direct=1", "--ioengine=io_uring",
             "--output-format=json", "--invalidate=1"]
+    if huge_dir:
+        base.append(f"--mem=mmaphuge:{os.path.join(huge_dir, f'offload-fio-{os.getpid()}')}")
     half = size // 2 // (1 << 20) * (1 << 20)
     return [base + ["--iodepth=32", f"--size={size}"],
             base + ["--iodepth=16", "--numjobs=2", f"--size={half}", f"--offset_increment={half}", "--group_reporting"]]
 
 
-def run_fio(path: str, size: int) -> Result | None:
-    """fio at its best on this file: one io_uring job at QD32 or two at QD16, whichever is faster."""
+def run_fio(path: str, size: int, huge_dir: str | None = None) -> Result | None:
+    """fio at its best on this file: one io_uring job at QD32 or two at QD16, whichever is faster.
+
+    With ``huge_dir`` (a hugetlbfs mount) its buffers are on 2 MiB pages, like ours."""
     if shutil.which("fio") is None:
         return None
     best: Result | None = None
-    for i, cmd in enumerate(_fio_cmds(path, size)):
+    for i, cmd in enumerate(_fio_cmds(path, size, huge_dir)):
         evict(path)
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
@@ -149,7 +174,8 @@ def run_fio(path: str, size: int) -> Result | None:
         read = job["read"]
         secs = read["runtime"] / 1000.0
         cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * secs * (2 if i == 1 else 1)
-        r = Result("fio", 1 << 20, 32 if i == 0 else 16, secs, int(read["io_bytes"]), cpu, extra={"jobs": i + 1})
+        r = Result("fio-huge" if huge_dir else "fio", 1 << 20, 32 if i == 0 else 16, secs, int(read["io_bytes"]), cpu,
+                   extra={"jobs": i + 1})
         if best is None or r.gbps > best.gbps:
             best = r
     return best
@@ -171,19 +197,27 @@ def backends(native_ok: bool, uring_ok: bool, aiofiles_ok: bool) -> dict[str, li
     return grid
 
 
-def measure(backend: str, path: str, size: int, block: int, depth: int, phase: str = "grid") -> Result:
+def ring_buffer(size: int, huge: bool = True) -> HostBuffer:
+    """The destination of every pass: allocated and touched once, like the prefetcher's ring."""
+    buf = HostBuffer(min(BUFFER_BYTES, size), huge=huge)
+    buf.tensor.fill_(0)
+    return buf
+
+
+def measure(backend: str, path: str, size: int, block: int, depth: int, buf: HostBuffer,
+            phase: str = "grid") -> Result:
     evict(path)
     fn: Callable[[], None]
     if backend.startswith("native"):
         from ._native import NativeReader
         reader: Reader = NativeReader(backend.split("-")[1], depth=depth, chunk_bytes=block)
-        fn = lambda: _read_with(reader, path, size, block, depth)  # noqa: E731
+        fn = lambda: _read_with(reader, path, size, block, depth, buf)  # noqa: E731
     elif backend == "python-direct":
-        fn = lambda: _read_with(PythonReader(True, block), path, size, block, depth)  # noqa: E731
+        fn = lambda: _read_with(PythonReader(True, block), path, size, block, depth, buf)  # noqa: E731
     elif backend == "python-buffered":
-        fn = lambda: _read_with(PythonReader(False, block), path, size, block, depth)  # noqa: E731
+        fn = lambda: _read_with(PythonReader(False, block), path, size, block, depth, buf)  # noqa: E731
     elif backend == "mmap":
-        fn = lambda: _read_with(MmapReader(), path, size, block, depth)  # noqa: E731
+        fn = lambda: _read_with(MmapReader(), path, size, block, depth, buf)  # noqa: E731
     elif backend == "aiofiles":
         fn = lambda: _read_aiofiles(path, size, block, depth)  # noqa: E731
     else:
@@ -195,7 +229,7 @@ def measure(backend: str, path: str, size: int, block: int, depth: int, phase: s
 
 
 def run(path: str, size: int, repeats: int = 3, blocks: Iterable[int] | None = None, depths: Iterable[int] | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print, huge: bool = True) -> dict[str, Any]:
     from . import _native
     native_ok = _native.load_error() is None
     uring_ok = native_ok and _native.uring_available()
@@ -209,6 +243,9 @@ def run(path: str, size: int, repeats: int = 3, blocks: Iterable[int] | None = N
         bs = list(blocks or [1 << 20, 8 << 20])
         ds = list(depths or [8, 16])
         grid = {b: [(x, d) for x in bs for d in ds] for b in grid}
+    buf = ring_buffer(size, huge)
+    pages = "2 MiB (transparent huge pages)" if buf.huge and thp_mode() in ("always", "madvise") else "4 KiB"
+    log(f"destination buffer: {format_bytes(buf.nbytes)}, {pages} pages, THP mode {thp_mode()}")
     results: list[Result] = []
     total = sum(len(v) for v in grid.values()) + repeats * (1 + 2 * len(grid))
     step = 0
@@ -221,14 +258,18 @@ def run(path: str, size: int, repeats: int = 3, blocks: Iterable[int] | None = N
 
     for backend, configs in grid.items():
         for block, depth in configs:
-            r = measure(backend, path, size, block, depth)
+            r = measure(backend, path, size, block, depth, buf)
             results.append(r)
             note(r)
     best = {b: max((r for r in results if r.backend == b), key=lambda r: r.gbps) for b in grid}
     # Phase 2: alternate fio and each backend's best configuration.
     pairs: list[Result] = []
     fio_runs: list[Result] = []
+    fio_huge_runs: list[Result] = []
     has_fio = shutil.which("fio") is not None
+    huge_dir = hugetlbfs_dir()
+    log("fio on huge pages too (like for like): " + (f"yes, buffers in {huge_dir}" if huge_dir and has_fio else
+        "no (needs a hugetlbfs mount with 32 free 2 MiB pages; see hugetlbfs_dir in offload/benchdisk.py)"))
     for _ in range(repeats):
         for b, cfg in best.items():
             fio = run_fio(path, size) if has_fio else None
@@ -236,20 +277,29 @@ def run(path: str, size: int, repeats: int = 3, blocks: Iterable[int] | None = N
                 fio.phase = "pair"
                 fio_runs.append(fio)
                 note(fio)
-            r = measure(b, path, size, cfg.block_bytes, cfg.depth, phase="pair")
+            fio_h = run_fio(path, size, huge_dir) if has_fio and huge_dir else None
+            if fio_h is not None:
+                fio_h.phase = "pair"
+                fio_huge_runs.append(fio_h)
+                note(fio_h)
+            r = measure(b, path, size, cfg.block_bytes, cfg.depth, buf, phase="pair")
             r.fio_gbps = fio.gbps if fio else None
+            if fio_h is not None:
+                r.extra["fio_huge_gbps"] = fio_h.gbps
             pairs.append(r)
             note(r)
     summary = []
     for b, cfg in best.items():
         mine = [r for r in pairs if r.backend == b]
         ratios = [r.gbps / r.fio_gbps for r in mine if r.fio_gbps]
+        huge_ratios = [r.gbps / r.extra["fio_huge_gbps"] for r in mine if r.extra.get("fio_huge_gbps")]
         summary.append({
             "backend": b, "block_bytes": cfg.block_bytes, "depth": cfg.depth,
             "gbps_median": statistics.median(r.gbps for r in mine),
             "gbps_max": max(r.gbps for r in mine),
             "fio_ratio_median": statistics.median(ratios) if ratios else None,
             "fio_ratio_all": ratios,
+            "fio_huge_ratio_median": statistics.median(huge_ratios) if huge_ratios else None,
             "cpu_s_per_gb": statistics.median(r.cpu_s_per_gb for r in mine),
         })
     fio_summary = None
@@ -257,38 +307,87 @@ def run(path: str, size: int, repeats: int = 3, blocks: Iterable[int] | None = N
         fio_summary = {"gbps_median": statistics.median(r.gbps for r in fio_runs),
                        "gbps_all": [r.gbps for r in fio_runs],
                        "cpu_s_per_gb": statistics.median(r.cpu_s_per_gb for r in fio_runs)}
-    default = "native" if native_ok else "python"
-    winner = max(summary, key=lambda s: s["gbps_median"])
+    fio_huge_summary = None
+    if fio_huge_runs:
+        fio_huge_summary = {"gbps_median": statistics.median(r.gbps for r in fio_huge_runs),
+                            "gbps_all": [r.gbps for r in fio_huge_runs],
+                            "cpu_s_per_gb": statistics.median(r.cpu_s_per_gb for r in fio_huge_runs)}
     return {
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()},
         "file": path, "size_bytes": size, "repeats": repeats, "eviction": "posix_fadvise(DONTNEED) before every pass",
-        "fio": fio_summary, "summary": summary, "runs": [dict(asdict(r), gbps=r.gbps) for r in results + pairs + fio_runs],
-        "default_reader": default,
-        "recommendation": (f"fastest here: {winner['backend']} (block {format_bytes(winner['block_bytes'])}, depth "
-                           f"{winner['depth']}, {winner['gbps_median']:.2f} GB/s); offload.enable uses reader="
-                           f"'{default}' by default"),
+        "buffer_pages": pages, "thp_mode": thp_mode(),
+        "cpu_accounting": "backends: getrusage(RUSAGE_SELF) user+sys over the pass; fio: its job threads' usr+sys",
+        "fio": fio_summary, "fio_huge": fio_huge_summary, "summary": summary,
+        "runs": [dict(asdict(r), gbps=r.gbps) for r in results + pairs + fio_runs + fio_huge_runs],
+        "default_reader": "native" if native_ok else "python",
+        "recommendation": recommend(summary, native_ok),
     }
 
 
+# bench-disk backend → the offload.enable(reader=...) name that gives it (the others are for comparison).
+ENABLE_NAMES = {"native-threads": "native", "native-uring": "native-uring", "python-direct": "python", "mmap": "mmap"}
+
+
+def recommend(summary: list[dict[str, Any]], native_ok: bool) -> str:
+    """One line: the fastest backend, and whether ``offload.enable``'s default reader is close enough.
+
+    Medians within 5% are not told apart: this class of disk drifts more than that between passes.
+    """
+    default = "native" if native_ok else "python"
+    fastest = max(summary, key=lambda s: s["gbps_median"])
+    line = (f"fastest here: {fastest['backend']} (block {format_bytes(fastest['block_bytes'])}, depth "
+            f"{fastest['depth']}, {fastest['gbps_median']:.2f} GB/s, {fastest['cpu_s_per_gb']:.2f} cpu s/GB)")
+    usable = [s for s in summary if s["backend"] in ENABLE_NAMES]
+    mine = next((s for s in usable if ENABLE_NAMES[s["backend"]] == default), None)
+    if not usable or mine is None:
+        return line + f"; offload.enable uses reader='{default}' by default"
+    best = max(usable, key=lambda s: s["gbps_median"])
+    if mine["gbps_median"] >= 0.95 * best["gbps_median"]:
+        return line + f"; offload.enable's default reader='{default}' is within 5% of the best: keep it"
+    return (line + f"; offload.enable's default reader='{default}' read {mine['gbps_median']:.2f} GB/s, "
+            f"{best['backend']} {best['gbps_median']:.2f}: pass offload.enable(..., reader='{ENABLE_NAMES[best['backend']]}')")
+
+
 def table(report: dict[str, Any]) -> str:
+    """Markdown table: one row per backend at its best settings, fio's rows first."""
     lines = [f"file {report['file']} ({format_bytes(report['size_bytes'])}), cold cache ({report['eviction']}), "
-             f"{report['repeats']} alternating repeats"]
-    fio = report.get("fio")
-    head = f"| {'backend':16s} | {'block':>9s} | {'depth':>5s} | {'GB/s (median)':>13s} | {'vs fio (median of pairs)':>24s} | {'cpu s/GB':>8s} |"
-    lines += [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+             f"{report['repeats']} alternating repeats, buffer pages {report['buffer_pages']}"]
+    fio, fio_h = report.get("fio"), report.get("fio_huge")
+    cols = ["backend", "block", "depth", "GB/s (median)", "vs fio (median of pairs)"]
+    cols += ["vs fio on huge pages"] if fio_h else []
+    cols += ["cpu s/GB"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+
+    def row(*cells: str) -> None:
+        lines.append("| " + " | ".join(cells) + " |")
+
     if fio:
-        lines.append(f"| {'fio (best of 1x32, 2x16)':16s} | {'1.00 MiB':>9s} | {'32':>5s} | {fio['gbps_median']:13.2f} | "
-                     f"{'1.00':>24s} | {fio['cpu_s_per_gb']:8.2f} |")
-    for s in report["summary"]:
-        ratio = f"{s['fio_ratio_median']:.2f}" if s["fio_ratio_median"] is not None else "n/a (no fio)"
-        lines.append(f"| {s['backend']:16s} | {format_bytes(s['block_bytes']):>9s} | {s['depth']:5d} | "
-                     f"{s['gbps_median']:13.2f} | {ratio:>24s} | {s['cpu_s_per_gb']:8.2f} |")
+        row("fio (best of 1x32, 2x16)", "1.00 MiB", "32", f"{fio['gbps_median']:.2f}", "1.00",
+            *(["-"] if fio_h else []), f"{fio['cpu_s_per_gb']:.3f}")
+    if fio_h:
+        row("fio, huge-page buffers", "1.00 MiB", "32", f"{fio_h['gbps_median']:.2f}", "-", "1.00",
+            f"{fio_h['cpu_s_per_gb']:.3f}")
+    for x in report["summary"]:
+        ratio = f"{x['fio_ratio_median']:.2f}" if x["fio_ratio_median"] is not None else "n/a (no fio)"
+        extra = [f"{x['fio_huge_ratio_median']:.2f}" if x.get("fio_huge_ratio_median") else "-"] if fio_h else []
+        row(x["backend"], format_bytes(x["block_bytes"]), str(x["depth"]), f"{x['gbps_median']:.2f}", ratio, *extra,
+            f"{x['cpu_s_per_gb']:.3f}")
     lines.append(report["recommendation"])
     return "\n".join(lines)
 
 
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page setting ("madvise" is enough: HostBuffer advises)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "unavailable"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+
+
 def main(path: str, size: int, repeats: int, json_path: str | None, blocks: list[int] | None,
-         depths: list[int] | None, keep: bool) -> int:
+         depths: list[int] | None, keep: bool, huge: bool = True) -> int:
     from .convert import _progress
     if os.path.isdir(path):
         path = os.path.join(path, "offload-bench-disk.bin")
@@ -299,7 +398,7 @@ def main(path: str, size: int, repeats: int, json_path: str | None, blocks: list
     finally:
         bar.close()
     try:
-        report = run(path, size, repeats, blocks, depths, log=lambda s: print(s, file=sys.stderr, flush=True))
+        report = run(path, size, repeats, blocks, depths, log=lambda s: print(s, file=sys.stderr, flush=True), huge=huge)
     finally:
         if created and not keep:
             with contextlib.suppress(OSError):

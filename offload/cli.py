@@ -32,7 +32,7 @@ def _cmd_bench_disk(a: argparse.Namespace) -> int:
     parent = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"{parent} is not a folder: pass a folder or a file path on the disk to measure")
-    return benchdisk.main(path, a.size, a.repeats, a.json, a.block_size, a.depth, a.keep)
+    return benchdisk.main(path, a.size, a.repeats, a.json, a.block_size, a.depth, a.keep, huge=a.pages == "huge")
 
 
 def _cmd_convert(a: argparse.Namespace) -> int:
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="alternating fio/backend repeats (default 3)")
     b.add_argument("--json", help="write the full report as JSON to this file")
     b.add_argument("--keep", action="store_true", help="keep the test file it created")
+    b.add_argument("--pages", choices=("huge", "4k"), default="huge",
+                   help="destination buffer pages: huge (2 MiB, what offload.enable uses) or 4k, to see the difference")
     b.set_defaults(fn=_cmd_bench_disk)
 
     c = sub.add_parser("convert", help="convert a checkpoint folder into a store of per-unit files")

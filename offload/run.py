@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ._memory import available_memory, format_bytes, parse_bytes
+from .io import READERS
 
 # Real architectures' shapes (from their published configs). family → transformers config class.
 RANDOM_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -295,7 +296,7 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--prefetch", type=int, default=2)
     r.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     r.add_argument("--batch-size", type=int, default=1)
-    r.add_argument("--reader", choices=["native", "python", "mmap"])
+    r.add_argument("--reader", choices=READERS)
     r.add_argument("--dry-run", action="store_true", help="print the placement plan and stop")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=cmd_run)

@@ -63,11 +63,29 @@ def test_run_dry_run_plans_the_176b_shape():
 def test_bench_disk_small(tmp_path):
     out = tmp_path / "r.json"
     r = run_cli("bench-disk", str(tmp_path), "--size", "8MiB", "--repeats", "1", "--block-size", "1MiB", "--depth", "2",
-                "--json", str(out))
+                "--pages", "4k", "--json", str(out))
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     names = {s["backend"] for s in report["summary"]}
     assert {"python-direct", "python-buffered", "mmap"} <= names
     assert all(s["gbps_median"] > 0 and s["cpu_s_per_gb"] >= 0 for s in report["summary"])
-    assert "offload.enable uses reader=" in r.stdout and "| backend" in r.stdout
+    assert "offload.enable" in r.stdout and "reader=" in r.stdout and "| backend" in r.stdout
+    assert report["buffer_pages"] == "4 KiB"
     assert not (tmp_path / "offload-bench-disk.bin").exists()  # the file it created is removed
+
+
+def test_bench_disk_recommendation_names_a_reader_enable_accepts():
+    from offload.benchdisk import ENABLE_NAMES, recommend
+    from offload.io import READERS
+
+    assert set(ENABLE_NAMES.values()) <= set(READERS)
+
+    def row(backend, gbps):
+        return {"backend": backend, "block_bytes": 1 << 20, "depth": 16, "gbps_median": gbps, "cpu_s_per_gb": 0.01}
+
+    close = recommend([row("native-threads", 1.96), row("python-direct", 2.0), row("aiofiles", 3.0)], native_ok=True)
+    assert close.startswith("fastest here: aiofiles") and "reader='native' is within 5% of the best: keep it" in close
+    slower = recommend([row("native-threads", 1.5), row("native-uring", 2.0)], native_ok=True)
+    assert "pass offload.enable(..., reader='native-uring')" in slower
+    no_native = recommend([row("python-direct", 1.0), row("mmap", 1.5)], native_ok=False)
+    assert "default reader='python' read 1.00 GB/s" in no_native and "reader='mmap'" in no_native

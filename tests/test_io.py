@@ -1,8 +1,8 @@
 """Readers return exactly the bytes a plain read returns, and fail clearly."""
 from __future__ import annotations
 
-import os
 import random
+import sys
 
 import pytest
 
@@ -73,10 +73,56 @@ def test_host_buffer_is_page_aligned():
     assert b.nbytes == 4096 and b.address % 4096 == 0 and b.tensor.numel() == 4096
 
 
+def _resident_bytes(address: int, length: int) -> int:
+    """Bytes of [address, address+length) that are in RAM (mincore: exact, per 4 KiB page)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = (length + 4095) // 4096
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) * 4096
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore, THP: Linux")
+def test_large_host_buffer_is_huge_page_aligned_and_resident_exactly_nbytes():
+    nbytes = 5 * (2 << 20) + 3 * 4096  # five huge pages and a 4 KiB-page tail
+    b = HostBuffer(nbytes)
+    assert b.address % (2 << 20) == 0 and b.tensor.numel() == b.nbytes == nbytes
+    b.tensor.fill_(7)
+    base = b.address - b._pad  # the whole mapping, alignment slack included
+    assert _resident_bytes(base, len(b._mm)) == nbytes  # slack never touched, the tail not rounded up
+    assert bytes(b.view(nbytes - 3, 3)) == b"\x07\x07\x07"
+    plain = HostBuffer(nbytes, huge=False)
+    assert not plain.huge and plain.address % 4096 == 0 and plain.tensor.numel() == nbytes
+
+
+@pytest.mark.parametrize("reader", READERS, ids=IDS)
+def test_reads_across_huge_page_boundaries_match_plain_read(tmp_path, reader):
+    rnd = random.Random(2)
+    payload = rnd.randbytes(3 * (2 << 20) + 777)
+    path = tmp_path / "big.bin"
+    path.write_bytes(payload)
+    buf = HostBuffer(len(payload) + (2 << 20))
+    h = reader.open(str(path))
+    try:
+        for _ in range(12):
+            off = rnd.randrange(0, len(payload) // 4096) * 4096
+            n = rnd.randrange(1, len(payload) - off + 1)
+            at = (2 << 20) - rnd.randrange(1, 64) * 4096  # destination straddles a huge page boundary
+            reader.read(h, off, buf.view(at, n))
+            assert bytes(buf.view(at, n)) == payload[off:off + n], (off, n, at)
+    finally:
+        reader.close(h)
+
+
 def test_get_reader_validates_names():
     assert get_reader("python").name == "python"
     assert get_reader("mmap").name == "mmap"
-    with pytest.raises(ValueError, match="native, python, mmap"):
+    if _native.load_error() is None:
+        assert get_reader("native").name == get_reader("native-threads").name == "native-threads"
+        if _native.uring_available():
+            assert get_reader("native-uring").name == "native-uring"
+    with pytest.raises(ValueError, match="native, native-threads, native-uring, python, mmap"):
         get_reader("fast")
 
 

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import offload
 from offload.store import PAGE, TENSOR_ALIGN, Store, TensorSpec, write_unit_file
