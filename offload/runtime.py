@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from torch import nn
 
 from .convert import sources_from_plans, write_store
 from .errors import OffloadError, StoreMismatchError
-from .hooks import Binding, CpuStager, UnitHook
+from .hooks import Binding, CpuStager, Offloaded, UnitHook
 from .io import HostBuffer, Reader, get_reader
 from .plan import (UnitPlan, _numel, choose_resident, find_units, is_accelerate_offloaded, offload_folder_of,
                    plan_accelerate, plan_plain)
@@ -132,6 +133,10 @@ class Handle:
             module._hf_hook = hook
         if self._restore:
             self._restore_weights()
+        for h in self.hooks:  # what the module held before (Accelerate's placeholders)
+            for b in h.bindings:
+                if id(b) not in self._restore:
+                    (b.owner._parameters if b.is_param else b.owner._buffers)[b.attr] = b.original
         if getattr(self.model, "_offload_handle", None) is self:
             del self.model._offload_handle
         if self.temp_store:
@@ -327,7 +332,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
             if hasattr(stager, "load_gpu_tier"):
                 stager.load_gpu_tier()
         for i, (p, rec) in enumerate(zip(plans, records)):
-            bindings = _bindings(p, rec, restore)
+            bindings = _bindings(p, rec, restore, st)
             hooks.append(UnitHook(i, p.module, rec, bindings, prefetcher, stagers[p.device]))
     except BaseException:
         prefetcher.close()
@@ -367,27 +372,36 @@ def _module_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _bindings(plan: UnitPlan, rec: UnitRecord, restore: dict[int, torch.Tensor]) -> list[Binding]:
+def _bindings(plan: UnitPlan, rec: UnitRecord, restore: dict[int, torch.Tensor], store: Store) -> list[Binding]:
     by_name = {t.name: t for t in rec.tensors}
     out = []
     for t in plan.tensors:
         r = by_name[t.rel]
         current = (t.owner._parameters if t.is_param else t.owner._buffers)[t.attr]
         assert current is not None
+        on_meta = current.device.type == "meta"  # Accelerate's placeholder (or a model built on meta)
+        stand_in = Offloaded(t.shape, t.dtype, bool(current.requires_grad), f"{plan.name}.{t.rel}",
+                             current.device if on_meta else plan.device,
+                             functools.partial(_read_stray, store, rec, t.rel, plan.device))
+        live = None
         if t.is_param:
+            # The user's Parameter keeps its identity (its storage is swapped) when it is on the unit's device.
             fresh = nn.Parameter(torch.empty(0, dtype=t.dtype, device=plan.device), requires_grad=False)
-            if current.device.type == "meta":  # Accelerate's placeholder: keep it, bind a fresh Parameter
-                placeholder, live = current, fresh
-            else:  # the user's Parameter: keep its identity (swap its storage) when it is on the unit's device
-                placeholder = nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=current.requires_grad)
-                live = current if current.device == plan.device else fresh
-        else:
-            placeholder, live = current if current.device.type == "meta" else current.to("meta"), None
-        b = Binding(t.owner, t.attr, t.is_param, r.offset, r.nbytes, t.dtype, t.shape, placeholder, live)
-        if t.is_param and current.device.type != "meta":
+            live = current if not on_meta and current.device == plan.device else fresh
+        b = Binding(t.owner, t.attr, t.is_param, r.offset, r.nbytes, t.dtype, t.shape, stand_in, current, live)
+        if t.is_param and not on_meta:
             restore[id(b)] = current
         out.append(b)
     return out
+
+
+def _read_stray(store: Store, rec: UnitRecord, name: str, device: torch.device) -> torch.Tensor:
+    """A streamed tensor used outside its unit's forward: read it on its own (see hooks.Offloaded)."""
+    try:
+        return store.read_tensor(rec, name).to(device)
+    except FileNotFoundError as e:
+        raise OffloadError(f"{rec.name}.{name}: its layer file {e.filename} is gone (was this a reference kept from "
+                           f"before offload.disable()? read the module's parameter again)") from None
 
 
 def _silence_inner_accelerate_hooks(plans: Sequence[UnitPlan]) -> list[tuple[nn.Module, Any]]:
@@ -457,10 +471,10 @@ def _make_stagers(plans: Sequence[UnitPlan], records: Sequence[UnitRecord], pref
 def _move_resident(model: nn.Module, device: torch.device) -> None:
     for m in model.modules():
         for name, p in m._parameters.items():
-            if p is not None and p.device.type != "meta" and p.device != device:
+            if p is not None and not isinstance(p, Offloaded) and p.device.type != "meta" and p.device != device:
                 p.data = p.data.to(device)
         for name, b in m._buffers.items():
-            if b is not None and b.device.type != "meta" and b.device != device:
+            if b is not None and not isinstance(b, Offloaded) and b.device.type != "meta" and b.device != device:
                 m._buffers[name] = b.to(device)
 
 

@@ -410,6 +410,18 @@ class Store:
                 raise StoreError(f"layer file {path} (unit {unit.name}): header entry for {t.name} differs from "
                                  f"the manifest: re-run `offload convert`")
 
+    def read_tensor(self, unit: UnitRecord, name: str) -> torch.Tensor:
+        """One tensor of a unit, in fresh memory (for a use outside the unit's forward; see hooks.Offloaded)."""
+        t = next(t for t in unit.tensors if t.name == name)
+        path = _safe_path(self.path, unit.file, unit.name)
+        out = torch.empty(t.nbytes, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(unit.data_offset + t.offset)
+            got = f.readinto(memoryview(out.numpy())) if t.nbytes else 0
+        if got != t.nbytes:
+            raise StoreError(f"layer file {path} (unit {unit.name}) ended early reading {name}: re-run `offload convert`")
+        return out.view(t.torch_dtype).view(t.shape)
+
     def verify_unit(self, unit: UnitRecord) -> None:
         """Re-read the data section and compare its CRC32 with the manifest's."""
         path = _safe_path(self.path, unit.file, unit.name)
