@@ -247,7 +247,9 @@ def run(path: str, size: int, repeats: int = 3, blocks: Iterable[int] | None = N
     pages = "2 MiB (transparent huge pages)" if buf.huge and thp_mode() in ("always", "madvise") else "4 KiB"
     log(f"destination buffer: {format_bytes(buf.nbytes)}, {pages} pages, THP mode {thp_mode()}")
     results: list[Result] = []
-    total = sum(len(v) for v in grid.values()) + repeats * (1 + 2 * len(grid))
+    has_fio = shutil.which("fio") is not None
+    huge_dir = hugetlbfs_dir() if has_fio else None
+    total = sum(len(v) for v in grid.values()) + repeats * len(grid) * (1 + has_fio + (huge_dir is not None))
     step = 0
 
     def note(r: Result) -> None:
@@ -266,9 +268,7 @@ def run(path: str, size: int, repeats: int = 3, blocks: Iterable[int] | None = N
     pairs: list[Result] = []
     fio_runs: list[Result] = []
     fio_huge_runs: list[Result] = []
-    has_fio = shutil.which("fio") is not None
-    huge_dir = hugetlbfs_dir()
-    log("fio on huge pages too (like for like): " + (f"yes, buffers in {huge_dir}" if huge_dir and has_fio else
+    log("fio on huge pages too (like for like): " + (f"yes, buffers in {huge_dir}" if huge_dir else
         "no (needs a hugetlbfs mount with 32 free 2 MiB pages; see hugetlbfs_dir in offload/benchdisk.py)"))
     for _ in range(repeats):
         for b, cfg in best.items():
@@ -277,7 +277,7 @@ def run(path: str, size: int, repeats: int = 3, blocks: Iterable[int] | None = N
                 fio.phase = "pair"
                 fio_runs.append(fio)
                 note(fio)
-            fio_h = run_fio(path, size, huge_dir) if has_fio and huge_dir else None
+            fio_h = run_fio(path, size, huge_dir) if huge_dir else None
             if fio_h is not None:
                 fio_h.phase = "pair"
                 fio_huge_runs.append(fio_h)
