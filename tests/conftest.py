@@ -50,7 +50,7 @@ def inputs_for(arch: str, batch: int = 1, length: int = 8, seed: int = 1) -> dic
 def forward_logits(model, arch: str, inputs) -> torch.Tensor:
     with torch.no_grad():
         if arch == "t5":
-            dec = torch.zeros((inputs["input_ids"].shape[0], 3), dtype=torch.long)
+            dec = torch.zeros((inputs["input_ids"].shape[0], 3), dtype=torch.long, device=inputs["input_ids"].device)
             return model(**inputs, decoder_input_ids=dec).logits
         return model(**inputs).logits
 
