@@ -270,18 +270,18 @@ def run(path: str, size: int, repeats: int = 3, blocks: Iterable[int] | None = N
     fio_huge_runs: list[Result] = []
     log("fio on huge pages too (like for like): " + (f"yes, buffers in {huge_dir}" if huge_dir else
         "no (needs a hugetlbfs mount with 32 free 2 MiB pages; see hugetlbfs_dir in offload/benchdisk.py)"))
+    def paired_fio(huge: str | None, runs: list[Result]) -> Result | None:
+        fio = run_fio(path, size, huge)
+        if fio is not None:
+            fio.phase = "pair"
+            runs.append(fio)
+            note(fio)
+        return fio
+
     for _ in range(repeats):
         for b, cfg in best.items():
-            fio = run_fio(path, size) if has_fio else None
-            if fio is not None:
-                fio.phase = "pair"
-                fio_runs.append(fio)
-                note(fio)
-            fio_h = run_fio(path, size, huge_dir) if huge_dir else None
-            if fio_h is not None:
-                fio_h.phase = "pair"
-                fio_huge_runs.append(fio_h)
-                note(fio_h)
+            fio = paired_fio(None, fio_runs) if has_fio else None
+            fio_h = paired_fio(huge_dir, fio_huge_runs) if huge_dir else None
             r = measure(b, path, size, cfg.block_bytes, cfg.depth, buf, phase="pair")
             r.fio_gbps = fio.gbps if fio else None
             if fio_h is not None:
@@ -302,26 +302,23 @@ def run(path: str, size: int, repeats: int = 3, blocks: Iterable[int] | None = N
             "fio_huge_ratio_median": statistics.median(huge_ratios) if huge_ratios else None,
             "cpu_s_per_gb": statistics.median(r.cpu_s_per_gb for r in mine),
         })
-    fio_summary = None
-    if fio_runs:
-        fio_summary = {"gbps_median": statistics.median(r.gbps for r in fio_runs),
-                       "gbps_all": [r.gbps for r in fio_runs],
-                       "cpu_s_per_gb": statistics.median(r.cpu_s_per_gb for r in fio_runs)}
-    fio_huge_summary = None
-    if fio_huge_runs:
-        fio_huge_summary = {"gbps_median": statistics.median(r.gbps for r in fio_huge_runs),
-                            "gbps_all": [r.gbps for r in fio_huge_runs],
-                            "cpu_s_per_gb": statistics.median(r.cpu_s_per_gb for r in fio_huge_runs)}
     return {
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()},
         "file": path, "size_bytes": size, "repeats": repeats, "eviction": "posix_fadvise(DONTNEED) before every pass",
         "buffer_pages": pages, "thp_mode": thp_mode(),
         "cpu_accounting": "backends: getrusage(RUSAGE_SELF) user+sys over the pass; fio: its job threads' usr+sys",
-        "fio": fio_summary, "fio_huge": fio_huge_summary, "summary": summary,
+        "fio": _fio_summary(fio_runs), "fio_huge": _fio_summary(fio_huge_runs), "summary": summary,
         "runs": [dict(asdict(r), gbps=r.gbps) for r in results + pairs + fio_runs + fio_huge_runs],
         "default_reader": "native" if native_ok else "python",
         "recommendation": recommend(summary, native_ok),
     }
+
+
+def _fio_summary(runs: list[Result]) -> dict[str, Any] | None:
+    if not runs:
+        return None
+    return {"gbps_median": statistics.median(r.gbps for r in runs), "gbps_all": [r.gbps for r in runs],
+            "cpu_s_per_gb": statistics.median(r.cpu_s_per_gb for r in runs)}
 
 
 # bench-disk backend → the offload.enable(reader=...) name that gives it (the others are for comparison).
