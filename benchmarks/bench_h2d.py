@@ -14,8 +14,8 @@ import sys
 import torch
 
 from offload._memory import parse_bytes
-from offload.device import register_host_buffer
-from offload.io import HostBuffer
+from offload.transfer import register_host_buffer
+from offload.staging import HostBuffer
 
 
 def main() -> int:

@@ -5,12 +5,13 @@
     handle.stats()                               # bytes read, stall time, misses
     offload.disable(model)                       # or: with offload.enable(...):
     offload.convert("hf-folder/", "store/")      # checkpoint → store
+    model, handle = offload.load("store/")       # a model bigger than RAM: built on meta, blocks streamed
 """
 from .convert import convert
 from .errors import (CheckpointError, ChecksumError, OffloadError, StoreError, StoreMismatchError,
                      UnitReadError)
-from .runtime import Handle, Stats, disable, enable
+from .runtime import Handle, Stats, disable, enable, load
 
 __version__ = "0.1.0"
-__all__ = ["enable", "disable", "convert", "Handle", "Stats", "OffloadError", "StoreError", "ChecksumError",
+__all__ = ["enable", "disable", "load", "convert", "Handle", "Stats", "OffloadError", "StoreError", "ChecksumError",
            "StoreMismatchError", "UnitReadError", "CheckpointError", "__version__"]

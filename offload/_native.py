@@ -9,7 +9,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from .io import PAGE, address_of, _short_read
+from ._fileio import PAGE, address_of, short_read
 
 try:
     from . import _ol_native as _ext  # type: ignore[attr-defined]
@@ -77,7 +77,7 @@ class NativeReader:
         assert _ext is not None
         rc, valid = _ext.read(fd, addr, n, offset, self.chunk_bytes, self.depth, ENGINES[self.engine])
         if rc == _ext.SHORT:
-            raise _short_read(h.path, offset, n, valid)
+            raise short_read(h.path, offset, n, valid)
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc), h.path)
         if not h.direct or fd != h.fd:

@@ -1,7 +1,10 @@
 """Forward hooks that give a unit its weights for exactly the duration of its forward.
 
-pre-hook:  bytes = prefetcher.acquire(i); bytes = stager.stage(i, bytes); bind every tensor as a view
-post-hook: unbind (tensors point at their Offloaded stand-ins again); stager.done(i); prefetcher.release(i)
+pre-hook:  bytes = stager.stage(i)   (a leased host buffer on the CPU, a device slot on CUDA); bind views
+post-hook: unbind (tensors point at their Offloaded stand-ins again); stager.done(i)
+
+A unit whose forward calls itself (directly or through a child) is bound once, by the outermost
+call, and unbound when that call returns: the hooks count the depth.
 
 Binding swaps objects in ``module._parameters`` / ``_buffers`` rather than replacing
 ``module.forward``, so the model's own code runs unchanged, and code that reads a child's weight
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .prefetch import Prefetcher
+from .errors import OffloadError
 from .store import UnitRecord
 
 log = logging.getLogger("offload")
@@ -57,6 +60,22 @@ _DEVICE = {torch._C.TensorBase.device.__get__: lambda d: d,  # type: ignore[attr
            torch._C.TensorBase.get_device: lambda d: d.index if d.type == "cuda" else -1}
 
 
+_FLAGS = _getters("requires_grad_")  # changes the stand-in's own flag; Binding.bind passes it on
+_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
+                    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__", "__setitem__",
+                    "__set__"}
+
+
+def _writes_to_stand_in(func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+    """Would ``func`` write into a stand-in: an in-place method on it (``add_``, ``normal_``), or ``out=`` it."""
+    if isinstance(kwargs.get("out"), Offloaded):
+        return True
+    if not args or not isinstance(args[0], Offloaded):
+        return False
+    name = getattr(func, "__name__", "")
+    return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+
+
 class Offloaded(torch.Tensor):
     """A streamed tensor between its unit's forwards: shape, dtype and device, but no storage.
 
@@ -84,6 +103,7 @@ class Offloaded(torch.Tensor):
         return t
 
     def materialize(self) -> torch.Tensor:
+        """The real values, read from the store (a disk read per call; warns once)."""
         if not self._offload_warned:
             self._offload_warned = True
             log.warning("offload: %s was used outside its unit's forward; it is read from disk on every such use. "
@@ -94,11 +114,17 @@ class Offloaded(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _METADATA or func in _DEVICE:
+        if func in _METADATA or func in _DEVICE or func in _FLAGS:
             with torch._C.DisableTorchFunctionSubclass():
                 if func in _DEVICE:
                     return _DEVICE[func](args[0]._offload_device)
                 return func(*args, **kwargs)
+        if _writes_to_stand_in(func, args, kwargs):
+            target = args[0] if args and isinstance(args[0], Offloaded) else kwargs.get("out")
+            raise OffloadError(
+                f"{getattr(func, '__name__', func)} would modify {target._offload_name} in place, but it is streamed "
+                f"from a read-only store while offload is enabled (the change would be lost at the next read). "
+                f"Call offload.disable(model), change the weights, then enable again with a new store")
         args, kwargs = torch.utils._pytree.tree_map(
             lambda a: a.materialize() if isinstance(a, Offloaded) else a, (args, kwargs))
         return func(*args, **kwargs)
@@ -132,6 +158,8 @@ class Binding:
         if self.is_param:
             assert self.live is not None
             self.live.data = view
+            if self.live.requires_grad != self.stand_in.requires_grad:  # requires_grad_() between forwards
+                self.live.requires_grad_(self.stand_in.requires_grad)
             self.owner._parameters[self.attr] = self.live  # type: ignore[assignment]
         else:
             self.owner._buffers[self.attr] = view
@@ -148,12 +176,15 @@ class Binding:
 class UnitHook:
     """The pre/post pair for one unit, registered with ``register_forward_pre_hook``/``register_forward_hook``."""
 
-    def __init__(self, index: int, module: nn.Module, record: UnitRecord, bindings: list[Binding],
-                 prefetcher: Prefetcher, stager: Any):
+    def __init__(self, index: int, module: nn.Module, record: UnitRecord, bindings: list[Binding], stager: Any):
         self.index, self.module, self.record, self.bindings = index, module, record, bindings
-        self.prefetcher, self.stager = prefetcher, stager
-        self.bound = False
+        self.stager = stager
+        self.depth = 0  # forwards of this unit in progress (>1: it called itself)
         self.handles: list[Any] = []
+
+    @property
+    def bound(self) -> bool:
+        return self.depth > 0
 
     def register(self) -> None:
         self.handles = [self.module.register_forward_pre_hook(self.pre),
@@ -165,41 +196,34 @@ class UnitHook:
         self.handles = []
 
     def pre(self, module: nn.Module, args: Any) -> None:
-        if self.bound:  # re-entered (a unit calling itself): already bound
+        if self.depth:  # re-entered (a unit calling itself): the outer call's binding serves
+            self.depth += 1
             return
-        data = self.prefetcher.acquire(self.index)
+        data = self.stager.stage(self.index)
         try:
-            data = self.stager.stage(self.index, data)
             for b in self.bindings:
                 b.bind(data)
         except BaseException:
             for b in self.bindings:
                 b.unbind()
-            self.prefetcher.release(self.index)
+            self.stager.done(self.index)
             raise
-        self.bound = True
+        self.depth = 1
 
     def post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.bound:
+        if self.depth == 0:  # the pre-hook failed (always_call runs us anyway)
             return
-        self.unbind()
+        self.depth -= 1
+        if self.depth == 0:
+            self._unbind()
 
-    def unbind(self) -> None:
+    def reset(self) -> None:
+        """Unbind whatever an interrupted forward left bound (its post-hook never ran)."""
+        if self.depth:
+            self.depth = 0
+            self._unbind()
+
+    def _unbind(self) -> None:
         for b in self.bindings:
             b.unbind()
-        self.bound = False
         self.stager.done(self.index)
-        self.prefetcher.release(self.index)
-
-
-class CpuStager:
-    """On the CPU the host buffer is the compute buffer: parameters are views into it, no copy."""
-
-    def stage(self, index: int, data: torch.Tensor) -> torch.Tensor:
-        return data
-
-    def done(self, index: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -16,7 +16,6 @@ Backends
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import mmap
@@ -24,68 +23,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import torch
+from ._fileio import PAGE, address_of, short_read
 
 log = logging.getLogger("offload")
 
-PAGE = 4096
 DEFAULT_CHUNK_BYTES = 8 << 20
-HUGE_PAGE = 2 << 20  # x86-64 and arm64 (4 KiB base pages) PMD size
-
-
-class HostBuffer:
-    """A page-aligned, zero-filled host buffer (anonymous mmap), also visible as a uint8 tensor.
-
-    Anonymous mappings are page aligned, which O_DIRECT needs, and can be registered with CUDA
-    (``cudaHostRegister``) in place, so one buffer serves every reader and the copy engine.
-
-    Buffers of 2 MiB or more are placed on a 2 MiB boundary and advised as transparent huge pages
-    (``MADV_HUGEPAGE``). That is most of the reader's CPU cost: an O_DIRECT read pins its
-    destination page by page, and a 1 MiB request over 4 KiB pages is 256 pins and 256 DMA
-    segments (split into several device requests), over a huge page it is one. bench-disk measured
-    sys time per GB falling from 0.05-0.08 s to 0.005-0.02 s, and bandwidth rising (README). The
-    mapping is over-allocated by up to 2 MiB of address space to find the boundary, and only whole
-    huge pages inside ``nbytes`` are advised (the tail stays on 4 KiB pages), so resident memory is
-    ``nbytes``, never rounded up to 2 MiB: memory budgets count buffers exactly. ``huge=False`` or
-    THP ``never`` gives plain 4 KiB pages.
-    """
-
-    def __init__(self, nbytes: int, huge: bool = True):
-        self.nbytes = max(PAGE, (int(nbytes) + PAGE - 1) // PAGE * PAGE)
-        huge = huge and self.nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
-        span = self.nbytes + HUGE_PAGE - PAGE if huge else self.nbytes
-        self._mm: mmap.mmap | None = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        whole = torch.frombuffer(self._mm, dtype=torch.uint8)
-        self._pad = (-whole.data_ptr()) % HUGE_PAGE if huge else 0
-        self.huge = False
-        if huge:
-            try:
-                self._mm.madvise(mmap.MADV_HUGEPAGE, self._pad, self.nbytes // HUGE_PAGE * HUGE_PAGE)
-                self.huge = True
-            except OSError:  # THP compiled out of this kernel: 4 KiB pages still work
-                pass
-        self.tensor = whole[self._pad:self._pad + self.nbytes]
-        self.address = self.tensor.data_ptr()
-        self.registered = False
-
-    def view(self, offset: int = 0, length: int | None = None) -> memoryview:
-        assert self._mm is not None, "buffer is closed"
-        end = self.nbytes if length is None else offset + length
-        return memoryview(self._mm)[self._pad + offset:self._pad + end]
-
-    def close(self) -> None:
-        """Drop this object's references; the mapping is unmapped when the last view dies.
-
-        ``torch.frombuffer`` does not hold a buffer export, so ``mmap.close()`` here could unmap
-        memory under a tensor someone still holds. Reference counting frees it safely instead.
-        """
-        if self._mm is None:
-            return
-        if self.registered:
-            from . import device  # only reached when CUDA registered it
-            device.unregister_host_buffer(self)
-        self.tensor = None  # type: ignore[assignment]
-        self._mm = None
 
 
 class Reader(Protocol):
@@ -95,11 +37,6 @@ class Reader(Protocol):
     def open(self, path: str) -> Any: ...
     def read(self, handle: Any, offset: int, dest: memoryview) -> None: ...
     def close(self, handle: Any) -> None: ...
-
-
-def _short_read(path: str, offset: int, want: int, got: int) -> OSError:
-    return OSError(errno.EIO, f"short read: {got} of {want} bytes at offset {offset} (file truncated "
-                              f"while in use? re-run `offload convert`)", path)
 
 
 @dataclass
@@ -147,7 +84,7 @@ class PythonReader:
                 except OSError as e:
                     raise OSError(e.errno, e.strerror, h.path) from None
                 if n == 0:
-                    raise _short_read(h.path, offset, want, done)
+                    raise short_read(h.path, offset, want, done)
                 done += n
             if not direct:
                 with contextlib.suppress(OSError):
@@ -191,7 +128,7 @@ class MmapReader:
         # The file may have shrunk since it was mapped: touching pages past EOF would be SIGBUS.
         real = os.fstat(fd).st_size
         if offset + len(dest) > min(size, real):
-            raise _short_read(path, offset, len(dest), max(0, min(size, real) - offset))
+            raise short_read(path, offset, len(dest), max(0, min(size, real) - offset))
         dest[:] = memoryview(mm)[offset:offset + len(dest)]  # type: ignore[index]
         if self.drop_cache:
             with contextlib.suppress(OSError):
@@ -232,8 +169,3 @@ def get_reader(name: str | None = None) -> Reader:
     if name == "mmap":
         return MmapReader()
     return PythonReader()
-
-
-def address_of(view: memoryview) -> int:
-    """Address of a writable buffer (for native readers)."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))

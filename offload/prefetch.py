@@ -1,44 +1,53 @@
-"""The prefetcher: keep units i+1..i+N reading into a fixed ring while unit i computes.
+"""The schedule: keep units i+1..i+N reading into the ring while unit i computes.
 
-The whole schedule, per unit, is::
+Per unit, from its stager (``transfer.py``)::
 
-    acquire(i):  wait for load(i) (or read it now: a miss);  start load(i+1 .. i+N)
-    compute(i)   # the module's own forward, in the caller's thread
-    release(i)
+    lease = acquire(i)     # wait for i's read (or read it now: a miss); start reads of i+1 .. i+N
+    ... unit i computes, or its bytes are copied to the GPU ...
+    lease.release()        # or release(after=copy_done_event)
 
-"i+1" means the learned successor of i: every ``acquire`` records ``succ[previous] = current``,
-so the wrap from the last block to the first, and an encoder handing over to a decoder, are
-followed after they have been seen once (before that, store order is assumed).
+"i+1" is the learned successor of i: every ``acquire``/``advance`` records ``succ[previous] = i``,
+so the wrap from the last block to the first, an encoder handing over to a decoder, skipped blocks
+and early exits are all followed once seen (before that, store order is assumed). The look-ahead
+window is the next ``prefetch`` streamed units along that chain.
 
-Memory is fixed before the first token: ``depth + 1`` host buffers, each the size of the largest
-streamed unit, plus one buffer per RAM-tier unit. A slot is reused only when its unit is outside
-the look-ahead window, is not executing, and its read has finished.
+Which slot a read goes into
+  * a prefetch takes an idle slot (no lease, no read, no copy, not reserved) whose unit is outside the
+    window; it never evicts a unit the window still wants, and cancels reads nobody expects any more;
+  * a demand read (the unit being called is not staged) may take any slot without a lease, nearest
+    need last: empty, then not expected, then the farthest-ahead. If that slot's previous read or copy
+    is still running, the slot is *reserved* for the demand and the caller waits for exactly that
+    read or copy. Each wait is on something already in progress, so every pass of the loop either
+    returns or waits; none can spin. Only when every slot is leased by a forward still running (more
+    re-entrant units than ``prefetch + 1``) is there nothing to wait for, and that is an error.
 
-A read that fails stores its exception on the load; the ``acquire`` that needs that unit raises
-``UnitReadError`` naming the unit and the file. Every wait has a timeout and checks ``closed``,
-so nothing can hang on a dead worker.
+A read that fails stores its exception on the load; the ``acquire`` that needs the unit raises
+``UnitReadError`` naming the unit and the file, and forgets the read so the next call tries again.
+With ``verify``, a unit's CRC32 is checked on the reader thread the first time it is read
+(``zlib.crc32``, 6.4 GiB/s here, GIL released), so a damaged file is a named error, not garbage.
+
+Threads: ``io_threads`` named reader threads, started here and stopped only by ``close`` (the
+shutdown order is in ``runtime.Handle.disable``).
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import itertools
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
-from .errors import OffloadError, UnitReadError
-from .io import HostBuffer, Reader
+from .config import StagingConfig
+from .errors import ChecksumError, OffloadError, UnitReadError
+from .io import Reader
+from .staging import Fence, HostBuffer, HostRing, Lease, Slot, wait_fence
 from .store import Store, UnitRecord
 
 _POLL_S = 0.1  # how often a blocked wait re-checks that the prefetcher is still open
-_IDLE_EXIT_S = 0.5  # an idle worker thread exits after this long; it is restarted on demand
 _ids = itertools.count()
-_NOTHING = torch.empty(0, dtype=torch.uint8)  # what acquire returns for a unit held on the GPU
 
 
 class _Task:
@@ -71,7 +80,7 @@ class _Load:
     """One unit being read into one buffer. Completes exactly once, error included."""
 
     def __init__(self, unit: UnitRecord, path: str, buffer: HostBuffer, reader: Reader,
-                 on_finish: Callable[[_Load], None] | None = None):
+                 on_finish: Callable[[_Load], None]):
         self.unit, self.path, self.buffer, self.reader = unit, path, buffer, reader
         self.on_finish = on_finish
         self.bytes_done = 0
@@ -85,8 +94,7 @@ class _Load:
         self._pending = 0
 
     def tasks(self) -> list[_Task]:
-        step = self.reader.task_bytes or self.unit.data_bytes
-        step = max(step, 1)
+        step = max(self.reader.task_bytes or self.unit.data_bytes, 1)
         out = [_Task(self, off, min(step, self.unit.data_bytes - off)) for off in range(0, self.unit.data_bytes, step)]
         self._pending = len(out)
         return out
@@ -101,11 +109,12 @@ class _Load:
         if finished:
             self.t_end = time.perf_counter()
             if self.handle is not None:
-                with contextlib.suppress(OSError):
+                try:
                     self.reader.close(self.handle)
+                except OSError:
+                    pass
                 self.handle = None
-            if self.on_finish is not None:
-                self.on_finish(self)
+            self.on_finish(self)  # checks the CRC, counts, may re-plan; before waiters wake
             self.done.set()
 
     def fail_now(self, error: BaseException) -> None:
@@ -115,58 +124,42 @@ class _Load:
 
 
 class _Workers:
-    """Named reader threads fed from one deque.
+    """A fixed set of named reader threads for the prefetcher's life, fed from one deque.
 
-    NOTE (shutdown protocol): ``close()`` sets ``closed``, wakes every thread and joins them. A
-    thread finishes the task it is running, then exits; tasks still queued are ``abandon()``-ed, which
-    completes their load with an error, so no waiter can block on a read that will never run. An
-    idle thread exits on its own after ``_IDLE_EXIT_S`` and ``submit`` starts a new one, so threads
-    never outlive the work (an interrupted ``generate`` leaves no readers behind for long).
+    ``close()`` sets ``closed``, wakes every thread and joins them: a thread finishes the task it is
+    running, then exits; tasks still queued are ``abandon()``-ed, which completes their load with an
+    error, so no waiter can block on a read that will never run.
     """
 
     def __init__(self, count: int, name: str):
-        self.count = max(1, count)
-        self.name = name
         self.closed = False
         self._cv = threading.Condition()
         self._queue: collections.deque[_Task] = collections.deque()
-        self._threads: list[threading.Thread] = []
-        self._idle = 0
-        self._serial = itertools.count()
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{k}", daemon=True) for k in range(count)]
+        for t in self._threads:
+            t.start()
 
     def submit(self, tasks: Sequence[_Task], urgent: bool = False) -> None:
         with self._cv:
-            if self.closed:
-                for t in tasks:
-                    t.abandon()
+            if not self.closed:
+                if urgent:
+                    self._queue.extendleft(reversed(tasks))
+                else:
+                    self._queue.extend(tasks)
+                self._cv.notify(len(tasks))
                 return
-            if urgent:
-                self._queue.extendleft(reversed(tasks))
-            else:
-                self._queue.extend(tasks)
-            self._threads = [t for t in self._threads if t.is_alive()]
-            want = min(self.count, len(self._queue)) - self._idle
-            for _ in range(max(0, min(want, self.count - len(self._threads)))):
-                t = threading.Thread(target=self._loop, name=f"{self.name}-{next(self._serial)}", daemon=True)
-                self._threads.append(t)
-                t.start()
-            self._cv.notify(len(tasks))
+        for t in tasks:
+            t.abandon()
 
     def _loop(self) -> None:
-        idle_since = time.monotonic()
         while True:
             with self._cv:
                 while not self._queue and not self.closed:
-                    if time.monotonic() - idle_since > _IDLE_EXIT_S:
-                        return
-                    self._idle += 1
-                    self._cv.wait(_POLL_S)
-                    self._idle -= 1
+                    self._cv.wait()
                 if self.closed:
                     return
                 task = self._queue.popleft()
             task.run()
-            idle_since = time.monotonic()
 
     def close(self) -> None:
         with self._cv:
@@ -177,16 +170,10 @@ class _Workers:
         for t in abandoned:
             t.abandon()
         for t in self._threads:
-            t.join()
-        self._threads = []
+            t.join()  # a read in progress finishes; after this no thread writes into a buffer
 
-
-@dataclasses.dataclass
-class _Slot:
-    buffer: HostBuffer
-    unit: int | None = None
-    load: _Load | None = None
-    users: int = 0
+    def alive(self) -> list[threading.Thread]:
+        return [t for t in self._threads if t.is_alive()]
 
 
 @dataclasses.dataclass
@@ -200,117 +187,117 @@ class PrefetchStats:
     misses: int = 0  # a forward found its unit not requested: read on demand
     resident_hits: int = 0  # forwards served from the RAM tier
     units_in_flight: int = 0  # reads in progress now
+    verified_units: int = 0  # units whose CRC32 was checked after their first read
+    verify_seconds: float = 0.0  # reader-thread time spent on those checks
 
 
 class Prefetcher:
-    """Stage streamed units into a ring of ``depth + 1`` host buffers ahead of their forward."""
+    """Stage streamed units into the host ring ahead of their forward; the RAM tier is read once."""
 
-    def __init__(self, store: Store, units: Sequence[UnitRecord], reader: Reader, depth: int,
-                 resident: dict[int, HostBuffer] | None = None, io_threads: int = 8,
-                 elsewhere: set[int] | None = None):
-        if depth < 1:
-            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+    def __init__(self, store: Store, units: Sequence[UnitRecord], reader: Reader, config: StagingConfig,
+                 resident: dict[int, HostBuffer] | None = None, elsewhere: set[int] | None = None,
+                 verify: bool = False):
         self.store = store
         self.units = list(units)
         self.reader = reader
-        self.depth = depth
+        self.config = config
+        self.depth = config.prefetch
         self.resident = dict(resident or {})
         self.elsewhere = set(elsewhere or ())  # units kept by another tier (GPU memory): never read here
+        self.verify = verify
+        self._verified: set[int] = set()
         n = len(self.units)
         self._succ = {i: (i + 1) % n for i in range(n)}
         self._last: int | None = None
-        # Re-entrant: a read can complete (and re-plan) on a thread that already holds it (shutdown).
-        self._lock = threading.RLock()
+        self.ring = HostRing(config.ring_slots, config.slot_bytes)
+        self._lock = self.ring.lock
         self._stats_lock = threading.Lock()
         self.closed = False
         self._stats = PrefetchStats()
-        streamed = [u for i, u in enumerate(self.units) if i not in self.resident and i not in self.elsewhere]
-        self.slot_bytes = max((u.data_bytes for u in streamed), default=0)
-        ring = min(depth + 1, len(streamed))
-        self._slots = [_Slot(HostBuffer(self.slot_bytes)) for _ in range(ring)]
-        self._workers = _Workers(io_threads if reader.task_bytes else min(io_threads, depth + 1), f"offload-io-{next(_ids)}")
+        threads = config.io_threads if reader.task_bytes else min(config.io_threads, config.ring_slots + 1)
+        self._workers = _Workers(max(1, threads), f"offload-io-{next(_ids)}")
 
     # ------------------------------------------------------------------ the schedule
 
-    def acquire(self, i: int) -> torch.Tensor:
-        """Return unit i's bytes (a uint8 tensor), waiting for its read; then keep i+1..i+N requested."""
+    def acquire(self, i: int) -> Lease:
+        """Unit i's bytes, once read, leased to the caller; then keep i+1..i+N requested."""
         unit = self.units[i]
-        while True:
-            wait_for: _Load | None = None
+        if i in self.resident:
             with self._lock:
                 self._check_open()
-                if self._last is not None and self._last != i:
-                    self._succ[self._last] = i
-                self._last = i
-                if i in self.resident or i in self.elsewhere:
-                    self._stats.resident_hits += 1
-                    self._schedule(i)
-                    return self.resident[i].tensor[:unit.data_bytes] if i in self.resident else _NOTHING
-                slot = self._slot_of(i)
-                if slot is None:
-                    slot, wait_for = self._claim(i, demand=True)
+                self._visit(i)
+                self._stats.resident_hits += 1
+            return Lease.pinned(i, self.resident[i].tensor[:unit.data_bytes])
+        while True:
+            with self._lock:
+                self._check_open()
+                self._visit(i)
+                slot = self.ring.find(i)
+                if slot is not None:
+                    self._stats.hits += 1
+                    blocker = None
+                else:
+                    slot, blocker = self._claim_for_demand(i)
                     if slot is not None:
                         self._stats.misses += 1
                         self._start(i, slot, urgent=True)
-                else:
-                    self._stats.hits += 1
                 if slot is not None:
-                    slot.users += 1
-                    self._schedule(i)
+                    lease = self.ring.lease(slot, unit.data_bytes)
                     load = slot.load
-            if slot is not None:
-                break
-            assert wait_for is not None
-            self._wait(wait_for)  # a cancelled prefetch must finish before its buffer is reused
-        assert load is not None
+                    self._schedule(i)
+                    break
+            try:
+                self._wait(blocker, f"unit {unit.name} waiting for a staging buffer")
+            except BaseException:
+                with self._lock:  # interrupted: give the reserved slot back to the schedule
+                    for s in self.ring.slots:
+                        if s.reserved_for == i:
+                            s.reserved_for = None
+                raise
         t0 = time.perf_counter()
-        self._wait(load)
-        waited = time.perf_counter() - t0
+        self._wait(load, f"unit {unit.name}")
         with self._lock:
-            self._stats.wait_seconds += waited
-            if load.error is not None:
-                slot.users -= 1
-                if slot.load is load:  # forget the failed read so the next call tries again
-                    slot.unit, slot.load = None, None
-                err = load.error
+            self._stats.wait_seconds += time.perf_counter() - t0
+            if load.error is not None and slot.load is load:
+                slot.unit = slot.load = None  # forget the failed read so the next call tries again
         if load.error is not None:
+            lease.release()
+            err = load.error
+            if isinstance(err, ChecksumError):
+                raise err
             raise UnitReadError(f"reading unit {unit.name} from {self.store.file_path(unit)} failed: {err}") from err
-        return slot.buffer.tensor[:unit.data_bytes]
+        return lease
 
-    def peek(self, i: int) -> torch.Tensor | None:
-        """Unit i's bytes if its read already finished cleanly, pinned until ``release(i)``; never blocks.
-
-        The CUDA stager uses this to start host→device copies of units ahead of their forward.
-        """
+    def try_acquire(self, i: int) -> Lease | None:
+        """Unit i's bytes if its read already finished cleanly; never blocks, never reads (CUDA copy-ahead)."""
         with self._lock:
             if self.closed:
                 return None
             if i in self.resident:
-                return self.resident[i].tensor[:self.units[i].data_bytes]
-            slot = self._slot_of(i)
-            if slot is None or slot.load is None or not slot.load.done.is_set() or slot.load.error is not None:
+                return Lease.pinned(i, self.resident[i].tensor[:self.units[i].data_bytes])
+            slot = self.ring.find(i)
+            if slot is None or slot.load is None or slot.reading() or slot.load.error is not None:
                 return None
-            slot.users += 1
-            return slot.buffer.tensor[:self.units[i].data_bytes]
+            return self.ring.lease(slot, self.units[i].data_bytes)
 
-    def release(self, i: int) -> None:
-        """Unit i's forward is over: its buffer may be reused once it leaves the look-ahead window."""
-        if i in self.resident or i in self.elsewhere:
-            return
+    def advance(self, i: int) -> None:
+        """Unit i is running without needing its bytes from here (the GPU already has them): follow it."""
         with self._lock:
-            slot = self._slot_of(i)
-            if slot is not None and slot.users > 0:
-                slot.users -= 1
+            self._check_open()
+            self._visit(i)
+            if i in self.resident or i in self.elsewhere:
+                self._stats.resident_hits += 1
+            self._schedule(i)
 
     def window(self, i: int, include_resident: bool = False) -> list[int]:
-        """The streamed units expected after i, nearest first, at most ``depth`` of them.
+        """The streamed units expected after i, nearest first, at most ``prefetch`` of them.
 
         ``include_resident`` also counts RAM-tier units (the CUDA stager copies those ahead too).
         """
         out: list[int] = []
         j = i
         for _ in range(len(self.units)):
-            j = self._succ.get(j, (j + 1) % len(self.units))
+            j = self._succ[j]
             if j == i:
                 break
             if (include_resident or j not in self.resident) and j not in self.elsewhere and j not in out:
@@ -319,51 +306,64 @@ class Prefetcher:
                     break
         return out
 
+    def _visit(self, i: int) -> None:
+        if self._last is not None and self._last != i:
+            self._succ[self._last] = i
+        self._last = i
+
     def _schedule(self, i: int) -> None:
+        """Start reads for the window after i into idle slots; cancel reads nobody expects any more."""
         wanted = self.window(i)
         keep = set(wanted) | {i}
         for j in wanted:
-            if self._slot_of(j) is not None:
+            if self.ring.find(j) is not None:
                 continue
-            slot, _ = self._claim(j, demand=False, keep=keep)
-            if slot is None:
-                return  # every buffer is busy; the next acquire will try again
-            self._start(j, slot, urgent=False)
+            free = [s for s in self.ring.slots if s.idle() and (s.unit is None or s.unit not in keep)]
+            if not free:
+                for s in self.ring.slots:  # a stale read holds a buffer: stop it; its completion re-plans
+                    if s.holders == 0 and s.unit is not None and s.unit not in keep and s.reading():
+                        s.load.cancelled = True
+                        s.unit = None
+                return
+            self._start(j, min(free, key=lambda s: s.unit is not None), urgent=False)
 
-    def _claim(self, i: int, demand: bool, keep: set[int] | None = None) -> tuple[_Slot | None, _Load | None]:
-        """A free or reusable slot for unit i; for a demand read, possibly a loading one to wait for."""
-        keep = keep if keep is not None else set(self.window(i)) | {i}
-        reusable = [s for s in self._slots if s.users == 0 and (s.unit is None or s.unit not in keep)]
-        for s in sorted(reusable, key=lambda s: s.unit is not None):
-            if s.load is None or s.load.done.is_set():
-                s.unit, s.load = None, None
-                return s, None
-        if not demand:
-            for s in reusable:  # a stale read holds the buffer: stop it; its completion re-plans
-                assert s.load is not None
-                s.load.cancelled = True
-            return None, None
-        if reusable:  # only in-flight prefetches of units no longer expected: cancel one and wait
-            victim = reusable[0]
-            assert victim.load is not None
-            victim.load.cancelled = True
-            return None, victim.load
-        if all(s.users > 0 for s in self._slots):
-            raise OffloadError(f"unit {self.units[i].name} needs a staging buffer but all {len(self._slots)} are held "
-                               f"by units still executing: raise prefetch= or choose units that do not call each other")
-        # The only candidates hold units inside the window that are still loading: take the farthest.
+    def _claim_for_demand(self, i: int) -> tuple[Slot | None, _Load | Fence | None]:
+        """A slot for unit i now, or what to wait for before that slot is free (see the module NOTE)."""
+        candidates = [s for s in self.ring.slots if s.holders == 0 and s.reserved_for in (None, i)]
+        if not candidates:
+            raise OffloadError(
+                f"unit {self.units[i].name} needs a staging buffer but all {len(self.ring.slots)} are leased by "
+                f"units whose forward is still running (units that call each other, more than prefetch+1 deep): "
+                f"raise prefetch= or choose units that do not nest")
         window = self.window(i)
-        loading = [s for s in self._slots if s.users == 0]
-        victim = max(loading, key=lambda s: window.index(s.unit) if s.unit in window else len(window))
-        assert victim.load is not None
-        victim.load.cancelled = True
-        return None, victim.load
 
-    def _start(self, i: int, slot: _Slot, urgent: bool) -> None:
+        def need(s: Slot) -> tuple[int, int]:  # smaller = give up first
+            if s.reserved_for == i:
+                return (0, 0)
+            if s.unit is None:
+                return (1, 0)
+            if s.unit not in window:
+                return (2, 0)
+            return (3, -window.index(s.unit))  # the farthest-ahead unit is needed last
+
+        victim = min(candidates, key=need)
+        if victim.reading():
+            victim.load.cancelled = True
+        victim.unit = None
+        if victim.reading():
+            victim.reserved_for = i
+            return None, victim.load
+        if victim.fenced():
+            victim.reserved_for = i
+            return None, victim.fences[0]
+        victim.reserved_for = None
+        return victim, None
+
+    def _start(self, i: int, slot: Slot, urgent: bool) -> None:
         unit = self.units[i]
         path = self.store.file_path(unit)
         load = _Load(unit, path, slot.buffer, self.reader, self._finished)
-        slot.unit, slot.load = i, load
+        slot.unit, slot.load, slot.reserved_for = i, load, None
         try:
             load.handle = self.reader.open(path)
         except BaseException as e:  # noqa: BLE001 - surfaces in the forward that needs the unit
@@ -371,26 +371,47 @@ class Prefetcher:
             return
         self._workers.submit(load.tasks(), urgent=urgent)
 
-    def _slot_of(self, i: int) -> _Slot | None:
-        for s in self._slots:
-            if s.unit == i:
-                return s
-        return None
-
-    def _wait(self, load: _Load) -> None:
-        while not load.done.wait(_POLL_S):
-            if self.closed:
-                raise OffloadError(f"offload was disabled while unit {load.unit.name} was being read")
+    def _wait(self, what: _Load | Fence | None, context: str) -> None:
+        if what is None:
+            return
+        if isinstance(what, _Load):
+            while not what.done.wait(_POLL_S):
+                if self.closed:
+                    raise OffloadError(f"offload was disabled while {context} was being read")
+            return
+        wait_fence(what, self.config.fence_timeout_s, context)
 
     def _check_open(self) -> None:
         if self.closed:
             raise OffloadError("this offload handle is closed (offload.disable was called): enable it again")
 
-    # ------------------------------------------------------------------ RAM tier, stats, shutdown
+    # ------------------------------------------------------------------ reads finishing, RAM tier
 
-    def load_resident(self, progress: Callable[[int], None] | None = None) -> None:
-        """Read every RAM-tier unit once, in parallel, on the same reader threads."""
-        self.read_into(self.resident, progress)
+    def _finished(self, load: _Load) -> None:
+        """A read completed (on a reader thread): verify it once, count it, re-plan if it was cancelled."""
+        if load.error is None and not load.cancelled and self.verify and load.unit.name not in self._verified:
+            t0 = time.perf_counter()
+            crc = zlib.crc32(load.buffer.view(0, load.unit.data_bytes))
+            with self._stats_lock:
+                self._stats.verified_units += 1
+                self._stats.verify_seconds += time.perf_counter() - t0
+            if crc != load.unit.crc32:
+                load.error = ChecksumError(
+                    f"{load.path}: unit {load.unit.name} is damaged (CRC32 {crc:08x}, the manifest recorded "
+                    f"{load.unit.crc32:08x}): re-run `offload convert` (or restore the file)")
+            else:
+                self._verified.add(load.unit.name)
+        with self._stats_lock:
+            self._stats.bytes_read += load.bytes_done
+            if load.t_start:
+                self._stats.read_seconds += load.t_end - load.t_start
+            if load.error is None and not load.cancelled:
+                self._stats.units_loaded += 1
+        if load.cancelled:
+            with self._lock:
+                if not self.closed and self._last is not None:
+                    load.done.set()  # so the slot counts as idle while re-planning
+                    self._schedule(self._last)
 
     def read_into(self, buffers: dict[int, HostBuffer], progress: Callable[[int], None] | None = None) -> None:
         """Read the given units into the given buffers, in parallel, and wait (enable-time work)."""
@@ -405,62 +426,55 @@ class Prefetcher:
             self._workers.submit(load.tasks())
             loads.append(load)
         for load in loads:
-            self._wait(load)
+            self._wait(load, f"unit {load.unit.name}")
+            if isinstance(load.error, ChecksumError):
+                raise load.error
             if load.error is not None:
                 raise UnitReadError(f"reading unit {load.unit.name} from {load.path} failed: {load.error}") from load.error
             if progress:
                 progress(load.unit.data_bytes)
 
-    def _finished(self, load: _Load) -> None:
-        """A read completed (called on the worker thread): count it, and fill the buffer it may have freed."""
-        with self._stats_lock:
-            self._stats.bytes_read += load.bytes_done
-            if load.t_start:
-                self._stats.read_seconds += load.t_end - load.t_start
-            if load.error is None and not load.cancelled:
-                self._stats.units_loaded += 1
-        if load.cancelled:
-            with self._lock:
-                if not self.closed and self._last is not None:
-                    load.done.set()  # so _claim sees this buffer as reusable now
-                    self._schedule(self._last)
+    def load_resident(self, progress: Callable[[int], None] | None = None) -> None:
+        """Read every RAM-tier unit once, in parallel, on the same reader threads."""
+        self.read_into(self.resident, progress)
+
+    # ------------------------------------------------------------------ stats, shutdown
 
     def stats(self) -> PrefetchStats:
         with self._lock, self._stats_lock:
             s = dataclasses.replace(self._stats)
-            s.units_in_flight = sum(1 for sl in self._slots if sl.load is not None and not sl.load.done.is_set())
+            s.units_in_flight = sum(1 for sl in self.ring.slots if sl.reading())
         return s
 
     def wait_idle(self) -> None:
         """Block until no read is in flight (so counters are final); used by tests and benchmarks."""
         while True:
             with self._lock:
-                pending = [s.load for s in self._slots if s.load is not None and not s.load.done.is_set()]
+                pending = [s.load for s in self.ring.slots if s.reading()]
             if not pending:
                 return
             for load in pending:
-                self._wait(load)
+                self._wait(load, f"unit {load.unit.name}")
 
     def reset_stats(self) -> None:
         with self._lock, self._stats_lock:
             self._stats = PrefetchStats()
 
+    def host_buffers(self) -> list[HostBuffer]:
+        """Every host buffer this prefetcher reads into (ring and RAM tier), e.g. to register with CUDA."""
+        return self.ring.buffers() + list(self.resident.values())
+
     def close(self) -> None:
+        """Stop the reader threads (joined: no write into a buffer after this), then free the buffers."""
         with self._lock:
             if self.closed:
                 return
             self.closed = True
-            for s in self._slots:
+            for s in self.ring.slots:
                 if s.load is not None:
                     s.load.cancelled = True
         self._workers.close()
-        for s in self._slots:
-            s.buffer.close()
+        self.ring.close()
         for b in self.resident.values():
             b.close()
-        self._slots = []
         self.resident = {}
-
-    def host_buffers(self) -> list[HostBuffer]:
-        """Every host buffer this prefetcher reads into (ring and RAM tier), e.g. to register with CUDA."""
-        return [s.buffer for s in self._slots] + list(self.resident.values())

@@ -1,7 +1,9 @@
-"""``offload.enable`` / ``offload.disable`` and the handle they share.
+"""``offload.enable`` / ``offload.disable`` / ``offload.load`` and the handle they share: wiring only.
 
-enable: plan (what streams) → store (write or validate) → free the streamed weights → prefetcher
-(ring + RAM tier) → hooks. disable undoes it in reverse, and gives a plain module its weights back.
+enable: plan (what streams) → store (write or validate) → resident weights of a model built on meta
+(from the store) → free the streamed weights → prefetcher (ring + RAM tier, reader threads) →
+stagers (CPU in place, CUDA slots) → hooks. disable undoes it in the reverse order (NOTE in
+``Handle.disable``) and gives a plain module its weights back.
 """
 from __future__ import annotations
 
@@ -15,20 +17,24 @@ import shutil
 import tempfile
 import threading
 import weakref
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .config import StagingConfig, ring_bytes
 from .convert import sources_from_plans, write_store
-from .errors import OffloadError, StoreMismatchError
-from .hooks import Binding, CpuStager, Offloaded, UnitHook
-from .io import HostBuffer, Reader, get_reader
+from .errors import ChecksumError, OffloadError, StoreMismatchError
+from .hooks import Binding, Offloaded, UnitHook
+from .io import Reader, get_reader
 from .plan import (UnitPlan, _numel, choose_resident, find_units, is_accelerate_offloaded, offload_folder_of,
                    plan_accelerate, plan_plain)
 from .prefetch import Prefetcher
+from .staging import HostBuffer
 from .store import MANIFEST, Store, TensorSpec, UnitRecord, fingerprint, unit_crc
+from .transfer import CpuStager, CudaBackend, CudaStager, Stager
 from ._memory import available_memory, format_bytes, parse_bytes
 
 log = logging.getLogger("offload")
@@ -49,6 +55,8 @@ class Stats:
     misses: int
     resident_hits: int
     units_in_flight: int
+    verified_units: int  # units whose checksum was checked on their first read
+    verify_seconds: float  # reader-thread time those checks took
     streamed_units: int
     resident_units: int
     ring_bytes: int
@@ -72,7 +80,7 @@ class Handle:
     """A model with offloading enabled. ``disable()`` (or leaving the ``with`` block) undoes it."""
 
     def __init__(self, model: nn.Module, store: Store, prefetcher: Prefetcher, hooks: list[UnitHook],
-                 plans: list[UnitPlan], kind: str, temp_store: bool, stagers: list[Any],
+                 plans: list[UnitPlan], kind: str, temp_store: bool, stagers: list[Stager],
                  accelerate_state: list[tuple[Any, bool, Any]], restore: dict[int, torch.Tensor],
                  silenced: list[tuple[nn.Module, Any]] | None = None):
         self.model, self.store, self.prefetcher, self.hooks, self.plans = model, store, prefetcher, hooks, plans
@@ -88,8 +96,7 @@ class Handle:
         # A new top-level forward: any unit still bound was left by an interrupted forward
         # (KeyboardInterrupt skips post-hooks). Unbind it so its staging buffer returns to the ring.
         for h in self.hooks:
-            if h.bound:
-                h.unbind()
+            h.reset()
 
     def stats(self) -> Stats:
         s = self.prefetcher.stats() if not self.closed else None
@@ -98,9 +105,10 @@ class Handle:
             bytes_read=s.bytes_read if s else 0, read_seconds=s.read_seconds if s else 0.0,
             wait_seconds=s.wait_seconds if s else 0.0, units_loaded=s.units_loaded if s else 0,
             hits=s.hits if s else 0, misses=s.misses if s else 0, resident_hits=s.resident_hits if s else 0,
-            units_in_flight=s.units_in_flight if s else 0,
-            streamed_units=len(self.hooks) - len(resident), resident_units=len(resident),
-            ring_bytes=(self.prefetcher.slot_bytes * len(self.prefetcher._slots)) if not self.closed else 0,
+            units_in_flight=s.units_in_flight if s else 0, verified_units=s.verified_units if s else 0,
+            verify_seconds=s.verify_seconds if s else 0.0,
+            streamed_units=len(self.hooks) - len(resident) - len(self.prefetcher.elsewhere),
+            resident_units=len(resident), ring_bytes=self.prefetcher.config.ring_bytes if not self.closed else 0,
             resident_bytes=sum(b.nbytes for b in resident.values()),
             prefetch=self.prefetcher.depth, reader=self.prefetcher.reader.name, store=self.store.path)
 
@@ -109,10 +117,14 @@ class Handle:
             self.prefetcher.reset_stats()
 
     def disable(self) -> None:
-        """Stop the reader threads, free the buffers, remove the hooks and restore the model.
+        """Stop the reader threads, free the buffers, remove the hooks and restore the model. Idempotent.
 
-        Idempotent. A plain module gets its streamed weights back as ordinary tensors read from the
-        store; an Accelerate-dispatched model gets its own offload hooks back.
+        NOTE (shutdown order, the only place it is written): hooks first, so no new forward can lease a
+        buffer; then bound units are unbound (their leases go back); then the stagers (CUDA: the copy
+        stream is synchronised, so no DMA still reads a host buffer); then the prefetcher (queued reads
+        are abandoned, reader threads finish their current read and are joined, so nothing writes into
+        a buffer; only then are ring and RAM-tier buffers freed); then the model's own state (Accelerate
+        hooks, the user's Parameters); last the temporary store.
         """
         with self._lock:
             if self.closed:
@@ -121,9 +133,9 @@ class Handle:
         self._root_hook.remove()
         for h in self.hooks:
             h.remove()
-            if h.bound:
-                with contextlib.suppress(Exception):
-                    h.unbind()
+        for h in self.hooks:
+            with contextlib.suppress(Exception):
+                h.reset()
         for stager in self.stagers:
             stager.close()
         self.prefetcher.close()
@@ -131,8 +143,12 @@ class Handle:
             hook.offload, hook.weights_map = offload, weights_map
         for module, hook in self._silenced:
             module._hf_hook = hook
+        error = None
         if self._restore:
-            self._restore_weights()
+            try:
+                self._restore_weights()
+            except ChecksumError as e:  # finish the shutdown, then say which weights are lost
+                error = e
         for h in self.hooks:  # what the module held before (Accelerate's placeholders)
             for b in h.bindings:
                 if id(b) not in self._restore:
@@ -142,18 +158,31 @@ class Handle:
         if self.temp_store:
             shutil.rmtree(self.store.path, ignore_errors=True)
         _live_handles.discard(self)
+        if error is not None:
+            raise error
 
     def _restore_weights(self) -> None:
+        """Give a plain module its streamed weights back, read from the store (their only copy now)."""
+        damaged = []
         for h in self.hooks:
             rec = h.record
             data = torch.empty(rec.data_bytes, dtype=torch.uint8)
             with open(self.store.file_path(rec), "rb") as f:
                 f.seek(rec.data_offset)
                 f.readinto(memoryview(data.numpy()))
+            if zlib.crc32(memoryview(data.numpy())) != rec.crc32:
+                damaged.append(self.store.file_path(rec))
+                for b in h.bindings:  # never hand back silently wrong weights: the Parameter stays empty
+                    b.owner._parameters[b.attr] = self._restore[id(b)]  # type: ignore[assignment]
+                continue
             for b in h.bindings:
                 p = self._restore[id(b)]  # the user's own Parameter, back on the device it came from
                 p.data = data[b.offset:b.offset + b.nbytes].view(b.dtype).view(b.shape).clone().to(p.device)
                 b.owner._parameters[b.attr] = p  # type: ignore[assignment]
+        if damaged:
+            raise ChecksumError(f"the weights of {len(damaged)} unit(s) cannot be restored: {', '.join(damaged)} "
+                                f"failed the checksum recorded when they were written (damaged on disk since); "
+                                f"their parameters are left empty. Reload the model from its checkpoint")
 
     close = disable
 
@@ -208,34 +237,40 @@ def _check_reused(store: Store, plans: Sequence[UnitPlan], fp: str) -> None:
 
 def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | None = None,
            device: str | torch.device | None = None, *, cpu_memory: int | str | None = None,
-           gpu_memory: int | str | None = None, units: Sequence[str] | None = None,
-           reader: str | Reader | None = None, io_threads: int = 8, verify: bool = False,
-           progress: bool = True) -> Handle:
+           ram_tier: int | str | None = None, gpu_memory: int | str | None = None,
+           units: Sequence[str] | None = None, reader: str | Reader | None = None, io_threads: int = 8,
+           verify: bool = True, progress: bool = True) -> Handle:
     """Stream a model's blocks from disk, prefetching the next ``prefetch`` blocks while one computes.
 
     Args:
         model: a model dispatched by Accelerate/Transformers with blocks on ``"disk"`` (its offload
-            hooks are taken over), or any ``nn.Module`` (its repeated blocks are streamed).
+            hooks are taken over), any ``nn.Module`` (its repeated blocks are streamed), or a model
+            built on the meta device (``init_empty_weights``) with ``store=``: its resident weights
+            (embeddings, norms, head) are loaded from the store, its blocks streamed.
         prefetch: how many units are read ahead. Staging memory is ``(prefetch + 1) × largest unit``.
         store: the folder of per-unit files. Default: ``offload-store`` inside Accelerate's offload
             folder, else a temporary folder removed by ``disable``. An existing store is validated
             against the model and reused; a mismatch is an error, never a silent rewrite.
-        device: where the units compute (default: Accelerate's execution device, else CPU).
-        cpu_memory: RAM-tier budget (bytes or ``"8GiB"``): that many bytes of units are read once and
-            kept in RAM; the rest stream. Default: free memory (the container limit included) minus
-            1 GiB. ``0`` streams everything.
+        device: where the units compute (default: Accelerate's execution device, else the model's).
+        cpu_memory: RAM for weights, bytes or ``"8GiB"``: resident weights + staging ring + RAM tier
+            (the same meaning as ``offload run --cpu-memory``). What is left after the resident
+            weights and the ring holds a RAM tier of units read once; the rest stream. Too small for
+            resident + ring is an error naming the minimum.
+        ram_tier: instead of ``cpu_memory``, the RAM tier's size itself; ``0`` streams every unit.
+            Default (neither given): free memory (the container limit included) minus 1 GiB.
         gpu_memory: CUDA only: bytes of each GPU that streamed units may use (slot ring + GPU tier of
             units copied once and kept). Default: free GPU memory minus 2 GiB.
         units: names of the modules to stream (plain modules only; default: the repeated blocks).
         reader: ``"native"``, ``"python"``, ``"mmap"``, or a reader object (default: fastest available).
-        io_threads: reader threads (the python reader's queue depth).
-        verify: re-read every unit file and check its checksum before starting.
+        io_threads: reader threads (the python reader's queue depth), alive until ``disable``.
+        verify: check each unit's CRC32 the first time it is read (on the reader thread), so a
+            damaged file is an error naming it rather than wrong outputs.
 
     Returns:
         A :class:`Handle` (``stats()``, ``disable()``, context manager).
 
     Example:
-        >>> with offload.enable(model, prefetch=2, cpu_memory=0) as h:
+        >>> with offload.enable(model, prefetch=2, ram_tier=0) as h:
         ...     model.generate(**inputs, max_new_tokens=16)
         ...     print(h.stats())
     """
@@ -244,12 +279,12 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
     old = getattr(model, "_offload_handle", None)
     if old is not None and not old.closed:
         raise OffloadError("offload is already enabled on this model: call offload.disable(model) first")
-    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
-        raise ValueError(f"prefetch must be an integer >= 1, got {prefetch!r}")
-    if not isinstance(io_threads, int) or io_threads < 1:
-        raise ValueError(f"io_threads must be an integer >= 1, got {io_threads!r}")
+    StagingConfig(prefetch, 1, 1, io_threads)  # validates prefetch and io_threads before any work
+    if cpu_memory is not None and ram_tier is not None:
+        raise ValueError("pass cpu_memory= (all RAM for weights) or ram_tier= (the RAM tier alone), not both")
     rd = reader if (reader is not None and not isinstance(reader, str)) else get_reader(reader)
-    budget = parse_bytes(cpu_memory) if cpu_memory is not None else None
+    total_budget = parse_bytes(cpu_memory) if cpu_memory is not None else None
+    tier_budget = parse_bytes(ram_tier) if ram_tier is not None else None
 
     accelerate = is_accelerate_offloaded(model)
     if accelerate:
@@ -292,35 +327,33 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
             st = write_store(store, sources_from_plans(plans), {"kind": kind, "class": type(model).__name__,
                                                                "fingerprint": fp}, progress=progress)
             st.match(_expected(plans))
-        if verify:
-            for p in plans:
-                st.verify_unit(st.by_name[p.name])
+        loaded = _load_resident_from_store(model, plans, st, devices[0]) if kind == "module" else []
     except BaseException:
         if temp_store:
             shutil.rmtree(store, ignore_errors=True)
         raise
     records = [st.by_name[p.name] for p in plans]
 
-    # GPU tier (per CUDA device): units kept on the device, read from disk once.
-    gpu_tier = _gpu_tiers(plans, records, prefetch, gpu_memory)
+    # GPU tier (per device with a copy engine): units kept on the device, read from disk once.
+    backends = {dev: _backend_for(dev) for dev in devices}
+    gpu_tier = _gpu_tiers(plans, records, prefetch, gpu_memory, backends)
     elsewhere = set().union(*gpu_tier.values()) if gpu_tier else set()
     # RAM tier: a fixed set of units read once. The streamed weights about to be freed count as free.
     host_units = [i for i in range(len(records)) if i not in elsewhere]
-    ring_bytes = (prefetch + 1) * max((records[i].data_bytes for i in host_units), default=0)
-    if budget is None:
-        freed = sum(_numel(t.shape) * t.dtype.itemsize for p in plans for t in p.tensors
-                    if kind == "module" and t.is_param and t.owner._parameters[t.attr].device.type == "cpu")
-        budget = max(0, available_memory() + freed - ring_bytes - DEFAULT_MARGIN_BYTES)
+    config = StagingConfig(prefetch, max((records[i].data_bytes for i in host_units), default=0), len(host_units),
+                           io_threads)
+    budget = _ram_tier_budget(model, plans, kind, config, total_budget, tier_budget)
     chosen = choose_resident([records[i].data_bytes for i in host_units], budget)
     resident = {host_units[k]: HostBuffer(records[host_units[k]].data_bytes) for k in sorted(chosen)}
+    if len(resident) == len(host_units):  # every unit fits in the tier: no ring needed
+        config = StagingConfig(prefetch, 0, 0, io_threads)
 
-    prefetcher = Prefetcher(st, records, rd, prefetch, resident, io_threads, elsewhere=elsewhere)
-    stagers: dict[torch.device, Any] = {}
+    prefetcher = Prefetcher(st, records, rd, config, resident, elsewhere=elsewhere, verify=verify)
+    stagers: dict[torch.device, Stager] = {}
     restore: dict[int, torch.Tensor] = {}
     hooks: list[UnitHook] = []
     accelerate_state: list[tuple[Any, bool, Any]] = []
     try:
-        stagers = _make_stagers(plans, records, prefetch, prefetcher, gpu_tier)
         if resident:
             from .convert import _progress
             bar = _progress(sum(b.nbytes for b in resident.values()), "offload: loading RAM tier", progress)
@@ -328,16 +361,18 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
                 prefetcher.load_resident(bar.update)
             finally:
                 bar.close()
+        stagers = _make_stagers(plans, records, prefetcher, gpu_tier, backends)
         for stager in stagers.values():
-            if hasattr(stager, "load_gpu_tier"):
+            if isinstance(stager, CudaStager):
                 stager.load_gpu_tier()
         for i, (p, rec) in enumerate(zip(plans, records)):
             bindings = _bindings(p, rec, restore, st)
-            hooks.append(UnitHook(i, p.module, rec, bindings, prefetcher, stagers[p.device]))
+            hooks.append(UnitHook(i, p.module, rec, bindings, stagers[p.device]))
     except BaseException:
-        prefetcher.close()
         for stager in stagers.values():
             stager.close()
+        prefetcher.close()
+        _unload_resident(loaded)
         if temp_store:
             shutil.rmtree(store, ignore_errors=True)
         raise
@@ -357,12 +392,125 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
                     restore, silenced)
     model._offload_handle = handle  # type: ignore[assignment]
     _live_handles.add(handle)
-    streamed = [r for i, r in enumerate(records) if i not in resident]
-    log.info("offload: %d units (%s) from %s; %d in RAM (%s), %d streamed, ring %d x %s, reader %s",
+    log.info("offload: %d units (%s) from %s; %d in RAM (%s), %d on the GPU, %d streamed, ring %d x %s, reader %s",
              len(records), format_bytes(sum(r.data_bytes for r in records)), st.path, len(resident),
-             format_bytes(sum(b.nbytes for b in resident.values())), len(streamed),
-             len(prefetcher._slots), format_bytes(prefetcher.slot_bytes), rd.name)
+             format_bytes(sum(b.nbytes for b in resident.values())), len(elsewhere),
+             len(records) - len(resident) - len(elsewhere), config.ring_slots, format_bytes(config.slot_bytes), rd.name)
     return handle
+
+
+def _ram_tier_budget(model: nn.Module, plans: Sequence[UnitPlan], kind: str, config: StagingConfig,
+                     total: int | None, tier: int | None) -> int:
+    """Bytes of units to keep in RAM: given, or what ``cpu_memory`` leaves after resident + ring."""
+    if tier is not None:
+        return tier
+    streamed = {id(t.owner._parameters[t.attr]) for p in plans for t in p.tensors
+                if t.is_param and t.owner._parameters.get(t.attr) is not None}
+    seen: set[int] = set()
+    resident = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in streamed or id(t) in seen or t.device.type != "cpu":
+            continue
+        seen.add(id(t))
+        resident += t.numel() * t.element_size()
+    if total is not None:
+        if total < resident + config.ring_bytes:
+            raise OffloadError(
+                f"cpu_memory={format_bytes(total)} cannot hold the resident weights ({format_bytes(resident)}) and "
+                f"the staging ring ({config.ring_slots} x {format_bytes(config.slot_bytes)}): the minimum is "
+                f"{format_bytes(resident + config.ring_bytes)} (or lower prefetch=)")
+        return total - resident - config.ring_bytes
+    freed = sum(_numel(t.shape) * t.dtype.itemsize for p in plans for t in p.tensors
+                if kind == "module" and t.is_param and t.owner._parameters[t.attr].device.type == "cpu")
+    return max(0, available_memory() + freed - config.ring_bytes - DEFAULT_MARGIN_BYTES)
+
+
+def _load_resident_from_store(model: nn.Module, plans: Sequence[UnitPlan], store: Store,
+                              device: torch.device) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
+    """A model built on meta: load what is not streamed (embeddings, norms, head) from the store.
+
+    Tied weights stay tied: every module slot that held the same meta tensor gets the same loaded one.
+    Returns what was replaced, so a failed ``enable`` can put the meta tensors back.
+    """
+    streamed = {(id(t.owner), t.attr) for p in plans for t in p.tensors}
+    wanted: dict[int, tuple[str, torch.Tensor]] = {}
+    for mname, m in model.named_modules():
+        for attr, t in list(m._parameters.items()) + [(n, b) for n, b in m._buffers.items()
+                                                       if n not in m._non_persistent_buffers_set]:
+            if t is not None and t.device.type == "meta" and (id(m), attr) not in streamed and id(t) not in wanted:
+                wanted[id(t)] = (f"{mname}.{attr}" if mname else attr, t)
+    if not wanted:
+        return []
+    state: dict[str, torch.Tensor] = {}
+    if store.resident is not None:
+        from safetensors.torch import load_file
+        state = load_file(store.file_path(store.resident))
+    missing = [name for name, _ in wanted.values() if name not in state]
+    if missing:
+        raise OffloadError(
+            f"{type(model).__name__} has weights on the meta device that store {store.path} does not hold "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): build the model with its weights, "
+            f"or make the store from its full checkpoint with `offload convert CHECKPOINT STORE`")
+    new: dict[int, torch.Tensor] = {}
+    for key, (name, t) in wanted.items():
+        value = state[name]
+        if tuple(value.shape) != tuple(t.shape):
+            raise StoreMismatchError(f"store {store.path}: {name} has shape {tuple(value.shape)}, the model expects "
+                                     f"{tuple(t.shape)}: the store was made from another model")
+        value = value.to(device=device, dtype=t.dtype)
+        new[key] = nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
+    replaced = []
+    for m in model.modules():
+        for table in (m._parameters, m._buffers):
+            for attr, t in table.items():
+                if t is not None and id(t) in new:
+                    replaced.append((m, attr, table is m._parameters, t))
+                    table[attr] = new[id(t)]
+    return replaced
+
+
+def _unload_resident(replaced: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> None:
+    for m, attr, is_param, t in replaced:
+        (m._parameters if is_param else m._buffers)[attr] = t
+
+
+def load(source: str | os.PathLike[str], prefetch: int = 2, *, cpu_memory: int | str | None = None,
+         ram_tier: int | str | None = None, device: str | torch.device | None = None,
+         gpu_memory: int | str | None = None, dtype: torch.dtype | str | None = None,
+         reader: str | Reader | None = None, io_threads: int = 8, verify: bool = True,
+         progress: bool = True) -> tuple[nn.Module, Handle]:
+    """Load a model bigger than RAM: build it on meta, load its resident weights, stream its blocks.
+
+    ``source`` is a store (``offload convert``) or a Hugging Face folder, converted once into a cached
+    store that is rebuilt when the folder's files change. Peak memory is the resident weights + the
+    staging ring + the RAM tier (``cpu_memory`` bounds all three) + activations.
+
+    Example:
+        >>> model, handle = offload.load("llama-70b/", prefetch=2, cpu_memory="16GiB")
+        >>> model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=20)
+    """
+    path = os.fspath(source)
+    if not os.path.exists(os.path.join(path, MANIFEST)):
+        from .convert import cached_store
+        path = cached_store(path, dtype=dtype, progress=progress)
+    st = Store.open(path)
+    model = build_on_meta(path, st.dtype or torch.float32)
+    handle = enable(model, prefetch, store=path, device=device, cpu_memory=cpu_memory, ram_tier=ram_tier,
+                    gpu_memory=gpu_memory, units=[u.name for u in st.units], reader=reader, io_threads=io_threads,
+                    verify=verify, progress=progress)
+    return model, handle
+
+
+def build_on_meta(folder: str, dtype: torch.dtype) -> nn.Module:
+    """The Transformers model described by ``folder/config.json``, parameters on meta (buffers real)."""
+    import transformers as tf
+    from accelerate import init_empty_weights
+    config = tf.AutoConfig.from_pretrained(folder)
+    cls = tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder else tf.AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model.eval()
 
 
 def _module_device(model: nn.Module) -> torch.device:
@@ -386,7 +534,7 @@ def _bindings(plan: UnitPlan, rec: UnitRecord, restore: dict[int, torch.Tensor],
         live = None
         if t.is_param:
             # The user's Parameter keeps its identity (its storage is swapped) when it is on the unit's device.
-            fresh = nn.Parameter(torch.empty(0, dtype=t.dtype, device=plan.device), requires_grad=False)
+            fresh = nn.Parameter(torch.empty(0, dtype=t.dtype, device=plan.device), requires_grad=current.requires_grad)
             live = current if not on_meta and current.device == plan.device else fresh
         b = Binding(t.owner, t.attr, t.is_param, r.offset, r.nbytes, t.dtype, t.shape, stand_in, current, live)
         if t.is_param and not on_meta:
@@ -432,39 +580,41 @@ def _normalize(device: torch.device) -> torch.device:
     return device
 
 
+def _backend_for(device: torch.device) -> Any | None:
+    """The copy engine for units computing on ``device``; None on the CPU (host buffers used in place).
+
+    The tests replace this with a simulated GPU (``tests/simgpu.py``) to run ``CudaStager`` on a CPU.
+    """
+    return CudaBackend(device) if device.type == "cuda" else None
+
+
 def _gpu_tiers(plans: Sequence[UnitPlan], records: Sequence[UnitRecord], prefetch: int,
-               gpu_memory: int | str | None) -> dict[torch.device, set[int]]:
-    """Per CUDA device, the units that stay on it: as many as ``gpu_memory`` allows after its slot ring."""
+               gpu_memory: int | str | None, backends: dict[torch.device, Any]) -> dict[torch.device, set[int]]:
+    """Per device with a copy engine, the units that stay on it: what ``gpu_memory`` allows after its slot ring."""
     tiers: dict[torch.device, set[int]] = {}
-    for dev in {p.device for p in plans if p.device.type == "cuda"}:
+    for dev, backend in backends.items():
+        if backend is None:
+            continue
         idx = [i for i, p in enumerate(plans) if p.device == dev]
-        ring = (prefetch + 1) * max(records[i].data_bytes for i in idx)
+        ring = ring_bytes(prefetch, max(records[i].data_bytes for i in idx), len(idx))
         if gpu_memory is not None:
             budget = parse_bytes(gpu_memory) - ring
-        elif torch.cuda.is_available():
-            free, _ = torch.cuda.mem_get_info(dev)
-            budget = free - ring - 2 * DEFAULT_MARGIN_BYTES  # activations and the KV cache live here too
-        else:
-            budget = 0
+        else:  # activations and the KV cache live there too
+            budget = backend.free_bytes() - ring - 2 * DEFAULT_MARGIN_BYTES
         chosen = choose_resident([records[i].data_bytes for i in idx], max(0, budget))
         tiers[dev] = {idx[k] for k in chosen}
     return tiers
 
 
-def _make_stagers(plans: Sequence[UnitPlan], records: Sequence[UnitRecord], prefetch: int, prefetcher: Prefetcher,
-                  gpu_tier: dict[torch.device, set[int]]) -> dict[torch.device, Any]:
-    stagers: dict[torch.device, Any] = {}
-    for dev in sorted({p.device for p in plans}, key=str):
-        if dev.type == "cpu":
-            stagers[dev] = CpuStager()
+def _make_stagers(plans: Sequence[UnitPlan], records: Sequence[UnitRecord], prefetcher: Prefetcher,
+                  gpu_tier: dict[torch.device, set[int]], backends: dict[torch.device, Any]) -> dict[torch.device, Stager]:
+    stagers: dict[torch.device, Stager] = {}
+    for dev, backend in sorted(backends.items(), key=lambda kv: str(kv[0])):
+        if backend is None:
+            stagers[dev] = CpuStager(prefetcher)
             continue
-        from .device import CudaStager, register_host_buffer
         idx = [i for i, p in enumerate(plans) if p.device == dev]
-        stager = CudaStager(dev, prefetch, records, idx, sorted(gpu_tier.get(dev, ())))
-        stager.attach(prefetcher)
-        stagers[dev] = stager
-        for buf in prefetcher.host_buffers():
-            register_host_buffer(buf)  # DMA straight from the buffers the readers fill
+        stagers[dev] = CudaStager(backend, prefetcher, records, idx, sorted(gpu_tier.get(dev, ())))
     return stagers
 
 
@@ -478,8 +628,13 @@ def _move_resident(model: nn.Module, device: torch.device) -> None:
                 m._buffers[name] = b.to(device)
 
 
-def disable(model: nn.Module) -> None:
-    """Undo :func:`enable` on ``model`` (no-op if it is not enabled)."""
-    h = getattr(model, "_offload_handle", None)
+def disable(target: nn.Module | Handle) -> None:
+    """Undo :func:`enable` on a model, or given its handle (no-op if it is not enabled)."""
+    if isinstance(target, Handle):
+        target.disable()
+        return
+    if not isinstance(target, nn.Module):
+        raise TypeError(f"offload.disable expects a model or the Handle enable returned, got {type(target).__name__}")
+    h = getattr(target, "_offload_handle", None)
     if h is not None:
         h.disable()

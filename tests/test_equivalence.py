@@ -15,7 +15,7 @@ def test_plain_module_matches_in_memory(arch, prefetch, tmp_path, no_thread_leak
     inputs = inputs_for(arch)
     expected_logits = forward_logits(model, arch, inputs)
     expected_tokens = greedy(model, inputs)
-    with offload.enable(model, prefetch=prefetch, cpu_memory=0, store=tmp_path / "store", progress=False) as h:
+    with offload.enable(model, prefetch=prefetch, ram_tier=0, store=tmp_path / "store", progress=False) as h:
         assert torch.equal(forward_logits(model, arch, inputs), expected_logits)
         assert torch.equal(greedy(model, inputs), expected_tokens)
         stats = h.stats()
@@ -39,7 +39,7 @@ def test_transformers_dispatched_to_disk_matches_in_memory(arch, tmp_path, no_th
     cls = tf.T5ForConditionalGeneration if arch == "t5" else tf.AutoModelForCausalLM
     dispatched = cls.from_pretrained(tmp_path / "ckpt", device_map=device_map, offload_folder=tmp_path / "off").eval()
     assert offload.plan.is_accelerate_offloaded(dispatched)
-    with offload.enable(dispatched, prefetch=2, cpu_memory=0, progress=False) as h:
+    with offload.enable(dispatched, prefetch=2, ram_tier=0, progress=False) as h:
         assert sorted(hk.record.name for hk in h.hooks) == sorted(units)
         assert h.store.path == str(tmp_path / "off" / "offload-store")
         assert torch.equal(forward_logits(dispatched, arch, inputs), expected_logits)
@@ -66,5 +66,5 @@ def test_load_checkpoint_and_dispatch_dat_files(tmp_path, no_thread_leak):
         empty, str(tmp_path / "ckpt"), device_map=block_device_map(model, units), offload_folder=str(tmp_path / "off"))
     dispatched.eval()
     assert any(p.suffix == ".dat" for p in (tmp_path / "off").iterdir())
-    with offload.enable(dispatched, prefetch=2, cpu_memory=0, progress=False):
+    with offload.enable(dispatched, prefetch=2, ram_tier=0, progress=False):
         assert torch.equal(forward_logits(dispatched, "bloom", inputs), expected)

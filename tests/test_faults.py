@@ -14,7 +14,7 @@ from conftest import forward_logits, greedy, inputs_for, make_model, offload_thr
 def built_store(tmp_path):
     model = make_model("bloom")
     store = tmp_path / "store"
-    offload.enable(model, cpu_memory=0, store=store, progress=False).disable()
+    offload.enable(model, ram_tier=0, store=store, progress=False).disable()
     return model, store
 
 
@@ -27,7 +27,7 @@ def test_truncated_unit_file_fails_at_enable(built_store, no_thread_leak):
     victim = unit_files(store)[1]
     os.truncate(victim, victim.stat().st_size - 4096)
     with pytest.raises(offload.StoreError, match=f"{victim.name}.*4096 bytes shorter.*offload convert"):
-        offload.enable(model, cpu_memory=0, store=store, progress=False)
+        offload.enable(model, ram_tier=0, store=store, progress=False)
     assert getattr(model, "_offload_handle", None) is None
 
 
@@ -36,7 +36,7 @@ def test_missing_unit_file_fails_at_enable(built_store, no_thread_leak):
     victim = unit_files(store)[2]
     victim.unlink()
     with pytest.raises(offload.StoreError, match=f"{victim.name}.*missing"):
-        offload.enable(model, cpu_memory=0, store=store, progress=False)
+        offload.enable(model, ram_tier=0, store=store, progress=False)
 
 
 def test_longer_unit_file_fails_at_enable(built_store, no_thread_leak):
@@ -45,7 +45,7 @@ def test_longer_unit_file_fails_at_enable(built_store, no_thread_leak):
     with open(victim, "ab") as f:
         f.write(b"\0" * 10)
     with pytest.raises(offload.StoreError, match=f"{victim.name}.*10 bytes longer"):
-        offload.enable(model, cpu_memory=0, store=store, progress=False)
+        offload.enable(model, ram_tier=0, store=store, progress=False)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "unlink"])
@@ -53,7 +53,7 @@ def test_damage_after_enable_raises_in_forward_naming_the_file(built_store, dama
     model, store = built_store
     inputs = inputs_for("bloom")
     fds_before = open_fds()
-    h = offload.enable(model, prefetch=1, cpu_memory=0, store=store, progress=False)
+    h = offload.enable(model, prefetch=1, ram_tier=0, store=store, progress=False)
     victim = unit_files(store)[2]
     saved = victim.read_bytes()
     if damage == "truncate":
@@ -73,9 +73,9 @@ def test_damage_after_enable_raises_in_forward_naming_the_file(built_store, dama
 
 def test_disable_twice_and_enable_twice(tmp_path, no_thread_leak):
     model = make_model("bloom")
-    h = offload.enable(model, cpu_memory=0, store=tmp_path / "s", progress=False)
+    h = offload.enable(model, ram_tier=0, store=tmp_path / "s", progress=False)
     with pytest.raises(offload.OffloadError, match="already enabled"):
-        offload.enable(model, cpu_memory=0, progress=False)
+        offload.enable(model, ram_tier=0, progress=False)
     h.disable()
     h.disable()
     offload.disable(model)
@@ -83,12 +83,12 @@ def test_disable_twice_and_enable_twice(tmp_path, no_thread_leak):
 
 def test_store_of_another_model_is_refused_not_rewritten(tmp_path, no_thread_leak):
     store = tmp_path / "s"
-    offload.enable(make_model("bloom", seed=0), cpu_memory=0, store=store, progress=False).disable()
+    offload.enable(make_model("bloom", seed=0), ram_tier=0, store=store, progress=False).disable()
     before = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
     with pytest.raises(offload.StoreMismatchError, match="different weights"):
-        offload.enable(make_model("bloom", seed=1), cpu_memory=0, store=store, progress=False)
+        offload.enable(make_model("bloom", seed=1), ram_tier=0, store=store, progress=False)
     with pytest.raises(offload.StoreMismatchError, match="units missing"):
-        offload.enable(make_model("opt"), cpu_memory=0, store=store, progress=False)
+        offload.enable(make_model("opt"), ram_tier=0, store=store, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == before
 
 
@@ -122,7 +122,7 @@ def test_eio_mid_decode_surfaces_in_forward_and_leaks_nothing(built_store, no_th
     fds, threads = open_fds(), len(offload_threads())
     victim = unit_files(store)[3].name
     reader = FaultyReader(victim, fail_at=4)  # fine for three passes, then the disk fails
-    h = offload.enable(model, prefetch=1, cpu_memory=0, store=store, reader=reader, progress=False)
+    h = offload.enable(model, prefetch=1, ram_tier=0, store=store, reader=reader, progress=False)
     raised = 0
     for _ in range(6):
         try:
@@ -136,30 +136,31 @@ def test_eio_mid_decode_surfaces_in_forward_and_leaks_nothing(built_store, no_th
     assert open_fds() <= fds and len(offload_threads()) <= threads
 
 
-def test_keyboard_interrupt_stops_reader_threads(built_store, no_thread_leak):
+def test_keyboard_interrupt_then_disable_stops_reader_threads(built_store, no_thread_leak):
+    """An interrupted generate leaves a unit bound (KeyboardInterrupt skips post-hooks); the next forward
+    unbinds it and returns its lease, and disable() joins every reader thread before it returns."""
     model, store = built_store
     inputs = inputs_for("bloom")
     expected = forward_logits(make_model("bloom"), "bloom", inputs)
-    h = offload.enable(model, prefetch=2, cpu_memory=0, store=store, progress=False)
+    h = offload.enable(model, prefetch=2, ram_tier=0, store=store, progress=False)
     calls = {"n": 0}
 
-    def interrupt(module, args):
+    def interrupt(module, args, output):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-    x = h.hooks[2].module.register_forward_pre_hook(interrupt)
+    # a forward hook that runs after the unit's pre-hook bound it and before its post-hook unbinds it
+    x = h.hooks[2].module.register_forward_hook(interrupt, prepend=True)
     with pytest.raises(KeyboardInterrupt):
         greedy(model, inputs, n=8)
     x.remove()
-    import threading
-    import time
-    deadline = time.monotonic() + 1.0
-    for t in [t for t in threading.enumerate() if t.name.startswith("offload-")]:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
-    assert offload_threads() == [], "reader threads still running 1 s after the interrupt"
-    # the unit left bound by the interrupted forward is released by the next forward
+    assert h.hooks[2].bound and h.prefetcher.ring.holders() == 1  # left behind by the interrupt
     assert torch.equal(forward_logits(model, "bloom", inputs), expected)
+    assert not any(hk.bound for hk in h.hooks) and h.prefetcher.ring.holders() == 0
+    threads = h.prefetcher._workers._threads
+    assert threads and all(t.is_alive() for t in threads)  # a fixed pool for the handle's life
     h.disable()
+    assert not any(t.is_alive() for t in threads), "disable() returned before its reader threads exited"
 
 
 def test_two_models_in_one_process_do_not_interfere(tmp_path, no_thread_leak):
@@ -167,8 +168,8 @@ def test_two_models_in_one_process_do_not_interfere(tmp_path, no_thread_leak):
     ia, ib = inputs_for("bloom"), inputs_for("opt")
     ea, eb = forward_logits(a, "bloom", ia), forward_logits(b, "opt", ib)
     ta, tb = greedy(a, ia), greedy(b, ib)
-    with offload.enable(a, prefetch=1, cpu_memory=0, store=tmp_path / "a", progress=False), \
-            offload.enable(b, prefetch=2, cpu_memory=0, store=tmp_path / "b", progress=False):
+    with offload.enable(a, prefetch=1, ram_tier=0, store=tmp_path / "a", progress=False), \
+            offload.enable(b, prefetch=2, ram_tier=0, store=tmp_path / "b", progress=False):
         for _ in range(2):
             assert torch.equal(forward_logits(a, "bloom", ia), ea)
             assert torch.equal(forward_logits(b, "opt", ib), eb)

@@ -9,7 +9,8 @@ import pytest
 import threading
 
 from offload import _native
-from offload.io import HostBuffer, MmapReader, PythonReader, get_reader
+from offload.io import MmapReader, PythonReader, get_reader
+from offload.staging import HostBuffer
 
 READERS = [PythonReader(direct=True), PythonReader(direct=False), MmapReader()]
 if _native.load_error() is None:

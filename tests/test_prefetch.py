@@ -9,7 +9,8 @@ import torch
 
 import offload
 from offload.hooks import Offloaded
-from offload.io import HostBuffer, PythonReader
+from offload.io import PythonReader
+from offload.staging import HostBuffer
 from conftest import forward_logits, greedy, inputs_for, make_model
 
 
@@ -42,7 +43,7 @@ def test_next_unit_read_is_issued_before_current_forward_returns(tmp_path, no_th
     inputs = inputs_for("bloom")
     expected = forward_logits(model, "bloom", inputs)
     reader = RecordingReader()
-    with offload.enable(model, prefetch=2, cpu_memory=0, store=tmp_path / "s", reader=reader, progress=False) as h:
+    with offload.enable(model, prefetch=2, ram_tier=0, store=tmp_path / "s", reader=reader, progress=False) as h:
         paths = [h.store.file_path(hk.record) for hk in h.hooks]
         overlapped: list[bool] = []
 
@@ -74,7 +75,7 @@ def test_memory_bound_during_generation(tmp_path, prefetch, no_thread_leak, monk
     model = bloom(8)
     inputs = inputs_for("bloom")
     expected = greedy(model, inputs)
-    with offload.enable(model, prefetch=prefetch, cpu_memory=0, store=tmp_path / "s", progress=False) as h:
+    with offload.enable(model, prefetch=prefetch, ram_tier=0, store=tmp_path / "s", progress=False) as h:
         unit_modules = [hk.module for hk in h.hooks]
         seen_buffers, seen_bound = [], []
 
@@ -103,8 +104,8 @@ def test_ram_tier_reads_fewer_bytes_by_exactly_the_resident_units(tmp_path, no_t
     expected = forward_logits(model, "bloom", inputs)
     store = tmp_path / "s"
 
-    def bytes_per_pass(cpu_memory):
-        with offload.enable(model, prefetch=1, cpu_memory=cpu_memory, store=store, progress=False) as h:
+    def bytes_per_pass(tier):
+        with offload.enable(model, prefetch=1, ram_tier=tier, store=store, progress=False) as h:
             assert torch.equal(forward_logits(model, "bloom", inputs), expected)  # warm-up pass
             h.prefetcher.wait_idle()
             h.reset_stats()
@@ -119,7 +120,7 @@ def test_ram_tier_reads_fewer_bytes_by_exactly_the_resident_units(tmp_path, no_t
     unit = None
     full, none_resident, s0 = bytes_per_pass(0)
     assert none_resident == 0
-    with offload.enable(model, prefetch=1, cpu_memory=0, store=store, progress=False) as h:
+    with offload.enable(model, prefetch=1, ram_tier=0, store=store, progress=False) as h:
         unit = h.hooks[0].record.data_bytes
         assert full == sum(hk.record.data_bytes for hk in h.hooks)
     tier, resident, s1 = bytes_per_pass(3 * unit)
@@ -133,7 +134,7 @@ def test_encoder_decoder_order_is_learned(tmp_path, no_thread_leak):
     model = make_model("t5")
     inputs = inputs_for("t5")
     expected = greedy(model, inputs)
-    with offload.enable(model, prefetch=1, cpu_memory=0, store=tmp_path / "s", progress=False) as h:
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
         assert torch.equal(greedy(model, inputs), expected)
         first = h.stats().misses
         h.reset_stats()

@@ -102,7 +102,7 @@ def test_matches_in_memory_and_disable_restores_state(case, prefetch, tmp_path, 
     x = make_input()
     with torch.no_grad():
         expected = [reference(x) for _ in range(3)]  # three passes: train-mode BN statistics move
-    with offload.enable(model, prefetch=prefetch, cpu_memory=0, store=tmp_path / "s", progress=False) as h:
+    with offload.enable(model, prefetch=prefetch, ram_tier=0, store=tmp_path / "s", progress=False) as h:
         assert h.stats().streamed_units >= 4
         with torch.no_grad():
             got = [model(x) for _ in range(3)]
@@ -116,7 +116,7 @@ def test_matches_in_memory_and_disable_restores_state(case, prefetch, tmp_path, 
 def test_stray_use_reads_the_real_weight_and_warns_once(tmp_path, caplog, no_thread_leak):
     model = ParentReadsChildWeight().eval()
     w = model.blocks[0].weight.detach().clone()
-    with offload.enable(model, prefetch=1, cpu_memory=0, store=tmp_path / "s", progress=False):
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False):
         stand_in = model.blocks[0].weight
         assert isinstance(stand_in, Offloaded)
         # metadata without a disk read; device is where the weight computes, not "meta"

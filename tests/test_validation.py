@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import offload
 from offload.store import MANIFEST, Store, read_safetensors_header
-from conftest import make_model
+from conftest import forward_logits, inputs_for, make_model
 
 FUZZ = int(os.environ.get("OFFLOAD_FUZZ_EXAMPLES", "1500"))
 
@@ -71,28 +71,46 @@ def test_header_entry_differs_from_manifest(good_store, tmp_path):
         Store.open(s)
 
 
-def test_checksum_mismatch_by_enable_verify(good_store, tmp_path):
+@pytest.mark.parametrize("prefetch,tier", [(1, 0), (2, None)])
+def test_damaged_unit_is_a_named_error_on_first_read(good_store, tmp_path, prefetch, tier, no_thread_leak):
+    """One flipped bit of tensor data (sizes and header intact): the first read of that unit fails its CRC
+    and the forward raises ChecksumError naming the file and the unit; verify=False would compute with it."""
     s = copy_store(good_store, tmp_path / "s")
     victim = sorted(s.glob("00003.*"))[0]
     raw = bytearray(victim.read_bytes())
-    raw[4096 + 5] ^= 0x01  # one bit of tensor data: sizes and header are still right
+    raw[4096 + 5] ^= 0x01
     victim.write_bytes(bytes(raw))
     model = make_model("bloom")
+    inputs = inputs_for("bloom")
+    expected = forward_logits(model, "bloom", inputs)
     Store.open(s)  # cheap validation cannot see it
-    with pytest.raises(offload.ChecksumError, match=f"{victim.name}.*checksum"):
-        offload.enable(model, cpu_memory=0, store=s, verify=True, progress=False)
-    assert getattr(model, "_offload_handle", None) is None
+    try:
+        h = offload.enable(model, prefetch=prefetch, ram_tier=tier, store=s, progress=False)
+    except offload.ChecksumError as e:  # the RAM tier reads every unit at enable time
+        assert tier is None and victim.name in str(e) and "transformer.h.3" in str(e)
+        assert getattr(model, "_offload_handle", None) is None
+        return
+    with pytest.raises(offload.ChecksumError, match=f"{victim.name}: unit transformer.h.3 is damaged"):
+        forward_logits(model, "bloom", inputs)
+    assert h.stats().verified_units >= 3
+    with pytest.raises(offload.ChecksumError, match="cannot be restored"):
+        h.disable()
+    model = make_model("bloom")
+    with offload.enable(model, prefetch=prefetch, ram_tier=0, store=s, verify=False, progress=False):
+        assert not torch.equal(forward_logits(model, "bloom", inputs), expected)  # what verify protects from
+        with pytest.raises(offload.ChecksumError, match=f"cannot be restored: .*{victim.name}"):
+            offload.disable(model)  # the store holds the only copy: a damaged unit is not put back silently
 
 
 def test_shape_and_dtype_mismatch_named(good_store, tmp_path):
     model = make_model("bloom").to(torch.bfloat16)
     with pytest.raises(offload.StoreMismatchError, match="tensor .* store has torch.float32 .* model has torch.bfloat16"):
-        offload.enable(model, cpu_memory=0, store=good_store, progress=False)
+        offload.enable(model, ram_tier=0, store=good_store, progress=False)
     import transformers as tf
     torch.manual_seed(0)
     wider = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=256, hidden_size=128, n_layer=4, n_head=4)).eval()
     with pytest.raises(offload.StoreMismatchError, match=r"store has torch.float32 \[.*\], model has torch.float32 \["):
-        offload.enable(wider, cpu_memory=0, store=good_store, progress=False)
+        offload.enable(wider, ram_tier=0, store=good_store, progress=False)
 
 
 @pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../x", "a\\b", ""])
