@@ -26,8 +26,8 @@ from torch import nn
 
 from .errors import CheckpointError, StoreError
 from .plan import UnitPlan, find_units, plan_plain
-from .store import (IN_PROGRESS, MANIFEST, Store, TensorSpec, UnitRecord, _parse_unit, fingerprint,
-                    unit_file_name, write_manifest, write_unit_file)
+from .store import (IN_PROGRESS, MANIFEST, Store, TensorSpec, UnitRecord, _parse_unit, file_provenance, fingerprint,
+                    main_float_dtype, unit_file_name, write_manifest, write_unit_file)
 
 Fetch = Callable[[str], torch.Tensor]
 RESIDENT = "__resident__"
@@ -89,8 +89,13 @@ def _prepare_folder(path: str, fp: str) -> dict[str, dict[str, Any]]:
 
 
 def write_store(path: str | os.PathLike[str], units: Sequence[UnitSource], source: dict[str, Any],
-                resident: UnitSource | None = None, progress: bool = True, extra: dict[str, Any] | None = None) -> Store:
-    """Write (or finish writing) a store from unit sources and return it opened."""
+                resident: UnitSource | None = None, progress: bool = True, extra: dict[str, Any] | None = None,
+                files: Sequence[str] = (), edit: dict[str, Callable[[bytes], bytes]] | None = None) -> Store:
+    """Write (or finish writing) a store from unit sources and return it opened.
+
+    ``files`` (config, tokenizer) are copied in under their own names before the manifest is
+    written, so a store with a manifest has all of them; ``edit[file]`` rewrites one on the way.
+    """
     path = os.fspath(path)
     fp = str(source.get("fingerprint", ""))
     done = _prepare_folder(path, fp)
@@ -118,9 +123,29 @@ def write_store(path: str | os.PathLike[str], units: Sequence[UnitSource], sourc
                 f.write(json.dumps(rec.to_json()) + "\n")
     finally:
         bar.close()
+    for f in files:
+        with open(f, "rb") as fh:
+            raw = fh.read()
+        if edit and f in edit:
+            raw = edit[f](raw)
+        _write_atomic(os.path.join(path, os.path.basename(f)), raw)
     res = records.pop() if resident is not None else None
     write_manifest(path, records, source, res, extra)
     return Store.open(path)
+
+
+def _write_atomic(final: str, data: bytes) -> None:
+    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # ------------------------------------------------------------------------------ sources
@@ -206,8 +231,7 @@ def _hf_sources(src: str, dtype: torch.dtype | None) -> tuple[list[UnitSource], 
     units = [source(n, ks) for n, ks in groups.items() if n is not None]
     units.sort(key=lambda u: _natural_key(u.name))
     resident = source(RESIDENT, groups[None]) if None in groups else None
-    fp = fingerprint((os.path.basename(s), os.path.getsize(s), os.stat(s).st_mtime_ns) for s in shards)
-    return units, resident, {"kind": "hf-safetensors", "path": os.path.abspath(src), "fingerprint": fp}
+    return units, resident, {"kind": "hf-safetensors", "path": os.path.abspath(src), "files": source_files(src)}
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -242,9 +266,7 @@ def _accelerate_folder_sources(src: str) -> tuple[list[UnitSource], UnitSource |
 
     units = sorted((source(n, ks) for n, ks in groups.items() if n is not None), key=lambda u: _natural_key(u.name))
     resident = source(RESIDENT, groups[None]) if None in groups else None
-    fp = fingerprint((k, os.path.getsize(os.path.join(src, f"{k}.dat")), os.stat(os.path.join(src, f"{k}.dat")).st_mtime_ns)
-                     for k in sorted(index))
-    return units, resident, {"kind": "accelerate-offload-folder", "path": os.path.abspath(src), "fingerprint": fp}
+    return units, resident, {"kind": "accelerate-offload-folder", "path": os.path.abspath(src), "files": source_files(src)}
 
 
 def module_sources(model: nn.Module, units: Sequence[str] | None = None) -> tuple[list[UnitPlan], list[UnitSource]]:
@@ -256,11 +278,16 @@ def convert(src: str | os.PathLike[str] | nn.Module, dst: str | os.PathLike[str]
             units: Sequence[str] | None = None, allow_pickle: bool = False, progress: bool = True) -> Store:
     """Convert a checkpoint into a store of per-unit files.
 
+    A store converted from a folder is a complete checkpoint: beside the units and the resident
+    weights it holds the folder's ``config.json``, ``generation_config.json`` and tokenizer files, and
+    its manifest records where it came from (each source file's name, size, mtime and header hash)
+    and the dtype it holds.
+
     Args:
         src: a Hugging Face model folder (``*.safetensors`` shards), an Accelerate ``offload_folder``
             (``index.json`` + ``.dat`` files), or a live ``nn.Module`` (its current weights).
         dst: the store folder: new, empty, or an interrupted conversion of the same source (resumed).
-        dtype: cast floating-point tensors, e.g. ``torch.bfloat16`` or ``"bf16"``.
+        dtype: cast floating-point tensors, e.g. ``torch.bfloat16`` or ``"bf16"`` (default: keep them).
         units: for a module, the names of the modules to stream (default: its repeated blocks).
         allow_pickle: accept ``pytorch_model*.bin`` checkpoints (loaded with ``weights_only=True``).
 
@@ -271,38 +298,123 @@ def convert(src: str | os.PathLike[str] | nn.Module, dst: str | os.PathLike[str]
     dst = os.fspath(dst)
     if isinstance(src, nn.Module):
         plans, sources = module_sources(src, units)
-        fp = fingerprint((p.name, t.rel, str(t.dtype), t.shape) for p in plans for t in p.tensors)
-        if cast is not None:
-            for s in sources:
-                s.specs = [TensorSpec(x.name, cast if x.dtype.is_floating_point else x.dtype, x.shape) for x in s.specs]
-        return write_store(dst, sources, {"kind": "module", "class": type(src).__name__, "fingerprint": fp}, progress=progress)
+        _cast(sources, None, cast)
+        source = {"kind": "module", "class": type(src).__name__,
+                  "fingerprint": fingerprint((p.name, t.rel, str(t.dtype), t.shape) for p in plans for t in p.tensors)}
+        return write_store(dst, sources, _with_dtype(source, sources, None, cast), progress=progress)
     src = os.fspath(src)
-    if not os.path.isdir(src):
-        raise CheckpointError(f"{src} is not a folder: pass a Hugging Face model folder or an Accelerate offload folder")
-    names = os.listdir(src)
-    if "index.json" in names and any(n.endswith(".dat") for n in names):
-        if cast is not None:
-            raise CheckpointError("dtype= is not supported for Accelerate offload folders (they are already in the model's dtype)")
+    units_, resident, source = checkpoint_sources(src, cast, allow_pickle)
+    files = side_files(src)
+    config = os.path.join(src, "config.json")
+    edit = {config: lambda raw: _config_with_dtype(raw, cast)} if cast is not None and config in files else {}
+    return write_store(dst, units_, source, resident, progress=progress, files=files, edit=edit)
+
+
+def checkpoint_sources(src: str, cast: torch.dtype | None = None, allow_pickle: bool = False
+                       ) -> tuple[list[UnitSource], UnitSource | None, dict[str, Any]]:
+    """The units, resident part and manifest ``source`` of a checkpoint folder, from metadata only.
+
+    Safetensors and Accelerate folders are described from their headers and index: no tensor data
+    is read until a unit is written, so this also plans a model (``offload run --dry-run``) cheaply.
+    """
+    kind = source_kind(src)
+    if kind == "accelerate-offload-folder":
         units_, resident, source = _accelerate_folder_sources(src)
-    elif any(n.endswith(".safetensors") for n in names):
-        units_, resident, source = _hf_sources(src, cast)
-    elif any(n.endswith((".bin", ".pt", ".pth")) for n in names):
+    elif kind == "hf-safetensors":
+        units_, resident, source = _hf_sources(src, None)
+    else:
         if not allow_pickle:
             raise CheckpointError(f"{src} holds only pickle checkpoints (*.bin); pickle can run arbitrary code, so they "
                                   f"are refused. Convert them to safetensors, or pass allow_pickle=True "
                                   f"(`--allow-pickle`) to load them with torch.load(weights_only=True)")
-        units_, resident, source = _pickle_sources(src, cast)
-    else:
-        raise CheckpointError(f"{src} holds no *.safetensors shards nor an Accelerate index.json: nothing to convert")
+        units_, resident, source = _pickle_sources(src, None)
     if not units_:
         raise CheckpointError(f"{src}: found no per-block tensors (names like 'model.layers.0.*') to stream")
-    store = write_store(dst, units_, source, resident, progress=progress)
-    for extra in ("config.json", "generation_config.json"):
-        if extra in names:
-            tmp = os.path.join(dst, f".{extra}.tmp")
-            shutil.copyfile(os.path.join(src, extra), tmp)
-            os.replace(tmp, os.path.join(dst, extra))
-    return store
+    _cast(units_, resident, cast)
+    return units_, resident, _with_dtype(source, units_, resident, cast)
+
+
+def source_kind(src: str) -> str:
+    """``"hf-safetensors"``, ``"accelerate-offload-folder"`` or ``"pickle"``: what ``convert`` reads in ``src``."""
+    if not os.path.isdir(src):
+        raise CheckpointError(f"{src} is not a folder: pass a Hugging Face model folder or an Accelerate offload folder")
+    names = os.listdir(src)
+    if "index.json" in names and any(n.endswith(".dat") for n in names):
+        return "accelerate-offload-folder"
+    if any(n.endswith(".safetensors") for n in names):
+        return "hf-safetensors"
+    if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        return "pickle"
+    raise CheckpointError(f"{src} holds no *.safetensors shards nor an Accelerate index.json: nothing to convert")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def source_files(src: str) -> list[dict[str, Any]]:
+    """Provenance of the files ``convert`` reads in ``src`` (see ``store.file_provenance``): the
+    manifest's ``source.files``, and what a cached store is checked against before it is reused."""
+    kind = source_kind(src)
+    if kind == "hf-safetensors":
+        paths = _shard_files(src)
+    elif kind == "accelerate-offload-folder":
+        names = os.listdir(src)
+        paths = [os.path.join(src, "index.json")] + sorted(os.path.join(src, n) for n in names if n.endswith(".dat"))
+    else:
+        paths = sorted(os.path.join(src, n) for n in os.listdir(src) if n.endswith(PICKLE_SUFFIXES))
+    return [file_provenance(p) for p in paths]
+
+
+def _cast(units: Sequence[UnitSource], resident: UnitSource | None, cast: torch.dtype | None) -> None:
+    if cast is None:
+        return
+    for s in list(units) + ([resident] if resident is not None else []):
+        s.specs = [TensorSpec(x.name, cast if x.dtype.is_floating_point else x.dtype, x.shape) for x in s.specs]
+
+
+def _with_dtype(source: dict[str, Any], units: Sequence[UnitSource], resident: UnitSource | None,
+                cast: torch.dtype | None) -> dict[str, Any]:
+    """Add what the store holds to ``source``: ``dtype`` (torch's name), ``quantization`` (none yet), and
+    a ``fingerprint`` of the files and dtype (an interrupted conversion resumes only when it matches)."""
+    specs = [x for u in list(units) + ([resident] if resident is not None else []) for x in u.specs]
+    held = cast or main_float_dtype((x.dtype, x.nbytes) for x in specs)
+    out = dict(source, dtype=str(held).removeprefix("torch.") if held is not None else None, quantization=None)
+    if "files" in source:
+        out["fingerprint"] = fingerprint([out["kind"], out["dtype"], *(sorted(f.items()) for f in source["files"])])
+    return out
+
+
+# Files besides the weights that make a store a complete checkpoint: the model's configs and whatever
+# its tokenizer or processor loads (AutoTokenizer reads some of these, depending on the tokenizer).
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+              "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "preprocessor_config.json",
+              "processor_config.json")
+TOKENIZER_FILES = tuple(n for n in SIDE_FILES if n not in ("config.json", "generation_config.json",
+                                                           "preprocessor_config.json", "processor_config.json"))
+
+
+def side_files(src: str) -> list[str]:
+    """The config and tokenizer files in ``src`` that ``convert`` copies into the store."""
+    return sorted(os.path.join(src, n) for n in os.listdir(src)
+                  if os.path.isfile(os.path.join(src, n))
+                  and (n in SIDE_FILES or n.startswith("chat_template.") or n.endswith(".tiktoken")))
+
+
+def tokenizer_files(folder: str) -> list[str]:
+    """The tokenizer files in ``folder`` (a checkpoint or a store); empty when it has no tokenizer."""
+    return [p for p in side_files(folder) if os.path.basename(p) in TOKENIZER_FILES
+            or os.path.basename(p).startswith("chat_template.") or p.endswith(".tiktoken")]
+
+
+def _config_with_dtype(raw: bytes, dtype: torch.dtype) -> bytes:
+    """config.json with its dtype set to what the store holds (a store converted with ``dtype=``)."""
+    doc = json.loads(raw)
+    name = str(dtype).removeprefix("torch.")
+    doc["dtype"] = name
+    if "torch_dtype" in doc:
+        doc["torch_dtype"] = name
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _pickle_sources(src: str, cast: torch.dtype | None) -> tuple[list[UnitSource], UnitSource | None, dict[str, Any]]:
@@ -321,8 +433,8 @@ def _pickle_sources(src: str, cast: torch.dtype | None) -> tuple[list[UnitSource
         return UnitSource(name, specs, _fixed(lambda rel: state[prefix + rel]))
 
     units = sorted((source(n, ks) for n, ks in groups.items() if n is not None), key=lambda u: _natural_key(u.name))
-    fp = fingerprint((os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files)
-    return units, (source(RESIDENT, groups[None]) if None in groups else None), {"kind": "pickle", "path": os.path.abspath(src), "fingerprint": fp}
+    resident = source(RESIDENT, groups[None]) if None in groups else None
+    return units, resident, {"kind": "pickle", "path": os.path.abspath(src), "files": source_files(src)}
 
 
 _DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -336,3 +448,108 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return _DTYPE_NAMES[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(_DTYPE_NAMES)}") from None
+
+
+# ------------------------------------------------------------------------------ cached stores
+
+
+def checkpoint_dtype(folder: str) -> torch.dtype | None:
+    """The dtype a checkpoint folder is meant to run in: config.json's ``dtype`` (or ``torch_dtype``),
+    else the floating dtype of most of its weights (safetensors headers; no data read)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open(os.path.join(folder, "config.json")) as f:
+            doc = json.load(f)
+        name = doc.get("dtype") or doc.get("torch_dtype")
+        if isinstance(name, str) and isinstance(getattr(torch, name.removeprefix("torch."), None), torch.dtype):
+            return getattr(torch, name.removeprefix("torch."))
+    with contextlib.suppress(CheckpointError):
+        if source_kind(folder) == "hf-safetensors":
+            units, resident, _ = checkpoint_sources(folder)
+            return main_float_dtype((x.dtype, x.nbytes) for u in units + ([resident] if resident else []) for x in u.specs)
+    return None
+
+
+def store_cache_path(folder: str, dtype: torch.dtype) -> str:
+    """Where ``cached_store`` keeps the store of ``folder`` in ``dtype``: named after the folder, and
+    keyed by a hash of its absolute path, so two checkpoints with the same folder name never share."""
+    import hashlib
+
+    from .runtime import cache_dir
+    folder = os.path.abspath(folder)
+    key = hashlib.sha256(folder.encode()).hexdigest()[:12]
+    return os.path.join(cache_dir(), "stores", f"{os.path.basename(folder)}-{key}-{str(dtype).removeprefix('torch.')}")
+
+
+def cached_store(folder: str, dtype: torch.dtype | str | None = None, rebuild: bool = False,
+                 allow_pickle: bool = False, progress: bool = True,
+                 note: Callable[[str], None] | None = None) -> str:
+    """The store of a checkpoint folder, converted once into the cache and reused while it is current.
+
+    A cached store is reused only when the folder's weight files (name, size, mtime, safetensors
+    header hash) and the dtype match what its manifest recorded; otherwise (or with ``rebuild``) it
+    is rebuilt in a temporary folder beside it and swapped in. A pickle-only folder is refused
+    unless ``allow_pickle``, whatever is cached.
+
+    Args:
+        folder: a Hugging Face model folder (or an Accelerate offload folder).
+        dtype: the dtype to hold (``"bf16"``, ``torch.float16``...); default: the checkpoint's own
+            (config.json's ``dtype``, else its weights').
+        rebuild: convert again even if the cached store is current.
+        allow_pickle: accept ``*.bin`` pickle checkpoints (``torch.load(weights_only=True)``).
+        progress: progress bars, and the one line saying whether the store is reused or rebuilt.
+        note: where that line goes (default: stderr when ``progress``, else the ``offload`` logger).
+
+    Returns:
+        The store's path (``$OFFLOAD_CACHE/stores/<name>-<path hash>-<dtype>``).
+
+    Example:
+        >>> model, handle = offload.load(offload.convert.cached_store("my-llama/"), prefetch=2)
+    """
+    import logging
+    import sys
+    say = note or ((lambda s: print(s, file=sys.stderr, flush=True)) if progress else logging.getLogger("offload").info)
+    folder = os.path.abspath(os.fspath(folder))
+    kind = source_kind(folder)
+    if kind == "pickle" and not allow_pickle:
+        checkpoint_sources(folder)  # raises the pickle refusal, whatever is cached
+    want = _parse_dtype(dtype) or checkpoint_dtype(folder)
+    if want is None:
+        raise CheckpointError(f"{folder}: cannot tell its dtype (no dtype in config.json, no floating-point "
+                              f"weights): pass dtype= (--dtype)")
+    path = store_cache_path(folder, want)
+    files = source_files(folder)
+    why = "--rebuild" if rebuild else "no store cached yet"
+    if not rebuild and os.path.exists(os.path.join(path, MANIFEST)):
+        try:
+            st = Store.open(path)
+            why = _stale_reason(st.source, files, want)
+        except StoreError as e:
+            why = f"the cached store is damaged ({e})"
+        if why is None:
+            say(f"offload: reusing store {path} (built from {folder}; its files and dtype "
+                f"{str(want).removeprefix('torch.')} are unchanged)")
+            return path
+    say(f"offload: building store {path} from {folder} ({why})")
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+    if os.path.exists(tmp) and not os.path.exists(os.path.join(tmp, IN_PROGRESS)):
+        shutil.rmtree(tmp)  # a finished build that was never swapped in, or debris: start over
+    convert(folder, tmp, dtype=want, allow_pickle=allow_pickle, progress=progress)
+    old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}")
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _stale_reason(source: dict[str, Any], files: list[dict[str, Any]], dtype: torch.dtype) -> str | None:
+    """Why a cached store does not match the folder now (None: it does)."""
+    held = source.get("dtype")
+    if held != str(dtype).removeprefix("torch."):
+        return f"it holds {held}, not {str(dtype).removeprefix('torch.')}"
+    old = {f.get("name"): f for f in source.get("files") or [] if isinstance(f, dict)}
+    new = {f["name"]: f for f in files}
+    changed = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
+    if changed:
+        return f"source files changed: {', '.join(str(n) for n in changed[:3])}{'...' if len(changed) > 3 else ''}"
+    return None

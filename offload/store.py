@@ -3,9 +3,13 @@
 Format (version 1)
 ------------------
 * ``manifest.json`` — ``{"format": "offload-store", "version": 1, "source": {...}, "units": [...],
-  "resident": {...} | null}``. Each unit records its file, the file's byte size, where the data
-  section starts, its length, a CRC32 of the data section and the tensor table
-  (name, dtype, shape, offset into the data section, byte size).
+  "resident": {...} | null}``. ``source`` says where the store came from: ``kind``, ``path``, a
+  ``fingerprint``, ``files`` (each source file's ``name``, ``size``, ``mtime_ns`` and, for
+  safetensors, ``header_sha256`` of its header bytes), the ``dtype`` the store holds (torch's name,
+  e.g. ``"bfloat16"``) and ``quantization`` (``null``: none). Beside it, the checkpoint's
+  ``config.json``, ``generation_config.json`` and tokenizer files, so a store is a checkpoint. Each
+  unit records its file, the file's byte size, where the data section starts, its length, a CRC32
+  of the data section and the tensor table (name, dtype, shape, offset into the data section, byte size).
 * Each unit file is a standard safetensors file. Its JSON header is padded with spaces so the data
   section starts at a multiple of 4096 bytes (O_DIRECT needs aligned offsets), tensors are placed at
   256-byte aligned offsets (fast kernels, element-aligned views), and the data section is padded to a
@@ -255,6 +259,32 @@ def write_manifest(folder: str, units: Sequence[UnitRecord], source: dict[str, A
         os.unlink(os.path.join(folder, IN_PROGRESS))
 
 
+def header_sha256(path: str) -> str:
+    """SHA-256 of a safetensors file's header bytes (its 8-byte length and JSON): names, dtypes, shapes
+    and offsets of every tensor, read without touching the data, so rechecking a 300 GB checkpoint is cheap."""
+    size, body = _header_bytes_of(path, "the file is truncated or is not safetensors")
+    return hashlib.sha256(size + body).hexdigest()
+
+
+def file_provenance(path: str) -> dict[str, Any]:
+    """One source file as a store's manifest records it (``source.files``): name, size, mtime_ns and,
+    for safetensors, ``header_sha256``. A cached store is reused only while these still match."""
+    st = os.stat(path)
+    entry: dict[str, Any] = {"name": os.path.basename(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if path.endswith(".safetensors"):
+        entry["header_sha256"] = header_sha256(path)
+    return entry
+
+
+def main_float_dtype(tensors: Iterable[tuple[torch.dtype, int]]) -> torch.dtype | None:
+    """The floating dtype holding the most bytes among ``(dtype, nbytes)`` pairs (None without floats)."""
+    by: dict[torch.dtype, int] = {}
+    for dtype, nbytes in tensors:
+        if dtype.is_floating_point:
+            by[dtype] = by.get(dtype, 0) + nbytes
+    return max(by, key=lambda d: by[d]) if by else None
+
+
 def fingerprint(items: Iterable[Any]) -> str:
     h = hashlib.sha256()
     for item in items:
@@ -307,18 +337,23 @@ def _safe_path(folder: str, rel: str, unit: str) -> str:
     return path
 
 
-def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header without trusting its declared size."""
+def _header_bytes_of(path: str, fix: str) -> tuple[bytes, bytes]:
+    """A safetensors file's 8-byte header length and header, without trusting the declared size."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise StoreError(f"{path}: file is {len(raw)} bytes, too short for a safetensors header: re-run `offload convert`")
+            raise StoreError(f"{path}: file is {len(raw)} bytes, too short for a safetensors header: {fix}")
         (n,) = struct.unpack("<Q", raw)
         size = os.fstat(f.fileno()).st_size
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise StoreError(f"{path}: safetensors header declares {n} bytes but the file has {size}: "
-                             f"the file is truncated or corrupted; re-run `offload convert`")
-        body = f.read(n)
+            raise StoreError(f"{path}: safetensors header declares {n} bytes but the file has {size}: {fix}")
+        return raw, f.read(n)
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header without trusting its declared size."""
+    _, body = _header_bytes_of(path, "the file is truncated or corrupted; re-run `offload convert`")
+    n = len(body)
     try:
         header = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -341,6 +376,16 @@ class Store:
     @property
     def source(self) -> dict[str, Any]:
         return self.manifest.get("source") or {}
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The floating dtype the store holds: ``source.dtype`` in the manifest (``"bfloat16"``), else, for a
+        store written before it was recorded, the floating dtype of most of its bytes."""
+        name = self.source.get("dtype")
+        if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        units = self.units + ([self.resident] if self.resident else [])
+        return main_float_dtype((t.torch_dtype, t.nbytes) for u in units for t in u.tensors)
 
     def file_path(self, unit: UnitRecord) -> str:
         return os.path.join(self.path, unit.file)
