@@ -41,6 +41,7 @@ class UnitPlan:
     tensors: list[StreamedTensor]
     device: torch.device
     hooks: list[Any] = dataclasses.field(default_factory=list)  # Accelerate hooks taken over
+    pinned: list[StreamedTensor] = dataclasses.field(default_factory=list)  # shared with other units: kept resident
 
     @property
     def nbytes(self) -> int:
@@ -197,24 +198,49 @@ def offload_folder_of(model: nn.Module) -> str | None:
 
 
 def plan_accelerate(model: nn.Module) -> list[UnitPlan]:
-    """Group every offloading AlignDevicesHook's tensors into units named by ``hf_device_map``."""
+    """Group every offloading AlignDevicesHook's tensors into units: the model's repeated blocks.
+
+    Whatever the map's granularity: Accelerate merges neighbours that share a device, so with a small
+    ``max_memory`` the map says ``model.layers: "disk"`` or even ``"": "disk"``. A container has no
+    forward of its own (its hooks would never fire), so an offloaded tensor belongs to the repeated
+    block that contains it (``find_units``); only tensors outside every block (``lm_head``, a final
+    norm) fall back to their map entry, or to their own module when that entry contains blocks.
+
+    A module reachable from two units (a shared block called inside two hybrid blocks) would be
+    streamed with one of them and read from disk on every use by the other: its tensors are pinned
+    instead, read once and kept on the device (``UnitPlan.pinned``).
+    """
     device_map = getattr(model, "hf_device_map", None) or {}
-    keys = sorted(device_map, key=len, reverse=True)
-    fallback_units = None
+    keys = sorted((k for k in device_map if k), key=len, reverse=True)
+    try:
+        blocks = [n for n, _ in find_units(model)]
+    except OffloadError:
+        blocks = []
+
+    def inside(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    def unit_of(mn: str) -> str:
+        block = next((u for u in blocks if inside(mn, u)), None)
+        if block is not None:
+            return block
+        key = next((k for k in keys if inside(mn, k)), None)
+        if key is not None and not any(inside(u, key) for u in blocks):
+            return key
+        return mn
+
+    names: dict[int, set[str]] = {}  # every name of every module (a shared module has several)
+    for mn, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), set()).add(mn)
     units: dict[str, UnitPlan] = {}
     modules = dict(model.named_modules())
+    seen: set[tuple[int, str]] = set()  # a shared module carries one hook per block (a SequentialHook)
     for mn, m in modules.items():
         for h in _align_hooks(m):
             if not h.offload:
                 continue
-            unit = next((k for k in keys if k and (mn == k or mn.startswith(k + "."))), None)
-            if unit is None:
-                if fallback_units is None:
-                    try:
-                        fallback_units = [n for n, _ in find_units(model)]
-                    except OffloadError:
-                        fallback_units = []
-                unit = next((u for u in fallback_units if mn == u or mn.startswith(u + ".")), mn)
+            owners = sorted({unit_of(n) for n in names[id(m)]})
+            unit = owners[0]
             umod = modules[unit]
             prefix = mn[len(unit) + 1:] if mn != unit else ""
             dev = torch.device(h.execution_device) if h.execution_device is not None else torch.device("cpu")
@@ -227,16 +253,17 @@ def plan_accelerate(model: nn.Module) -> list[UnitPlan]:
                     persistent = [n for n in sm._buffers if n not in sm._non_persistent_buffers_set]
                     entries += [(n, sm._buffers[n], False) for n in persistent]
                 for an, t, is_param in entries:
-                    if t is None or t.device.type != "meta":
+                    if t is None or t.device.type != "meta" or (id(sm), an) in seen:
                         continue  # not offloaded (tied to a resident tensor, or already placed)
+                    seen.add((id(sm), an))
                     key = f"{sn}.{an}" if sn else an
                     rel = f"{prefix}.{key}" if prefix else key
                     wm = h.weights_map
                     fetch = (lambda wm=wm, key=key: wm[key])
-                    plan.tensors.append(StreamedTensor(sm, an, rel, is_param, t.dtype, tuple(t.shape), fetch,
-                                                       _source_id(wm, key)))
+                    st = StreamedTensor(sm, an, rel, is_param, t.dtype, tuple(t.shape), fetch, _source_id(wm, key))
+                    (plan.pinned if len(owners) > 1 else plan.tensors).append(st)
     order = {n: i for i, n in enumerate(modules)}
-    return sorted((p for p in units.values() if p.tensors), key=lambda p: order[p.name])
+    return sorted((p for p in units.values() if p.tensors or p.pinned), key=lambda p: order[p.name])
 
 
 def disk_device_map(model: nn.Module, disk_units: Sequence[str]) -> dict[str, str]:

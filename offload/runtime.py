@@ -82,12 +82,14 @@ class Handle:
     def __init__(self, model: nn.Module, store: Store, prefetcher: Prefetcher, hooks: list[UnitHook],
                  plans: list[UnitPlan], kind: str, temp_store: bool, stagers: list[Stager],
                  accelerate_state: list[tuple[Any, bool, Any]], restore: dict[int, torch.Tensor],
-                 silenced: list[tuple[nn.Module, Any]] | None = None):
+                 silenced: list[tuple[nn.Module, Any]] | None = None,
+                 pinned: list[tuple[nn.Module, str, bool, torch.Tensor]] | None = None):
         self.model, self.store, self.prefetcher, self.hooks, self.plans = model, store, prefetcher, hooks, plans
         self.kind, self.temp_store, self.stagers = kind, temp_store, stagers
         self._accelerate_state = accelerate_state
         self._silenced = silenced or []
         self._restore = restore
+        self._pinned = pinned or []
         self._root_hook = model.register_forward_pre_hook(self._root_pre)
         self._lock = threading.Lock()
         self.closed = False
@@ -143,6 +145,7 @@ class Handle:
             hook.offload, hook.weights_map = offload, weights_map
         for module, hook in self._silenced:
             module._hf_hook = hook
+        _unload_resident(self._pinned)  # Accelerate's placeholders for the shared tensors
         error = None
         if self._restore:
             try:
@@ -296,7 +299,8 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         dev = torch.device(device) if device is not None else _module_device(model)
         plans = plan_plain(model, find_units(model, units), dev)
         kind = "module"
-    plans = [p for p in plans if p.tensors]
+    takeover = [hk for p in plans for hk in p.hooks]  # Accelerate hooks whose weights we now place
+    plans_all, plans = plans, [p for p in plans if p.tensors]
     if not plans:
         raise OffloadError("nothing to stream: the chosen units have no parameters of their own (all tied or shared)")
     for p in plans:
@@ -328,6 +332,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
                                                                "fingerprint": fp}, progress=progress)
             st.match(_expected(plans))
         loaded = _load_resident_from_store(model, plans, st, devices[0]) if kind == "module" else []
+        pinned = _pin_shared(plans_all)
     except BaseException:
         if temp_store:
             shutil.rmtree(store, ignore_errors=True)
@@ -372,7 +377,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         for stager in stagers.values():
             stager.close()
         prefetcher.close()
-        _unload_resident(loaded)
+        _unload_resident(loaded + pinned)
         if temp_store:
             shutil.rmtree(store, ignore_errors=True)
         raise
@@ -383,13 +388,12 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         h.register()
     if kind == "module" and any(d.type == "cuda" for d in devices):
         _move_resident(model, devices[0])  # everything not streamed computes where the units do
-    for p in plans:
-        for hk in p.hooks:
-            accelerate_state.append((hk, hk.offload, hk.weights_map))
-            hk.offload, hk.weights_map = False, None
+    for hk in takeover:
+        accelerate_state.append((hk, hk.offload, hk.weights_map))
+        hk.offload, hk.weights_map = False, None
     silenced = _silence_inner_accelerate_hooks(plans) if accelerate else []
     handle = Handle(model, st, prefetcher, hooks, plans, kind, temp_store, list(stagers.values()), accelerate_state,
-                    restore, silenced)
+                    restore, silenced, pinned)
     model._offload_handle = handle  # type: ignore[assignment]
     _live_handles.add(handle)
     log.info("offload: %d units (%s) from %s; %d in RAM (%s), %d on the GPU, %d streamed, ring %d x %s, reader %s",
@@ -469,8 +473,22 @@ def _load_resident_from_store(model: nn.Module, plans: Sequence[UnitPlan], store
     return replaced
 
 
+def _pin_shared(plans: Sequence[UnitPlan]) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
+    """Tensors reachable from several units (``UnitPlan.pinned``): read once, kept where they compute."""
+    replaced = []
+    for p in plans:
+        for t in p.pinned:
+            table = t.owner._parameters if t.is_param else t.owner._buffers
+            original = table[t.attr]
+            assert original is not None
+            value = t.fetch().to(device=p.device, dtype=t.dtype)
+            table[t.attr] = nn.Parameter(value, requires_grad=original.requires_grad) if t.is_param else value
+            replaced.append((t.owner, t.attr, t.is_param, original))
+    return replaced
+
+
 def _unload_resident(replaced: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> None:
-    for m, attr, is_param, t in replaced:
+    for m, attr, is_param, t in reversed(replaced):
         (m._parameters if is_param else m._buffers)[attr] = t
 
 
