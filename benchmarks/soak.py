@@ -2,6 +2,7 @@
 
     python benchmarks/soak.py --forwards 2000 --json bench-out/soak.json
 A unit load is one streamed block read; the default run does 2000 forwards x 8 blocks = 16,000 loads.
+The --json file's folder is created up front (a path that cannot be written is refused before the run).
 """
 import argparse
 import gc
@@ -22,22 +23,43 @@ def snapshot():
     return {"rss_bytes": p.memory_info().rss, "open_fds": p.num_fds(), "threads": threading.active_count()}
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Arguments, checked before the run: counts >= 1, and the --json file's folder created now."""
+    def count(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+        return int(text)
+
+    ap = argparse.ArgumentParser(description="Soak: forwards with prefetch; RSS, fds and threads at start and end.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--forwards", type=count, default=2000, help="forwards to run after the warm-up")
+    ap.add_argument("--prefetch", type=count, default=2, help="units read ahead")
+    ap.add_argument("--json", metavar="FILE", help="write the report as JSON here (its folder is created)")
+    ap.error = lambda message: (print(f"soak.py: error: {message}", file=sys.stderr), sys.exit(2))  # type: ignore[method-assign]
+    a = ap.parse_args(argv)
+    if a.json:
+        folder = os.path.dirname(os.path.abspath(a.json))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            ap.error(f"--json {a.json}: cannot create its folder {folder}: {e.strerror}")
+        if os.path.isdir(a.json) or not os.access(folder, os.W_OK):
+            ap.error(f"--json {a.json}: not a writable file path")
+    return a
+
+
 def main() -> int:
+    a = parse_args(sys.argv[1:])
     import transformers as tf
 
     import offload
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--forwards", type=int, default=2000)
-    ap.add_argument("--prefetch", type=int, default=2)
-    ap.add_argument("--json")
-    a = ap.parse_args()
     torch.manual_seed(0)
     model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=512, hidden_size=128, n_layer=8, n_head=4)).eval()
     x = torch.randint(0, 512, (1, 16))
     with torch.no_grad():
         expected = model(x).logits
     with tempfile.TemporaryDirectory() as d:
-        h = offload.enable(model, prefetch=a.prefetch, cpu_memory=0, store=os.path.join(d, "s"), progress=False)
+        h = offload.enable(model, prefetch=a.prefetch, ram_tier=0, store=os.path.join(d, "s"), progress=False)
         with torch.no_grad():
             for _ in range(50):  # warm-up: allocator and caches settle
                 model(x)

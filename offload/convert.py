@@ -17,7 +17,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -128,17 +128,19 @@ def write_store(path: str | os.PathLike[str], units: Sequence[UnitSource], sourc
             raw = fh.read()
         if edit and f in edit:
             raw = edit[f](raw)
-        _write_atomic(os.path.join(path, os.path.basename(f)), raw)
+        write_atomic(os.path.join(path, os.path.basename(f)), raw)
     res = records.pop() if resident is not None else None
     write_manifest(path, records, source, res, extra)
     return Store.open(path)
 
 
-def _write_atomic(final: str, data: bytes) -> None:
-    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{os.getpid()}")
+def write_atomic(final: str, data: bytes | Iterable[bytes]) -> None:
+    """Write ``final`` under a temporary name beside it, fsync, rename: it appears complete or not at all."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(final)), f".{os.path.basename(final)}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)

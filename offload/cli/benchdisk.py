@@ -1,6 +1,6 @@
 """``offload bench-disk``: sequential cold-cache read bandwidth of every backend, beside fio.
 
-Method (see MEASURING.md): the test file is evicted from the page cache before every pass
+Method (see benchmarks/README.md): the test file is evicted from the page cache before every pass
 (``POSIX_FADV_DONTNEED``; O_DIRECT backends bypass it anyway). Phase 1 runs each backend
 configuration of a small grid once to find its best settings. Phase 2 alternates fio and the best
 configuration of each backend (fio, native, fio, python, ...) ``repeats`` times and reports the
@@ -9,6 +9,10 @@ CPU cost is user+sys seconds of this process (all threads) per GB read, beside f
 threads' usr+sys). Reads land in one buffer allocated and touched before the first pass, as the
 prefetcher's ring is allocated once at ``enable``: a pass pays for reading, not for first-touch
 page zeroing. That buffer uses huge pages unless ``huge=False`` (see ``HostBuffer``).
+
+Data safety: bench-disk writes only test files of its own, recognisable by their first bytes
+(``MAGIC``: ``OFFLOAD-BENCH-DISK-TEST-FILE``); any other file that exists at the path is refused and
+left untouched. A file it created is removed at the end unless ``--keep``.
 """
 from __future__ import annotations
 
@@ -28,8 +32,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._memory import format_bytes
-from .io import HostBuffer, MmapReader, PythonReader, Reader
+from .._memory import format_bytes, parse_bytes
+from ..convert import write_atomic
+from ..io import MmapReader, PythonReader, Reader
+from ..staging import HostBuffer
+from .options import UsageError, add_command, byte_size, output_file, positive_int
 
 GB = 1e9
 BUFFER_BYTES = 256 << 20  # reads land in a ring-sized buffer, as the prefetcher's do
@@ -70,23 +77,41 @@ def evict(path: str) -> None:
         os.close(fd)
 
 
+# The first bytes of every test file bench-disk (or bench, for fio) writes: how it knows a file is its own.
+MAGIC = b"OFFLOAD-BENCH-DISK-TEST-FILE\n"
+
+
+def is_own_test_file(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def make_test_file(path: str, size: int, progress: Callable[[int], None] | None = None) -> None:
-    """Create ``path`` of exactly ``size`` bytes (incompressible data) unless it already is that size."""
-    if os.path.exists(path) and os.path.getsize(path) == size:
-        return
-    block = os.urandom(8 << 20)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    """Create ``path`` of exactly ``size`` bytes (incompressible data after ``MAGIC``), unless it is
+    already one of ours of that size. A file there that is not ours is refused, never overwritten."""
+    if os.path.lexists(path):
+        if not is_own_test_file(path) or os.path.islink(path) or not os.path.isfile(path):
+            raise UsageError(f"{path} exists and is not a bench-disk test file: refusing to overwrite it; pass a folder "
+                             f"or a file name that does not exist")
+        if os.path.getsize(path) == size:
+            return
+
+    def blocks() -> Iterable[bytes]:
+        block = bytearray(os.urandom(8 << 20))
+        block[:len(MAGIC)] = MAGIC  # only the first block starts with the marker
         left = size
         while left:
             n = min(left, len(block))
-            f.write(block[:n])
+            yield bytes(block[:n])
+            block[:len(MAGIC)] = os.urandom(len(MAGIC))
             left -= n
             if progress:
                 progress(n)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    write_atomic(path, blocks())
 
 
 def _read_with(reader: Reader, path: str, size: int, block: int, depth: int, buf: HostBuffer) -> None:
@@ -209,7 +234,7 @@ def measure(backend: str, path: str, size: int, block: int, depth: int, buf: Hos
     evict(path)
     fn: Callable[[], None]
     if backend.startswith("native"):
-        from ._native import NativeReader
+        from .._native import NativeReader
         reader: Reader = NativeReader(backend.split("-")[1], depth=depth, chunk_bytes=block)
         fn = lambda: _read_with(reader, path, size, block, depth, buf)  # noqa: E731
     elif backend == "python-direct":
@@ -230,7 +255,7 @@ def measure(backend: str, path: str, size: int, block: int, depth: int, buf: Hos
 
 def run(path: str, size: int, repeats: int = 3, blocks: Iterable[int] | None = None, depths: Iterable[int] | None = None,
         log: Callable[[str], None] = print, huge: bool = True) -> dict[str, Any]:
-    from . import _native
+    from .. import _native
     native_ok = _native.load_error() is None
     uring_ok = native_ok and _native.uring_available()
     try:
@@ -269,7 +294,7 @@ def run(path: str, size: int, repeats: int = 3, blocks: Iterable[int] | None = N
     fio_runs: list[Result] = []
     fio_huge_runs: list[Result] = []
     log("fio on huge pages too (like for like): " + (f"yes, buffers in {huge_dir}" if huge_dir else
-        "no (needs a hugetlbfs mount with 32 free 2 MiB pages; see hugetlbfs_dir in offload/benchdisk.py)"))
+        "no (needs a hugetlbfs mount with 32 free 2 MiB pages; see hugetlbfs_dir in offload/cli/benchdisk.py)"))
     def paired_fio(huge: str | None, runs: list[Result]) -> Result | None:
         fio = run_fio(path, size, huge)
         if fio is not None:
@@ -383,25 +408,61 @@ def thp_mode() -> str:
     return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
 
 
-def main(path: str, size: int, repeats: int, json_path: str | None, blocks: list[int] | None,
-         depths: list[int] | None, keep: bool, huge: bool = True) -> int:
-    from .convert import _progress
+def main(a: Any) -> int:
+    from ..convert import _progress
+    path = a.path or os.getcwd()
     if os.path.isdir(path):
         path = os.path.join(path, "offload-bench-disk.bin")
-    created = not os.path.exists(path)
-    bar = _progress(size, f"creating {path}", True)
+    elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UsageError(f"{os.path.dirname(os.path.abspath(path))} is not a folder: pass a folder or a file path "
+                         f"on the disk to measure")
+    created = not os.path.lexists(path)
+    if not created and not is_own_test_file(path):
+        raise UsageError(f"{path} exists and is not a bench-disk test file: refusing to overwrite or remove it; pass "
+                         f"a folder or a file name that does not exist")
     try:
-        make_test_file(path, size, bar.update)
+        bar = _progress(a.size, f"creating {path}", True)
+        try:
+            make_test_file(path, a.size, bar.update)
+        finally:
+            bar.close()
+        report = run(path, a.size, a.repeats, a.block_size, a.depth, log=lambda s: print(s, file=sys.stderr, flush=True),
+                     huge=a.pages == "huge")
     finally:
-        bar.close()
-    try:
-        report = run(path, size, repeats, blocks, depths, log=lambda s: print(s, file=sys.stderr, flush=True), huge=huge)
-    finally:
-        if created and not keep:
+        if created and not a.keep:
             with contextlib.suppress(OSError):
                 os.unlink(path)
     print(table(report))
-    if json_path:
-        with open(json_path, "w") as f:
+    if a.json:
+        with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
     return 0
+
+
+def _aligned(text: str) -> int:
+    """A block or file size O_DIRECT can read: a positive multiple of 4 KiB."""
+    import argparse
+    n = byte_size(text)
+    if n <= 0 or n % 4096:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive multiple of 4 KiB (O_DIRECT reads whole pages)")
+    return n
+
+
+def add_parser(sub: Any) -> None:
+    b = add_command(sub, "bench-disk", "measure read bandwidth of each reader backend (and fio) on a disk",
+                    "Cold-cache sequential read bandwidth and CPU cost of every reader backend, alternating with fio "
+                    "on the same file. Writes only its own test file (removed at the end unless --keep); an existing "
+                    "file that is not one of its own is refused, untouched.")
+    b.add_argument("path", nargs="?", help="folder (a test file is created in it) or a new file path, on the disk to "
+                   "measure (default: the current folder)")
+    b.add_argument("--size", type=_aligned, default=parse_bytes("4GiB"), metavar="BYTES",
+                   help="test file size, e.g. 4GiB (default: 4GiB); bigger than the disk's cache for honest figures")
+    b.add_argument("--block-size", type=_aligned, action="append", metavar="BYTES",
+                   help="block size to try, repeatable (default: each backend's small grid)")
+    b.add_argument("--depth", type=positive_int, action="append", help="queue depth to try, repeatable (default: the grid's)")
+    b.add_argument("--repeats", type=positive_int, default=3, metavar="N", help="alternating fio/backend pairs per backend")
+    b.add_argument("--json", type=output_file, metavar="FILE", help="write the full report as JSON (its folder must exist)")
+    b.add_argument("--keep", action="store_true", help="keep the test file it created")
+    b.add_argument("--pages", choices=("huge", "4k"), default="huge",
+                   help="destination buffer pages: huge (2 MiB, what offload.enable uses) or 4k, to see the difference")
+    b.set_defaults(fn=main)

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,12 @@ from typing import Any
 
 import torch
 
-from ._memory import format_bytes
+from .._memory import format_bytes
+from .models import DTYPES, meta_model, model_class, random_checkpoint, random_name
+from .options import UsageError, add_command, at_least, byte_size, choice_list, int_list, output_file
+
+RUNS = ("memory", "accelerate", "dispatch", "offload")
+FIO_FILE_BYTES = 4 << 30  # fio's test file beside the model's files: its I/O floor, measured in the same minute
 
 
 def _files_under(paths: Iterable[str]) -> list[str]:
@@ -89,19 +95,18 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
     import accelerate
     import transformers as tf
 
-    from . import enable
+    from .. import enable
+    from ..plan import disk_device_map, find_units
     from .benchdisk import run_fio
-    from .plan import disk_device_map, find_units
-    from .run import _meta_model
 
     config = tf.AutoConfig.from_pretrained(checkpoint)
-    cls = tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder else tf.AutoModelForCausalLM
-    blocks = [n for n, _ in find_units(_meta_model(config, dtype))]
+    cls = model_class(config)
+    blocks = [n for n, _ in find_units(meta_model(config, dtype))]
     prompt = torch.tensor([[(17 * i + 3) % config.vocab_size for i in range(16)]])
     rows: list[dict[str, Any]] = []
     reference: list[int] | None = None
     ckpt_files = _files_under([checkpoint])
-    meta = _meta_model(config, dtype)
+    meta = meta_model(config, dtype)
     block_bytes = sum(p.numel() * p.element_size() for n, p in meta.named_parameters()
                       if any(n.startswith(b + ".") for b in blocks))
     del meta
@@ -184,10 +189,10 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
             with accelerate.init_empty_weights():
                 skeleton = cls.from_config(config, dtype=dtype)
             for p in prefetches:
-                log(f"[bs={bs}] offload prefetch={p}, every block streamed (cpu_memory=0)")
+                log(f"[bs={bs}] offload prefetch={p}, every block streamed (ram_tier=0)")
                 model = cls.from_pretrained(checkpoint, dtype=dtype, device_map=device_map(skeleton), offload_folder=off).eval()
                 t0 = time.perf_counter()
-                handle = enable(model, prefetch=p, cpu_memory=0, store=os.path.join(workdir, "offload-store"))
+                handle = enable(model, prefetch=p, ram_tier=0, store=os.path.join(workdir, "offload-store"))
                 enable_s = time.perf_counter() - t0
                 same = check_tokens("offload", model)
                 store_files = [os.path.join(workdir, "offload-store")]
@@ -210,7 +215,7 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
             handle.reset_stats()
             times = decode_times(model, ids, new_tokens, None)
             s = handle.stats()
-            rows.append(_row("offload RAM tier (default cpu_memory)", "warm", bs, times, same_tokens=same,
+            rows.append(_row("offload RAM tier (default budget)", "warm", bs, times, same_tokens=same,
                              bytes_per_token=s.bytes_read / new_tokens, resident_units=s.resident_units))
             handle.disable()
             model = handle = skeleton = None
@@ -289,9 +294,12 @@ def in_cgroup(limit_bytes: int, argv: list[str]) -> int:
 
 
 def main(a: Any) -> int:
-    from .run import DTYPES, random_checkpoint
-    from .runtime import cache_dir
+    from ..runtime import cache_dir
     from .benchdisk import make_test_file
+    if a.model is None and a.random is None:
+        raise UsageError("pass MODEL (a Hugging Face folder) or --random NAME")
+    if a.model is not None and not os.path.isdir(a.model):
+        raise UsageError(f"{a.model} is not a folder: pass a Hugging Face model folder or --random NAME")
     if a.memory_limit and not os.environ.get("OFFLOAD_BENCH_CGROUP"):
         rest = sys.argv[1:]
         if rest[:1] == ["bench"]:  # started as `offload bench ...` rather than benchmarks/bench_model.py
@@ -304,21 +312,25 @@ def main(a: Any) -> int:
         checkpoint = random_checkpoint(a.random, dtype, os.path.join(cache_dir(), "random", f"{a.random}-{tag}"))
         name = a.random
     else:
-        if not a.model or not os.path.isdir(a.model):
-            raise FileNotFoundError(f"{a.model} is not a folder: pass a Hugging Face model folder or --random NAME")
         checkpoint, name = a.model, os.path.basename(os.path.abspath(a.model))
     workdir = a.workdir or os.path.join(cache_dir(), "bench", f"{name}-{tag}")
     os.makedirs(workdir, exist_ok=True)
+    # fio's test file only when fio is there to read it, removed whatever happens next.
     fio_file = None
-    if not a.no_fio:
-        fio_file = os.path.join(workdir, "fio-4GiB.bin")
-        make_test_file(fio_file, 4 << 30)
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    include = set(a.runs.split(","))
-    report = run_bench(checkpoint, workdir, dtype, [int(x) for x in a.batch_sizes.split(",")],
-                       [int(x) for x in a.prefetch.split(",")], a.new_tokens, include, fio_file, log)
+    if not a.no_fio and shutil.which("fio"):
+        fio_file = os.path.join(workdir, f"offload-fio-{os.getpid()}.bin")
+    try:
+        if fio_file:
+            make_test_file(fio_file, FIO_FILE_BYTES)
+        log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+        report = run_bench(checkpoint, workdir, dtype, a.batch_sizes, a.prefetch, a.new_tokens, set(a.runs),
+                           fio_file, log)
+    finally:
+        if fio_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fio_file)
     report.update({
-        "model": name, "dtype": tag, "new_tokens": a.new_tokens,
+        "model": name, "dtype": tag, "new_tokens": a.new_tokens, "runs": a.runs,
         "memory_limit_bytes": int(os.environ.get("OFFLOAD_BENCH_CGROUP", 0)) or None,
         "eviction": "posix_fadvise(DONTNEED) on every checkpoint/offload/store file before every forward (cold rows)",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -344,18 +356,24 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def add_parser(sub: Any, mem: Callable[[str], int]) -> None:
-    b = sub.add_parser("bench", help="decode time vs Accelerate's disk offload and the floors, in one run")
+def add_parser(sub: Any) -> None:
+    b = add_command(sub, "bench", "decode time vs Accelerate's disk offload and the floors, in one run",
+                    "Greedy decode side by side in one run, on the same files and prompt: the model in memory, "
+                    "Accelerate's disk offload (from_pretrained and load_checkpoint_and_dispatch), and offload at "
+                    "several prefetch depths, cold and warm, with fio's I/O floor when fio is installed.")
     b.add_argument("model", nargs="?", help="Hugging Face model folder")
-    b.add_argument("--random", metavar="NAME", help="random weights of a real architecture (e.g. bloom-1b7)")
-    b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    b.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8,32")
-    b.add_argument("--prefetch", default="1,2,4", help="comma-separated prefetch depths for this runtime")
-    b.add_argument("--new-tokens", type=int, default=6, help="tokens per generate (the first is prefill, excluded)")
-    b.add_argument("--runs", default="memory,accelerate,dispatch,offload", help="which rows to run")
-    b.add_argument("--memory-limit", type=mem, help="run everything inside a memory cgroup of this size")
+    b.add_argument("--random", metavar="NAME", type=random_name, help="random weights of a real architecture (e.g. bloom-1b7)")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype every row runs in")
+    b.add_argument("--batch-sizes", type=int_list(1), default=[1], metavar="N[,N...]", help="comma-separated, e.g. 1,8,32")
+    b.add_argument("--prefetch", type=int_list(1), default=[1, 2, 4], metavar="N[,N...]",
+                   help="comma-separated prefetch depths for this runtime")
+    b.add_argument("--new-tokens", type=at_least(2), default=6, metavar="N",
+                   help="tokens per generate (the first is the prefill, excluded from the timings)")
+    b.add_argument("--runs", type=choice_list(RUNS), default=list(RUNS), metavar="ROW[,ROW...]",
+                   help=f"which rows to run, comma-separated from {','.join(RUNS)}")
+    b.add_argument("--memory-limit", type=byte_size, metavar="BYTES", help="run everything inside a memory cgroup of this size")
     b.add_argument("--workdir", help="where offload folders and stores go (default: the cache)")
-    b.add_argument("--no-fio", action="store_true", help="skip fio (no I/O floor)")
-    b.add_argument("--json", help="write the report as JSON")
-    b.add_argument("--plot", help="draw the table as a PNG chart (needs matplotlib)")
+    b.add_argument("--no-fio", action="store_true", help="skip fio (no I/O floor); without fio installed it is skipped anyway")
+    b.add_argument("--json", type=output_file, metavar="FILE", help="write the report as JSON (its folder must exist)")
+    b.add_argument("--plot", type=output_file, metavar="FILE", help="draw the table as a PNG chart (needs matplotlib)")
     b.set_defaults(fn=main)

@@ -1,0 +1,128 @@
+"""The random-model zoo: real architectures' shapes with random weights, so nothing is downloaded.
+
+``--random bloom-7b1`` is written once to the cache as a normal Hugging Face folder, shard by shard;
+the bytes, shapes and compute are those of the real model, only the values differ.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+# Real architectures' shapes (from their published configs). family → transformers config class.
+RANDOM_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bloom-560m": ("bloom", dict(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)),
+    "bloom-1b7": ("bloom", dict(vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16)),
+    "bloom-7b1": ("bloom", dict(vocab_size=250880, hidden_size=4096, n_layer=30, n_head=32)),
+    "bloom": ("bloom", dict(vocab_size=250880, hidden_size=14336, n_layer=70, n_head=112)),
+    "opt-1.3b": ("opt", dict(vocab_size=50272, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+                             ffn_dim=8192, max_position_embeddings=2048, word_embed_proj_dim=2048)),
+    "opt-30b": ("opt", dict(vocab_size=50272, hidden_size=7168, num_hidden_layers=48, num_attention_heads=56,
+                            ffn_dim=28672, max_position_embeddings=2048, word_embed_proj_dim=7168)),
+    "gpt-neox-20b": ("gpt_neox", dict(vocab_size=50432, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
+                                      intermediate_size=24576, max_position_embeddings=2048, rotary_pct=0.25)),
+    "gpt-j-6b": ("gptj", dict(vocab_size=50400, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_positions=2048)),
+    "t0pp": ("t5", dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)),
+    "tiny-bloom": ("bloom", dict(vocab_size=1024, hidden_size=64, n_layer=4, n_head=4)),
+}
+# The CLI's dtype names; the store's manifest records the torch name ("bfloat16").
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_TAGS = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``"bf16"`` (the ``--dtype`` spelling); other dtypes by their torch name."""
+    return DTYPE_TAGS.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def random_name(text: str) -> str:
+    """``--random NAME``, checked as it is parsed (an argparse type)."""
+    if text not in RANDOM_MODELS:
+        import argparse
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}: choose one of {', '.join(RANDOM_MODELS)}")
+    return text
+
+
+def config_for(name: str) -> Any:
+    """The transformers config of a ``--random`` model."""
+    import transformers as tf
+    if name not in RANDOM_MODELS:
+        raise ValueError(f"unknown --random model {name!r}: choose one of {', '.join(RANDOM_MODELS)}")
+    family, kw = RANDOM_MODELS[name]
+    cls = {"bloom": tf.BloomConfig, "opt": tf.OPTConfig, "gpt_neox": tf.GPTNeoXConfig, "gptj": tf.GPTJConfig,
+           "t5": tf.T5Config}[family]
+    return cls(**kw)
+
+
+def model_class(config: Any) -> Any:
+    import transformers as tf
+    return tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder else tf.AutoModelForCausalLM
+
+
+def meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """The model's modules with parameters on meta and (non-persistent) buffers real."""
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):
+        model = model_class(config).from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model.eval()
+
+
+def random_checkpoint(name: str, dtype: torch.dtype, folder: str, progress: bool = True,
+                      shard_bytes: int = 2 << 30) -> str:
+    """Write a random-weight HF checkpoint of architecture ``name`` (once; reused if complete)."""
+    from safetensors.torch import save_file
+
+    from ..convert import _progress
+    if os.path.exists(os.path.join(folder, "model.safetensors.index.json")):
+        return folder
+    config = config_for(name)
+    model = meta_model(config, dtype)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
+    params = [(k, p) for k, p in model.state_dict().items() if k not in tied]
+    os.makedirs(folder, exist_ok=True)
+    tmp = folder + ".partial"
+    os.makedirs(tmp, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size, index = 0, 0
+    bar = _progress(sum(p.numel() * p.element_size() for _, p in params), f"writing random {name}", progress)
+
+    def flush() -> None:
+        nonlocal shard, size, index
+        if not shard:
+            return
+        fname = f"model-{index:05d}.safetensors"
+        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+        shard, size, index = {}, 0, index + 1
+
+    for k, p in params:
+        t = torch.empty(p.shape, dtype=torch.float32)
+        if k.endswith("bias"):
+            t.zero_()
+        elif "norm" in k or k.endswith("ln_f.weight") or "layer_norm" in k:
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, 0.02, generator=gen)
+        shard[k] = t.to(dtype) if p.dtype.is_floating_point else t.to(p.dtype)
+        size += shard[k].numel() * shard[k].element_size()
+        bar.update(shard[k].numel() * shard[k].element_size())
+        if size >= shard_bytes:
+            flush()
+    flush()
+    bar.close()
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(p.numel() * p.element_size() for _, p in params)},
+                   "weight_map": weight_map}, f)
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(tmp)
+    # The index is what marks the folder complete: it moves last.
+    for fname in sorted(os.listdir(tmp), key=lambda n: n == "model.safetensors.index.json"):
+        os.replace(os.path.join(tmp, fname), os.path.join(folder, fname))
+    os.rmdir(tmp)
+    return folder

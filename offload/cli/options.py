@@ -1,0 +1,115 @@
+"""What every ``offload`` command shares: one-line errors, checked argument types, help with defaults.
+
+Arguments are checked where they enter (argparse types), so a bad value is refused in one line with
+exit code 2 before anything is converted, loaded or measured.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from .._memory import parse_bytes
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported in one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``offload run: error: ...``), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after each option's help; options whose default is computed say it in their help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def verbose_parent() -> Parser:
+    """``-v/--verbose``, accepted after the subcommand too."""
+    p = Parser(add_help=False)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log what offload decides (budgets, readers)")
+    return p
+
+
+def add_command(sub: Any, name: str, help: str, description: str | None = None) -> Parser:
+    return sub.add_parser(name, help=help, description=description or help, parents=[verbose_parent()],
+                          formatter_class=HelpFormatter)
+
+
+def byte_size(text: str) -> int:
+    """``8GiB``, ``600MB``, ``1234``."""
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        return n
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = at_least(1)
+
+
+def int_list(minimum: int) -> Callable[[str], list[int]]:
+    """Comma-separated whole numbers, each at least ``minimum``: ``1,2,4``."""
+    one = at_least(minimum)
+
+    def parse(text: str) -> list[int]:
+        parts = [x.strip() for x in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers such as 1,2,4")
+        return [one(x) for x in parts]
+    parse.__name__ = "comma-separated list"
+    return parse
+
+
+def choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """Comma-separated names, each one of ``choices``."""
+    def parse(text: str) -> list[str]:
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in names if x not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose comma-separated names from {', '.join(choices)}")
+        return names
+    parse.__name__ = "comma-separated list"
+    return parse
+
+
+def nonempty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file to write at the end of a run: its folder must exist now, not after an hour of measuring."""
+    folder = os.path.dirname(os.path.abspath(text)) or "."
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder: pass a file name, e.g. {os.path.join(text, 'report.json')}")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist: create it first (mkdir -p {folder})")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"folder {folder} is not writable")
+    return text

@@ -1,0 +1,344 @@
+"""``offload run``: generate with a checkpoint, a store or a random model, within a memory budget.
+
+Order: check every argument and the budget against the plan (from the safetensors headers, the
+store's manifest or the random model's config: no data read), load the tokenizer, and only then
+convert (once; a cached store is reused while its source files and dtype match), load and generate.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shlex
+import sys
+import time
+from typing import Any
+
+import torch
+
+from .._memory import available_memory, format_bytes
+from .models import DTYPES, RANDOM_MODELS, config_for, dtype_tag, meta_model, random_checkpoint, random_name
+from .options import UsageError, add_command, byte_size, nonempty, positive_int
+
+BYTES_FALLBACK = "bytes"  # no tokenizer: the prompt's UTF-8 bytes are the ids, ids are printed
+
+
+# ------------------------------------------------------------------------------ what to run
+
+
+class Target:
+    """What ``run`` was pointed at, resolved without converting anything.
+
+    ``kind`` is ``"store"``, ``"folder"`` or ``"random"``; ``path`` the store or folder (for a random
+    model, the folder it is or will be written to); ``dtype`` what the weights run in; ``units`` and
+    ``resident_bytes`` the plan's sizes, exactly as the store lays them out.
+    """
+
+    def __init__(self, kind: str, path: str, dtype: torch.dtype, unit_bytes: list[int], resident_bytes: int,
+                 label: str):
+        self.kind, self.path, self.dtype = kind, path, dtype
+        self.unit_bytes, self.resident_bytes, self.label = unit_bytes, resident_bytes, label
+
+
+def resolve(a: argparse.Namespace) -> Target:
+    from ..convert import checkpoint_dtype, checkpoint_sources, source_kind
+    from ..runtime import cache_dir
+    from ..store import MANIFEST, Store, plan_layout
+    want = DTYPES[a.dtype] if a.dtype else None
+    if a.random:
+        dtype = want or torch.bfloat16
+        units, resident = _random_specs(a.random, dtype)
+        folder = os.path.join(cache_dir(), "random", f"{a.random}-{dtype_tag(dtype)}")
+        return Target("random", folder, dtype, [plan_layout(s)[1] for s in units.values()],
+                      plan_layout(resident)[1] if resident else 0, a.random)
+    if not os.path.isdir(a.model):
+        raise UsageError(f"{a.model} is not a folder: pass a Hugging Face model folder or an offload store")
+    if os.path.exists(os.path.join(a.model, MANIFEST)):
+        store = Store.open(a.model)
+        held = store.dtype or torch.float32
+        if want is not None and want != held:
+            src = store.source.get("path") or "CHECKPOINT_FOLDER"
+            dst = f"{os.path.abspath(a.model).rstrip('/')}-{a.dtype}"
+            raise UsageError(f"store {a.model} holds {dtype_tag(held)} weights, not {a.dtype}: run it without --dtype, "
+                             f"or make a {a.dtype} store with `offload convert {shlex.quote(src)} {shlex.quote(dst)} "
+                             f"--dtype {a.dtype}` and run that")
+        if a.rebuild or a.allow_pickle:
+            raise UsageError(f"{a.model} is a store: --rebuild and --allow-pickle apply to a checkpoint folder")
+        if not os.path.exists(os.path.join(a.model, "config.json")):
+            raise UsageError(f"store {a.model} has no config.json: convert the checkpoint folder again with this "
+                             f"offload (`offload convert`), which copies it")
+        return Target("store", a.model, held, [u.data_bytes for u in store.units],
+                      store.resident.data_bytes if store.resident else 0, a.model)
+    if not os.path.exists(os.path.join(a.model, "config.json")):
+        raise UsageError(f"{a.model} has no config.json: pass a Hugging Face model folder or an offload store")
+    if source_kind(a.model) == "pickle" and not a.allow_pickle:
+        checkpoint_sources(a.model)  # the pickle refusal, before anything cached is looked at
+    dtype = want or checkpoint_dtype(a.model)
+    if dtype is None:
+        raise UsageError(f"{a.model}: cannot tell its dtype (config.json has none): pass --dtype")
+    units_, resident, _ = checkpoint_sources(a.model, dtype, a.allow_pickle)
+    return Target("folder", a.model, dtype, [plan_layout(u.specs)[1] for u in units_],
+                  plan_layout(resident.specs)[1] if resident else 0, a.model)
+
+
+def _random_specs(name: str, dtype: torch.dtype) -> tuple[dict[str, list[Any]], list[Any]]:
+    """The tensors ``convert`` will put in each unit of a random model, from its meta model (no data)."""
+    from ..convert import unit_of_key
+    from ..store import TensorSpec
+    config = config_for(name)
+    model = meta_model(config, dtype)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
+    units: dict[str, list[Any]] = {}
+    resident: list[Any] = []
+    for k, p in model.state_dict().items():
+        if k in tied:
+            continue
+        unit = unit_of_key(k)
+        spec = TensorSpec(k if unit is None else k[len(unit) + 1:], p.dtype, tuple(p.shape))
+        (resident if unit is None else units.setdefault(unit, [])).append(spec)
+    return units, resident
+
+
+# ------------------------------------------------------------------------------ budget and plan
+
+
+def ring_bytes(prefetch: int, unit_bytes: list[int]) -> int:
+    """Staging memory: ``prefetch + 1`` buffers of the largest unit (never more buffers than units)."""
+    from ..config import ring_bytes as ring
+    return ring(prefetch, max(unit_bytes, default=0), len(unit_bytes))
+
+
+def check_budget(t: Target, cpu_memory: int | None, prefetch: int) -> None:
+    """``--cpu-memory`` is all RAM for weights: resident + staging ring + RAM tier. Below resident + ring
+    nothing can run; say the minimum."""
+    ring = ring_bytes(prefetch, t.unit_bytes)
+    need = t.resident_bytes + ring
+    if cpu_memory is not None and cpu_memory < need:
+        raise UsageError(f"--cpu-memory {format_bytes(cpu_memory)} is below the {format_bytes(need)} this model needs "
+                         f"at --prefetch {prefetch}: resident weights {format_bytes(t.resident_bytes)} + staging ring "
+                         f"{format_bytes(ring)} ({min(prefetch + 1, len(t.unit_bytes))} x the largest unit "
+                         f"{format_bytes(max(t.unit_bytes, default=0))}); pass --cpu-memory {_round_up(need)} or more"
+                         + (", or a smaller --prefetch" if prefetch > 1 else ""))
+
+
+def _round_up(n: int) -> str:
+    """A budget a user can type, not below ``n``: 1.01 GiB → ``1.1GiB``."""
+    import math
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{math.ceil(n / scale * 10) / 10:g}{unit}"
+    return str(n)
+
+
+def tier_budget(cpu_memory: int | None, resident_bytes: int, ring: int) -> int:
+    """What ``--cpu-memory`` leaves for the RAM tier. Without it: free memory (container limit included)
+    minus 1 GiB, minus resident and ring."""
+    from ..runtime import DEFAULT_MARGIN_BYTES
+    total = cpu_memory if cpu_memory is not None else max(0, available_memory() - DEFAULT_MARGIN_BYTES)
+    return max(0, total - resident_bytes - ring)
+
+
+def plan_table(t: Target, cpu_memory: int | None, prefetch: int) -> str:
+    from ..plan import choose_resident
+    sizes = t.unit_bytes
+    ring = ring_bytes(prefetch, sizes)
+    tier = choose_resident(sizes, tier_budget(cpu_memory, t.resident_bytes, ring))
+    streamed = [s for i, s in enumerate(sizes) if i not in tier]
+    ring = ring_bytes(prefetch, streamed) if streamed else 0
+    rows = [("resident (embeddings, norms, head)", "RAM", t.resident_bytes, 1 if t.resident_bytes else 0),
+            ("RAM tier (read once)", "RAM", sum(sizes[i] for i in tier), len(tier)),
+            ("streamed from disk, per token", "disk", sum(streamed), len(streamed)),
+            (f"staging ring (prefetch {prefetch} + 1)", "RAM", ring, min(prefetch + 1, len(streamed)))]
+    out = [f"{'placement':36s} {'where':5s} {'size':>11s} {'units':>6s}"]
+    out += [f"{a:36s} {b:5s} {format_bytes(c):>11s} {d:6d}" for a, b, c, d in rows]
+    used = t.resident_bytes + sum(sizes[i] for i in tier) + ring
+    budget = (f"--cpu-memory {format_bytes(cpu_memory)}" if cpu_memory is not None
+              else "default budget: free memory - 1 GiB")
+    out.append(f"{dtype_tag(t.dtype)} weights {format_bytes(t.resident_bytes + sum(sizes))} in {len(sizes)} units; "
+               f"RAM for weights {format_bytes(used)} ({budget})")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------ tokenizer and streaming
+
+
+def load_tokenizer(path: str) -> Any:
+    """The folder's (or store's) tokenizer; None when it has no tokenizer files at all.
+
+    Tokenizer files that fail to load are an error, never a silent fall-back to bytes."""
+    from ..convert import tokenizer_files
+    files = tokenizer_files(path)
+    if not files:
+        return None
+    import transformers as tf
+    try:
+        return tf.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's tokenizer files is reported in one line
+        names = ", ".join(os.path.basename(f) for f in files[:4])
+        raise UsageError(f"{path}: its tokenizer files ({names}) fail to load: {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+
+
+class ByteIds:
+    """Stands in for a tokenizer when a model has none: UTF-8 bytes in, token ids printed."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return [b % self.vocab_size for b in text.encode()]
+
+    def decode(self, ids: Any, **_: Any) -> str:
+        ids = [ids] if isinstance(ids, int) else list(ids)
+        return "".join(f" {i}" for i in ids)
+
+
+def make_streamer(tokenizer: Any, skip_prompt: bool, out: Any = None) -> Any:
+    """A ``transformers.TextStreamer`` that prints to ``out`` (default: stdout at print time) and records
+    when each new token arrived (``.times``)."""
+    import transformers as tf
+
+    class TimedStreamer(tf.TextStreamer):
+        """Transformers' TextStreamer, decoding the whole generated sequence at each token and printing
+        only the part no later token can change, so the printed pieces concatenate to exactly
+        ``tokenizer.decode(generated_ids, skip_special_tokens=True)``:
+
+        - the cache is never cut at a newline (TextStreamer re-decodes from the last token, which
+          for SentencePiece-style tokenizers can drop the space after it);
+        - the last space and what follows it wait for the next token: a tokenizer that cleans up
+          spaces (``" ." → "."``) may still remove it, and a byte-level token may be half a character.
+
+        With a batch, the first row is printed (the rows share the prompt).
+        """
+
+        def __init__(self) -> None:
+            super().__init__(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
+            self.times: list[float] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            value = value[0] if value.dim() > 1 else value[:1]
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            self.times.append(time.perf_counter())
+            self.token_cache.extend(value.tolist())
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            if text.endswith("\n") or (text and self._is_chinese_char(ord(text[-1]))):
+                stable = len(text)
+            else:
+                stable = text.rfind(" ")
+            if stable > self.print_len:
+                self.on_finalized_text(text[self.print_len:stable])
+                self.print_len = stable
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            f = out or sys.stdout
+            f.write(text + ("\n" if stream_end else ""))
+            f.flush()
+
+    return TimedStreamer()
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    if bool(a.model) == bool(a.random):
+        raise UsageError("pass MODEL (a Hugging Face folder or a store) or --random NAME" +
+                         (", not both" if a.model else ""))
+    if not a.verbose:
+        import transformers as tf
+        tf.logging.set_verbosity_error()  # generate()'s notes about pad tokens are not the user's business
+    if a.gpu_memory is not None and not torch.cuda.is_available():
+        _say("note: --gpu-memory ignored: no CUDA device; units compute on the CPU")
+    # 1. Everything that can be refused, before anything is written or loaded.
+    target = resolve(a)
+    check_budget(target, a.cpu_memory, a.prefetch)
+    print(plan_table(target, a.cpu_memory, a.prefetch))
+    if a.dry_run:
+        return 0
+    tokenizer = load_tokenizer(target.path) if target.kind != "random" else None
+    if tokenizer is None:
+        _say(f"note: {'random models have' if target.kind == 'random' else target.path + ' has'} no tokenizer "
+             f"files: the prompt's bytes are the token ids, and ids are printed")
+    # 2. Convert (once) and load.
+    from ..convert import cached_store
+    if target.kind == "store":
+        store = target.path
+    else:
+        folder = target.path
+        if target.kind == "random":
+            folder = random_checkpoint(a.random, target.dtype, folder, not a.quiet)
+        store = cached_store(folder, target.dtype, rebuild=a.rebuild, allow_pickle=a.allow_pickle,
+                             progress=not a.quiet, note=_say)
+    import offload
+    model, handle = offload.load(store, a.prefetch, cpu_memory=a.cpu_memory, gpu_memory=a.gpu_memory, reader=a.reader,
+                                 verify=not a.no_verify, progress=not a.quiet)
+    try:
+        return _generate(a, model, handle, store, tokenizer)
+    finally:
+        handle.disable()
+
+
+def _generate(a: argparse.Namespace, model: Any, handle: Any, store: str, tokenizer: Any) -> int:
+    import transformers as tf
+    if os.path.exists(os.path.join(store, "generation_config.json")):
+        model.generation_config = tf.GenerationConfig.from_pretrained(store)
+    tok = tokenizer or ByteIds(model.config.vocab_size)
+    ids = torch.tensor([tok.encode(a.prompt)], dtype=torch.long)
+    if ids.shape[1] == 0:
+        raise UsageError(f"--prompt {a.prompt!r} encodes to no tokens")
+    ids = ids.repeat(a.batch_size, 1)
+    streamer = make_streamer(tok, skip_prompt=not model.config.is_encoder_decoder)
+    handle.reset_stats()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
+                             min_new_tokens=a.max_new_tokens, do_sample=False, streamer=streamer)
+    total = time.perf_counter() - t0
+    s = handle.stats()
+    n = out.shape[1] - (0 if model.config.is_encoder_decoder else ids.shape[1])
+    times = streamer.times
+    decode_s = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else total
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gpu = f", peak GPU {format_bytes(torch.cuda.max_memory_allocated())}" if torch.cuda.is_available() else ""
+    print(f"{n} tokens x batch {a.batch_size}: {decode_s:.3f} s/token (decode), {format_bytes(s.bytes_read / max(n, 1))} "
+          f"read/token, waited on I/O {s.wait_seconds / total:.0%} of {total:.1f} s, misses {s.misses}, "
+          f"peak RSS {format_bytes(rss)}{gpu}")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    from ..io import READERS
+    r = add_command(sub, "run", "generate with a model bigger than memory (converts it first if needed)",
+                    "Generate with a Hugging Face folder, an offload store or a random model, streaming its blocks "
+                    "from disk within a memory budget. A folder is converted once into a cached store, reused while "
+                    "its files and dtype are unchanged.")
+    r.add_argument("model", nargs="?", help="Hugging Face model folder or offload store")
+    r.add_argument("--random", metavar="NAME", type=random_name,
+                   help=f"random weights of a real architecture instead of MODEL: {', '.join(RANDOM_MODELS)}")
+    r.add_argument("--prompt", type=nonempty, default="The quick brown fox", metavar="TEXT", help="text to continue")
+    r.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N", help="tokens to generate")
+    r.add_argument("--cpu-memory", type=byte_size, metavar="BYTES",
+                   help="RAM for all weights: resident + staging ring + RAM tier, e.g. 8GiB (default: free memory, "
+                        "container limit included, minus 1 GiB)")
+    r.add_argument("--gpu-memory", type=byte_size, metavar="BYTES",
+                   help="CUDA: GPU memory for streamed units (default: free GPU memory minus 2 GiB)")
+    r.add_argument("--prefetch", type=positive_int, default=2, metavar="N", help="units read ahead while one computes")
+    r.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="dtype to run in (default: the checkpoint's own, from config.json or its weights; a store's "
+                        "own; bf16 for --random)")
+    r.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="rows generated at once (the prompt repeated)")
+    r.add_argument("--reader", choices=READERS, help="disk reader (default: native when built, else python)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the placement plan (from the safetensors headers: nothing converted) and stop")
+    r.add_argument("--rebuild", action="store_true", help="convert the folder again even if its cached store is current")
+    r.add_argument("--allow-pickle", action="store_true", help="accept *.bin pickle checkpoints (torch.load(weights_only=True))")
+    r.add_argument("--no-verify", action="store_true",
+                   help="skip checking each unit's checksum the first time it is read (default: checked)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(fn=cmd_run)
