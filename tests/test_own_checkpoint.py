@@ -93,6 +93,9 @@ def test_same_folder_name_each_runs_its_own_weights(tmp_path, tokenizers, capsys
     for folder, text in zip(("a", "b"), want):
         code, out, _ = run(capsys, "run", str(tmp_path / folder / "tiny-llama"), *RUN)
         assert code == 0 and generated(out) == text
+    # each keeps its own cached store: running the first again reuses it
+    code, out, err = run(capsys, "run", str(tmp_path / "a" / "tiny-llama"), *RUN)
+    assert code == 0 and generated(out) == want[0] and any(x.startswith("offload: reusing store") for x in err)
 
 
 def test_resaved_weights_are_picked_up(tmp_path, tokenizers, capsys):
@@ -168,6 +171,8 @@ def test_store_and_folder_print_the_same_text(kind, tmp_path, tokenizers, capsys
     assert code == 0
     assert from_store.split("\n")[:-2] == from_folder.split("\n")[:-2]  # all but the timing line
     assert generated(from_store) == expected_text(model, tok, "naïve café", 6)
+    code, batched, _ = run(capsys, "run", str(tmp_path / "store"), *RUN, "--batch-size", "2")
+    assert code == 0 and generated(batched) == generated(from_store)  # the first row, as a batch of one
     # a store of another dtype is refused with the command that makes the right one
     code, out, err = run(capsys, "run", str(tmp_path / "store"), "--dtype", "bf16", *RUN)
     assert code == 2 and len(err) == 1 and out == ""

@@ -199,37 +199,18 @@ def make_streamer(tokenizer: Any, skip_prompt: bool, out: Any = None) -> Any:
     import transformers as tf
 
     class TimedStreamer(tf.TextStreamer):
-        """Transformers' TextStreamer, decoding the whole generated sequence at each token and printing
-        only the part no later token can change, so the printed pieces concatenate to exactly
-        ``tokenizer.decode(generated_ids, skip_special_tokens=True)``:
-
-        - the cache is never cut at a newline (TextStreamer re-decodes from the last token, which
-          for SentencePiece-style tokenizers can drop the space after it);
-        - the last space and what follows it wait for the next token: a tokenizer that cleans up
-          spaces (``" ." → "."``) may still remove it, and a byte-level token may be half a character.
-
-        With a batch, the first row is printed (the rows share the prompt).
-        """
+        """Transformers' TextStreamer (it re-decodes the tokens since the last printed word, so the pieces
+        add up to ``tokenizer.decode(ids, skip_special_tokens=True)``: no half characters, no lost
+        spaces), plus the time each token arrived; with a batch, the first row is printed."""
 
         def __init__(self) -> None:
             super().__init__(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
             self.times: list[float] = []
 
         def put(self, value: torch.Tensor) -> None:
-            value = value[0] if value.dim() > 1 else value[:1]
-            if self.skip_prompt and self.next_tokens_are_prompt:
-                self.next_tokens_are_prompt = False
-                return
-            self.times.append(time.perf_counter())
-            self.token_cache.extend(value.tolist())
-            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-            if text.endswith("\n") or (text and self._is_chinese_char(ord(text[-1]))):
-                stable = len(text)
-            else:
-                stable = text.rfind(" ")
-            if stable > self.print_len:
-                self.on_finalized_text(text[self.print_len:stable])
-                self.print_len = stable
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                self.times.append(time.perf_counter())
+            super().put(value[:1] if value.dim() > 1 else value[:1].reshape(1, 1))
 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             f = out or sys.stdout
