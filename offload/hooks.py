@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import OffloadError
 from .store import UnitRecord
+from .trace import COMPUTE_TRACK, Tracer
 
 log = logging.getLogger("offload")
 
@@ -176,9 +177,11 @@ class Binding:
 class UnitHook:
     """The pre/post pair for one unit, registered with ``register_forward_pre_hook``/``register_forward_hook``."""
 
-    def __init__(self, index: int, module: nn.Module, record: UnitRecord, bindings: list[Binding], stager: Any):
+    def __init__(self, index: int, module: nn.Module, record: UnitRecord, bindings: list[Binding], stager: Any,
+                 tracer: Tracer | None = None):
         self.index, self.module, self.record, self.bindings = index, module, record, bindings
-        self.stager = stager
+        self.stager, self.tracer = stager, tracer
+        self._t_bound = 0.0
         self.depth = 0  # forwards of this unit in progress (>1: it called itself)
         self.handles: list[Any] = []
 
@@ -209,12 +212,17 @@ class UnitHook:
             self.stager.done(self.index)
             raise
         self.depth = 1
+        if self.tracer is not None:
+            self._t_bound = self.tracer.now()
 
     def post(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.depth == 0:  # the pre-hook failed (always_call runs us anyway)
             return
         self.depth -= 1
         if self.depth == 0:
+            if self.tracer is not None:
+                self.tracer.span(COMPUTE_TRACK, f"forward {self.record.name}", "forward", self._t_bound,
+                                 self.tracer.now())
             self._unbind()
 
     def reset(self) -> None:

@@ -45,6 +45,7 @@ from .errors import ChecksumError, OffloadError, UnitReadError
 from .io import Reader
 from .staging import Fence, HostBuffer, HostRing, Lease, Slot, wait_fence
 from .store import Store, UnitRecord
+from .trace import COMPUTE_TRACK, Tracer
 
 _POLL_S = 0.1  # how often a blocked wait re-checks that the prefetcher is still open
 _ids = itertools.count()
@@ -63,13 +64,17 @@ class _Task:
         if load.cancelled or load.error is not None:
             load.task_done(None)
             return
+        t0 = time.perf_counter()
         try:
             if load.t_start == 0.0:
-                load.t_start = time.perf_counter()
+                load.t_start = t0
             load.reader.read(load.handle, load.unit.data_offset + self.offset, load.buffer.view(self.offset, self.length))
         except BaseException as e:  # noqa: BLE001 - carried to the waiter, re-raised there
             load.task_done(e)
             return
+        if load.tracer is not None:
+            load.tracer.span(threading.current_thread().name, f"read {load.unit.name}", "read", t0,
+                             time.perf_counter(), bytes=self.length, offset=self.offset)
         load.task_done(None, self.length)
 
     def abandon(self) -> None:
@@ -80,9 +85,9 @@ class _Load:
     """One unit being read into one buffer. Completes exactly once, error included."""
 
     def __init__(self, unit: UnitRecord, path: str, buffer: HostBuffer, reader: Reader,
-                 on_finish: Callable[[_Load], None]):
+                 on_finish: Callable[[_Load], None], tracer: Tracer | None = None):
         self.unit, self.path, self.buffer, self.reader = unit, path, buffer, reader
-        self.on_finish = on_finish
+        self.on_finish, self.tracer = on_finish, tracer
         self.bytes_done = 0
         self.done = threading.Event()
         self.error: BaseException | None = None
@@ -196,8 +201,9 @@ class Prefetcher:
 
     def __init__(self, store: Store, units: Sequence[UnitRecord], reader: Reader, config: StagingConfig,
                  resident: dict[int, HostBuffer] | None = None, elsewhere: set[int] | None = None,
-                 verify: bool = False):
+                 verify: bool = False, tracer: Tracer | None = None):
         self.store = store
+        self.tracer = tracer
         self.units = list(units)
         self.reader = reader
         self.config = config
@@ -256,8 +262,11 @@ class Prefetcher:
                 raise
         t0 = time.perf_counter()
         self._wait(load, f"unit {unit.name}")
+        t1 = time.perf_counter()
+        if self.tracer is not None and t1 - t0 > 20e-6:  # a wait worth drawing
+            self.tracer.span(COMPUTE_TRACK, f"wait {unit.name}", "wait", t0, t1)
         with self._lock:
-            self._stats.wait_seconds += time.perf_counter() - t0
+            self._stats.wait_seconds += t1 - t0
             if load.error is not None and slot.load is load:
                 slot.unit = slot.load = None  # forget the failed read so the next call tries again
         if load.error is not None:
@@ -362,7 +371,7 @@ class Prefetcher:
     def _start(self, i: int, slot: Slot, urgent: bool) -> None:
         unit = self.units[i]
         path = self.store.file_path(unit)
-        load = _Load(unit, path, slot.buffer, self.reader, self._finished)
+        load = _Load(unit, path, slot.buffer, self.reader, self._finished, self.tracer)
         slot.unit, slot.load, slot.reserved_for = i, load, None
         try:
             load.handle = self.reader.open(path)
@@ -418,7 +427,7 @@ class Prefetcher:
         loads = []
         for i, buf in buffers.items():
             unit = self.units[i]
-            load = _Load(unit, self.store.file_path(unit), buf, self.reader, self._finished)
+            load = _Load(unit, self.store.file_path(unit), buf, self.reader, self._finished, self.tracer)
             try:
                 load.handle = self.reader.open(load.path)
             except OSError as e:

@@ -34,6 +34,7 @@ from .plan import (UnitPlan, _numel, choose_resident, find_units, is_accelerate_
 from .prefetch import Prefetcher
 from .staging import HostBuffer
 from .store import MANIFEST, Store, TensorSpec, UnitRecord, fingerprint, unit_crc
+from .trace import Tracer
 from .transfer import CpuStager, CudaBackend, CudaStager, Stager
 from ._memory import available_memory, format_bytes, parse_bytes
 
@@ -83,13 +84,15 @@ class Handle:
                  plans: list[UnitPlan], kind: str, temp_store: bool, stagers: list[Stager],
                  accelerate_state: list[tuple[Any, bool, Any]], restore: dict[int, torch.Tensor],
                  silenced: list[tuple[nn.Module, Any]] | None = None,
-                 pinned: list[tuple[nn.Module, str, bool, torch.Tensor]] | None = None):
+                 pinned: list[tuple[nn.Module, str, bool, torch.Tensor]] | None = None,
+                 tracer: Tracer | None = None, trace_path: str | None = None):
         self.model, self.store, self.prefetcher, self.hooks, self.plans = model, store, prefetcher, hooks, plans
         self.kind, self.temp_store, self.stagers = kind, temp_store, stagers
         self._accelerate_state = accelerate_state
         self._silenced = silenced or []
         self._restore = restore
         self._pinned = pinned or []
+        self.tracer, self.trace_path = tracer, trace_path
         self._root_hook = model.register_forward_pre_hook(self._root_pre)
         self._lock = threading.Lock()
         self.closed = False
@@ -117,6 +120,14 @@ class Handle:
     def reset_stats(self) -> None:
         if not self.closed:
             self.prefetcher.reset_stats()
+
+    def write_trace(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Write the trace recorded so far (``enable(trace=...)``) as Chrome trace JSON; returns the path."""
+        if self.tracer is None:
+            raise OffloadError("this handle records no trace: enable(model, trace='trace.json') to record one")
+        target = path if path is not None else self.trace_path
+        assert target is not None
+        return self.tracer.write(target)
 
     def disable(self) -> None:
         """Stop the reader threads, free the buffers, remove the hooks and restore the model. Idempotent.
@@ -161,6 +172,8 @@ class Handle:
         if self.temp_store:
             shutil.rmtree(self.store.path, ignore_errors=True)
         _live_handles.discard(self)
+        if self.tracer is not None and self.trace_path is not None:
+            self.tracer.write(self.trace_path)
         if error is not None:
             raise error
 
@@ -242,7 +255,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
            device: str | torch.device | None = None, *, cpu_memory: int | str | None = None,
            ram_tier: int | str | None = None, gpu_memory: int | str | None = None,
            units: Sequence[str] | None = None, reader: str | Reader | None = None, io_threads: int = 8,
-           verify: bool = True, progress: bool = True) -> Handle:
+           verify: bool = True, trace: str | os.PathLike[str] | None = None, progress: bool = True) -> Handle:
     """Stream a model's blocks from disk, prefetching the next ``prefetch`` blocks while one computes.
 
     Args:
@@ -268,6 +281,8 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         io_threads: reader threads (the python reader's queue depth), alive until ``disable``.
         verify: check each unit's CRC32 the first time it is read (on the reader thread), so a
             damaged file is an error naming it rather than wrong outputs.
+        trace: write a Chrome/Perfetto trace of reads, copies, forwards and waits to this file when
+            the handle is disabled (``Handle.write_trace`` writes one at any time).
 
     Returns:
         A :class:`Handle` (``stats()``, ``disable()``, context manager).
@@ -353,7 +368,8 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
     if len(resident) == len(host_units):  # every unit fits in the tier: no ring needed
         config = StagingConfig(prefetch, 0, 0, io_threads)
 
-    prefetcher = Prefetcher(st, records, rd, config, resident, elsewhere=elsewhere, verify=verify)
+    tracer = Tracer() if trace is not None else None
+    prefetcher = Prefetcher(st, records, rd, config, resident, elsewhere=elsewhere, verify=verify, tracer=tracer)
     stagers: dict[torch.device, Stager] = {}
     restore: dict[int, torch.Tensor] = {}
     hooks: list[UnitHook] = []
@@ -366,13 +382,13 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
                 prefetcher.load_resident(bar.update)
             finally:
                 bar.close()
-        stagers = _make_stagers(plans, records, prefetcher, gpu_tier, backends)
+        stagers = _make_stagers(plans, records, prefetcher, gpu_tier, backends, tracer)
         for stager in stagers.values():
             if isinstance(stager, CudaStager):
                 stager.load_gpu_tier()
         for i, (p, rec) in enumerate(zip(plans, records)):
             bindings = _bindings(p, rec, restore, st)
-            hooks.append(UnitHook(i, p.module, rec, bindings, stagers[p.device]))
+            hooks.append(UnitHook(i, p.module, rec, bindings, stagers[p.device], tracer))
     except BaseException:
         for stager in stagers.values():
             stager.close()
@@ -393,7 +409,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         hk.offload, hk.weights_map = False, None
     silenced = _silence_inner_accelerate_hooks(plans) if accelerate else []
     handle = Handle(model, st, prefetcher, hooks, plans, kind, temp_store, list(stagers.values()), accelerate_state,
-                    restore, silenced, pinned)
+                    restore, silenced, pinned, tracer, os.fspath(trace) if trace is not None else None)
     model._offload_handle = handle  # type: ignore[assignment]
     _live_handles.add(handle)
     log.info("offload: %d units (%s) from %s; %d in RAM (%s), %d on the GPU, %d streamed, ring %d x %s, reader %s",
@@ -625,14 +641,15 @@ def _gpu_tiers(plans: Sequence[UnitPlan], records: Sequence[UnitRecord], prefetc
 
 
 def _make_stagers(plans: Sequence[UnitPlan], records: Sequence[UnitRecord], prefetcher: Prefetcher,
-                  gpu_tier: dict[torch.device, set[int]], backends: dict[torch.device, Any]) -> dict[torch.device, Stager]:
+                  gpu_tier: dict[torch.device, set[int]], backends: dict[torch.device, Any],
+                  tracer: Tracer | None) -> dict[torch.device, Stager]:
     stagers: dict[torch.device, Stager] = {}
     for dev, backend in sorted(backends.items(), key=lambda kv: str(kv[0])):
         if backend is None:
             stagers[dev] = CpuStager(prefetcher)
             continue
         idx = [i for i, p in enumerate(plans) if p.device == dev]
-        stagers[dev] = CudaStager(backend, prefetcher, records, idx, sorted(gpu_tier.get(dev, ())))
+        stagers[dev] = CudaStager(backend, prefetcher, records, idx, sorted(gpu_tier.get(dev, ())), tracer)
     return stagers
 
 

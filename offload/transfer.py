@@ -34,6 +34,7 @@ from .errors import OffloadError
 from .prefetch import Prefetcher
 from .staging import HostBuffer, Lease
 from .store import UnitRecord
+from .trace import COPY_TRACK, DEVICE_COMPUTE_TRACK, Tracer
 
 
 class Stager(Protocol):
@@ -100,8 +101,8 @@ class CudaBackend:
     def stream(self) -> Any:
         return torch.cuda.Stream(self.device)
 
-    def event(self) -> Any:
-        return torch.cuda.Event()
+    def event(self, timing: bool = False) -> Any:
+        return torch.cuda.Event(enable_timing=timing)
 
     def current_stream(self) -> Any:
         return torch.cuda.current_stream(self.device)
@@ -133,8 +134,9 @@ class CudaStager:
     """A ring of ``prefetch + 1`` device slots (plus a GPU tier) fed by one copy stream."""
 
     def __init__(self, backend: Any, prefetcher: Prefetcher, records: Sequence[UnitRecord], indices: Sequence[int],
-                 gpu_resident: Sequence[int] = ()):
+                 gpu_resident: Sequence[int] = (), tracer: Tracer | None = None):
         self.backend = backend
+        self.tracer = tracer
         self.device = backend.device
         self.prefetcher = prefetcher
         self.records = list(records)
@@ -148,6 +150,12 @@ class CudaStager:
         self.resident: dict[int, torch.Tensor] = {}
         for buf in prefetcher.host_buffers():
             backend.register(buf)  # DMA straight from the buffers the readers fill
+        self._started: dict[int, Any] = {}  # unit -> timing event at the start of its forward (tracing)
+        if tracer is not None:  # device spans are placed relative to one event synchronised now
+            origin = backend.event(timing=True)
+            origin.record(backend.current_stream())
+            origin.synchronize()
+            tracer.set_device_origin(origin, tracer.now())
 
     def load_gpu_tier(self) -> None:
         """Read the GPU-tier units from disk once and copy them to the device (enable time, synchronous)."""
@@ -177,7 +185,10 @@ class CudaStager:
         else:
             self.prefetcher.advance(unit)  # copied ahead: only the schedule needs to hear of it
         slot.in_use = True
-        self.backend.current_stream().wait_event(slot.ready)
+        compute = self.backend.current_stream()
+        compute.wait_event(slot.ready)
+        if self.tracer is not None:
+            self._started[unit] = self._mark(compute)
         self._copy_ahead(unit)
         return slot.tensor[:self.records[unit].data_bytes]
 
@@ -186,18 +197,32 @@ class CudaStager:
             return
         slot = self._slot_of(unit)
         if slot is not None and slot.in_use:
-            slot.free.record(self.backend.current_stream())
+            compute = self.backend.current_stream()
+            slot.free.record(compute)
             slot.in_use = False
+            start = self._started.pop(unit, None)
+            if start is not None and self.tracer is not None:
+                self.tracer.device_span(DEVICE_COMPUTE_TRACK, f"forward {self.records[unit].name}", "forward",
+                                        start, self._mark(compute))
 
     # ------------------------------------------------------------------ internals
 
     def _copy(self, slot: _DeviceSlot, unit: int, lease: Lease) -> None:
         n = self.records[unit].data_bytes
         self.copy_stream.wait_event(slot.free)  # the slot's previous unit has finished computing
+        start = self._mark(self.copy_stream) if self.tracer is not None else None
         self.backend.copy(self.copy_stream, slot.tensor[:n], lease.tensor[:n])
         slot.ready.record(self.copy_stream)
+        if start is not None and self.tracer is not None:
+            self.tracer.device_span(COPY_TRACK, f"copy {self.records[unit].name}", "copy", start,
+                                    self._mark(self.copy_stream), bytes=n)
         slot.unit = unit
         lease.release(after=slot.ready)
+
+    def _mark(self, stream: Any) -> Any:
+        event = self.backend.event(timing=True)
+        event.record(stream)
+        return event
 
     def _copy_ahead(self, unit: int) -> None:
         window = [j for j in self.prefetcher.window(unit, include_resident=True)

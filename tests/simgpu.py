@@ -30,13 +30,22 @@ import torch
 
 
 class SimEvent:
-    def __init__(self) -> None:
+    def __init__(self, timing: bool = False) -> None:
         self._done: threading.Event | None = None  # the latest record's completion; None: never recorded
+        self._t = 0.0  # when the stream reached the latest record (for elapsed_time)
 
     def record(self, stream: SimStream) -> None:
         done = threading.Event()
         self._done = done
-        stream.enqueue(done.set)
+
+        def reached() -> None:
+            self._t = time.perf_counter()
+            done.set()
+        stream.enqueue(reached)
+
+    def elapsed_time(self, end: SimEvent) -> float:
+        """Milliseconds from this event to ``end`` (both completed), as ``torch.cuda.Event.elapsed_time``."""
+        return (end._t - self._t) * 1e3
 
     def query(self) -> bool:
         return self._done is None or self._done.is_set()
@@ -111,8 +120,8 @@ class SimBackend:
         self.streams.append(s)
         return s
 
-    def event(self) -> SimEvent:
-        return SimEvent()
+    def event(self, timing: bool = False) -> SimEvent:
+        return SimEvent(timing)
 
     def current_stream(self) -> SimStream:
         return self.compute
