@@ -43,8 +43,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
     src = store.source
     dtypes = sorted({t.dtype for u in store.units for t in u.tensors})
     print(f"store    {store.path}")
-    print(f"source   {src.get('kind', '?')} {src.get('path', src.get('class', ''))} (fingerprint {str(src.get('fingerprint', ''))[:12]}, "
-          f"{len(src.get('files') or [])} files recorded)")
+    print(f"source   {src.get('kind', '?')} {src.get('path', src.get('class', ''))} (fingerprint "
+          f"{str(src.get('fingerprint', ''))[:12]}, source files recorded: {len(src.get('files') or [])})")
     print(f"units    {len(store.units)}, {format_bytes(sum(u.data_bytes for u in store.units))}, dtype {','.join(dtypes)}"
           f" (holds {str(store.dtype).removeprefix('torch.')}, quantization {src.get('quantization') or 'none'})")
     if store.resident:

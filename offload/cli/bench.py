@@ -230,8 +230,8 @@ def summarize(report: dict[str, Any]) -> str:
     block_bytes = report.get("block_bytes")
     head = f"model {report['model']} ({report['dtype']}), {report['blocks']} blocks"
     if block_bytes:
-        head += f" = {block_bytes / 1e9:.2f} GB"
-    out = [head, "| run | cache | bs | s/token min | s/token median | I/O floor s | ideal s | median / ideal | GB read/token |",
+        head += f" = {format_bytes(block_bytes)}"
+    out = [head, "| run | cache | bs | s/token min | s/token median | I/O floor s | ideal s | median / ideal | read/token |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         io_floor = block_bytes / r["fio_bps"] if (r.get("fio_bps") and block_bytes) else None
@@ -240,10 +240,10 @@ def summarize(report: dict[str, Any]) -> str:
         ideal = compute.get(r["batch_size"]) if r["cache"] == "warm" else (max(floors) if floors else None)
         r["io_floor_s"], r["ideal_s"] = io_floor, ideal
         fmt = lambda x, d=3: "" if x is None else f"{x:.{d}f}"  # noqa: E731
-        gb = r["bytes_per_token"] / 1e9 if r.get("bytes_per_token") is not None else None
+        read = format_bytes(r["bytes_per_token"]) if r.get("bytes_per_token") is not None else ""
         out.append(f"| {r['run']} | {r['cache']} | {r['batch_size']} | {r['s_per_token_min']:.3f} | "
                    f"{r['s_per_token_median']:.3f} | {fmt(io_floor)} | {fmt(ideal)} | "
-                   f"{fmt(r['s_per_token_median'] / ideal if ideal else None, 2)} | {fmt(gb, 2)} |")
+                   f"{fmt(r['s_per_token_median'] / ideal if ideal else None, 2)} | {read} |")
     for cache in ("cold", "warm"):
         for bs in sorted({r["batch_size"] for r in rows}):
             ours = [r for r in rows if r["run"].startswith("offload") and r["cache"] == cache and r["batch_size"] == bs]

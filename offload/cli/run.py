@@ -60,8 +60,8 @@ def resolve(a: argparse.Namespace) -> Target:
             src = store.source.get("path") or "CHECKPOINT_FOLDER"
             dst = f"{os.path.abspath(a.model).rstrip('/')}-{a.dtype}"
             raise UsageError(f"store {a.model} holds {dtype_tag(held)} weights, not {a.dtype}: run it without --dtype, "
-                             f"or make a {a.dtype} store with `offload convert {shlex.quote(src)} {shlex.quote(dst)} "
-                             f"--dtype {a.dtype}` and run that")
+                             f"or convert the checkpoint to {a.dtype} with `offload convert {shlex.quote(src)} "
+                             f"{shlex.quote(dst)} --dtype {a.dtype}` and run that store")
         if a.rebuild or a.allow_pickle:
             raise UsageError(f"{a.model} is a store: --rebuild and --allow-pickle apply to a checkpoint folder")
         if not os.path.exists(os.path.join(a.model, "config.json")):
