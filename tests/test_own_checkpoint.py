@@ -107,6 +107,8 @@ def test_resaved_weights_are_picked_up(tmp_path, tokenizers, capsys):
     assert any("building store" in x for x in err)
     code, out, err = run(capsys, "run", str(folder), *RUN)
     assert code == 0 and [x for x in err if "store" in x][0].startswith("offload: reusing store")
+    code, out, err = run(capsys, "run", str(folder), "--rebuild", *RUN)
+    assert code == 0 and any("building store" in x and "(--rebuild)" in x for x in err)
     new = save_llama(folder, tok, seed=1)
     code, out, err = run(capsys, "run", str(folder), *RUN)
     assert code == 0 and generated(out) == expected_text(new, tok, "naïve café", 6)
