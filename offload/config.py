@@ -6,6 +6,7 @@ same on each CUDA device, is the whole staging memory, known before the first to
 from __future__ import annotations
 
 import dataclasses
+import os
 
 # How long a lease may wait on a staging buffer still read by an unfinished copy before the wait is
 # reported as an error (a copy that never completes is a device fault, not a slow disk).
@@ -41,3 +42,10 @@ def ring_bytes(prefetch: int, largest_unit: int, streamed_units: int | None = No
     """Staging memory for a plan not built yet (CLI budgets, plan tables): one formula, here."""
     n = prefetch + 1 if streamed_units is None else min(prefetch + 1, streamed_units)
     return n * largest_unit
+
+
+def cache_dir() -> str:
+    root = os.environ.get("OFFLOAD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "offload")
+    os.makedirs(root, exist_ok=True)
+    return root

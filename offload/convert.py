@@ -476,7 +476,7 @@ def store_cache_path(folder: str, dtype: torch.dtype) -> str:
     keyed by a hash of its absolute path, so two checkpoints with the same folder name never share."""
     import hashlib
 
-    from .runtime import cache_dir
+    from .config import cache_dir
     folder = os.path.abspath(folder)
     key = hashlib.sha256(folder.encode()).hexdigest()[:12]
     return os.path.join(cache_dir(), "stores", f"{os.path.basename(folder)}-{key}-{str(dtype).removeprefix('torch.')}")

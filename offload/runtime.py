@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import StagingConfig, ring_bytes
+from .config import StagingConfig, cache_dir, ring_bytes
 from .convert import sources_from_plans, write_store
 from .errors import ChecksumError, OffloadError, StoreMismatchError
 from .hooks import Binding, Offloaded, UnitHook
@@ -68,13 +68,6 @@ class Stats:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def cache_dir() -> str:
-    root = os.environ.get("OFFLOAD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "offload")
-    os.makedirs(root, exist_ok=True)
-    return root
 
 
 class Handle:
@@ -254,7 +247,7 @@ def _check_reused(store: Store, plans: Sequence[UnitPlan], fp: str) -> None:
 def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | None = None,
            device: str | torch.device | None = None, *, cpu_memory: int | str | None = None,
            ram_tier: int | str | None = None, gpu_memory: int | str | None = None,
-           units: Sequence[str] | None = None, reader: str | Reader | None = None, io_threads: int = 8,
+           gpu_tier: int | str | None = None, units: Sequence[str] | None = None, reader: str | Reader | None = None, io_threads: int = 8,
            verify: bool = True, trace: str | os.PathLike[str] | None = None, progress: bool = True) -> Handle:
     """Stream a model's blocks from disk, prefetching the next ``prefetch`` blocks while one computes.
 
@@ -274,8 +267,12 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
             resident + ring is an error naming the minimum.
         ram_tier: instead of ``cpu_memory``, the RAM tier's size itself; ``0`` streams every unit.
             Default (neither given): free memory (the container limit included) minus 1 GiB.
-        gpu_memory: CUDA only: bytes of each GPU that streamed units may use (slot ring + GPU tier of
-            units copied once and kept). Default: free GPU memory minus 2 GiB.
+        gpu_memory: CUDA only: memory of each GPU for weights: the resident weights computing there +
+            the device slot ring + a GPU tier of units copied once and kept (the same meaning as
+            ``cpu_memory`` on the host). Too small for resident + ring is an error naming the minimum.
+            Default: a GPU tier as large as free GPU memory minus 2 GiB allows.
+        gpu_tier: instead of ``gpu_memory``, the GPU tier's size itself; ``0`` streams every unit
+            through the device slot ring.
         units: names of the modules to stream (plain modules only; default: the repeated blocks).
         reader: ``"native"``, ``"python"``, ``"mmap"``, or a reader object (default: fastest available).
         io_threads: reader threads (the python reader's queue depth), alive until ``disable``.
@@ -300,6 +297,8 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
     StagingConfig(prefetch, 1, 1, io_threads)  # validates prefetch and io_threads before any work
     if cpu_memory is not None and ram_tier is not None:
         raise ValueError("pass cpu_memory= (all RAM for weights) or ram_tier= (the RAM tier alone), not both")
+    if gpu_memory is not None and gpu_tier is not None:
+        raise ValueError("pass gpu_memory= (all GPU memory for weights) or gpu_tier= (the GPU tier alone), not both")
     rd = reader if (reader is not None and not isinstance(reader, str)) else get_reader(reader)
     total_budget = parse_bytes(cpu_memory) if cpu_memory is not None else None
     tier_budget = parse_bytes(ram_tier) if ram_tier is not None else None
@@ -356,8 +355,8 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
 
     # GPU tier (per device with a copy engine): units kept on the device, read from disk once.
     backends = {dev: _backend_for(dev) for dev in devices}
-    gpu_tier = _gpu_tiers(plans, records, prefetch, gpu_memory, backends)
-    elsewhere = set().union(*gpu_tier.values()) if gpu_tier else set()
+    tiers = _gpu_tiers(model, plans, records, prefetch, gpu_memory, gpu_tier, backends, kind)
+    elsewhere = set().union(*tiers.values()) if tiers else set()
     # RAM tier: a fixed set of units read once. The streamed weights about to be freed count as free.
     host_units = [i for i in range(len(records)) if i not in elsewhere]
     config = StagingConfig(prefetch, max((records[i].data_bytes for i in host_units), default=0), len(host_units),
@@ -382,7 +381,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
                 prefetcher.load_resident(bar.update)
             finally:
                 bar.close()
-        stagers = _make_stagers(plans, records, prefetcher, gpu_tier, backends, tracer)
+        stagers = _make_stagers(plans, records, prefetcher, tiers, backends, tracer)
         for stager in stagers.values():
             if isinstance(stager, CudaStager):
                 stager.load_gpu_tier()
@@ -510,8 +509,9 @@ def _unload_resident(replaced: list[tuple[nn.Module, str, bool, torch.Tensor]]) 
 
 def load(source: str | os.PathLike[str], prefetch: int = 2, *, cpu_memory: int | str | None = None,
          ram_tier: int | str | None = None, device: str | torch.device | None = None,
-         gpu_memory: int | str | None = None, dtype: torch.dtype | str | None = None,
-         reader: str | Reader | None = None, io_threads: int = 8, verify: bool = True,
+         gpu_memory: int | str | None = None, gpu_tier: int | str | None = None,
+         dtype: torch.dtype | str | None = None, reader: str | Reader | None = None, io_threads: int = 8,
+         verify: bool = True, trace: str | os.PathLike[str] | None = None,
          progress: bool = True) -> tuple[nn.Module, Handle]:
     """Load a model bigger than RAM: build it on meta, load its resident weights, stream its blocks.
 
@@ -530,20 +530,26 @@ def load(source: str | os.PathLike[str], prefetch: int = 2, *, cpu_memory: int |
     st = Store.open(path)
     model = build_on_meta(path, st.dtype or torch.float32)
     handle = enable(model, prefetch, store=path, device=device, cpu_memory=cpu_memory, ram_tier=ram_tier,
-                    gpu_memory=gpu_memory, units=[u.name for u in st.units], reader=reader, io_threads=io_threads,
-                    verify=verify, progress=progress)
+                    gpu_memory=gpu_memory, gpu_tier=gpu_tier, units=[u.name for u in st.units], reader=reader,
+                    io_threads=io_threads, verify=verify, trace=trace, progress=progress)
     return model, handle
 
 
-def build_on_meta(folder: str, dtype: torch.dtype) -> nn.Module:
-    """The Transformers model described by ``folder/config.json``, parameters on meta (buffers real)."""
+def build_on_meta(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The Transformers model of ``config`` (a config, or a folder with config.json and maybe
+    generation_config.json), parameters on meta, buffers real: nothing the size of the weights."""
     import transformers as tf
     from accelerate import init_empty_weights
-    config = tf.AutoConfig.from_pretrained(folder)
+    folder = None
+    if isinstance(config, (str, os.PathLike)):
+        folder = os.fspath(config)
+        config = tf.AutoConfig.from_pretrained(folder)
     cls = tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder else tf.AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config, dtype=dtype)
     model.tie_weights()
+    if folder is not None and os.path.exists(os.path.join(folder, "generation_config.json")):
+        model.generation_config = tf.GenerationConfig.from_pretrained(folder)
     return model.eval()
 
 
@@ -622,22 +628,53 @@ def _backend_for(device: torch.device) -> Any | None:
     return CudaBackend(device) if device.type == "cuda" else None
 
 
-def _gpu_tiers(plans: Sequence[UnitPlan], records: Sequence[UnitRecord], prefetch: int,
-               gpu_memory: int | str | None, backends: dict[torch.device, Any]) -> dict[torch.device, set[int]]:
-    """Per device with a copy engine, the units that stay on it: what ``gpu_memory`` allows after its slot ring."""
+def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[UnitRecord], prefetch: int,
+               gpu_memory: int | str | None, gpu_tier: int | str | None, backends: dict[torch.device, Any],
+               kind: str) -> dict[torch.device, set[int]]:
+    """Per device with a copy engine, the units kept on it: what ``gpu_memory`` leaves after the resident
+    weights computing there and the device slot ring (too little for those two is an error)."""
     tiers: dict[torch.device, set[int]] = {}
     for dev, backend in backends.items():
         if backend is None:
             continue
         idx = [i for i, p in enumerate(plans) if p.device == dev]
         ring = ring_bytes(prefetch, max(records[i].data_bytes for i in idx), len(idx))
-        if gpu_memory is not None:
-            budget = parse_bytes(gpu_memory) - ring
-        else:  # activations and the KV cache live there too
-            budget = backend.free_bytes() - ring - 2 * DEFAULT_MARGIN_BYTES
+        there, coming = _resident_on(model, plans, dev, moving=kind == "module")
+        if gpu_tier is not None:
+            budget = parse_bytes(gpu_tier)
+        elif gpu_memory is not None:
+            total = parse_bytes(gpu_memory)
+            if total < there + coming + ring:
+                raise OffloadError(
+                    f"gpu_memory={format_bytes(total)} cannot hold the resident weights on {dev} "
+                    f"({format_bytes(there + coming)}) and the device slot ring ({format_bytes(ring)}): the minimum "
+                    f"is {format_bytes(there + coming + ring)} (or lower prefetch=)")
+            budget = total - there - coming - ring
+        else:  # free memory, minus what is still to move there, the ring, and room for activations/KV cache
+            budget = backend.free_bytes() - coming - ring - 2 * DEFAULT_MARGIN_BYTES
         chosen = choose_resident([records[i].data_bytes for i in idx], max(0, budget))
         tiers[dev] = {idx[k] for k in chosen}
     return tiers
+
+
+def _resident_on(model: nn.Module, plans: Sequence[UnitPlan], dev: torch.device, moving: bool) -> tuple[int, int]:
+    """Bytes of the weights that are not streamed and compute on ``dev``: (already there, still to move).
+
+    A plain module's resident weights all move to where its units compute; an Accelerate-dispatched
+    model's stay where its device map put them."""
+    streamed = {id(t.owner._parameters.get(t.attr)) for p in plans for t in p.tensors if t.is_param}
+    seen: set[int] = set()
+    there = coming = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in streamed or id(t) in seen or t.device.type == "meta" or isinstance(t, Offloaded):
+            continue
+        seen.add(id(t))
+        n = t.numel() * t.element_size()
+        if t.device == dev:
+            there += n
+        elif moving:
+            coming += n
+    return there, coming
 
 
 def _make_stagers(plans: Sequence[UnitPlan], records: Sequence[UnitRecord], prefetcher: Prefetcher,

@@ -24,12 +24,12 @@ def test_cuda_matches_model_on_gpu(arch, tmp_path, no_thread_leak):
     inputs = to_cuda(inputs_for(arch))
     expected_logits = forward_logits(model, arch, inputs)
     expected_tokens = greedy(model, inputs)
-    # gpu_memory below one unit: no GPU tier, everything streams through the device ring
-    with offload.enable(model, prefetch=2, ram_tier=0, gpu_memory=1, store=tmp_path / "s", progress=False) as h:
+    # gpu_tier=0: no GPU tier, everything streams through the device ring
+    with offload.enable(model, prefetch=2, ram_tier=0, gpu_tier=0, store=tmp_path / "s", progress=False) as h:
         assert all(hk.stager.__class__.__name__ == "CudaStager" for hk in h.hooks)
         assert torch.equal(forward_logits(model, arch, inputs), expected_logits)
         assert torch.equal(greedy(model, inputs), expected_tokens)
-    with offload.enable(model, prefetch=1, ram_tier="1GiB", gpu_memory=1, store=tmp_path / "s", progress=False):
+    with offload.enable(model, prefetch=1, ram_tier="1GiB", gpu_tier=0, store=tmp_path / "s", progress=False):
         assert torch.equal(greedy(model, inputs), expected_tokens)  # RAM tier: copied, never re-read
 
 
@@ -39,7 +39,7 @@ def test_gpu_tier_and_cpu_model_on_cuda(tmp_path, no_thread_leak):
     with torch.no_grad():
         expected = model.cuda()(**to_cuda(inputs)).logits
     model.cpu()
-    with offload.enable(model, prefetch=1, device="cuda", ram_tier=0, gpu_memory="1GiB", store=tmp_path / "s",
+    with offload.enable(model, prefetch=1, device="cuda", ram_tier=0, gpu_tier="1GiB", store=tmp_path / "s",
                         progress=False) as h:
         assert h.hooks[0].stager.resident  # the small model fits: units stay on the GPU
         with torch.no_grad():
@@ -67,7 +67,7 @@ def test_gpu_memory_bound(tmp_path, no_thread_leak):
     with torch.no_grad():
         expected = model(x)
     torch.cuda.synchronize()
-    with offload.enable(model, prefetch=prefetch, ram_tier=0, gpu_memory=1, store=tmp_path / "s", progress=False) as h:
+    with offload.enable(model, prefetch=prefetch, ram_tier=0, gpu_tier=0, store=tmp_path / "s", progress=False) as h:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -85,7 +85,7 @@ def test_gpu_memory_bound(tmp_path, no_thread_leak):
 def test_steady_state_makes_no_host_sync(tmp_path, no_thread_leak):
     model = mlp_stack().cuda().eval()
     x = torch.randn(4, 256, device="cuda")
-    with offload.enable(model, prefetch=2, ram_tier=0, gpu_memory=1, store=tmp_path / "s", progress=False) as h:
+    with offload.enable(model, prefetch=2, ram_tier=0, gpu_tier=0, store=tmp_path / "s", progress=False) as h:
         with torch.no_grad():
             for _ in range(2):
                 model(x)  # warm-up: order learned, buffers touched

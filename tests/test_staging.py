@@ -276,7 +276,7 @@ def test_call_orders_are_exact_bounded_and_never_spin(name, prefetch, gpu, tmp_p
     orders = [[int(i) for i in o] for o in ORDERS[name]]
 
     def body():
-        with offload.enable(model, prefetch=prefetch, ram_tier=0, gpu_memory=1, store=tmp_path / "s",
+        with offload.enable(model, prefetch=prefetch, ram_tier=0, gpu_tier=0, store=tmp_path / "s",
                             progress=False) as h:
             assert isinstance(h.hooks[0].stager, CudaStager) == (gpu == "simgpu")
             slots = len(h.prefetcher.ring.slots)
@@ -298,7 +298,7 @@ def test_reentrant_unit_is_bound_once_and_never_read_outside(gpu, tmp_path, capl
     ref = copy.deepcopy(model)
     x = torch.randn(2, D)
     with caplog.at_level(logging.WARNING, logger="offload"):
-        with offload.enable(model, prefetch=1, ram_tier=0, gpu_memory=1, store=tmp_path / "s", progress=False) as h:
+        with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=0, store=tmp_path / "s", progress=False) as h:
             for _ in range(3):
                 assert torch.equal(run(model, x), run(ref, x))
             assert h.prefetcher.ring.holders() == 0
@@ -312,8 +312,8 @@ def test_two_models_interleaved_on_one_simulated_gpu(tmp_path, sim_gpu, no_threa
     x = torch.randn(2, D)
 
     def body():
-        with offload.enable(a, prefetch=1, ram_tier=0, gpu_memory=1, store=tmp_path / "a", progress=False), \
-                offload.enable(b, prefetch=2, ram_tier=0, gpu_memory=1, store=tmp_path / "b", progress=False):
+        with offload.enable(a, prefetch=1, ram_tier=0, gpu_tier=0, store=tmp_path / "a", progress=False), \
+                offload.enable(b, prefetch=2, ram_tier=0, gpu_tier=0, store=tmp_path / "b", progress=False):
             for k in range(4):
                 order = None if k % 2 == 0 else [3, 1, 4]
                 assert torch.equal(run(a, x, order), run(ra, x, order))
@@ -340,7 +340,9 @@ def test_simulated_gpu_exact_without_deadlock(prefetch, units, tier, delays, tmp
     ref = copy.deepcopy(model)
     x = torch.randn(2, D)
     unit_bytes = 4096  # one page: every block's data section here
-    gpu_memory = (min(prefetch + 1, units) + (units // 2 if tier else 0)) * unit_bytes
+    resident = sum(p.numel() * p.element_size() for m in (model.embed, model.head) for p in m.parameters())
+    # gpu_memory is all device memory for weights: resident + slot ring + the GPU tier
+    gpu_memory = resident + (min(prefetch + 1, units) + (units // 2 if tier else 0)) * unit_bytes
 
     def body():
         with offload.enable(model, prefetch=prefetch, ram_tier=0, gpu_memory=gpu_memory, store=tmp_path / "s",
@@ -477,3 +479,14 @@ def test_bound_parameters_keep_requires_grad_on_a_dispatched_model(tmp_path, no_
             assert torch.equal(model(x), ref(x))
         probe.remove()
         assert seen == [True]
+
+
+def test_gpu_memory_below_resident_plus_ring_names_the_minimum(tmp_path, sim_gpu, no_thread_leak):
+    sim_gpu()
+    model = Stack(4)
+    resident = sum(p.numel() * p.element_size() for m in (model.embed, model.head) for p in m.parameters())
+    minimum = resident + 2 * 4096  # prefetch 1: two device slots of one 4 KiB unit
+    with pytest.raises(offload.OffloadError, match=rf"gpu_memory=.* the minimum is {minimum / 1024:.2f} KiB"):
+        offload.enable(model, prefetch=1, ram_tier=0, gpu_memory=minimum - 1, store=tmp_path / "s", progress=False)
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_memory=minimum, store=tmp_path / "s", progress=False) as h:
+        assert not h.hooks[0].stager.resident and len(h.hooks[0].stager.slots) == 2

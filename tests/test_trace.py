@@ -94,7 +94,7 @@ def test_trace_on_simulated_gpu_has_copy_and_device_compute_tracks(tmp_path, mon
     inputs = inputs_for("opt")
     expected = forward_logits(copy.deepcopy(model), "opt", inputs)
     try:
-        with offload.enable(model, prefetch=1, ram_tier=0, gpu_memory=1, store=tmp_path / "s",
+        with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=0, store=tmp_path / "s",
                             trace=tmp_path / "t.json", progress=False):
             assert torch.equal(forward_logits(model, "opt", inputs), expected)
     finally:

@@ -64,11 +64,8 @@ def model_class(config: Any) -> Any:
 
 def meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
     """The model's modules with parameters on meta and (non-persistent) buffers real."""
-    from accelerate import init_empty_weights
-    with init_empty_weights(include_buffers=False):
-        model = model_class(config).from_config(config, dtype=dtype)
-    model.tie_weights()
-    return model.eval()
+    from ..runtime import build_on_meta
+    return build_on_meta(config, dtype)
 
 
 def random_checkpoint(name: str, dtype: torch.dtype, folder: str, progress: bool = True,

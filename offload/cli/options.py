@@ -113,3 +113,25 @@ def output_file(text: str) -> str:
     if not os.access(folder, os.W_OK):
         raise argparse.ArgumentTypeError(f"folder {folder} is not writable")
     return text
+
+
+def device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``, refused at parse time when CUDA (or that GPU) is not there."""
+    import torch
+    name = text.strip().lower()
+    if name == "cpu":
+        return name
+    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text} asked for, but CUDA is not available here (torch "
+                                         f"{torch.__version__}, no GPU or a CPU-only build): use --device cpu")
+    index = int(name[5:]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: there are only {torch.cuda.device_count()} CUDA devices")
+    return f"cuda:{index}"
+
+
+def default_device() -> str:
+    import torch
+    return "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -18,7 +18,8 @@ import torch
 
 from .._memory import available_memory, format_bytes
 from .models import DTYPES, RANDOM_MODELS, config_for, dtype_tag, meta_model, random_checkpoint, random_name
-from .options import UsageError, add_command, byte_size, nonempty, positive_int
+from .options import (UsageError, add_command, byte_size, default_device, device, nonempty, output_file,
+                      positive_int)
 
 BYTES_FALLBACK = "bytes"  # no tokenizer: the prompt's UTF-8 bytes are the ids, ids are printed
 
@@ -42,7 +43,7 @@ class Target:
 
 def resolve(a: argparse.Namespace) -> Target:
     from ..convert import checkpoint_dtype, checkpoint_sources, source_kind
-    from ..runtime import cache_dir
+    from ..config import cache_dir
     from ..store import MANIFEST, Store, plan_layout
     want = DTYPES[a.dtype] if a.dtype else None
     if a.random:
@@ -108,17 +109,27 @@ def ring_bytes(prefetch: int, unit_bytes: list[int]) -> int:
     return ring(prefetch, max(unit_bytes, default=0), len(unit_bytes))
 
 
-def check_budget(t: Target, cpu_memory: int | None, prefetch: int) -> None:
-    """``--cpu-memory`` is all RAM for weights: resident + staging ring + RAM tier. Below resident + ring
-    nothing can run; say the minimum."""
+def check_budget(t: Target, cpu_memory: int | None, prefetch: int, device: str = "cpu",
+                 gpu_memory: int | None = None) -> None:
+    """``--cpu-memory`` is all RAM for weights (resident + host staging ring + RAM tier), ``--gpu-memory``
+    all GPU memory for weights (resident + device slot ring + GPU tier). Below the part that cannot be
+    left out (resident + ring, where the resident weights live), nothing can run: say the minimum."""
     ring = ring_bytes(prefetch, t.unit_bytes)
-    need = t.resident_bytes + ring
-    if cpu_memory is not None and cpu_memory < need:
-        raise UsageError(f"--cpu-memory {format_bytes(cpu_memory)} is below the {format_bytes(need)} this model needs "
-                         f"at --prefetch {prefetch}: resident weights {format_bytes(t.resident_bytes)} + staging ring "
-                         f"{format_bytes(ring)} ({min(prefetch + 1, len(t.unit_bytes))} x the largest unit "
-                         f"{format_bytes(max(t.unit_bytes, default=0))}); pass --cpu-memory {_round_up(need)} or more"
-                         + (", or a smaller --prefetch" if prefetch > 1 else ""))
+    slots = f"{min(prefetch + 1, len(t.unit_bytes))} x the largest unit {format_bytes(max(t.unit_bytes, default=0))}"
+    more = ", or a smaller --prefetch" if prefetch > 1 else ""
+    on_gpu = device != "cpu"
+    host_need = ring + (0 if on_gpu else t.resident_bytes)
+    if cpu_memory is not None and cpu_memory < host_need:
+        what = (f"the host staging ring {format_bytes(ring)} ({slots}; resident weights are on the GPU)" if on_gpu else
+                f"resident weights {format_bytes(t.resident_bytes)} + staging ring {format_bytes(ring)} ({slots})")
+        raise UsageError(f"--cpu-memory {format_bytes(cpu_memory)} is below the {format_bytes(host_need)} this model "
+                         f"needs at --prefetch {prefetch}: {what}; pass --cpu-memory {_round_up(host_need)} or more{more}")
+    gpu_need = t.resident_bytes + ring
+    if on_gpu and gpu_memory is not None and gpu_memory < gpu_need:
+        raise UsageError(f"--gpu-memory {format_bytes(gpu_memory)} is below the {format_bytes(gpu_need)} this model "
+                         f"needs on {device} at --prefetch {prefetch}: resident weights {format_bytes(t.resident_bytes)} "
+                         f"+ device slot ring {format_bytes(ring)} ({slots}); pass --gpu-memory {_round_up(gpu_need)} "
+                         f"or more{more}")
 
 
 def _round_up(n: int) -> str:
@@ -138,25 +149,58 @@ def tier_budget(cpu_memory: int | None, resident_bytes: int, ring: int) -> int:
     return max(0, total - resident_bytes - ring)
 
 
-def plan_table(t: Target, cpu_memory: int | None, prefetch: int) -> str:
+def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "cpu",
+               gpu_memory: int | None = None) -> str:
+    """Where every byte of the weights goes: GPU (resident, GPU tier, device ring), RAM (resident on the
+    CPU, RAM tier, host ring) and disk (streamed per token), with the budgets they come from."""
     from ..plan import choose_resident
     sizes = t.unit_bytes
-    ring = ring_bytes(prefetch, sizes)
-    tier = choose_resident(sizes, tier_budget(cpu_memory, t.resident_bytes, ring))
-    streamed = [s for i, s in enumerate(sizes) if i not in tier]
-    ring = ring_bytes(prefetch, streamed) if streamed else 0
-    rows = [("resident (embeddings, norms, head)", "RAM", t.resident_bytes, 1 if t.resident_bytes else 0),
-            ("RAM tier (read once)", "RAM", sum(sizes[i] for i in tier), len(tier)),
-            ("streamed from disk, per token", "disk", sum(streamed), len(streamed)),
-            (f"staging ring (prefetch {prefetch} + 1)", "RAM", ring, min(prefetch + 1, len(streamed)))]
+    on_gpu = device != "cpu"
+    order = list(range(len(sizes)))
+    gpu_tier: set[int] = set()
+    if on_gpu:
+        budget = gpu_memory if gpu_memory is not None else _free_gpu(device)
+        gpu_tier = choose_resident(sizes, max(0, budget - t.resident_bytes - ring_bytes(prefetch, sizes)))
+    rest = [i for i in order if i not in gpu_tier]
+    ring = ring_bytes(prefetch, [sizes[i] for i in rest]) if rest else 0
+    host_resident = 0 if on_gpu else t.resident_bytes
+    tier_idx = choose_resident([sizes[i] for i in rest], tier_budget(cpu_memory, host_resident, ring))
+    ram_tier = {rest[k] for k in tier_idx}
+    streamed = [i for i in rest if i not in ram_tier]
+    ring = ring_bytes(prefetch, [sizes[i] for i in streamed]) if streamed else 0
+    slots = min(prefetch + 1, len(streamed))
+    rows = []
+    if on_gpu:
+        rows += [("resident (embeddings, norms, head)", "GPU", t.resident_bytes, 1 if t.resident_bytes else 0),
+                 ("GPU tier (copied once)", "GPU", sum(sizes[i] for i in gpu_tier), len(gpu_tier)),
+                 (f"device slot ring (prefetch {prefetch} + 1)", "GPU", ring_bytes(prefetch, [sizes[i] for i in rest])
+                  if rest else 0, min(prefetch + 1, len(rest)))]
+    else:
+        rows.append(("resident (embeddings, norms, head)", "RAM", t.resident_bytes, 1 if t.resident_bytes else 0))
+    rows += [("RAM tier (read once)", "RAM", sum(sizes[i] for i in ram_tier), len(ram_tier)),
+             ("streamed from disk, per token", "disk", sum(sizes[i] for i in streamed), len(streamed)),
+             (f"host staging ring (prefetch {prefetch} + 1)", "RAM", ring, slots)]
     out = [f"{'placement':36s} {'where':5s} {'size':>11s} {'units':>6s}"]
     out += [f"{a:36s} {b:5s} {format_bytes(c):>11s} {d:6d}" for a, b, c, d in rows]
-    used = t.resident_bytes + sum(sizes[i] for i in tier) + ring
+    ram = host_resident + sum(sizes[i] for i in ram_tier) + ring
     budget = (f"--cpu-memory {format_bytes(cpu_memory)}" if cpu_memory is not None
               else "default budget: free memory - 1 GiB")
-    out.append(f"{dtype_tag(t.dtype)} weights {format_bytes(t.resident_bytes + sum(sizes))} in {len(sizes)} units; "
-               f"RAM for weights {format_bytes(used)} ({budget})")
+    line = (f"{dtype_tag(t.dtype)} weights {format_bytes(t.resident_bytes + sum(sizes))} in {len(sizes)} units; "
+            f"RAM for weights {format_bytes(ram)} ({budget})")
+    if on_gpu:
+        gpu = sum(c for a, b, c, d in rows if b == "GPU")
+        line += (f"; {device} for weights {format_bytes(gpu)} ("
+                 + (f"--gpu-memory {format_bytes(gpu_memory)}" if gpu_memory is not None else
+                    "default: free GPU memory - 2 GiB") + ")")
+    out.append(line)
     return "\n".join(out)
+
+
+def _free_gpu(device: str) -> int:
+    from ..runtime import DEFAULT_MARGIN_BYTES
+    if not torch.cuda.is_available():
+        return 0
+    return max(0, int(torch.cuda.mem_get_info(torch.device(device))[0]) - 2 * DEFAULT_MARGIN_BYTES)
 
 
 # ------------------------------------------------------------------------------ tokenizer and streaming
@@ -234,12 +278,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     if not a.verbose:
         import transformers as tf
         tf.logging.set_verbosity_error()  # generate()'s notes about pad tokens are not the user's business
-    if a.gpu_memory is not None and not torch.cuda.is_available():
-        _say("note: --gpu-memory ignored: no CUDA device; units compute on the CPU")
+    device = a.device or default_device()
+    if a.gpu_memory is not None and device == "cpu":
+        _say("note: --gpu-memory ignored: units compute on the CPU" + ("" if torch.cuda.is_available() else
+                                                                       " (no CUDA device)"))
     # 1. Everything that can be refused, before anything is written or loaded.
     target = resolve(a)
-    check_budget(target, a.cpu_memory, a.prefetch)
-    print(plan_table(target, a.cpu_memory, a.prefetch))
+    check_budget(target, a.cpu_memory, a.prefetch, device, a.gpu_memory)
+    print(plan_table(target, a.cpu_memory, a.prefetch, device, a.gpu_memory))
     if a.dry_run:
         return 0
     tokenizer = load_tokenizer(target.path) if target.kind != "random" else None
@@ -257,23 +303,28 @@ def cmd_run(a: argparse.Namespace) -> int:
         store = cached_store(folder, target.dtype, rebuild=a.rebuild, allow_pickle=a.allow_pickle,
                              progress=not a.quiet, note=_say)
     import offload
-    model, handle = offload.load(store, a.prefetch, cpu_memory=a.cpu_memory, gpu_memory=a.gpu_memory, reader=a.reader,
+    trace = a.trace or (os.path.splitext(a.plot)[0] + ".trace.json" if a.plot else None)
+    model, handle = offload.load(store, a.prefetch, device=device, cpu_memory=a.cpu_memory,
+                                 gpu_memory=a.gpu_memory if device != "cpu" else None, trace=trace, reader=a.reader,
                                  verify=not a.no_verify, progress=not a.quiet)
     try:
-        return _generate(a, model, handle, store, tokenizer)
+        rc = _generate(a, model, handle, tokenizer, torch.device(device))
     finally:
-        handle.disable()
+        handle.disable()  # writes the trace
+    if trace:
+        _say(f"trace: {trace} (open in https://ui.perfetto.dev)")
+    if a.plot:
+        from ..trace import plot
+        _say(f"timeline: {plot(trace, a.plot)}")
+    return rc
 
 
-def _generate(a: argparse.Namespace, model: Any, handle: Any, store: str, tokenizer: Any) -> int:
-    import transformers as tf
-    if os.path.exists(os.path.join(store, "generation_config.json")):
-        model.generation_config = tf.GenerationConfig.from_pretrained(store)
+def _generate(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, device: torch.device) -> int:
     tok = tokenizer or ByteIds(model.config.vocab_size)
     ids = torch.tensor([tok.encode(a.prompt)], dtype=torch.long)
     if ids.shape[1] == 0:
         raise UsageError(f"--prompt {a.prompt!r} encodes to no tokens")
-    ids = ids.repeat(a.batch_size, 1)
+    ids = ids.repeat(a.batch_size, 1).to(device)
     streamer = make_streamer(tok, skip_prompt=not model.config.is_encoder_decoder)
     handle.reset_stats()
     t0 = time.perf_counter()
@@ -309,6 +360,12 @@ def add_parser(sub: Any) -> None:
                         "container limit included, minus 1 GiB)")
     r.add_argument("--gpu-memory", type=byte_size, metavar="BYTES",
                    help="CUDA: GPU memory for streamed units (default: free GPU memory minus 2 GiB)")
+    r.add_argument("--device", type=device, metavar="DEVICE",
+                   help="where the model computes: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    r.add_argument("--trace", type=output_file, metavar="FILE",
+                   help="write a Chrome/Perfetto trace of reads, copies, forwards and waits to FILE")
+    r.add_argument("--plot", type=output_file, metavar="PNG",
+                   help="draw the trace as a PNG timeline (needs matplotlib)")
     r.add_argument("--prefetch", type=positive_int, default=2, metavar="N", help="units read ahead while one computes")
     r.add_argument("--dtype", choices=sorted(DTYPES),
                    help="dtype to run in (default: the checkpoint's own, from config.json or its weights; a store's "
