@@ -17,7 +17,6 @@ import shutil
 import tempfile
 import threading
 import weakref
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +32,7 @@ from .plan import (UnitPlan, _numel, choose_resident, find_units, is_accelerate_
                    plan_accelerate, plan_plain)
 from .prefetch import Prefetcher
 from .staging import HostBuffer
-from .store import MANIFEST, Store, TensorSpec, UnitRecord, fingerprint, unit_crc
+from .store import MANIFEST, Store, TensorSpec, UnitRecord, check_data, fingerprint, unit_crc
 from .trace import Tracer
 from .transfer import CpuStager, CudaBackend, CudaStager, Stager
 from ._memory import available_memory, format_bytes, parse_bytes
@@ -179,7 +178,7 @@ class Handle:
             with open(self.store.file_path(rec), "rb") as f:
                 f.seek(rec.data_offset)
                 f.readinto(memoryview(data.numpy()))
-            if zlib.crc32(memoryview(data.numpy())) != rec.crc32:
+            if not check_data(rec, memoryview(data.numpy()))[0]:
                 damaged.append(self.store.file_path(rec))
                 for b in h.bindings:  # never hand back silently wrong weights: the Parameter stays empty
                     b.owner._parameters[b.attr] = self._restore[id(b)]  # type: ignore[assignment]
