@@ -126,36 +126,6 @@ def no_hang(fn, timeout_s: float = 120.0):
 # ------------------------------------------------------------------------------ the busy-spin
 
 
-def test_demand_read_evicts_a_finished_window_read_instead_of_spinning(tmp_path, count_claims):
-    """One slot leased (a unit still running), the other slots hold *finished* reads of units in the
-    window of the unit being called: the demand read takes the farthest of them. Before, it cancelled a
-    read that had already finished, waited for nothing and retried forever (5 CPU-s in 5 s)."""
-    model = Stack(6)
-    store = offload.convert(model, tmp_path / "s", progress=False)
-    records = store.units
-    cfg = StagingConfig(prefetch=2, slot_bytes=max(u.data_bytes for u in records), streamed_units=len(records))
-    pf = Prefetcher(store, records, PythonReader(), cfg)
-    try:
-        for i in (5, 1, 2):  # teach the order 5 -> 1 -> 2, so window(5) = [1, 2]
-            pf.acquire(i).release()
-        held = pf.acquire(0)  # slot 0 leased, as by a forward still running
-        pf.acquire(1).release()
-        pf.wait_idle()
-        assert {s.unit for s in pf.ring.slots} == {0, 1, 2} and all(not s.reading() for s in pf.ring.slots)
-        count_claims["claims"] = 0
-        lease = pf.acquire(5)
-        assert count_claims["claims"] <= 2
-        want = Store.open(store.path).read_tensor(records[5], records[5].tensors[0].name)
-        got_t = records[5].tensors[0]
-        got = lease.tensor[got_t.offset:got_t.offset + got_t.nbytes].view(want.dtype).view(want.shape)
-        assert torch.equal(got, want)
-        lease.release()
-        held.release()
-        assert pf.ring.holders() == 0
-    finally:
-        pf.close()
-
-
 def test_every_slot_leased_by_running_units_is_an_error_not_a_hang(tmp_path):
     model = Stack(4)
     store = offload.convert(model, tmp_path / "s", progress=False)
