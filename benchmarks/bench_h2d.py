@@ -2,7 +2,8 @@
 
 The staging path copies from a page-aligned anonymous mapping registered with cudaHostRegister into a
 preallocated device slot on a dedicated copy stream. Both sides copy the same bytes, alternately,
-`--repeats` times; the ratio is the median of the per-pair ratios. Needs CUDA.
+`--repeats` times; the ratio is the median of the per-pair ratios. Needs CUDA. Copies are timed with
+CUDA events (``offload.cli.bench.copy_seconds``, which ``offload bench`` also uses for its PCIe floor).
 
     python benchmarks/bench_h2d.py --size 1GiB --json bench-out/h2d.json
 """
@@ -14,6 +15,7 @@ import sys
 import torch
 
 from offload._memory import parse_bytes
+from offload.cli.bench import copy_seconds
 from offload.transfer import register_host_buffer
 from offload.staging import HostBuffer
 
@@ -22,32 +24,31 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--device", default="cuda", help="cuda or cuda:N")
     ap.add_argument("--json")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_h2d: no CUDA device", file=sys.stderr)
         return 2
+    device = torch.device(a.device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)  # plain()'s events and copies run on the current device
     n = parse_bytes(a.size)
     host = HostBuffer(n)
     host.tensor.fill_(7)
     register_host_buffer(host)
-    slot = torch.empty(n, dtype=torch.uint8, device="cuda")
-    stream = torch.cuda.Stream()
+    slot = torch.empty(n, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
     pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True).fill_(7)
 
     def staged() -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            start.record(stream)
-            slot.copy_(host.tensor[:n], non_blocking=True)
-            end.record(stream)
-        end.synchronize()
-        return n / (start.elapsed_time(end) / 1000) / 1e9
+        return n / copy_seconds(slot, host.tensor[:n], stream=stream) / 1e9
 
     def plain() -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = pinned.to("cuda", non_blocking=True)
+        out = pinned.to(device, non_blocking=True)
         end.record()
         end.synchronize()
         del out
@@ -56,7 +57,7 @@ def main() -> int:
     staged(), plain()  # warm-up
     pairs = [(staged(), plain()) for _ in range(a.repeats)]
     ratio = statistics.median(s / p for s, p in pairs)
-    report = {"device": torch.cuda.get_device_name(), "bytes": n, "staged_gbps": [s for s, _ in pairs],
+    report = {"device": torch.cuda.get_device_name(device), "bytes": n, "staged_gbps": [s for s, _ in pairs],
               "pinned_to_gbps": [p for _, p in pairs], "ratio_median": ratio}
     print(f"| path | GB/s (median) |\n|---|---|\n| offload staging (registered mmap → slot, copy stream) | "
           f"{statistics.median(s for s, _ in pairs):.1f} |\n| pinned tensor.to('cuda', non_blocking=True) | "

@@ -266,26 +266,34 @@ def plan_accelerate(model: nn.Module) -> list[UnitPlan]:
     return sorted((p for p in units.values() if p.tensors or p.pinned), key=lambda p: order[p.name])
 
 
-def disk_device_map(model: nn.Module, disk_units: Sequence[str]) -> dict[str, str]:
-    """An Accelerate ``device_map`` with the named units on ``"disk"`` and everything else on ``"cpu"``.
+def disk_device_map(model: nn.Module, disk_units: Sequence[str], rest: str | int | torch.device = "cpu",
+                    offloaded: str | int | torch.device = "disk") -> dict[str, str | int]:
+    """An Accelerate ``device_map`` with the named units on ``offloaded`` and everything else on ``rest``.
 
-    Used by the benchmark (and the tests) to have Transformers/Accelerate dispatch a model the way a
-    user with too little memory would, at any nesting depth.
+    The default (units on ``"disk"``, the rest on ``"cpu"``) is a CPU user with too little memory.
+    ``rest`` may be a GPU (an index such as ``0``, or ``"cuda:0"``): ``offloaded="cpu"`` then gives
+    Accelerate's GPU + CPU offload (units kept in RAM, copied to the GPU when they are called) and
+    ``offloaded="disk"`` its GPU + disk offload. Used by the benchmark (and the tests) to have
+    Transformers/Accelerate dispatch a model the way such a user would, at any nesting depth.
     """
+    def value(d: str | int | torch.device) -> str | int:
+        return str(d) if isinstance(d, torch.device) else d
+
     disk = set(disk_units)
-    out: dict[str, str] = {}
+    where, other = value(offloaded), value(rest)
+    out: dict[str, str | int] = {}
 
     def walk(prefix: str, module: nn.Module) -> None:
         for name, child in module.named_children():
             full = f"{prefix}.{name}" if prefix else name
             if full in disk:
-                out[full] = "disk"
+                out[full] = where
             elif any(d.startswith(full + ".") for d in disk):
                 walk(full, child)
             else:
-                out[full] = "cpu"
+                out[full] = other
         for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            out[f"{prefix}.{pname}" if prefix else pname] = "cpu"
+            out[f"{prefix}.{pname}" if prefix else pname] = other
 
     walk("", model)
     return out
