@@ -13,6 +13,7 @@ our in-progress conversions is refused, so nothing a user owns is overwritten.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -26,8 +27,8 @@ from torch import nn
 
 from .errors import CheckpointError, StoreError
 from .plan import UnitPlan, find_units, plan_plain
-from .store import (IN_PROGRESS, MANIFEST, Store, TensorSpec, UnitRecord, _parse_unit, file_provenance, fingerprint,
-                    main_float_dtype, unit_file_name, write_manifest, write_unit_file)
+from .store import (IN_PROGRESS, MANIFEST, QuantRecord, Store, TensorSpec, UnitRecord, _parse_unit, dtype_name,
+                    file_provenance, fingerprint, main_float_dtype, unit_file_name, write_manifest, write_unit_file)
 
 Fetch = Callable[[str], torch.Tensor]
 RESIDENT = "__resident__"
@@ -42,6 +43,7 @@ class UnitSource:
 
     def __init__(self, name: str, specs: Sequence[TensorSpec], open_fetch: Callable[[], contextlib.AbstractContextManager[Fetch]]):
         self.name, self.specs, self.open_fetch = name, list(specs), open_fetch
+        self.quantized: list[QuantRecord] = []  # weights whose specs are their quantized parts (quantize_sources)
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +120,7 @@ def write_store(path: str | os.PathLike[str], units: Sequence[UnitSource], sourc
                     pass
             with u.open_fetch() as fetch:
                 rec = write_unit_file(path, file, u.name, u.specs, fetch, bar.update)
+            rec = dataclasses.replace(rec, quantized=tuple(u.quantized))
             records.append(rec)
             with open(marker, "a") as f:
                 f.write(json.dumps(rec.to_json()) + "\n")
@@ -163,6 +166,87 @@ def sources_from_plans(plans: Sequence[UnitPlan]) -> list[UnitSource]:
         by_rel = {t.rel: t for t in p.tensors}
         specs = [TensorSpec(t.rel, t.dtype, t.shape) for t in p.tensors]
         out.append(UnitSource(p.name, specs, _fixed(lambda rel, by_rel=by_rel: by_rel[rel].fetch())))
+    return out
+
+
+# A policy says, for (unit, tensor name relative to it), whether that tensor is stored quantized:
+# None = as it is; else whether it is a transposed ([in, out], Conv1D) linear weight.
+QuantPolicy = Callable[[str, str], "bool | None"]
+
+
+def quantize_sources(units: Sequence[UnitSource], policy: QuantPolicy, scheme: str, group_size: int) -> int:
+    """Store the linear weights ``policy`` picks as int8/int4 parts (``offload.quant``); returns how many.
+
+    The parts are planned from metadata (``quantized_specs``); the weight is read and quantized once,
+    when the writer asks for its first part, and its parts are kept only until all were written.
+    """
+    from . import quant
+    count = 0
+    for u in units:
+        specs: list[TensorSpec] = []
+        parts: dict[str, tuple[str, str, bool]] = {}  # part name -> (weight, key, transposed)
+        for x in u.specs:
+            transposed = policy(u.name, x.name) if x.dtype.is_floating_point and len(x.shape) == 2 else None
+            if transposed is None:
+                specs.append(x)
+                continue
+            for name, dt, shape in quant.quantized_specs(x.name, x.shape, x.dtype, scheme, group_size,
+                                                         transposed=transposed):
+                specs.append(TensorSpec(name, dt, shape))
+                parts[name] = (x.name, name[len(x.name) + 1:], transposed)
+            u.quantized.append(QuantRecord(x.name, dtype_name(x.dtype), tuple(x.shape), transposed))
+            count += 1
+        if not parts:
+            continue
+        dtypes = {x.name: x.dtype for x in u.specs}
+        u.specs = specs
+
+        def opened(inner=u.open_fetch, parts=parts, dtypes=dtypes):
+            @contextlib.contextmanager
+            def ctx():
+                with inner() as fetch:
+                    done: dict[str, dict[str, torch.Tensor]] = {}
+
+                    def get(name: str) -> torch.Tensor:
+                        if name not in parts:
+                            return fetch(name)
+                        weight, key, transposed = parts[name]
+                        if weight not in done:
+                            w = fetch(weight).to(dtypes[weight])
+                            done[weight] = quant.quantize_linear(w, scheme, group_size, transposed=transposed)
+                        return done[weight].pop(key)  # each part is written once: drop it after
+                    yield get
+            return ctx()
+        u.open_fetch = opened
+    return count
+
+
+def module_policy(modules: dict[str, nn.Module], scheme: str, group_size: int) -> QuantPolicy:
+    """The quantization policy of a model's own modules (``quant.is_quantizable``): its linear weights."""
+    from . import quant
+
+    def policy(unit: str, rel: str) -> bool | None:
+        owner, _, attr = f"{unit}.{rel}".rpartition(".")
+        m = modules.get(owner)
+        t = m._parameters.get(attr) if m is not None else None
+        if t is None or not quant.is_quantizable(owner, attr, t, m, scheme=scheme, group_size=group_size):
+            return None
+        return quant.is_transposed_linear(m)
+    return policy
+
+
+def quantization_of(scheme: str | None, group_size: int) -> dict[str, Any] | None:
+    """The manifest's ``quantization`` entry for a scheme (None: plain tensors)."""
+    if scheme is None:
+        return None
+    from . import quant
+    if scheme not in quant.SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r}: choose one of {', '.join(quant.SCHEMES)}")
+    if scheme == "int4" and group_size not in quant.INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {quant.INT4_GROUP_SIZES}, got {group_size}")
+    out: dict[str, Any] = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None}
+    if scheme == "int4":
+        out["int4_layout"] = quant.int4_layout()
     return out
 
 
@@ -277,7 +361,8 @@ def module_sources(model: nn.Module, units: Sequence[str] | None = None) -> tupl
 
 
 def convert(src: str | os.PathLike[str] | nn.Module, dst: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
-            units: Sequence[str] | None = None, allow_pickle: bool = False, progress: bool = True) -> Store:
+            units: Sequence[str] | None = None, allow_pickle: bool = False, quantize: str | None = None,
+            group_size: int = 64, progress: bool = True) -> Store:
     """Convert a checkpoint into a store of per-unit files.
 
     A store converted from a folder is a complete checkpoint: beside the units and the resident
@@ -292,24 +377,42 @@ def convert(src: str | os.PathLike[str] | nn.Module, dst: str | os.PathLike[str]
         dtype: cast floating-point tensors, e.g. ``torch.bfloat16`` or ``"bf16"`` (default: keep them).
         units: for a module, the names of the modules to stream (default: its repeated blocks).
         allow_pickle: accept ``pytorch_model*.bin`` checkpoints (loaded with ``weights_only=True``).
+        quantize: ``"int8"`` (per output channel) or ``"int4"`` (group-wise, ``group_size`` 32/64/128):
+            the units' linear weights are stored quantized (``offload.quant``); norms, biases and the
+            resident part (embeddings, head) stay as they are. Needs torchao (``pip install offload[quant]``).
 
     Example:
         >>> store = offload.convert("bloom-7b1/", "bloom-7b1.store", dtype="bf16")
     """
     cast = _parse_dtype(dtype)
+    q = quantization_of(quantize, group_size)
     dst = os.fspath(dst)
+    extra = {"quantization": q} if q else None
     if isinstance(src, nn.Module):
         plans, sources = module_sources(src, units)
         _cast(sources, None, cast)
-        source = {"kind": "module", "class": type(src).__name__,
-                  "fingerprint": fingerprint((p.name, t.rel, str(t.dtype), t.shape) for p in plans for t in p.tensors)}
-        return write_store(dst, sources, _with_dtype(source, sources, None, cast), progress=progress)
+        source = _with_dtype({"kind": "module", "class": type(src).__name__, "fingerprint": fingerprint(
+            (p.name, t.rel, str(t.dtype), t.shape) for p in plans for t in p.tensors)}, sources, None, cast)
+        if q:
+            quantize_sources(sources, module_policy(dict(src.named_modules()), q["scheme"], group_size),
+                             q["scheme"], group_size)
+            source["quantization"] = q
+        return write_store(dst, sources, source, progress=progress, extra=extra)
     src = os.fspath(src)
     units_, resident, source = checkpoint_sources(src, cast, allow_pickle)
+    if q:
+        from .runtime import build_on_meta
+        meta = build_on_meta(src, cast or checkpoint_dtype(src) or torch.float32)
+        if not quantize_sources(units_, module_policy(dict(meta.named_modules()), q["scheme"], group_size),
+                                q["scheme"], group_size):
+            raise CheckpointError(f"{src}: no linear weight in its blocks can be stored {quantize} (group size "
+                                  f"{group_size}): convert it without quantize=")
+        source = dict(source, quantization=q)
+        source["fingerprint"] = fingerprint([source.get("fingerprint"), sorted(q.items())])
     files = side_files(src)
     config = os.path.join(src, "config.json")
     edit = {config: lambda raw: _config_with_dtype(raw, cast)} if cast is not None and config in files else {}
-    return write_store(dst, units_, source, resident, progress=progress, files=files, edit=edit)
+    return write_store(dst, units_, source, resident, progress=progress, files=files, edit=edit, extra=extra)
 
 
 def checkpoint_sources(src: str, cast: torch.dtype | None = None, allow_pickle: bool = False
@@ -376,7 +479,8 @@ def _cast(units: Sequence[UnitSource], resident: UnitSource | None, cast: torch.
 
 def _with_dtype(source: dict[str, Any], units: Sequence[UnitSource], resident: UnitSource | None,
                 cast: torch.dtype | None) -> dict[str, Any]:
-    """Add what the store holds to ``source``: ``dtype`` (torch's name), ``quantization`` (none yet), and
+    """Add what the store holds to ``source``: ``dtype`` (torch's name), ``quantization`` (none: the caller
+    sets it after quantizing), and
     a ``fingerprint`` of the files and dtype (an interrupted conversion resumes only when it matches)."""
     specs = [x for u in list(units) + ([resident] if resident is not None else []) for x in u.specs]
     held = cast or main_float_dtype((x.dtype, x.nbytes) for x in specs)
@@ -471,7 +575,7 @@ def checkpoint_dtype(folder: str) -> torch.dtype | None:
     return None
 
 
-def store_cache_path(folder: str, dtype: torch.dtype) -> str:
+def store_cache_path(folder: str, dtype: torch.dtype, quantize: str | None = None) -> str:
     """Where ``cached_store`` keeps the store of ``folder`` in ``dtype``: named after the folder, and
     keyed by a hash of its absolute path, so two checkpoints with the same folder name never share."""
     import hashlib
@@ -479,12 +583,14 @@ def store_cache_path(folder: str, dtype: torch.dtype) -> str:
     from .config import cache_dir
     folder = os.path.abspath(folder)
     key = hashlib.sha256(folder.encode()).hexdigest()[:12]
-    return os.path.join(cache_dir(), "stores", f"{os.path.basename(folder)}-{key}-{str(dtype).removeprefix('torch.')}")
+    tag = str(dtype).removeprefix("torch.") + (f"-{quantize}" if quantize else "")
+    return os.path.join(cache_dir(), "stores", f"{os.path.basename(folder)}-{key}-{tag}")
 
 
 def cached_store(folder: str, dtype: torch.dtype | str | None = None, rebuild: bool = False,
                  allow_pickle: bool = False, progress: bool = True,
-                 note: Callable[[str], None] | None = None) -> str:
+                 note: Callable[[str], None] | None = None, quantize: str | None = None,
+                 group_size: int = 64) -> str:
     """The store of a checkpoint folder, converted once into the cache and reused while it is current.
 
     A cached store is reused only when the folder's weight files (name, size, mtime, safetensors
@@ -500,6 +606,8 @@ def cached_store(folder: str, dtype: torch.dtype | str | None = None, rebuild: b
         allow_pickle: accept ``*.bin`` pickle checkpoints (``torch.load(weights_only=True)``).
         progress: progress bars, and the one line saying whether the store is reused or rebuilt.
         note: where that line goes (default: stderr when ``progress``, else the ``offload`` logger).
+        quantize, group_size: store the blocks' linear weights int8/int4 (see ``convert``); part of the
+            cache key, so the plain and quantized stores of one folder live side by side.
 
     Returns:
         The store's path (``$OFFLOAD_CACHE/stores/<name>-<path hash>-<dtype>``).
@@ -518,13 +626,16 @@ def cached_store(folder: str, dtype: torch.dtype | str | None = None, rebuild: b
     if want is None:
         raise CheckpointError(f"{folder}: cannot tell its dtype (no dtype in config.json, no floating-point "
                               f"weights): pass dtype= (--dtype)")
-    path = store_cache_path(folder, want)
+    q = quantization_of(quantize, group_size)
+    path = store_cache_path(folder, want, quantize)
     files = source_files(folder)
     why = "--rebuild" if rebuild else "no store cached yet"
     if not rebuild and os.path.exists(os.path.join(path, MANIFEST)):
         try:
             st = Store.open(path)
             why = _stale_reason(st.source, files, want)
+            if why is None and st.quantization != q:
+                why = f"it is quantized {st.quantization}, not {q}"
         except StoreError as e:
             why = f"the cached store is damaged ({e})"
         if why is None:
@@ -535,7 +646,8 @@ def cached_store(folder: str, dtype: torch.dtype | str | None = None, rebuild: b
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
     if os.path.exists(tmp) and not os.path.exists(os.path.join(tmp, IN_PROGRESS)):
         shutil.rmtree(tmp)  # a finished build that was never swapped in, or debris: start over
-    convert(folder, tmp, dtype=want, allow_pickle=allow_pickle, progress=progress)
+    convert(folder, tmp, dtype=want, allow_pickle=allow_pickle, quantize=quantize, group_size=group_size,
+            progress=progress)
     old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}")
     if os.path.exists(path):
         os.replace(path, old)

@@ -174,6 +174,33 @@ class Binding:
             self.owner._buffers[self.attr] = self.stand_in
 
 
+@dataclasses.dataclass
+class QuantBinding(Binding):
+    """A linear weight stored quantized: bound as a ``quant.QuantizedWeight`` over its parts' views, which
+    ``F.linear`` (so the module's unchanged forward) dispatches to the int8/int4 kernel."""
+    parts: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = dataclasses.field(default_factory=dict)
+    scheme: str = ""
+    group_size: int = 64
+    transposed: bool = False
+    layout: str | None = None  # int4 packing of the machine that wrote the store (repacked if not this one's)
+    weight: Any = None  # one QuantizedWeight per parameter, re-pointed at each forward's buffer
+
+    def bind(self, data: torch.Tensor) -> None:
+        views = {k: data[o:o + n].view(dt).view(sh) for k, (o, n, dt, sh) in self.parts.items()}
+        if self.weight is None:
+            from .quant import from_stored
+            self.weight = from_stored(views, self.shape, self.dtype, self.scheme, self.group_size,
+                                      transposed=self.transposed, layout=self.layout)
+        else:
+            self.weight.rebind(views, layout=self.layout)
+        self.owner._parameters[self.attr] = self.weight
+
+    def unbind(self) -> None:
+        self.owner._parameters[self.attr] = self.stand_in  # type: ignore[assignment]
+        if self.weight is not None:
+            self.weight.release()  # a reference kept past the forward raises instead of reading a reused buffer
+
+
 class UnitHook:
     """The pre/post pair for one unit, registered with ``register_forward_pre_hook``/``register_forward_hook``."""
 

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from .config import StagingConfig, cache_dir, ring_bytes
-from .convert import sources_from_plans, write_store
-from .errors import ChecksumError, OffloadError, StoreMismatchError
-from .hooks import Binding, Offloaded, UnitHook
+from .convert import module_policy, quantization_of, quantize_sources, sources_from_plans, write_store
+from .errors import ChecksumError, OffloadError, StoreError, StoreMismatchError
+from .hooks import Binding, Offloaded, QuantBinding, UnitHook
 from .io import Reader, get_reader
 from .plan import (UnitPlan, _numel, choose_resident, find_units, is_accelerate_offloaded, offload_folder_of,
                    plan_accelerate, plan_plain)
@@ -185,7 +185,13 @@ class Handle:
                 continue
             for b in h.bindings:
                 p = self._restore[id(b)]  # the user's own Parameter, back on the device it came from
-                p.data = data[b.offset:b.offset + b.nbytes].view(b.dtype).view(b.shape).clone().to(p.device)
+                if isinstance(b, QuantBinding):  # only the quantized values exist now
+                    q = next(q for q in rec.quantized if q.name == b.stand_in._offload_name[len(rec.name) + 1:])
+                    p.data = _dequantized(self.store, rec, q).to(p.device)
+                    log.warning("offload: %s was streamed %s-quantized; disable() gives it back dequantized (the "
+                                "original values were freed at enable)", b.stand_in._offload_name, b.scheme)
+                else:
+                    p.data = data[b.offset:b.offset + b.nbytes].view(b.dtype).view(b.shape).clone().to(p.device)
                 b.owner._parameters[b.attr] = p  # type: ignore[assignment]
         if damaged:
             raise ChecksumError(f"the weights of {len(damaged)} unit(s) cannot be restored: {', '.join(damaged)} "
@@ -212,8 +218,52 @@ def _close_all() -> None:
             h.disable()
 
 
-def _expected(plans: Sequence[UnitPlan]) -> dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
-    return {p.name: {t.rel: (t.dtype, t.shape) for t in p.tensors} for p in plans}
+def _expected(plans: Sequence[UnitPlan], store: Store | None = None
+              ) -> dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    """What each unit's file must hold for this model: its tensors, or for a weight the store holds
+    quantized, that weight's parts (checked against the weight's own shape and dtype)."""
+    from .quant import quantized_specs
+    out = {}
+    for p in plans:
+        rec = store.by_name.get(p.name) if store is not None else None
+        quantized = {q.name: q for q in rec.quantized} if rec is not None else {}
+        want: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for t in p.tensors:
+            q = quantized.get(t.rel)
+            if q is None:
+                want[t.rel] = (t.dtype, t.shape)
+                continue
+            if (q.torch_dtype, q.shape) != (t.dtype, t.shape):
+                raise StoreMismatchError(f"store {store.path}: unit {p.name} holds {t.rel} quantized from "  # type: ignore[union-attr]
+                                         f"{q.torch_dtype} {list(q.shape)}, the model has {t.dtype} {list(t.shape)}")
+            qz = store.quantization or {}  # type: ignore[union-attr]
+            for name, dt, shape in quantized_specs(t.rel, t.shape, t.dtype, qz.get("scheme", ""),
+                                                   qz.get("group_size") or 64, transposed=q.transposed):
+                want[name] = (dt, shape)
+        out[p.name] = want
+    return out
+
+
+def _sources(model: nn.Module, plans: Sequence[UnitPlan], quantization: dict[str, Any] | None) -> list[Any]:
+    """The unit sources a store is written from (and compared with): the model's tensors, quantized when asked."""
+    sources = sources_from_plans(plans)
+    if quantization:
+        scheme, group = quantization["scheme"], quantization.get("group_size") or 64
+        quantize_sources(sources, module_policy(dict(model.named_modules()), scheme, group), scheme, group)
+    return sources
+
+
+def _check_quantization(store: Store, want: dict[str, Any] | None) -> None:
+    have = store.quantization
+    same = (have is None and want is None) or (have is not None and want is not None and have.get("scheme") ==
+                                                 want.get("scheme") and have.get("group_size") == want.get("group_size"))
+    if not same:
+        def say(q: dict[str, Any] | None) -> str:
+            return "unquantized" if q is None else f"{q['scheme']}" + (f" (group {q['group_size']})" if q.get("group_size") else "")
+        fix = (f"pass quantize={have['scheme']!r}" + (f", group_size={have['group_size']}" if have.get("group_size") else "")
+               if have is not None else "enable without quantize=")
+        raise StoreMismatchError(f"store {store.path} holds {say(have)} units but {say(want)} ones were asked for: "
+                                 f"{fix} to use this store, or pass another store=")
 
 
 def _source_fingerprint(plans: Sequence[UnitPlan], kind: str) -> str:
@@ -224,7 +274,7 @@ def _source_fingerprint(plans: Sequence[UnitPlan], kind: str) -> str:
     return "content:" + fingerprint((p.name, t.rel, str(t.dtype), t.shape) for p in plans for t in p.tensors)
 
 
-def _check_reused(store: Store, plans: Sequence[UnitPlan], fp: str) -> None:
+def _check_reused(store: Store, plans: Sequence[UnitPlan], fp: str, sources: Sequence[Any]) -> None:
     have = str(store.source.get("fingerprint", ""))
     if not fp.startswith("content:"):
         if have != fp:
@@ -236,8 +286,9 @@ def _check_reused(store: Store, plans: Sequence[UnitPlan], fp: str) -> None:
                for t in p.tensors if t.is_param):
             continue  # a model built on meta has no weights to compare: the store is its weights
         rec = store.by_name[p.name]
-        by_rel = {t.rel: t for t in p.tensors}
-        crc = unit_crc(p.name, [TensorSpec(t.rel, t.dtype, t.shape) for t in p.tensors], lambda r: by_rel[r].fetch())
+        src = next(u for u in sources if u.name == p.name)
+        with src.open_fetch() as fetch:
+            crc = unit_crc(p.name, src.specs, fetch)
         if crc != rec.crc32:
             raise StoreMismatchError(f"store {store.path}: unit {p.name} holds different weights than the model "
                                      f"(checksum {rec.crc32:08x} vs {crc:08x}): delete the store or pass another store=")
@@ -247,7 +298,8 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
            device: str | torch.device | None = None, *, cpu_memory: int | str | None = None,
            ram_tier: int | str | None = None, gpu_memory: int | str | None = None,
            gpu_tier: int | str | None = None, units: Sequence[str] | None = None, reader: str | Reader | None = None, io_threads: int = 8,
-           verify: bool = True, trace: str | os.PathLike[str] | None = None, progress: bool = True) -> Handle:
+           verify: bool = True, trace: str | os.PathLike[str] | None = None, quantize: str | None = None,
+           group_size: int | None = None, progress: bool = True) -> Handle:
     """Stream a model's blocks from disk, prefetching the next ``prefetch`` blocks while one computes.
 
     Args:
@@ -279,6 +331,9 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
             damaged file is an error naming it rather than wrong outputs.
         trace: write a Chrome/Perfetto trace of reads, copies, forwards and waits to this file when
             the handle is disabled (``Handle.write_trace`` writes one at any time).
+        quantize: ``"int8"`` or ``"int4"``: stream the units' linear weights quantized (``group_size``
+            for int4: 32, 64 or 128; default 64). The store must hold that quantization (a new store
+            is written so); a store of another kind is refused. ``offload.load`` takes it from the store.
 
     Returns:
         A :class:`Handle` (``stats()``, ``disable()``, context manager).
@@ -298,6 +353,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         raise ValueError("pass cpu_memory= (all RAM for weights) or ram_tier= (the RAM tier alone), not both")
     if gpu_memory is not None and gpu_tier is not None:
         raise ValueError("pass gpu_memory= (all GPU memory for weights) or gpu_tier= (the GPU tier alone), not both")
+    quantization = quantization_of(quantize, group_size or 64) if quantize is not None else None
     rd = reader if (reader is not None and not isinstance(reader, str)) else get_reader(reader)
     total_budget = parse_bytes(cpu_memory) if cpu_memory is not None else None
     tier_budget = parse_bytes(ram_tier) if ram_tier is not None else None
@@ -338,12 +394,16 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
     try:
         if os.path.exists(os.path.join(store, MANIFEST)):
             st = Store.open(store)
-            st.match(_expected(plans))
-            _check_reused(st, plans, fp)
+            if quantization and group_size is None and st.quantization and st.quantization["scheme"] == quantize:
+                quantization = st.quantization  # "int4" means the store's group size unless one is named
+            _check_quantization(st, quantization)
+            st.match(_expected(plans, st))
+            _check_reused(st, plans, fp, _sources(model, plans, quantization))
         else:
-            st = write_store(store, sources_from_plans(plans), {"kind": kind, "class": type(model).__name__,
-                                                               "fingerprint": fp}, progress=progress)
-            st.match(_expected(plans))
+            st = write_store(store, _sources(model, plans, quantization),
+                             {"kind": kind, "class": type(model).__name__, "fingerprint": fp, "quantization": quantization},
+                             progress=progress, extra={"quantization": quantization} if quantization else None)
+            st.match(_expected(plans, st))
         loaded = _load_resident_from_store(model, plans, st, devices[0]) if kind == "module" else []
         pinned = _pin_shared(plans_all)
     except BaseException:
@@ -510,13 +570,15 @@ def load(source: str | os.PathLike[str], prefetch: int = 2, *, cpu_memory: int |
          ram_tier: int | str | None = None, device: str | torch.device | None = None,
          gpu_memory: int | str | None = None, gpu_tier: int | str | None = None,
          dtype: torch.dtype | str | None = None, reader: str | Reader | None = None, io_threads: int = 8,
-         verify: bool = True, trace: str | os.PathLike[str] | None = None,
-         progress: bool = True) -> tuple[nn.Module, Handle]:
+         verify: bool = True, trace: str | os.PathLike[str] | None = None, quantize: str | None = None,
+         group_size: int = 64, progress: bool = True) -> tuple[nn.Module, Handle]:
     """Load a model bigger than RAM: build it on meta, load its resident weights, stream its blocks.
 
     ``source`` is a store (``offload convert``) or a Hugging Face folder, converted once into a cached
-    store that is rebuilt when the folder's files change. Peak memory is the resident weights + the
-    staging ring + the RAM tier (``cpu_memory`` bounds all three) + activations.
+    store that is rebuilt when the folder's files change (``quantize="int8"|"int4"``: with the blocks'
+    linear weights quantized, a cache entry of its own). A store is used as it was written. Peak memory
+    is the resident weights + the staging ring + the RAM tier (``cpu_memory`` bounds all three) +
+    activations.
 
     Example:
         >>> model, handle = offload.load("llama-70b/", prefetch=2, cpu_memory="16GiB")
@@ -525,12 +587,21 @@ def load(source: str | os.PathLike[str], prefetch: int = 2, *, cpu_memory: int |
     path = os.fspath(source)
     if not os.path.exists(os.path.join(path, MANIFEST)):
         from .convert import cached_store
-        path = cached_store(path, dtype=dtype, progress=progress)
+        path = cached_store(path, dtype=dtype, progress=progress, quantize=quantize, group_size=group_size)
     st = Store.open(path)
+    qz = st.quantization
+    if quantize is not None and (qz or {}).get("scheme") != quantize:
+        raise StoreMismatchError(f"store {path} holds {(qz or {}).get('scheme') or 'unquantized'} units, not "
+                                 f"{quantize}: load it without quantize=, or convert the checkpoint with "
+                                 f"`offload convert CHECKPOINT STORE --quantize {quantize}`")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise StoreError(f"store {path} has no config.json (it was converted from a module, not a checkpoint "
+                         f"folder): build the model yourself and offload.enable(model, store={path!r})")
     model = build_on_meta(path, st.dtype or torch.float32)
     handle = enable(model, prefetch, store=path, device=device, cpu_memory=cpu_memory, ram_tier=ram_tier,
                     gpu_memory=gpu_memory, gpu_tier=gpu_tier, units=[u.name for u in st.units], reader=reader,
-                    io_threads=io_threads, verify=verify, trace=trace, progress=progress)
+                    io_threads=io_threads, verify=verify, trace=trace, progress=progress,
+                    quantize=qz["scheme"] if qz else None, group_size=qz.get("group_size") if qz else None)
     return model, handle
 
 
@@ -561,9 +632,12 @@ def _module_device(model: nn.Module) -> torch.device:
 
 def _bindings(plan: UnitPlan, rec: UnitRecord, restore: dict[int, torch.Tensor], store: Store) -> list[Binding]:
     by_name = {t.name: t for t in rec.tensors}
-    out = []
+    quantized = {q.name: q for q in rec.quantized}
+    qz = store.quantization or {}
+    out: list[Binding] = []
     for t in plan.tensors:
-        r = by_name[t.rel]
+        q = quantized.get(t.rel)
+        r = by_name[t.rel] if q is None else None
         current = (t.owner._parameters if t.is_param else t.owner._buffers)[t.attr]
         assert current is not None
         on_meta = current.device.type == "meta"  # Accelerate's placeholder (or a model built on meta)
@@ -575,7 +649,14 @@ def _bindings(plan: UnitPlan, rec: UnitRecord, restore: dict[int, torch.Tensor],
             # The user's Parameter keeps its identity (its storage is swapped) when it is on the unit's device.
             fresh = nn.Parameter(torch.empty(0, dtype=t.dtype, device=plan.device), requires_grad=current.requires_grad)
             live = current if not on_meta and current.device == plan.device else fresh
-        b = Binding(t.owner, t.attr, t.is_param, r.offset, r.nbytes, t.dtype, t.shape, stand_in, current, live)
+        if q is None:
+            assert r is not None
+            b = Binding(t.owner, t.attr, t.is_param, r.offset, r.nbytes, t.dtype, t.shape, stand_in, current, live)
+        else:
+            parts = {x.name[len(t.rel) + 1:]: (x.offset, x.nbytes, x.torch_dtype, x.shape)
+                     for x in rec.tensors if x.name.startswith(t.rel + ".")}
+            b = QuantBinding(t.owner, t.attr, t.is_param, 0, 0, t.dtype, t.shape, stand_in, current, live, parts,
+                             qz["scheme"], qz.get("group_size") or 64, q.transposed, qz.get("int4_layout"))
         if t.is_param and not on_meta:
             restore[id(b)] = current
         out.append(b)
@@ -583,12 +664,25 @@ def _bindings(plan: UnitPlan, rec: UnitRecord, restore: dict[int, torch.Tensor],
 
 
 def _read_stray(store: Store, rec: UnitRecord, name: str, device: torch.device) -> torch.Tensor:
-    """A streamed tensor used outside its unit's forward: read it on its own (see hooks.Offloaded)."""
+    """A streamed tensor used outside its unit's forward: read it on its own (see hooks.Offloaded); a
+    quantized weight is read as its parts and dequantized."""
     try:
-        return store.read_tensor(rec, name).to(device)
+        q = next((q for q in rec.quantized if q.name == name), None)
+        if q is None:
+            return store.read_tensor(rec, name).to(device)
+        return _dequantized(store, rec, q).to(device)
     except FileNotFoundError as e:
         raise OffloadError(f"{rec.name}.{name}: its layer file {e.filename} is gone (was this a reference kept from "
                            f"before offload.disable()? read the module's parameter again)") from None
+
+
+def _dequantized(store: Store, rec: UnitRecord, q: Any) -> torch.Tensor:
+    from .quant import from_stored
+    qz = store.quantization or {}
+    parts = {t.name[len(q.name) + 1:]: store.read_tensor(rec, t.name) for t in rec.tensors
+             if t.name.startswith(q.name + ".")}
+    return from_stored(parts, q.shape, q.torch_dtype, qz["scheme"], qz.get("group_size") or 64,
+                       transposed=q.transposed, layout=qz.get("int4_layout")).dequantize()
 
 
 def _silence_inner_accelerate_hooks(plans: Sequence[UnitPlan]) -> list[tuple[nn.Module, Any]]:

@@ -80,6 +80,19 @@ class TensorRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantRecord:
+    """A weight stored quantized: its stored parts are tensors named ``<name>.<part>`` (``offload.quant``)."""
+    name: str  # the original parameter, relative to the unit, e.g. "mlp.dense_h_to_4h.weight"
+    dtype: str  # its float dtype (safetensors name): what it computes in
+    shape: tuple[int, ...]  # its shape as the module holds it
+    transposed: bool = False  # stored [in, out] (transformers' Conv1D)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
 class UnitRecord:
     name: str
     file: str  # relative to the store folder
@@ -89,10 +102,12 @@ class UnitRecord:
     crc32: int
     tensors: tuple[TensorRecord, ...]
     crc32c: int | None = None  # CRC-32C of the data section (hardware-accelerated; checked on first read)
+    quantized: tuple[QuantRecord, ...] = ()  # weights stored quantized (manifest "quantization" says how)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["tensors"] = [dict(dataclasses.asdict(t), shape=list(t.shape)) for t in self.tensors]
+        d["quantized"] = [dict(dataclasses.asdict(q), shape=list(q.shape)) for q in self.quantized]
         return d
 
     @property
@@ -329,7 +344,9 @@ def _parse_unit(d: Any, where: str) -> UnitRecord:
             for t in d["tensors"])
         rec = UnitRecord(str(d["name"]), str(d["file"]), int(d["file_bytes"]), int(d["data_offset"]),
                          int(d["data_bytes"]), int(d["crc32"]), tensors,
-                         int(d["crc32c"]) if d.get("crc32c") is not None else None)
+                         int(d["crc32c"]) if d.get("crc32c") is not None else None,
+                         tuple(QuantRecord(str(q["name"]), str(q["dtype"]), tuple(int(x) for x in q["shape"]),
+                                           bool(q.get("transposed", False))) for q in d.get("quantized") or ()))
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise StoreError(f"{where}: malformed unit entry ({type(e).__name__}: {e}): re-run `offload convert`") from None
     for t in rec.tensors:
@@ -344,6 +361,11 @@ def _parse_unit(d: Any, where: str) -> UnitRecord:
             raise StoreError(f"{where}: unit {rec.name} tensor {t.name}: shape {t.shape} does not match {t.nbytes} bytes")
         if t.offset + t.nbytes > rec.data_bytes:
             raise StoreError(f"{where}: unit {rec.name} tensor {t.name} lies outside the unit's data section")
+    names = {t.name for t in rec.tensors}
+    for q in rec.quantized:
+        if q.dtype not in DTYPES or not any(n.startswith(q.name + ".") for n in names):
+            raise StoreError(f"{where}: unit {rec.name}: quantized weight {q.name} has no stored parts or an unknown "
+                             f"dtype {q.dtype!r}: re-run `offload convert`")
     if rec.data_offset < 8 or rec.data_bytes < 0 or rec.file_bytes != rec.data_offset + rec.data_bytes:
         raise StoreError(f"{where}: unit {rec.name} has inconsistent sizes (file {rec.file_bytes}, "
                          f"data {rec.data_offset}+{rec.data_bytes}): re-run `offload convert`")
@@ -402,6 +424,13 @@ class Store:
     @property
     def source(self) -> dict[str, Any]:
         return self.manifest.get("source") or {}
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """How quantized units are stored (``{"scheme": "int8"|"int4", "group_size": ..., "int4_layout": ...}``),
+        or None for a store of plain tensors."""
+        q = self.manifest.get("quantization")
+        return q if isinstance(q, dict) and q.get("scheme") else None
 
     @property
     def dtype(self) -> torch.dtype | None:

@@ -27,9 +27,10 @@ def _cmd_convert(a: argparse.Namespace) -> int:
     from ..convert import convert
     if not os.path.exists(a.src):
         raise UsageError(f"{a.src} does not exist: pass a Hugging Face model folder or an Accelerate offload folder")
-    store = convert(a.src, a.dst, dtype=a.dtype, allow_pickle=a.allow_pickle, progress=not a.quiet)
+    store = convert(a.src, a.dst, dtype=a.dtype, allow_pickle=a.allow_pickle, quantize=a.quantize,
+                    group_size=a.group_size, progress=not a.quiet)
     total = sum(u.data_bytes for u in store.units)
-    dtype = str(store.dtype).removeprefix("torch.")
+    dtype = str(store.dtype).removeprefix("torch.") + (f", units {a.quantize}" if a.quantize else "")
     print(f"wrote {store.path}: {len(store.units)} units, {format_bytes(total)}"
           + (f", resident {format_bytes(store.resident.data_bytes)}" if store.resident else "") + f", {dtype}")
     return 0
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="store folder to create (new or empty; an interrupted conversion into it resumes)")
     c.add_argument("--dtype", choices=sorted(run.DTYPES), help="cast floating-point weights (default: keep the checkpoint's)")
     c.add_argument("--allow-pickle", action="store_true", help="accept *.bin pickle checkpoints (torch.load(weights_only=True))")
+    c.add_argument("--quantize", choices=("int8", "int4"),
+                   help="store the blocks' linear weights int8 (per output channel) or int4 (group-wise); "
+                        "norms, biases, embeddings and head stay as they are (needs torchao)")
+    c.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="int4 group size")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=_cmd_convert)
 

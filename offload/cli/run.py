@@ -50,7 +50,8 @@ def resolve(a: argparse.Namespace) -> Target:
         dtype = want or torch.bfloat16
         units, resident = _random_specs(a.random, dtype)
         folder = os.path.join(cache_dir(), "random", f"{a.random}-{dtype_tag(dtype)}")
-        return Target("random", folder, dtype, [plan_layout(s)[1] for s in units.values()],
+        specs = _quantized_plan(a, meta_model(config_for(a.random), dtype), units)
+        return Target("random", folder, dtype, [plan_layout(s)[1] for s in specs],
                       plan_layout(resident)[1] if resident else 0, a.random)
     if not os.path.isdir(a.model):
         raise UsageError(f"{a.model} is not a folder: pass a Hugging Face model folder or an offload store")
@@ -65,6 +66,11 @@ def resolve(a: argparse.Namespace) -> Target:
                              f"{shlex.quote(dst)} --dtype {a.dtype}` and run that store")
         if a.rebuild or a.allow_pickle:
             raise UsageError(f"{a.model} is a store: --rebuild and --allow-pickle apply to a checkpoint folder")
+        held_q = (store.quantization or {}).get("scheme")
+        if a.quantize and a.quantize != held_q:
+            raise UsageError(f"store {a.model} holds {held_q or 'unquantized'} units, not {a.quantize}: run it without "
+                             f"--quantize, or convert the checkpoint with `offload convert CHECKPOINT STORE "
+                             f"--quantize {a.quantize}`")
         if not os.path.exists(os.path.join(a.model, "config.json")):
             raise UsageError(f"store {a.model} has no config.json: convert the checkpoint folder again with this "
                              f"offload (`offload convert`), which copies it")
@@ -78,8 +84,27 @@ def resolve(a: argparse.Namespace) -> Target:
     if dtype is None:
         raise UsageError(f"{a.model}: cannot tell its dtype (config.json has none): pass --dtype")
     units_, resident, _ = checkpoint_sources(a.model, dtype, a.allow_pickle)
-    return Target("folder", a.model, dtype, [plan_layout(u.specs)[1] for u in units_],
+    specs = _quantized_plan(a, meta_model(config_for_folder(a.model), dtype) if a.quantize else None,
+                            {u.name: u.specs for u in units_})
+    return Target("folder", a.model, dtype, [plan_layout(s)[1] for s in specs],
                   plan_layout(resident.specs)[1] if resident else 0, a.model)
+
+
+def config_for_folder(folder: str) -> Any:
+    import transformers as tf
+    return tf.AutoConfig.from_pretrained(folder)
+
+
+def _quantized_plan(a: argparse.Namespace, meta: Any, units: dict[str, list[Any]]) -> list[list[Any]]:
+    """Each unit's tensor specs as the store will hold them: with ``--quantize``, the linear weights'
+    parts (planned from metadata, nothing quantized)."""
+    if not a.quantize:
+        return list(units.values())
+    from ..convert import UnitSource, module_policy, quantize_sources
+    sources = [UnitSource(name, specs, lambda: None) for name, specs in units.items()]  # type: ignore[arg-type, return-value]
+    quantize_sources(sources, module_policy(dict(meta.named_modules()), a.quantize, a.group_size), a.quantize,
+                     a.group_size)
+    return [u.specs for u in sources]
 
 
 def _random_specs(name: str, dtype: torch.dtype) -> tuple[dict[str, list[Any]], list[Any]]:
@@ -301,7 +326,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         if target.kind == "random":
             folder = random_checkpoint(a.random, target.dtype, folder, not a.quiet)
         store = cached_store(folder, target.dtype, rebuild=a.rebuild, allow_pickle=a.allow_pickle,
-                             progress=not a.quiet, note=_say)
+                             progress=not a.quiet, note=_say, quantize=a.quantize, group_size=a.group_size)
     import offload
     trace = a.trace or (os.path.splitext(a.plot)[0] + ".trace.json" if a.plot else None)
     model, handle = offload.load(store, a.prefetch, device=device, cpu_memory=a.cpu_memory,
@@ -374,6 +399,10 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--reader", choices=READERS, help="disk reader (default: native when built, else python)")
     r.add_argument("--dry-run", action="store_true",
                    help="print the placement plan (from the safetensors headers: nothing converted) and stop")
+    r.add_argument("--quantize", choices=("int8", "int4"),
+                   help="stream the blocks' linear weights int8 or int4 (a quantized store of its own is cached; a "
+                        "store argument is used as it was converted)")
+    r.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="int4 group size")
     r.add_argument("--rebuild", action="store_true", help="convert the folder again even if its cached store is current")
     r.add_argument("--allow-pickle", action="store_true", help="accept *.bin pickle checkpoints (torch.load(weights_only=True))")
     r.add_argument("--no-verify", action="store_true",
