@@ -1,0 +1,216 @@
+"""Fewer bytes per token: fp32, bf16, int8 and int4 stores of one model, every block streamed, in one run.
+
+Per variant and batch size: decode time per token streamed cold (``ram_tier=0``, the store's files
+evicted before every forward, eviction untimed), the same quantized model with every unit in RAM
+(its compute floor, warm), and bytes read per token from ``stats()``; the I/O floor is bytes per token
+over this disk's O_DIRECT bandwidth measured in the same run (bench-disk's python reader on the store's
+largest unit file, cold). Then quality, teacher-forced on random sequences: max and RMS logits error
+vs the fp32 model, next to torchao's own int8 / int4 weight-only quantization of the same weights
+(same group size), and top-1 agreement with fp32.
+
+    python benchmarks/bench_quant.py --random bloom-1b7 --batch-sizes 1,8,32 --new-tokens 4 --json bench-out/quant.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+import offload
+from offload.cli.bench import evict
+from offload.cli.models import random_checkpoint
+from offload.config import cache_dir
+from offload.convert import cached_store
+
+VARIANTS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.float32, "int8"),
+            "int4": (torch.float32, "int4")}
+
+
+def decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, cold: list[str] | None) -> tuple[list[float], torch.Tensor]:
+    starts: list[float] = []
+    ends: list[float] = []
+
+    def pre(module, args):
+        if starts:
+            ends.append(time.perf_counter())
+        if cold:
+            evict(cold)
+        starts.append(time.perf_counter())
+    h = model.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False)
+        ends.append(time.perf_counter())
+    finally:
+        h.remove()
+    return [e - s for s, e in zip(starts[1:], ends[1:])], out
+
+
+def disk_bps(path: str) -> float:
+    """O_DIRECT read bandwidth of one file, cold (the python reader, 8 MiB requests, 4 threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from offload.io import PythonReader
+    from offload.staging import HostBuffer
+    size = os.path.getsize(path) // 4096 * 4096
+    evict([path])
+    r = PythonReader()
+    h = r.open(path)
+    buf = HostBuffer(size)
+    chunk = 8 << 20
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda off: r.read(h, off, buf.view(off, min(chunk, size - off))), range(0, size, chunk)))
+    dt = time.perf_counter() - t0
+    r.close(h)
+    buf.close()
+    return size / dt
+
+
+def streamed_rows(name: str, store: str, batch_sizes: list[int], new_tokens: int, prompt: torch.Tensor,
+                  log: Any) -> list[dict[str, Any]]:
+    rows = []
+    st = offload.store.Store.open(store)
+    unit_bytes = sum(u.data_bytes for u in st.units)
+    largest = max(st.units, key=lambda u: u.data_bytes)
+    for cache in ("cold", "warm"):
+        model, h = offload.load(store, prefetch=2, ram_tier=0 if cache == "cold" else unit_bytes, progress=False)
+        try:
+            for bs in batch_sizes:
+                ids = prompt.repeat(bs, 1)
+                h.reset_stats()
+                times, out = decode(model, ids, new_tokens, [store] if cache == "cold" else None)
+                s = h.stats()
+                bps = disk_bps(st.file_path(largest)) if cache == "cold" else None
+                per_token = s.bytes_read / (new_tokens + 1)  # prefill + decode steps all stream every unit
+                row = {"variant": name, "cache": cache, "batch_size": bs, "s_per_token_median": statistics.median(times),
+                       "s_per_token_min": min(times), "samples": times, "bytes_per_token": per_token,
+                       "unit_bytes": unit_bytes, "disk_bps": bps,
+                       "io_floor_s": unit_bytes / bps if bps else None, "tokens": out[0].tolist()}
+                rows.append(row)
+                log(f"  {name:5s} {cache} bs={bs}: {row['s_per_token_median'] * 1e3:.0f} ms/token, "
+                    f"{per_token / 2**20:.0f} MiB/token" + (f", disk {bps / 1e9:.2f} GB/s" if bps else ""))
+        finally:
+            h.disable()
+            del model
+            gc.collect()
+    return rows
+
+
+def quality(folder: str, stores: dict[str, str], group: int, positions: int, log: Any) -> dict[str, Any]:
+    """Teacher-forced logits error vs fp32 on random sequences: ours and torchao's, same weights."""
+    import transformers as tf
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    ref = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    vocab = ref.config.vocab_size
+    seq = 64
+    ids = torch.randint(0, vocab, (max(1, positions // seq), seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(ids).logits.float()
+    out: dict[str, Any] = {"positions": int(ids.numel())}
+
+    def err(logits: torch.Tensor) -> dict[str, float]:
+        d = (logits.float() - want)
+        return {"max": d.abs().max().item(), "rms": d.pow(2).mean().sqrt().item(),
+                "top1_agreement": (logits.argmax(-1) == want.argmax(-1)).float().mean().item()}
+    blocks = None
+    for scheme in ("int8", "int4"):
+        model, h = offload.load(stores[scheme], prefetch=2, ram_tier=0, progress=False)
+        blocks = [u.name for u in h.store.units]
+        with h, torch.no_grad():
+            out[f"offload {scheme}"] = err(model(ids).logits)
+        del model
+        gc.collect()
+    # torchao on the same weights, blocks' linear layers only (what the store quantizes)
+    assert blocks is not None
+    in_blocks = lambda m, fqn: isinstance(m, torch.nn.Linear) and any(fqn.startswith(b + ".") for b in blocks)  # noqa: E731
+    q8 = copy.deepcopy(ref)
+    quantize_(q8, Int8WeightOnlyConfig(), filter_fn=in_blocks)
+    with torch.no_grad():
+        out["torchao int8"] = err(q8(ids).logits)
+    del q8
+    try:
+        from offload.quant import QuantizedWeight, is_quantizable
+        q4 = copy.deepcopy(ref)
+        try:  # torchao's CPU int4 weight-only (Int4OpaqueTensor; the bf16 tinygemm CPU kernel)
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+            quantize_(q4, PrototypeInt4WeightOnlyConfig(group_size=group), filter_fn=in_blocks)
+            label = "torchao int4"
+        except Exception as e:  # noqa: BLE001 - torchao's CPU int4 config names move between releases
+            log(f"  torchao int4 config unavailable here ({type(e).__name__}: {e}); using offload.quant's torchao primitives")
+            for name, mod in q4.named_modules():
+                if in_blocks(mod, name) and is_quantizable(name, "weight", mod.weight, mod, scheme="int4", group_size=group):
+                    mod._parameters["weight"] = QuantizedWeight.from_float(mod.weight.detach(), "int4", group)
+            label = "torchao int4 (primitives)"
+        with torch.no_grad():
+            out[label] = err(q4(ids).logits)
+    finally:
+        gc.collect()
+    for k, v in out.items():
+        if isinstance(v, dict):
+            log(f"  {k:26s} max {v['max']:.4f}  rms {v['rms']:.5f}  top-1 agreement {v['top1_agreement']:.4f}")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--random", default="bloom-560m")
+    p.add_argument("--variants", default="fp32,bf16,int8,int4")
+    p.add_argument("--batch-sizes", default="1")
+    p.add_argument("--new-tokens", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--positions", type=int, default=512, help="teacher-forced positions for the quality check (0: skip)")
+    p.add_argument("--json")
+    a = p.parse_args()
+    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+        p.error(f"folder of {a.json} does not exist")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
+    variants = a.variants.split(",")
+    folder = random_checkpoint(a.random, torch.float32, os.path.join(cache_dir(), "random", f"{a.random}-fp32"))
+    stores = {v: cached_store(folder, VARIANTS[v][0], quantize=VARIANTS[v][1], group_size=a.group_size)
+              for v in set(variants) | ({"int8", "int4"} if a.positions else set())}
+    prompt = torch.tensor([[(17 * i + 3) % 1000 for i in range(16)]])
+    rows: list[dict[str, Any]] = []
+    for v in variants:
+        log(f"[{v}]")
+        rows += streamed_rows(v, stores[v], batch_sizes, a.new_tokens, prompt, log)
+    report: dict[str, Any] = {"model": a.random, "group_size": a.group_size, "rows": rows}
+    if a.positions:
+        log("[quality]")
+        report["quality"] = quality(folder, stores, a.group_size, a.positions, log)
+    base = {(r["cache"], r["batch_size"]): r for r in rows if r["variant"] == "fp32"}
+    bf16 = {(r["cache"], r["batch_size"]): r for r in rows if r["variant"] == "bf16"}
+    floor = {(r["variant"], r["batch_size"]): r for r in rows if r["cache"] == "warm"}
+    print("| variant | bs | cold ms/token | in-RAM ms/token (compute floor) | I/O floor ms | cold / max(floors) "
+          "| fp32 cold / this | bf16 cold / this | MiB read/token | bytes vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["cache"] != "cold":
+            continue
+        key = (r["cache"], r["batch_size"])
+        warm = floor.get((r["variant"], r["batch_size"]))
+        ideal = max(warm["s_per_token_median"] if warm else 0, r["io_floor_s"] or 0)
+        b, f = base.get(key), bf16.get(key)
+        print(f"| {r['variant']} | {r['batch_size']} | {r['s_per_token_median'] * 1e3:.0f} | "
+              f"{warm['s_per_token_median'] * 1e3 if warm else float('nan'):.0f} | {(r['io_floor_s'] or 0) * 1e3:.0f} | "
+              f"{r['s_per_token_median'] / ideal if ideal else float('nan'):.2f} | "
+              f"{b['s_per_token_median'] / r['s_per_token_median'] if b else float('nan'):.2f} | "
+              f"{f['s_per_token_median'] / r['s_per_token_median'] if f else float('nan'):.2f} | "
+              f"{r['bytes_per_token'] / 2**20:.0f} | {r['unit_bytes'] / b['unit_bytes'] if b else float('nan'):.3f} |")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
