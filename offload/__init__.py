@@ -10,8 +10,9 @@
 from .convert import convert
 from .errors import (CheckpointError, ChecksumError, OffloadError, StoreError, StoreMismatchError,
                      UnitReadError)
+from . import speculate  # noqa: F401  (offload.speculate.generate: several tokens per streamed pass)
 from .runtime import Handle, Stats, disable, enable, load
 
 __version__ = "0.1.0"
-__all__ = ["enable", "disable", "load", "convert", "Handle", "Stats", "OffloadError", "StoreError", "ChecksumError",
+__all__ = ["enable", "disable", "load", "convert", "speculate", "Handle", "Stats", "OffloadError", "StoreError", "ChecksumError",
            "StoreMismatchError", "UnitReadError", "CheckpointError", "__version__"]

@@ -134,27 +134,66 @@ def ring_bytes(prefetch: int, unit_bytes: list[int]) -> int:
     return ring(prefetch, max(unit_bytes, default=0), len(unit_bytes))
 
 
+def speculate_mode(text: str) -> str:
+    """``--speculate``: int4, int8, ngram or a draft model folder (checked as it is parsed)."""
+    if text in ("int4", "int8", "ngram"):
+        return text
+    if os.path.isdir(text) and os.path.exists(os.path.join(text, "config.json")):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not int4, int8, ngram or a model folder with a config.json")
+
+
+def draft_plan(a: argparse.Namespace, t: Target) -> int:
+    """Bytes the ``--speculate`` draft will hold where the resident weights are (0 without it), from
+    metadata only, with the checks that can refuse it before anything is loaded."""
+    if not a.speculate:
+        if a.draft_tokens is not None:
+            raise UsageError("--draft-tokens applies with --speculate")
+        return 0
+    if a.batch_size != 1:
+        raise UsageError("--speculate generates one sequence (Transformers' assisted generation is batch 1): "
+                         "drop --batch-size")
+    import transformers as tf
+    config = config_for(a.random) if t.kind == "random" else tf.AutoConfig.from_pretrained(t.path)
+    if config.is_encoder_decoder:
+        raise UsageError(f"--speculate works with decoder-only models; {t.label} is an encoder-decoder model")
+    if a.speculate in ("int4", "int8"):
+        import importlib.util
+        if importlib.util.find_spec("torchao") is None:
+            raise UsageError(f"--speculate {a.speculate} quantizes the draft with torchao: pip install torchao")
+    elif a.speculate != "ngram":
+        dv = tf.AutoConfig.from_pretrained(a.speculate).get_text_config().vocab_size
+        if dv != config.get_text_config().vocab_size:
+            raise UsageError(f"--speculate {a.speculate}: its vocabulary has {dv} tokens, {t.label}'s "
+                             f"{config.get_text_config().vocab_size}: the draft must use the same tokenizer")
+    from ..speculate import draft_bytes
+    return draft_bytes(t.path if t.kind == "store" else config, a.speculate, dtype=t.dtype)
+
+
 def check_budget(t: Target, cpu_memory: int | None, prefetch: int, device: str = "cpu",
-                 gpu_memory: int | None = None) -> None:
+                 gpu_memory: int | None = None, draft: int = 0) -> None:
     """``--cpu-memory`` is all RAM for weights (resident + host staging ring + RAM tier), ``--gpu-memory``
-    all GPU memory for weights (resident + device slot ring + GPU tier). Below the part that cannot be
-    left out (resident + ring, where the resident weights live), nothing can run: say the minimum."""
+    all GPU memory for weights (resident + device slot ring + GPU tier); a ``--speculate`` draft counts
+    where the resident weights are. Below the part that cannot be left out (resident + ring + draft),
+    nothing can run: say the minimum."""
     ring = ring_bytes(prefetch, t.unit_bytes)
     slots = f"{min(prefetch + 1, len(t.unit_bytes))} x the largest unit {format_bytes(max(t.unit_bytes, default=0))}"
     more = ", or a smaller --prefetch" if prefetch > 1 else ""
+    with_draft = f" + the --speculate draft {format_bytes(draft)}" if draft else ""
     on_gpu = device != "cpu"
-    host_need = ring + (0 if on_gpu else t.resident_bytes)
+    host_need = ring + (0 if on_gpu else t.resident_bytes + draft)
     if cpu_memory is not None and cpu_memory < host_need:
         what = (f"the host staging ring {format_bytes(ring)} ({slots}; resident weights are on the GPU)" if on_gpu else
-                f"resident weights {format_bytes(t.resident_bytes)} + staging ring {format_bytes(ring)} ({slots})")
+                f"resident weights {format_bytes(t.resident_bytes)} + staging ring {format_bytes(ring)} ({slots})"
+                f"{with_draft}")
         raise UsageError(f"--cpu-memory {format_bytes(cpu_memory)} is below the {format_bytes(host_need)} this model "
                          f"needs at --prefetch {prefetch}: {what}; pass --cpu-memory {_round_up(host_need)} or more{more}")
-    gpu_need = t.resident_bytes + ring
+    gpu_need = t.resident_bytes + ring + draft
     if on_gpu and gpu_memory is not None and gpu_memory < gpu_need:
         raise UsageError(f"--gpu-memory {format_bytes(gpu_memory)} is below the {format_bytes(gpu_need)} this model "
                          f"needs on {device} at --prefetch {prefetch}: resident weights {format_bytes(t.resident_bytes)} "
-                         f"+ device slot ring {format_bytes(ring)} ({slots}); pass --gpu-memory {_round_up(gpu_need)} "
-                         f"or more{more}")
+                         f"+ device slot ring {format_bytes(ring)} ({slots}){with_draft}; pass --gpu-memory "
+                         f"{_round_up(gpu_need)} or more{more}")
 
 
 def _round_up(n: int) -> str:
@@ -175,9 +214,10 @@ def tier_budget(cpu_memory: int | None, resident_bytes: int, ring: int) -> int:
 
 
 def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "cpu",
-               gpu_memory: int | None = None) -> str:
+               gpu_memory: int | None = None, draft: int = 0, speculate: str | None = None) -> str:
     """Where every byte of the weights goes: GPU (resident, GPU tier, device ring), RAM (resident on the
-    CPU, RAM tier, host ring) and disk (streamed per token), with the budgets they come from."""
+    CPU, RAM tier, host ring) and disk (streamed per token), with the budgets they come from; the
+    ``--speculate`` draft beside the resident weights."""
     from ..plan import choose_resident
     sizes = t.unit_bytes
     on_gpu = device != "cpu"
@@ -185,10 +225,10 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
     gpu_tier: set[int] = set()
     if on_gpu:
         budget = gpu_memory if gpu_memory is not None else _free_gpu(device)
-        gpu_tier = choose_resident(sizes, max(0, budget - t.resident_bytes - ring_bytes(prefetch, sizes)))
+        gpu_tier = choose_resident(sizes, max(0, budget - t.resident_bytes - draft - ring_bytes(prefetch, sizes)))
     rest = [i for i in order if i not in gpu_tier]
     ring = ring_bytes(prefetch, [sizes[i] for i in rest]) if rest else 0
-    host_resident = 0 if on_gpu else t.resident_bytes
+    host_resident = 0 if on_gpu else t.resident_bytes + draft
     tier_idx = choose_resident([sizes[i] for i in rest], tier_budget(cpu_memory, host_resident, ring))
     ram_tier = {rest[k] for k in tier_idx}
     streamed = [i for i in rest if i not in ram_tier]
@@ -205,6 +245,10 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
     rows += [("RAM tier (read once)", "RAM", sum(sizes[i] for i in ram_tier), len(ram_tier)),
              ("streamed from disk, per token", "disk", sum(sizes[i] for i in streamed), len(streamed)),
              (f"host staging ring (prefetch {prefetch} + 1)", "RAM", ring, slots)]
+    if speculate:
+        label = {"int4": "int4 self-draft (shares resident)", "int8": "int8 self-draft (shares resident)",
+                 "ngram": "ngram draft (prompt lookup)"}.get(speculate, "draft model (--speculate FOLDER)")
+        rows.append((label, "GPU" if on_gpu else "RAM", draft, len(sizes) if speculate in ("int4", "int8") else 0))
     out = [f"{'placement':36s} {'where':5s} {'size':>11s} {'units':>6s}"]
     out += [f"{a:36s} {b:5s} {format_bytes(c):>11s} {d:6d}" for a, b, c, d in rows]
     ram = host_resident + sum(sizes[i] for i in ram_tier) + ring
@@ -309,8 +353,9 @@ def cmd_run(a: argparse.Namespace) -> int:
                                                                        " (no CUDA device)"))
     # 1. Everything that can be refused, before anything is written or loaded.
     target = resolve(a)
-    check_budget(target, a.cpu_memory, a.prefetch, device, a.gpu_memory)
-    print(plan_table(target, a.cpu_memory, a.prefetch, device, a.gpu_memory))
+    draft = draft_plan(a, target)
+    check_budget(target, a.cpu_memory, a.prefetch, device, a.gpu_memory, draft)
+    print(plan_table(target, a.cpu_memory, a.prefetch, device, a.gpu_memory, draft, a.speculate))
     if a.dry_run:
         return 0
     tokenizer = load_tokenizer(target.path) if target.kind != "random" else None
@@ -329,8 +374,16 @@ def cmd_run(a: argparse.Namespace) -> int:
                              progress=not a.quiet, note=_say, quantize=a.quantize, group_size=a.group_size)
     import offload
     trace = a.trace or (os.path.splitext(a.plot)[0] + ".trace.json" if a.plot else None)
-    model, handle = offload.load(store, a.prefetch, device=device, cpu_memory=a.cpu_memory,
-                                 gpu_memory=a.gpu_memory if device != "cpu" else None, trace=trace, reader=a.reader,
+    # The --speculate draft lives beside the resident weights: its bytes come out of that budget's tier.
+    memory: dict[str, Any] = {"cpu_memory": a.cpu_memory, "gpu_memory": a.gpu_memory if device != "cpu" else None}
+    if draft and device != "cpu":
+        memory["gpu_memory"] = max(0, (a.gpu_memory if a.gpu_memory is not None else _free_gpu(device)) - draft)
+    elif draft and a.cpu_memory is not None:
+        memory["cpu_memory"] = a.cpu_memory - draft
+    elif draft:
+        ring = ring_bytes(a.prefetch, target.unit_bytes)
+        memory = {"ram_tier": max(0, tier_budget(None, target.resident_bytes + draft, ring)), "gpu_memory": None}
+    model, handle = offload.load(store, a.prefetch, device=device, **memory, trace=trace, reader=a.reader,
                                  verify=not a.no_verify, progress=not a.quiet)
     try:
         rc = _generate(a, model, handle, tokenizer, torch.device(device))
@@ -351,11 +404,21 @@ def _generate(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, de
         raise UsageError(f"--prompt {a.prompt!r} encodes to no tokens")
     ids = ids.repeat(a.batch_size, 1).to(device)
     streamer = make_streamer(tok, skip_prompt=not model.config.is_encoder_decoder)
+    spec = spec_stats = None
+    if a.speculate:
+        from ..speculate import Speculator
+        t0 = time.perf_counter()
+        spec = Speculator(model, a.speculate, handle=handle, draft_tokens=a.draft_tokens)
+        _say(f"draft {a.speculate}: {format_bytes(spec.draft_bytes)}, ready in {time.perf_counter() - t0:.1f} s")
     handle.reset_stats()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
-                             min_new_tokens=a.max_new_tokens, do_sample=False, streamer=streamer)
+        if spec is not None:
+            out, spec_stats = spec.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
+                                            min_new_tokens=a.max_new_tokens, streamer=streamer)
+        else:
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
+                                 min_new_tokens=a.max_new_tokens, do_sample=False, streamer=streamer)
     total = time.perf_counter() - t0
     s = handle.stats()
     n = out.shape[1] - (0 if model.config.is_encoder_decoder else ids.shape[1])
@@ -366,6 +429,8 @@ def _generate(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, de
     print(f"{n} tokens x batch {a.batch_size}: {decode_s:.3f} s/token (decode), {format_bytes(s.bytes_read / max(n, 1))} "
           f"read/token, waited on I/O {s.wait_seconds / total:.0%} of {total:.1f} s, misses {s.misses}, "
           f"peak RSS {format_bytes(rss)}{gpu}")
+    if spec_stats is not None:
+        print(spec_stats.summary())
     return 0
 
 
@@ -396,6 +461,14 @@ def add_parser(sub: Any) -> None:
                    help="dtype to run in (default: the checkpoint's own, from config.json or its weights; a store's "
                         "own; bf16 for --random)")
     r.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="rows generated at once (the prompt repeated)")
+    r.add_argument("--speculate", type=speculate_mode, metavar="int4|int8|ngram|FOLDER",
+                   help="several tokens per disk pass, the same greedy tokens: a resident draft proposes tokens "
+                        "that one streamed pass verifies. int4/int8: the model's blocks quantized in memory "
+                        "(sharing its embeddings and head); ngram: prompt lookup; FOLDER: a small model with the same "
+                        "tokenizer. Its memory counts in --cpu-memory (--gpu-memory on a GPU)")
+    r.add_argument("--draft-tokens", type=positive_int, metavar="K",
+                   help="tokens drafted per pass with --speculate (default: chosen each pass from the measured "
+                        "draft and pass times and the acceptance)")
     r.add_argument("--reader", choices=READERS, help="disk reader (default: native when built, else python)")
     r.add_argument("--dry-run", action="store_true",
                    help="print the placement plan (from the safetensors headers: nothing converted) and stop")
