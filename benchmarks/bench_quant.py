@@ -30,8 +30,10 @@ from offload.cli.models import random_checkpoint
 from offload.config import cache_dir
 from offload.convert import cached_store
 
-VARIANTS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.float32, "int8"),
-            "int4": (torch.float32, "int4")}
+# The quantized variants compute in bf16: PyTorch's CPU weight-only kernels are vectorized for bf16
+# activations only (fp32 ones take a scalar loop, 3-35x slower than fp32 F.linear: offload/quant.py).
+VARIANTS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"),
+            "int4": (torch.bfloat16, "int4")}
 
 
 def decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, cold: list[str] | None) -> tuple[list[float], torch.Tensor]:
@@ -90,7 +92,7 @@ def streamed_rows(name: str, store: str, batch_sizes: list[int], new_tokens: int
                 times, out = decode(model, ids, new_tokens, [store] if cache == "cold" else None)
                 s = h.stats()
                 bps = disk_bps(st.file_path(largest)) if cache == "cold" else None
-                per_token = s.bytes_read / (new_tokens + 1)  # prefill + decode steps all stream every unit
+                per_token = s.bytes_read / new_tokens  # generate runs new_tokens forwards, each streams every unit
                 row = {"variant": name, "cache": cache, "batch_size": bs, "s_per_token_median": statistics.median(times),
                        "s_per_token_min": min(times), "samples": times, "bytes_per_token": per_token,
                        "unit_bytes": unit_bytes, "disk_bps": bps,
@@ -106,7 +108,8 @@ def streamed_rows(name: str, store: str, batch_sizes: list[int], new_tokens: int
 
 
 def quality(folder: str, stores: dict[str, str], group: int, positions: int, log: Any) -> dict[str, Any]:
-    """Teacher-forced logits error vs fp32 on random sequences: ours and torchao's, same weights."""
+    """Teacher-forced logits error vs the fp32 model on random sequences: our int8/int4 stores (bf16 compute)
+    and torchao's weight-only quantization of the same bf16 weights, blocks' linear layers only."""
     import transformers as tf
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
     ref = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -122,6 +125,9 @@ def quality(folder: str, stores: dict[str, str], group: int, positions: int, log
         return {"max": d.abs().max().item(), "rms": d.pow(2).mean().sqrt().item(),
                 "top1_agreement": (logits.argmax(-1) == want.argmax(-1)).float().mean().item()}
     blocks = None
+    base = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()  # what the variants quantize
+    with torch.no_grad():
+        out["bf16 (unquantized)"] = err(base(ids).logits)
     for scheme in ("int8", "int4"):
         model, h = offload.load(stores[scheme], prefetch=2, ram_tier=0, progress=False)
         blocks = [u.name for u in h.store.units]
@@ -132,14 +138,14 @@ def quality(folder: str, stores: dict[str, str], group: int, positions: int, log
     # torchao on the same weights, blocks' linear layers only (what the store quantizes)
     assert blocks is not None
     in_blocks = lambda m, fqn: isinstance(m, torch.nn.Linear) and any(fqn.startswith(b + ".") for b in blocks)  # noqa: E731
-    q8 = copy.deepcopy(ref)
+    q8 = copy.deepcopy(base)
     quantize_(q8, Int8WeightOnlyConfig(), filter_fn=in_blocks)
     with torch.no_grad():
         out["torchao int8"] = err(q8(ids).logits)
     del q8
     try:
         from offload.quant import QuantizedWeight, is_quantizable
-        q4 = copy.deepcopy(ref)
+        q4 = copy.deepcopy(base)
         try:  # torchao's CPU int4 weight-only (Int4OpaqueTensor; the bf16 tinygemm CPU kernel)
             from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
             quantize_(q4, PrototypeInt4WeightOnlyConfig(group_size=group), filter_fn=in_blocks)
