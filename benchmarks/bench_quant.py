@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import offload
-from offload.cli.bench import evict
+from offload.cli.bench import decode_times, evict
 from offload.cli.models import random_checkpoint
 from offload.config import cache_dir
 from offload.convert import cached_store
@@ -34,27 +34,6 @@ from offload.convert import cached_store
 # activations only (fp32 ones take a scalar loop, 3-35x slower than fp32 F.linear: offload/quant.py).
 VARIANTS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"),
             "int4": (torch.bfloat16, "int4")}
-
-
-def decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, cold: list[str] | None) -> tuple[list[float], torch.Tensor]:
-    starts: list[float] = []
-    ends: list[float] = []
-
-    def pre(module, args):
-        if starts:
-            ends.append(time.perf_counter())
-        if cold:
-            evict(cold)
-        starts.append(time.perf_counter())
-    h = model.register_forward_pre_hook(pre)
-    try:
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False)
-        ends.append(time.perf_counter())
-    finally:
-        h.remove()
-    return [e - s for s, e in zip(starts[1:], ends[1:])], out
 
 
 def disk_bps(path: str) -> float:
@@ -89,14 +68,14 @@ def streamed_rows(name: str, store: str, batch_sizes: list[int], new_tokens: int
             for bs in batch_sizes:
                 ids = prompt.repeat(bs, 1)
                 h.reset_stats()
-                times, out = decode(model, ids, new_tokens, [store] if cache == "cold" else None)
+                times, tokens = decode_times(model, ids, new_tokens, [store] if cache == "cold" else None)
                 s = h.stats()
                 bps = disk_bps(st.file_path(largest)) if cache == "cold" else None
                 per_token = s.bytes_read / new_tokens  # generate runs new_tokens forwards, each streams every unit
                 row = {"variant": name, "cache": cache, "batch_size": bs, "s_per_token_median": statistics.median(times),
                        "s_per_token_min": min(times), "samples": times, "bytes_per_token": per_token,
                        "unit_bytes": unit_bytes, "disk_bps": bps,
-                       "io_floor_s": unit_bytes / bps if bps else None, "tokens": out[0].tolist()}
+                       "io_floor_s": unit_bytes / bps if bps else None, "tokens": tokens}
                 rows.append(row)
                 log(f"  {name:5s} {cache} bs={bs}: {row['s_per_token_median'] * 1e3:.0f} ms/token, "
                     f"{per_token / 2**20:.0f} MiB/token" + (f", disk {bps / 1e9:.2f} GB/s" if bps else ""))
