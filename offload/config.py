@@ -40,8 +40,7 @@ class StagingConfig:
 
 def ring_bytes(prefetch: int, largest_unit: int, streamed_units: int | None = None) -> int:
     """Staging memory for a plan not built yet (CLI budgets, plan tables): one formula, here."""
-    n = prefetch + 1 if streamed_units is None else min(prefetch + 1, streamed_units)
-    return n * largest_unit
+    return StagingConfig(prefetch, largest_unit, prefetch + 1 if streamed_units is None else streamed_units).ring_bytes
 
 
 def cache_dir() -> str:

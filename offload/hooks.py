@@ -197,6 +197,8 @@ class QuantBinding(Binding):
 
     def unbind(self) -> None:
         self.owner._parameters[self.attr] = self.stand_in  # type: ignore[assignment]
+        if self.live is not None:  # the user's float Parameter keeps no storage (as an unquantized one)
+            self.live.data = _empty(self.dtype, self.live.device)
         if self.weight is not None:
             self.weight.release()  # a reference kept past the forward raises instead of reading a reused buffer
 

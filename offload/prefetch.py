@@ -128,6 +128,15 @@ class _Load:
         self.done.set()
 
 
+def _raise_failed(load: _Load) -> None:
+    """A failed read, as the forward that needed it sees it: a checksum error as it is, else named."""
+    err = load.error
+    assert err is not None
+    if isinstance(err, ChecksumError):
+        raise err
+    raise UnitReadError(f"reading unit {load.unit.name} from {load.path} failed: {err}") from err
+
+
 class _Workers:
     """A fixed set of named reader threads for the prefetcher's life, fed from one deque.
 
@@ -261,7 +270,11 @@ class Prefetcher:
                             s.reserved_for = None
                 raise
         t0 = time.perf_counter()
-        self._wait(load, f"unit {unit.name}")
+        try:
+            self._wait(load, f"unit {unit.name}")
+        except BaseException:  # interrupted (Ctrl-C) or closed while waiting: the caller never gets the lease
+            lease.release()
+            raise
         t1 = time.perf_counter()
         if self.tracer is not None and t1 - t0 > 20e-6:  # a wait worth drawing
             self.tracer.span(COMPUTE_TRACK, f"wait {unit.name}", "wait", t0, t1)
@@ -271,10 +284,7 @@ class Prefetcher:
                 slot.unit = slot.load = None  # forget the failed read so the next call tries again
         if load.error is not None:
             lease.release()
-            err = load.error
-            if isinstance(err, ChecksumError):
-                raise err
-            raise UnitReadError(f"reading unit {unit.name} from {self.store.file_path(unit)} failed: {err}") from err
+            _raise_failed(load)
         return lease
 
     def try_acquire(self, i: int) -> Lease | None:
@@ -378,7 +388,15 @@ class Prefetcher:
         except BaseException as e:  # noqa: BLE001 - surfaces in the forward that needs the unit
             load.fail_now(e)
             return
-        self._workers.submit(load.tasks(), urgent=urgent)
+        self._submit(load, urgent)
+
+    def _submit(self, load: _Load, urgent: bool) -> None:
+        tasks = load.tasks()
+        if not tasks:  # nothing to read (an empty unit): done now, or its waiter would poll forever
+            load._pending = 1
+            load.task_done(None)
+            return
+        self._workers.submit(tasks, urgent=urgent)
 
     def _wait(self, what: _Load | Fence | None, context: str) -> None:
         if what is None:
@@ -431,14 +449,12 @@ class Prefetcher:
                 load.handle = self.reader.open(load.path)
             except OSError as e:
                 raise UnitReadError(f"reading unit {unit.name} from {load.path} failed: {e}") from e
-            self._workers.submit(load.tasks())
+            self._submit(load, False)
             loads.append(load)
         for load in loads:
             self._wait(load, f"unit {load.unit.name}")
-            if isinstance(load.error, ChecksumError):
-                raise load.error
             if load.error is not None:
-                raise UnitReadError(f"reading unit {load.unit.name} from {load.path} failed: {load.error}") from load.error
+                _raise_failed(load)
             if progress:
                 progress(load.unit.data_bytes)
 

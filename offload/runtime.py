@@ -135,26 +135,28 @@ class Handle:
             if self.closed:
                 return
             self.closed = True
+        errors: list[Exception] = []  # a failing step (a CUDA error, a damaged file) must not skip the rest
+
+        def step(fn: Any, *args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 - re-raised after the whole shutdown
+                errors.append(e)
         self._root_hook.remove()
         for h in self.hooks:
             h.remove()
         for h in self.hooks:
-            with contextlib.suppress(Exception):
-                h.reset()
+            step(h.reset)
         for stager in self.stagers:
-            stager.close()
-        self.prefetcher.close()
+            step(stager.close)
+        step(self.prefetcher.close)
         for hook, offload, weights_map in self._accelerate_state:
             hook.offload, hook.weights_map = offload, weights_map
         for module, hook in self._silenced:
             module._hf_hook = hook
         _unload_resident(self._pinned)  # Accelerate's placeholders for the shared tensors
-        error = None
         if self._restore:
-            try:
-                self._restore_weights()
-            except ChecksumError as e:  # finish the shutdown, then say which weights are lost
-                error = e
+            step(self._restore_weights)  # a damaged unit: finish the shutdown, then say which weights are lost
         for h in self.hooks:  # what the module held before (Accelerate's placeholders)
             for b in h.bindings:
                 if id(b) not in self._restore:
@@ -165,9 +167,9 @@ class Handle:
             shutil.rmtree(self.store.path, ignore_errors=True)
         _live_handles.discard(self)
         if self.tracer is not None and self.trace_path is not None:
-            self.tracer.write(self.trace_path)
-        if error is not None:
-            raise error
+            step(self.tracer.write, self.trace_path)
+        if errors:
+            raise errors[0]
 
     def _restore_weights(self) -> None:
         """Give a plain module its streamed weights back, read from the store (their only copy now)."""
@@ -186,8 +188,10 @@ class Handle:
             for b in h.bindings:
                 p = self._restore[id(b)]  # the user's own Parameter, back on the device it came from
                 if isinstance(b, QuantBinding):  # only the quantized values exist now
-                    q = next(q for q in rec.quantized if q.name == b.stand_in._offload_name[len(rec.name) + 1:])
-                    p.data = _dequantized(self.store, rec, q).to(p.device)
+                    b.bind(data)
+                    dense = b.weight.dequantize().to(p.device)
+                    b.unbind()  # (empties p: set it after)
+                    p.data = dense
                     log.warning("offload: %s was streamed %s-quantized; disable() gives it back dequantized (the "
                                 "original values were freed at enable)", b.stand_in._offload_name, b.scheme)
                 else:
@@ -391,7 +395,14 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
             store = tempfile.mkdtemp(prefix="store-", dir=cache_dir())
             temp_store = True
     store = os.fspath(store)
-    try:
+    loaded: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
+    pinned: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
+    prefetcher: Prefetcher | None = None
+    stagers: dict[torch.device, Stager] = {}
+    restore: dict[int, torch.Tensor] = {}
+    hooks: list[UnitHook] = []
+    tracer = Tracer() if trace is not None else None
+    try:  # until the point of no return, a failure undoes everything it did (the model is as it was)
         if os.path.exists(os.path.join(store, MANIFEST)):
             st = Store.open(store)
             if quantization and group_size is None and st.quantization and st.quantization["scheme"] == quantize:
@@ -405,34 +416,23 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
                              progress=progress, extra={"quantization": quantization} if quantization else None)
             st.match(_expected(plans, st))
         loaded = _load_resident_from_store(model, plans, st, devices[0]) if kind == "module" else []
-        pinned = _pin_shared(plans_all)
-    except BaseException:
-        if temp_store:
-            shutil.rmtree(store, ignore_errors=True)
-        raise
-    records = [st.by_name[p.name] for p in plans]
+        _pin_shared(plans_all, pinned)
+        records = [st.by_name[p.name] for p in plans]
 
-    # GPU tier (per device with a copy engine): units kept on the device, read from disk once.
-    backends = {dev: _backend_for(dev) for dev in devices}
-    tiers = _gpu_tiers(model, plans, records, prefetch, gpu_memory, gpu_tier, backends, kind)
-    elsewhere = set().union(*tiers.values()) if tiers else set()
-    # RAM tier: a fixed set of units read once. The streamed weights about to be freed count as free.
-    host_units = [i for i in range(len(records)) if i not in elsewhere]
-    config = StagingConfig(prefetch, max((records[i].data_bytes for i in host_units), default=0), len(host_units),
-                           io_threads)
-    budget = _ram_tier_budget(model, plans, kind, config, total_budget, tier_budget)
-    chosen = choose_resident([records[i].data_bytes for i in host_units], budget)
-    resident = {host_units[k]: HostBuffer(records[host_units[k]].data_bytes) for k in sorted(chosen)}
-    if len(resident) == len(host_units):  # every unit fits in the tier: no ring needed
-        config = StagingConfig(prefetch, 0, 0, io_threads)
-
-    tracer = Tracer() if trace is not None else None
-    prefetcher = Prefetcher(st, records, rd, config, resident, elsewhere=elsewhere, verify=verify, tracer=tracer)
-    stagers: dict[torch.device, Stager] = {}
-    restore: dict[int, torch.Tensor] = {}
-    hooks: list[UnitHook] = []
-    accelerate_state: list[tuple[Any, bool, Any]] = []
-    try:
+        # GPU tier (per device with a copy engine): units kept on the device, read from disk once.
+        backends = {dev: _backend_for(dev) for dev in devices}
+        tiers = _gpu_tiers(model, plans, records, prefetch, gpu_memory, gpu_tier, backends, kind)
+        elsewhere = set().union(*tiers.values()) if tiers else set()
+        # RAM tier: a fixed set of units read once. The streamed weights about to be freed count as free.
+        host_units = [i for i in range(len(records)) if i not in elsewhere]
+        config = StagingConfig(prefetch, max((records[i].data_bytes for i in host_units), default=0),
+                               len(host_units), io_threads)
+        budget = _ram_tier_budget(model, plans, kind, config, total_budget, tier_budget)
+        chosen = choose_resident([records[i].data_bytes for i in host_units], budget)
+        resident = {host_units[k]: HostBuffer(records[host_units[k]].data_bytes) for k in sorted(chosen)}
+        if len(resident) == len(host_units):  # every unit fits in the tier: no ring needed
+            config = StagingConfig(prefetch, 0, 0, io_threads)
+        prefetcher = Prefetcher(st, records, rd, config, resident, elsewhere=elsewhere, verify=verify, tracer=tracer)
         if resident:
             from .convert import _progress
             bar = _progress(sum(b.nbytes for b in resident.values()), "offload: loading RAM tier", progress)
@@ -449,25 +449,32 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
             hooks.append(UnitHook(i, p.module, rec, bindings, stagers[p.device], tracer))
     except BaseException:
         for stager in stagers.values():
-            stager.close()
-        prefetcher.close()
+            with contextlib.suppress(Exception):
+                stager.close()
+        if prefetcher is not None:
+            prefetcher.close()
         _unload_resident(loaded + pinned)
         if temp_store:
             shutil.rmtree(store, ignore_errors=True)
         raise
-    # Point of no return: free the streamed weights and install the hooks.
+    # Point of no return: free the streamed weights and install the hooks; from here disable() undoes it.
     for h in hooks:
         for b in h.bindings:
             b.unbind()
         h.register()
-    if kind == "module" and any(d.type == "cuda" for d in devices):
-        _move_resident(model, devices[0])  # everything not streamed computes where the units do
+    accelerate_state: list[tuple[Any, bool, Any]] = []
     for hk in takeover:
         accelerate_state.append((hk, hk.offload, hk.weights_map))
         hk.offload, hk.weights_map = False, None
     silenced = _silence_inner_accelerate_hooks(plans) if accelerate else []
     handle = Handle(model, st, prefetcher, hooks, plans, kind, temp_store, list(stagers.values()), accelerate_state,
                     restore, silenced, pinned, tracer, os.fspath(trace) if trace is not None else None)
+    if kind == "module" and any(d.type == "cuda" for d in devices):
+        try:
+            _move_resident(model, devices[0])  # everything not streamed computes where the units do
+        except BaseException:
+            handle.disable()
+            raise
     model._offload_handle = handle  # type: ignore[assignment]
     _live_handles.add(handle)
     log.info("offload: %d units (%s) from %s; %d in RAM (%s), %d on the GPU, %d streamed, ring %d x %s, reader %s",
@@ -547,9 +554,10 @@ def _load_resident_from_store(model: nn.Module, plans: Sequence[UnitPlan], store
     return replaced
 
 
-def _pin_shared(plans: Sequence[UnitPlan]) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
-    """Tensors reachable from several units (``UnitPlan.pinned``): read once, kept where they compute."""
-    replaced = []
+def _pin_shared(plans: Sequence[UnitPlan], replaced: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> None:
+    """Tensors reachable from several units (``UnitPlan.pinned``): read once, kept where they compute.
+
+    Each replacement is appended to ``replaced`` as it happens, so a failure part way can be undone."""
     for p in plans:
         for t in p.pinned:
             table = t.owner._parameters if t.is_param else t.owner._buffers
@@ -558,7 +566,6 @@ def _pin_shared(plans: Sequence[UnitPlan]) -> list[tuple[nn.Module, str, bool, t
             value = t.fetch().to(device=p.device, dtype=t.dtype)
             table[t.attr] = nn.Parameter(value, requires_grad=original.requires_grad) if t.is_param else value
             replaced.append((t.owner, t.attr, t.is_param, original))
-    return replaced
 
 
 def _unload_resident(replaced: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> None:

@@ -256,7 +256,7 @@ def write_unit_file(folder: str, file: str, name: str, specs: Sequence[TensorSpe
             for chunk, done in _data_chunks(name, records, data_bytes, specs, fetch):
                 f.write(chunk)
                 crc = zlib.crc32(chunk, crc)
-                crc_c = crc32c_update(chunk, crc_c)
+                crc_c = crc32c_update(chunk, crc_c) if _crc32c is not None else 0
                 if on_bytes and done:
                     on_bytes(done)
             f.flush()

@@ -24,6 +24,7 @@ delays), so every ordering rule here runs on a CPU-only CI.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -179,9 +180,8 @@ class CudaStager:
             return self.resident[unit]
         slot = self._slot_of(unit)
         if slot is None:
-            lease = self.prefetcher.acquire(unit)  # waits for the disk, if it must
-            slot = self._claim(unit)
-            self._copy(slot, unit, lease)
+            slot = self._claim(unit)  # before the lease: a refusal here must not strand a host buffer
+            self._copy(slot, unit, self.prefetcher.acquire(unit))  # the acquire waits for the disk, if it must
         else:
             self.prefetcher.advance(unit)  # copied ahead: only the schedule needs to hear of it
         slot.in_use = True
@@ -209,10 +209,17 @@ class CudaStager:
 
     def _copy(self, slot: _DeviceSlot, unit: int, lease: Lease) -> None:
         n = self.records[unit].data_bytes
-        self.copy_stream.wait_event(slot.free)  # the slot's previous unit has finished computing
-        start = self._mark(self.copy_stream) if self.tracer is not None else None
-        self.backend.copy(self.copy_stream, slot.tensor[:n], lease.tensor[:n])
-        slot.ready.record(self.copy_stream)
+        try:
+            self.copy_stream.wait_event(slot.free)  # the slot's previous unit has finished computing
+            start = self._mark(self.copy_stream) if self.tracer is not None else None
+            self.backend.copy(self.copy_stream, slot.tensor[:n], lease.tensor[:n])
+            slot.ready.record(self.copy_stream)
+        except BaseException:
+            slot.unit = None
+            with contextlib.suppress(Exception):
+                self.copy_stream.synchronize()  # error path only: nothing enqueued may still read the buffer
+            lease.release()
+            raise
         if start is not None and self.tracer is not None:
             self.tracer.device_span(COPY_TRACK, f"copy {self.records[unit].name}", "copy", start,
                                     self._mark(self.copy_stream), bytes=n)

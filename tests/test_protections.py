@@ -257,3 +257,42 @@ def test_fresh_bound_parameter_starts_with_the_originals_requires_grad(tmp_path)
     with offload.enable(model, prefetch=1, ram_tier=0, progress=False) as h:
         params = [b for hk in h.hooks for b in hk.bindings if b.is_param]
         assert params and all(b.live.requires_grad == b.original.requires_grad for b in params)
+
+
+# found by review ----------------------------------------------------------------------------------------
+def test_an_interrupted_wait_for_a_read_gives_its_lease_back(tmp_path, monkeypatch):
+    """Ctrl-C while a forward waits for its unit's read: the lease taken for it must go back, or after
+    prefetch+1 interrupts every slot is leased for good ("all 2 are leased ...")."""
+    store, pf = _prefetcher(tmp_path, 4)
+    wait = Prefetcher._wait
+    calls = {"n": 0}
+
+    def interrupted(self, what, context):
+        if hasattr(what, "unit"):  # a read (not a fence)
+            calls["n"] += 1
+            if calls["n"] <= 2:
+                raise KeyboardInterrupt
+        return wait(self, what, context)
+    monkeypatch.setattr(Prefetcher, "_wait", interrupted)
+    try:
+        for _ in range(2):
+            try:
+                pf.acquire(0)
+            except KeyboardInterrupt:
+                pass
+        assert pf.ring.holders() == 0
+        pf.acquire(1).release()  # and the ring still serves
+    finally:
+        pf.close()
+
+
+def test_enable_that_fails_on_its_budget_leaves_nothing_behind(tmp_path, monkeypatch, no_thread_leak):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    model = Stack(4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    import pytest
+    with pytest.raises(offload.OffloadError, match="cpu_memory=.* the minimum is"):
+        offload.enable(model, prefetch=1, cpu_memory=1000, progress=False)
+    assert not list((tmp_path / "cache").glob("store-*")), "the temporary store was left behind"
+    assert getattr(model, "_offload_handle", None) is None
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -118,9 +118,11 @@ def test_enable_quantize_on_a_live_model_and_disable_gives_it_back_dequantized(t
     ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(2))
     want_logits, want_tokens = run(ref, ids)
     emb = model.transformer.word_embeddings.weight
+    original = model.transformer.h[1].mlp.dense_h_to_4h.weight
     with caplog.at_level(logging.WARNING, logger="offload"):
         with offload.enable(model, prefetch=2, ram_tier=0, quantize="int8", store=tmp_path / "s", progress=False):
             logits, tokens = run(model, ids)
+            assert original.untyped_storage().nbytes() == 0  # the float weights are freed, not kept beside
             assert model.lm_head.weight is emb  # the tie is untouched (resident)
         assert "dequantized" in caplog.text
     assert torch.equal(logits, want_logits) and torch.equal(tokens, want_tokens)
