@@ -489,15 +489,7 @@ def _ram_tier_budget(model: nn.Module, plans: Sequence[UnitPlan], kind: str, con
     """Bytes of units to keep in RAM: given, or what ``cpu_memory`` leaves after resident + ring."""
     if tier is not None:
         return tier
-    streamed = {id(t.owner._parameters[t.attr]) for p in plans for t in p.tensors
-                if t.is_param and t.owner._parameters.get(t.attr) is not None}
-    seen: set[int] = set()
-    resident = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in streamed or id(t) in seen or t.device.type != "cpu":
-            continue
-        seen.add(id(t))
-        resident += t.numel() * t.element_size()
+    resident = sum(t.numel() * t.element_size() for t in _resident_tensors(model, plans) if t.device.type == "cpu")
     if total is not None:
         if total < resident + config.ring_bytes:
             raise OffloadError(
@@ -757,18 +749,26 @@ def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[Un
     return tiers
 
 
+def _resident_tensors(model: nn.Module, plans: Sequence[UnitPlan]) -> list[torch.Tensor]:
+    """The model's weights that do not stream (parameters and buffers with storage), each once."""
+    streamed = {id(t.owner._parameters.get(t.attr)) for p in plans for t in p.tensors if t.is_param}
+    seen: set[int] = set()
+    out = []
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in streamed or id(t) in seen or t.device.type == "meta" or isinstance(t, Offloaded):
+            continue
+        seen.add(id(t))
+        out.append(t)
+    return out
+
+
 def _resident_on(model: nn.Module, plans: Sequence[UnitPlan], dev: torch.device, moving: bool) -> tuple[int, int]:
     """Bytes of the weights that are not streamed and compute on ``dev``: (already there, still to move).
 
     A plain module's resident weights all move to where its units compute; an Accelerate-dispatched
     model's stay where its device map put them."""
-    streamed = {id(t.owner._parameters.get(t.attr)) for p in plans for t in p.tensors if t.is_param}
-    seen: set[int] = set()
     there = coming = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in streamed or id(t) in seen or t.device.type == "meta" or isinstance(t, Offloaded):
-            continue
-        seen.add(id(t))
+    for t in _resident_tensors(model, plans):
         n = t.numel() * t.element_size()
         if t.device == dev:
             there += n
