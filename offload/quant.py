@@ -35,31 +35,74 @@ repacks (one extra pass, a warning once) when it differs from this machine's.
 Kernels (chosen by ``benchmarks/bench_quant_kernels.py``, figures below)
 ------------------------------------------------------------------------
 On x86 both aten weight-only kernels are vectorized for bf16 activations only; fp32 and fp16
-activations take a scalar loop (5-400 ms for one bloom-1b7 MLP matrix, 3-35x slower than fp32
-``F.linear``). So, on the CPU:
+activations take a scalar loop (5-12 ms at 1 row, 45-100 ms at 8, for one bloom-1b7 MLP matrix). So,
+on the CPU:
 
-* int8, bf16 activations: ``torch.ops.aten._weight_int8pack_mm`` (reads int8 + scales, nothing else).
+* int8, bf16 activations, up to ``INT8_KERNEL_MAX_ROWS`` rows: ``aten._weight_int8pack_mm`` (reads the
+  int8 weight and the scales, nothing else); more rows: chunked dequantize + bf16 matmul (below).
 * int8, fp32/fp16 activations: chunked dequantize + fp32 matmul: ``CHUNK_ELEMS`` weights at a time are
-  converted into one L2/L3-sized buffer, so the full fp32 weight is never materialised and memory
-  traffic stays ~1 byte/weight; the result equals torchao's fp32 ``x @ q.t().float() * scale``.
-  (The bf16 kernel with fp32 activations cast to bf16 is 10x faster but its error is 1.07x
-  torchao's RMS at int8: over the 1.05 bar, so it is not used for fp32.)
-* int4, any float activations: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` in bf16 (fp32 / fp16
-  activations are cast to bf16 and the result back): int4's own error is ~10x int8's, the bf16
-  rounding adds <1% to it.
-* CUDA (not measured here): dequantize, then ``F.linear`` in the activation dtype (what torchao's
-  int8 weight-only path does on any device); int4 is unpacked from the stored CPU layout with torch
-  ops. Any other device: the same.
+  converted into one per-thread buffer, so the dense weight never exists and the weight read is
+  1 byte/weight; the result is torchao's fp32 ``x @ q.t().float() * scale``. (Casting the activations
+  to bf16 for the kernel is 4x faster, but its error is 1.07x torchao's RMS: over the 1.05 bar.)
+* int4, any float activations: ``aten._weight_int4pack_mm_for_cpu`` in bf16 (fp32 / fp16 activations
+  are cast to bf16 and the result back; measured within 1.02x torchao's fp32 error, since int4's own
+  error is ~10x int8's).
+* CUDA (not measured here) and any other device: dequantize, then ``F.linear`` in the activation
+  dtype (torchao's int8 weight-only path does the same); int4 is unpacked from the stored CPU layout
+  with torch ops.
 
 Anything else done with a ``QuantizedWeight`` (``weight @ x``, ``addmm``, ``embedding``,
 ``weight * 2``, slicing, ``.float()``...) dequantizes it and runs the op on the dense tensor, so no
 op computes on the empty wrapper; in-place ops on it raise. ``.t()``/``.T`` give a transposed
-``QuantizedWeight`` so ``x @ w.T`` and Conv1D's ``addmm(b, x, w)`` use the kernel.
+``QuantizedWeight`` so ``x @ w.T``, ``w @ v`` and Conv1D's ``addmm(b, x, w)`` use the kernel.
+Dispatch costs ~10-20 us a call (tiny shapes), ``from_stored`` ~10-20 us a weight.
 
-Measured on this machine (2-core AMD EPYC, AVX512-BF16, torch 2.13 CPU, torchao 0.18; weights rotated
-through more than the 32 MiB L3, medians of alternated repeats; ms per call)::
+Measured on this machine (2-core AMD EPYC, AVX512 + AVX512-BF16, torch 2.13 CPU, torchao 0.18,
+int4 group 64; each method cycles through 96 MiB of weight copies, > 2x the 32 MiB L3, as a streamed
+weight is read cold; medians of 11 alternated calls, machine otherwise idle; ms per call)::
 
-    FIGURES
+    rows                                      2048 -> 8192                8192 -> 2048
+                                      1      8     32    128       1      8     32    128
+    fp32 F.linear                  3.01   5.60  10.14  27.24    2.47   4.80   8.50  22.95
+    bf16 F.linear                  1.28   1.36   2.13   5.33    1.23   1.33   2.10   5.32
+    int8 kernel, bf16 act          0.55   1.11   3.59  13.05    0.59   1.14   3.61  12.74
+    int8 kernel, fp32 act (scalar) 5.44   45.0    181    731    5.49   46.0    184    730
+    int8 dequant+matmul bf16       19.9   20.1   21.1   24.3    21.5   22.1   22.7   26.3
+    int8 dequant+matmul fp32       35.5   38.5   42.9   59.9    37.0   40.9   44.1   58.4
+    int8 chunked, bf16             1.93   2.73   2.91   6.53    2.02   2.58   2.80   6.31
+    int8 chunked, fp32             2.21   4.24   7.09  22.43    2.18   4.85   7.36  22.51
+    int4 kernel, bf16 act          0.33   0.91   3.34  12.57    0.31   0.90   3.27  12.50
+    int4 kernel, fp32 act (scalar) 12.2   96.3    387   1559    12.4   98.6    394   1571
+    int4 dequant+matmul bf16       96.3   91.4   94.0   98.0    99.1   96.1    101   98.3
+    F.linear(x, QuantizedWeight):
+      int8, bf16 act               0.75   1.33*  3.23*  6.96    0.75   1.51   3.21   6.68
+      int8, fp32 act               2.03   4.43   7.05  22.09    2.23   4.98   7.03  22.40
+      int4, bf16 act               0.37   0.94   3.37  12.60    0.34   0.95   3.36  12.68
+      int4, fp32 act               0.37   0.95   3.29  12.72    0.32   0.97   3.33  12.78
+    (* minimum: a burst of other work hit that median.) Chunk size for the int8 chunked path, 2048 ->
+    8192, 1 / 8 / 128 rows: 1 Mi 1.46 / 3.73 / 22.0, 2 Mi 1.40 / 3.65 / 21.8, 4 Mi 1.98 / 4.40 / 23.0,
+    8 Mi 3.66 / 6.71 / 24.6 ms.
+
+Bytes read per weight (what a streamed unit shrinks to): int8 1 + 4/in_features (fp32 scales) or
+1 + 2/in_features; int4 0.5 + 4/group: 0.625 (group 32), 0.5625 (64), 0.53125 (128); so against
+fp32 (4 bytes) int8 is 0.25x and int4 0.156x / 0.141x / 0.133x: group 64 or 128 for int4 <= 0.15x.
+The chunked paths issue two small parallel regions per chunk; when other processes compete for
+the cores they slow down far more than the one-call kernels (measured 20-60 ms a call at a load
+average of 2-10 on these 2 cores).
+
+Quality (``bench_quant_kernels.py``; random weights std 0.02, 64 random input rows; error of the
+output against fp32 ``F.linear`` of the unquantized weight, offload / torchao's ``quantize_`` with
+``Int8WeightOnlyConfig()`` and ``PrototypeInt4WeightOnlyConfig(group_size)``, torchao 0.18's CPU int4
+(``Int4WeightOnlyConfig`` needs the CUDA-only mslk kernels); max error ratio, RMS ratio)::
+
+                         2048 -> 8192              8192 -> 2048
+                       fp32        bf16          fp32        bf16
+    int8             1.000 1.000  1.000 1.000  1.000 1.000  1.000 1.000
+    int4 group 32    1.007 1.001  1.000 1.000  1.018 1.001  1.000 1.000
+    int4 group 64    1.001 1.000  1.000 1.000  0.987 1.000  1.000 1.000
+    int4 group 128   0.990 1.000  1.000 1.000  0.994 1.000  1.000 1.000
+
+(absolute, 2048 -> 8192, fp32: int8 max 0.0397 RMS 0.00743; int4 g64 max 0.403 RMS 0.0810.)
 
 Binding (for the runtime)
 -------------------------
@@ -76,6 +119,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -88,8 +132,11 @@ aten = torch.ops.aten
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
-# The int8 chunked fallback converts this many weights at a time (8 MiB of fp32: measured best of 1/2/4/8 Mi).
+# The int8 chunked path converts this many weights at a time (8 MiB of fp32: measured best of 1/2/4/8 Mi).
 CHUNK_ELEMS = 2 << 20
+# Above this many activation rows the int8 bf16 kernel loses to chunked dequantize + bf16 matmul (measured,
+# 2048 -> 8192: 1.11 vs 2.73 ms at 8 rows, 3.59 vs 2.91 ms at 32, 13.05 vs 6.53 ms at 128).
+INT8_KERNEL_MAX_ROWS = 16
 _INT8_KERNEL_ALIGN = 64  # _weight_int8pack_mm does aligned AVX loads of the activations (a misaligned view segfaults)
 
 
@@ -185,7 +232,8 @@ def _linear_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
     return (s[1], s[0]) if transposed and len(s) == 2 else s  # type: ignore[return-value]
 
 
-def _specs(n: int, k: int, dtype: torch.dtype, scheme: str, group_size: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def _specs(n: int, k: int, dtype: torch.dtype, scheme: str,
+           group_size: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     if scheme == "int8":
         return {"qweight": (torch.int8, (n, k)), "scales": (dtype, (n,))}
     return {"qweight": (torch.uint8, (n, k // 2)), "scales_and_zeros": (torch.bfloat16, (k // group_size, n, 2))}
@@ -373,7 +421,8 @@ class QuantizedWeight(torch.Tensor):
 
     def __repr__(self, **kwargs: Any) -> str:
         state = "" if self._qt.tensors is not None else ", released"
-        return (f"QuantizedWeight({self._qt_scheme}, shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}"
+        return (f"QuantizedWeight({self._qt_scheme}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+                f"device={self.device}"
                 f"{', group_size=' + str(self._qt_group) if self._qt_scheme == 'int4' else ''}"
                 f"{', transposed' if self._qt_transposed else ''}{state})")
 
@@ -426,14 +475,27 @@ def from_stored(tensors: Mapping[str, torch.Tensor], shape: tuple[int, ...], dty
 # compute
 
 
+_local = threading.local()
+
+
+def _chunk_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """One conversion buffer per thread and dtype, kept: allocating 8 MiB per call costs its page faults each
+    time the allocator has given the memory back (measured up to 4 ms a call after a large free)."""
+    bufs = _local.__dict__.setdefault("bufs", {})
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
 def _int8_chunked(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``x2 @ (q * s).T`` without the dense weight: ``CHUNK_ELEMS`` weights at a time into one buffer."""
+    """``x2 @ (q * s).T`` without the dense weight: ``CHUNK_ELEMS`` weights at a time into one buffer (CPU)."""
     cd = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
     xc = x2.to(cd)
     n, k = q.shape
     rows = max(1, min(n, CHUNK_ELEMS // max(k, 1)))
-    yt = torch.empty(n, x2.shape[0], dtype=cd, device=x2.device)
-    buf = torch.empty(rows, k, dtype=cd, device=x2.device)
+    yt = torch.empty(n, x2.shape[0], dtype=cd)
+    buf = _chunk_buffer(rows * k, cd).view(rows, k)
     xt = xc.t()
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -457,9 +519,10 @@ def _linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> t
     x2 = x.reshape(-1, k)
     if w._qt_scheme == "int8":
         qw = q["qweight"]
-        if x.dtype == torch.bfloat16 and k % 16 == 0 and qw.data_ptr() % 16 == 0 and qw.is_contiguous():
+        if (x.dtype == torch.bfloat16 and x2.shape[0] <= INT8_KERNEL_MAX_ROWS and k % 16 == 0
+                and qw.data_ptr() % 16 == 0 and qw.is_contiguous()):
             x2 = x2.contiguous()
-            if x2.data_ptr() % _INT8_KERNEL_ALIGN:  # a view into the middle of a tensor: copy (allocations are 64-aligned)
+            if x2.data_ptr() % _INT8_KERNEL_ALIGN:  # a view into a tensor's middle: copy (allocations are 64-aligned)
                 x2 = x2.clone(memory_format=torch.contiguous_format)
             y = aten._weight_int8pack_mm(x2, qw, q["scales"].to(torch.bfloat16))
         else:

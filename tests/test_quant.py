@@ -71,7 +71,7 @@ def test_round_trip_through_a_byte_buffer_is_bit_exact(scheme, group, dtype):
     for key, t in bound.stored().items():  # no copy: the weight computes from the buffer itself
         assert t.data_ptr() == views[key].data_ptr() and lo <= t.data_ptr() < hi
     assert bound.shape == (96, 128) and bound.dtype == dtype and bound.device.type == "cpu"
-    for x in (_x(1, 128, dtype=dtype), _x(3, 5, 128, dtype=dtype)):
+    for x in (_x(1, 128, dtype=dtype), _x(3, 5, 128, dtype=dtype), _x(2, 20, 128, dtype=dtype)):  # 40 rows: chunked
         y = F.linear(x, bound, b)
         assert y.dtype == dtype and y.shape == (*x.shape[:-1], 96)
         assert torch.equal(y, F.linear(x, in_memory, b))
@@ -127,12 +127,13 @@ def test_error_vs_fp32_is_within_torchaos(scheme, group, dtype):
 @pytest.mark.parametrize("scheme,group", SCHEMES)
 def test_f_linear_uses_the_kernel_not_the_dense_weight(scheme, group, monkeypatch):
     qw = Q.QuantizedWeight.from_float(_weight(64, 128), scheme, group)
-    want = [F.linear(x, qw.dequantize().to(x.dtype)) for x in (_x(2, 128), _x(2, 128, dtype=torch.bfloat16))]
+    xs = [_x(2, 128), _x(2, 128, dtype=torch.bfloat16), _x(40, 128, dtype=torch.bfloat16)]
+    want = [F.linear(x, qw.dequantize().to(x.dtype)) for x in xs]
 
     def no_dense(*a, **k):
         raise AssertionError("dequantized the whole weight")
     monkeypatch.setattr(Q.QuantizedWeight, "dequantize", no_dense)
-    for x, ref in zip((_x(2, 128), _x(2, 128, dtype=torch.bfloat16)), want):
+    for x, ref in zip(xs, want):
         torch.testing.assert_close(F.linear(x, qw), ref, atol=0.02, rtol=0.02)
         torch.testing.assert_close(x @ qw.T, ref, atol=0.02, rtol=0.02)
 
@@ -201,7 +202,8 @@ def test_misaligned_int8_operands_do_not_crash_the_kernel():
             "assert torch.equal(y, torch.full((3, 64), 256.0, dtype=torch.bfloat16)), y\n"
             "odd = Q.from_stored({'qweight': torch.ones(64, 40, dtype=torch.int8),\n"  # rows 40 bytes apart: unaligned
             "                     'scales': torch.ones(64, dtype=torch.bfloat16)}, (64, 40), torch.bfloat16, 'int8')\n"
-            "assert torch.equal(F.linear(torch.ones(3, 40, dtype=torch.bfloat16), odd), torch.full((3, 64), 40.0, dtype=torch.bfloat16))\n"
+            "y = F.linear(torch.ones(3, 40, dtype=torch.bfloat16), odd)\n"
+            "assert torch.equal(y, torch.full((3, 64), 40.0, dtype=torch.bfloat16)), y\n"
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -300,7 +302,8 @@ def test_policy():
     odd = nn.Linear(100, 64)
     assert not Q.is_quantizable("o", "weight", odd.weight, odd)
     conv = Conv1D(192, 64)  # nf=192 out, nx=64 in: weight [64, 192]
-    assert Q.is_transposed_linear(conv) and Q.is_quantizable("c", "weight", conv.weight, conv, scheme="int4", group_size=64)
+    assert Q.is_transposed_linear(conv)
+    assert Q.is_quantizable("c", "weight", conv.weight, conv, scheme="int4", group_size=64)
     assert not Q.is_quantizable("l", "weight", lin.weight.to(torch.int8), lin)
 
 
@@ -343,12 +346,11 @@ def _quantize_model(model: nn.Module, scheme: str, group: int, dense: bool = Fal
     return n
 
 
-@pytest.mark.parametrize("arch", ["bloom", "llama", "opt", "gpt2"])
-@pytest.mark.parametrize("scheme,group,dtype", [("int8", 64, torch.float32), ("int8", 64, torch.bfloat16),
-                                                ("int4", 32, torch.float32)], ids=["int8-fp32", "int8-bf16", "int4-fp32"])
-
-
 @needs_torchao
+@pytest.mark.parametrize("arch", ["bloom", "llama", "opt", "gpt2"])
+@pytest.mark.parametrize("scheme,group,dtype", [
+    pytest.param("int8", 64, torch.float32, id="int8-fp32"), pytest.param("int8", 64, torch.bfloat16, id="int8-bf16"),
+    pytest.param("int4", 32, torch.float32, id="int4-fp32")])
 def test_tiny_models_generate_with_quantized_weights(arch, scheme, group, dtype):
     build = {"llama": _make_llama, "gpt2": _make_gpt2}.get(arch, lambda: make_model(arch))
     qmodel, dense = build().to(dtype), build().to(dtype)
