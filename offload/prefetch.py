@@ -100,7 +100,9 @@ class _Load:
 
     def tasks(self) -> list[_Task]:
         step = max(self.reader.task_bytes or self.unit.data_bytes, 1)
-        out = [_Task(self, off, min(step, self.unit.data_bytes - off)) for off in range(0, self.unit.data_bytes, step)]
+        # An empty unit still gets one (empty) task, so the load completes like any other.
+        out = [_Task(self, off, min(step, self.unit.data_bytes - off))
+               for off in range(0, max(self.unit.data_bytes, 1), step)]
         self._pending = len(out)
         return out
 
@@ -388,15 +390,7 @@ class Prefetcher:
         except BaseException as e:  # noqa: BLE001 - surfaces in the forward that needs the unit
             load.fail_now(e)
             return
-        self._submit(load, urgent)
-
-    def _submit(self, load: _Load, urgent: bool) -> None:
-        tasks = load.tasks()
-        if not tasks:  # nothing to read (an empty unit): done now, or its waiter would poll forever
-            load._pending = 1
-            load.task_done(None)
-            return
-        self._workers.submit(tasks, urgent=urgent)
+        self._workers.submit(load.tasks(), urgent=urgent)
 
     def _wait(self, what: _Load | Fence | None, context: str) -> None:
         if what is None:
@@ -449,7 +443,7 @@ class Prefetcher:
                 load.handle = self.reader.open(load.path)
             except OSError as e:
                 raise UnitReadError(f"reading unit {unit.name} from {load.path} failed: {e}") from e
-            self._submit(load, False)
+            self._workers.submit(load.tasks())
             loads.append(load)
         for load in loads:
             self._wait(load, f"unit {load.unit.name}")

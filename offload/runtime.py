@@ -32,7 +32,7 @@ from .plan import (UnitPlan, _numel, choose_resident, find_units, is_accelerate_
                    plan_accelerate, plan_plain)
 from .prefetch import Prefetcher
 from .staging import HostBuffer
-from .store import MANIFEST, Store, TensorSpec, UnitRecord, check_data, fingerprint, unit_crc
+from .store import MANIFEST, Store, UnitRecord, check_data, fingerprint, unit_crc
 from .trace import Tracer
 from .transfer import CpuStager, CudaBackend, CudaStager, Stager
 from ._memory import available_memory, format_bytes, parse_bytes

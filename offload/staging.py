@@ -192,10 +192,6 @@ class HostRing:
     def buffers(self) -> list[HostBuffer]:
         return [s.buffer for s in self.slots]
 
-    @property
-    def nbytes(self) -> int:
-        return self.slot_bytes * len(self.slots)
-
     def close(self) -> None:
         for s in self.slots:
             s.buffer.close()

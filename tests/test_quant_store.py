@@ -12,6 +12,7 @@ import torch
 import offload
 from offload.quant import QuantizedWeight, is_quantizable, is_transposed_linear
 from offload.store import Store
+from conftest import greedy_counting
 
 pytest.importorskip("torchao")  # the quantization arithmetic (offload[quant])
 GROUP = 32
@@ -61,13 +62,10 @@ def test_quantized_store_generates_like_the_quantized_model_in_memory(arch, sche
     with h:
         with torch.no_grad():
             assert torch.equal(m(ids).logits, want_logits)
-            h.prefetcher.wait_idle()
-            h.reset_stats()
-            tokens = m.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-            h.prefetcher.wait_idle()
+        tokens, bytes_read = greedy_counting(m, h, ids, 12)
         assert torch.equal(tokens, want_tokens)
         per_pass = sum(u.data_bytes for u in st.units)  # the quantized units, read once per forward
-        assert 12 * per_pass <= h.stats().bytes_read <= 13 * per_pass
+        assert 12 * per_pass <= bytes_read <= 13 * per_pass
         assert isinstance(m.get_submodule(f"{st.units[0].name}").get_submodule(
             st.units[0].quantized[0].name.rsplit(".", 1)[0]).weight, offload.hooks.Offloaded)
     plain = offload.convert(tmp_path / "ckpt", tmp_path / "plain", progress=False)

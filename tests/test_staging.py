@@ -7,10 +7,8 @@ of hanging it. Nothing here measures time; the simulated GPU's delays only reord
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import threading
-import zlib
 
 import pytest
 import torch
@@ -21,7 +19,6 @@ import offload.runtime
 from offload.config import StagingConfig
 from offload.io import PythonReader
 from offload.prefetch import Prefetcher
-from offload.store import Store
 from offload.transfer import CudaStager
 from simgpu import SimBackend
 

@@ -84,15 +84,9 @@ def resolve(a: argparse.Namespace) -> Target:
     if dtype is None:
         raise UsageError(f"{a.model}: cannot tell its dtype (config.json has none): pass --dtype")
     units_, resident, _ = checkpoint_sources(a.model, dtype, a.allow_pickle)
-    specs = _quantized_plan(a, meta_model(config_for_folder(a.model), dtype) if a.quantize else None,
-                            {u.name: u.specs for u in units_})
+    specs = _quantized_plan(a, meta_model(a.model, dtype) if a.quantize else None, {u.name: u.specs for u in units_})
     return Target("folder", a.model, dtype, [plan_layout(s)[1] for s in specs],
                   plan_layout(resident.specs)[1] if resident else 0, a.model)
-
-
-def config_for_folder(folder: str) -> Any:
-    import transformers as tf
-    return tf.AutoConfig.from_pretrained(folder)
 
 
 def _quantized_plan(a: argparse.Namespace, meta: Any, units: dict[str, list[Any]]) -> list[list[Any]]:
