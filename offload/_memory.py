@@ -85,3 +85,26 @@ def available_memory() -> int:
     avail = psutil.virtual_memory().available
     cg = cgroup_memory_headroom()
     return avail if cg is None else min(avail, cg)
+
+
+def free_disk_bytes(path: str) -> tuple[int, str]:
+    """Bytes free to this user on the filesystem that would hold ``path`` (which may not exist yet)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    st = os.statvfs(probe)
+    return st.f_bavail * st.f_frsize, probe
+
+
+def ensure_free_space(path: str, needed: int, what: str) -> None:
+    """Refuse a write of ``needed`` bytes under ``path`` before it starts, naming what and both sizes.
+
+    A write that fills the disk half way leaves a partial folder behind and breaks other programs on
+    the same filesystem; checking first costs one ``statvfs``. (Another writer can still race us: this
+    catches the common case, the write itself still fails cleanly on ENOSPC.)
+    """
+    free, probe = free_disk_bytes(path)
+    if needed > free:
+        from .errors import OffloadError
+        raise OffloadError(f"{what} needs {format_bytes(needed)} on {probe} but only {format_bytes(free)} is free: "
+                           f"free space there, or write elsewhere (e.g. OFFLOAD_CACHE=/bigger/disk)")
