@@ -67,14 +67,17 @@ _INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloo
                     "__set__"}
 
 
-def _writes_to_stand_in(func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
-    """Would ``func`` write into a stand-in: an in-place method on it (``add_``, ``normal_``), or ``out=`` it."""
+def _written_stand_in(func: Any, args: Any, kwargs: dict[str, Any]) -> Offloaded | None:
+    """The stand-in ``func`` would write into, if any: ``out=``, or the first tensor argument of an
+    in-place function, whether a method (``w.add_``) or a function given it by keyword
+    (``nn.init.constant_(tensor=w, ...)`` reaches us with no positional arguments)."""
     if isinstance(kwargs.get("out"), Offloaded):
-        return True
-    if not args or not isinstance(args[0], Offloaded):
-        return False
+        return kwargs["out"]
+    first = args[0] if args else next((kwargs[k] for k in ("tensor", "input", "self") if k in kwargs), None)
+    if not isinstance(first, Offloaded):
+        return None
     name = getattr(func, "__name__", "")
-    return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+    return first if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_")) else None
 
 
 class Offloaded(torch.Tensor):
@@ -120,8 +123,8 @@ class Offloaded(torch.Tensor):
                 if func in _DEVICE:
                     return _DEVICE[func](args[0]._offload_device)
                 return func(*args, **kwargs)
-        if _writes_to_stand_in(func, args, kwargs):
-            target = args[0] if args and isinstance(args[0], Offloaded) else kwargs.get("out")
+        target = _written_stand_in(func, args, kwargs)
+        if target is not None:
             raise OffloadError(
                 f"{getattr(func, '__name__', func)} would modify {target._offload_name} in place, but it is streamed "
                 f"from a read-only store while offload is enabled (the change would be lost at the next read). "

@@ -113,6 +113,11 @@ class _Load:
                 self.error = error
             self._pending -= 1
             finished = self._pending == 0
+            if finished and self.cancelled and self.error is None:
+                # A cancelled load skipped some of its reads: to anyone still waiting on it, that is a
+                # failure, never a buffer that looks ready (a close() racing a waiting forward).
+                self.error = OffloadError(f"the read of unit {self.unit.name} was cancelled (offload was "
+                                          f"disabled, or the unit was no longer expected)")
         if finished:
             self.t_end = time.perf_counter()
             if self.handle is not None:
@@ -284,6 +289,10 @@ class Prefetcher:
             self._stats.wait_seconds += t1 - t0
             if load.error is not None and slot.load is load:
                 slot.unit = slot.load = None  # forget the failed read so the next call tries again
+            closed = self.closed
+        if closed:
+            lease.release()
+            raise OffloadError(f"offload was disabled while unit {unit.name} was being read")
         if load.error is not None:
             lease.release()
             _raise_failed(load)

@@ -1,0 +1,71 @@
+"""Trust (issue 17): a run computes with the weights its source holds, or says why it cannot.
+
+Each test here fails when the protection it names is removed; waits are gates and hang guards,
+never measurements.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import offload
+import offload.prefetch as prefetch_mod
+from offload.config import StagingConfig
+from offload.io import PythonReader
+from offload.prefetch import Prefetcher, _Task
+from test_staging import D, Stack, run
+
+
+def test_close_racing_a_waiting_forward_is_an_error_not_an_unread_buffer(tmp_path, monkeypatch):
+    """disable() between a reader thread taking a task and running it: the task sees the load cancelled
+    and skips the read. The forward waiting on that load must get an error, never the unread buffer."""
+    store = offload.convert(Stack(3), tmp_path / "s", progress=False)
+    cfg = StagingConfig(prefetch=1, slot_bytes=max(u.data_bytes for u in store.units), streamed_units=3)
+    monkeypatch.setattr(prefetch_mod, "_POLL_S", 60.0)  # the waiter may only wake from the load itself
+    taken, go = threading.Event(), threading.Event()
+    original_run = _Task.run
+
+    def gated_run(task):
+        taken.set()
+        assert go.wait(30)
+        original_run(task)
+    monkeypatch.setattr(_Task, "run", gated_run)
+    pf = Prefetcher(store, store.units, PythonReader(), cfg)
+    out: dict = {}
+
+    def forward():
+        try:
+            out["lease"] = pf.acquire(0)
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+    t = threading.Thread(target=forward, daemon=True)
+    t.start()
+    assert taken.wait(30)  # a reader thread holds unit 0's task, not yet run
+    closing = threading.Thread(target=pf.close, daemon=True)
+    closing.start()
+    while not pf.closed:  # close() marks the loads cancelled, then joins the (gated) readers
+        closing.join(0.01)
+    go.set()
+    t.join(30)
+    closing.join(30)
+    assert not t.is_alive() and not closing.is_alive()
+    assert "lease" not in out, "a cancelled read was handed to its waiter as if it had been read"
+    assert isinstance(out["error"], offload.OffloadError)
+
+
+def test_nn_init_by_keyword_on_a_streamed_weight_is_refused(tmp_path, no_thread_leak):
+    """``nn.init.constant_`` passes the tensor by keyword; it was filled into a copy and lost."""
+    model = Stack(3)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, D)
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False):
+        w = model.blocks[1].lin.weight
+        for init in (lambda: nn.init.constant_(w, 0.5), lambda: nn.init.uniform_(tensor=w),
+                     lambda: nn.init.kaiming_uniform_(w)):
+            with pytest.raises(offload.OffloadError, match=r"blocks.1.lin.weight in place"):
+                init()
+        assert torch.equal(run(model, x), run(ref, x))
