@@ -28,7 +28,8 @@ from torch import nn
 from .errors import CheckpointError, StoreError
 from .plan import UnitPlan, find_units, plan_plain
 from .store import (IN_PROGRESS, MANIFEST, QuantRecord, Store, TensorSpec, UnitRecord, _parse_unit, dtype_name,
-                    file_provenance, fingerprint, main_float_dtype, unit_file_name, write_manifest, write_unit_file)
+                    file_provenance, fingerprint, main_float_dtype, unit_crc, unit_file_name, write_manifest,
+                    write_unit_file)
 
 Fetch = Callable[[str], torch.Tensor]
 RESIDENT = "__resident__"
@@ -101,6 +102,10 @@ def write_store(path: str | os.PathLike[str], units: Sequence[UnitSource], sourc
     path = os.fspath(path)
     fp = str(source.get("fingerprint", ""))
     done = _prepare_folder(path, fp)
+    # A fingerprint of files (a checkpoint's names, sizes, mtimes, header hashes) identifies the bytes a
+    # finished unit was written from; one of shapes (a module's weights, held in memory) does not: two
+    # models of the same shapes share it, so each unit an earlier run finished is checked by content.
+    by_content = source.get("kind") == "module" or fp.startswith("content:")
     records: list[UnitRecord] = []
     todo = list(units) + ([resident] if resident is not None else [])
     bar = _progress(sum(u.nbytes for u in todo), f"offload: writing store {os.path.basename(path)}", progress)
@@ -112,7 +117,8 @@ def write_store(path: str | os.PathLike[str], units: Sequence[UnitSource], sourc
             if prev is not None and prev.get("file") == file:
                 try:
                     rec = _parse_unit(prev, marker)
-                    if os.path.getsize(os.path.join(path, file)) == rec.file_bytes:
+                    if os.path.getsize(os.path.join(path, file)) == rec.file_bytes and (
+                            not by_content or _same_content(u, rec)):
                         records.append(rec)
                         bar.update(u.nbytes)
                         continue
@@ -135,6 +141,12 @@ def write_store(path: str | os.PathLike[str], units: Sequence[UnitSource], sourc
     res = records.pop() if resident is not None else None
     write_manifest(path, records, source, res, extra)
     return Store.open(path)
+
+
+def _same_content(u: UnitSource, rec: UnitRecord) -> bool:
+    """Does the unit file an earlier run finished hold exactly ``u``'s bytes (its recorded checksum)?"""
+    with u.open_fetch() as fetch:
+        return unit_crc(u.name, u.specs, fetch) == rec.crc32
 
 
 def write_atomic(final: str, data: bytes | Iterable[bytes]) -> None:

@@ -6,6 +6,7 @@ never measurements.
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 
 import pytest
@@ -69,3 +70,41 @@ def test_nn_init_by_keyword_on_a_streamed_weight_is_refused(tmp_path, no_thread_
             with pytest.raises(offload.OffloadError, match=r"blocks.1.lin.weight in place"):
                 init()
         assert torch.equal(run(model, x), run(ref, x))
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+def _interrupt_after(monkeypatch, units: int) -> None:
+    """The next store write stops (as Ctrl-C would) after ``units`` unit files are finished."""
+    conv = sys.modules["offload.convert"]  # the module (offload.convert is the function)
+    real, count = conv.write_unit_file, {"n": 0}
+
+    def counting(*args, **kwargs):
+        if count["n"] == units:
+            raise _Interrupt()
+        count["n"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(conv, "write_unit_file", counting)
+
+
+@pytest.mark.parametrize("route", ["enable", "convert"])
+def test_a_resumed_write_never_keeps_units_of_another_model_of_the_same_shapes(tmp_path, monkeypatch, route,
+                                                                                no_thread_leak):
+    """enable(A, store=S) / convert(A, S) interrupted after 2 of 4 units, then the same with B (same shapes,
+    other weights): B must compute with B's weights, and disable() must leave B's own parameters as they were."""
+    a, b = Stack(4, seed=1), Stack(4, seed=2)
+    ref_b = copy.deepcopy(b)
+    x = torch.randn(2, D)
+    write = ((lambda m: offload.enable(m, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False).disable())
+             if route == "enable" else (lambda m: offload.convert(m, tmp_path / "s", progress=False)))
+    with monkeypatch.context() as mp:
+        _interrupt_after(mp, 2)
+        with pytest.raises(_Interrupt):
+            write(a)
+    write(b)
+    with offload.enable(b, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False):
+        assert torch.equal(run(b, x), run(ref_b, x))
+    for (name, p), q in zip(b.state_dict().items(), ref_b.state_dict().values()):
+        assert torch.equal(p, q), f"{name} was changed by disable()"
