@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, StoreError
+from ._memory import ensure_free_space
+from .errors import CheckpointError, OffloadError, StoreError
 from .plan import UnitPlan, find_units, plan_plain
-from .store import (IN_PROGRESS, MANIFEST, QuantRecord, Store, TensorSpec, UnitRecord, _parse_unit, dtype_name,
-                    file_provenance, fingerprint, main_float_dtype, unit_crc, unit_file_name, write_manifest,
+from .store import (IN_PROGRESS, MANIFEST, PAGE, QuantRecord, Store, TensorSpec, UnitRecord, _parse_unit, dtype_name,
+                    file_provenance, fingerprint, main_float_dtype, plan_layout, unit_crc, unit_file_name, write_manifest,
                     write_unit_file)
 
 Fetch = Callable[[str], torch.Tensor]
@@ -101,13 +102,26 @@ def write_store(path: str | os.PathLike[str], units: Sequence[UnitSource], sourc
     """
     path = os.fspath(path)
     fp = str(source.get("fingerprint", ""))
+    existed = os.path.exists(path)
     done = _prepare_folder(path, fp)
+    todo = list(units) + ([resident] if resident is not None else [])
+    # Every unit file is its data + a header page + at most a page of padding; the side files are small.
+    needed = sum(plan_layout(u.specs)[1] + 2 * PAGE for u in todo if u.name not in done)
+    needed += sum(os.path.getsize(f) for f in files)
+    try:
+        ensure_free_space(path, needed, f"writing the store {path} ({len(todo) - len(done)} unit files)")
+    except OffloadError:
+        if not existed:
+            shutil.rmtree(path, ignore_errors=True)  # leave nothing behind for a write that never started
+        elif not done:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, IN_PROGRESS))
+        raise
     # A fingerprint of files (a checkpoint's names, sizes, mtimes, header hashes) identifies the bytes a
     # finished unit was written from; one of shapes (a module's weights, held in memory) does not: two
     # models of the same shapes share it, so each unit an earlier run finished is checked by content.
     by_content = source.get("kind") == "module" or fp.startswith("content:")
     records: list[UnitRecord] = []
-    todo = list(units) + ([resident] if resident is not None else [])
     bar = _progress(sum(u.nbytes for u in todo), f"offload: writing store {os.path.basename(path)}", progress)
     marker = os.path.join(path, IN_PROGRESS)
     try:

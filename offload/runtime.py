@@ -394,6 +394,8 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         else:
             store = tempfile.mkdtemp(prefix="store-", dir=cache_dir())
             temp_store = True
+            from ._cache import write_owner
+            write_owner(store)  # `offload cache` tells a live process's store from a crashed one's
     store = os.fspath(store)
     loaded: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
     pinned: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
@@ -415,7 +417,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
                              {"kind": kind, "class": type(model).__name__, "fingerprint": fp, "quantization": quantization},
                              progress=progress, extra={"quantization": quantization} if quantization else None)
             st.match(_expected(plans, st))
-        loaded = _load_resident_from_store(model, plans, st, devices[0]) if kind == "module" else []
+        loaded = _load_resident_from_store(model, plans, st, devices[0], verify) if kind == "module" else []
         _pin_shared(plans_all, pinned)
         records = [st.by_name[p.name] for p in plans]
 
@@ -502,10 +504,12 @@ def _ram_tier_budget(model: nn.Module, plans: Sequence[UnitPlan], kind: str, con
     return max(0, available_memory() + freed - config.ring_bytes - DEFAULT_MARGIN_BYTES)
 
 
-def _load_resident_from_store(model: nn.Module, plans: Sequence[UnitPlan], store: Store,
-                              device: torch.device) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
+def _load_resident_from_store(model: nn.Module, plans: Sequence[UnitPlan], store: Store, device: torch.device,
+                              verify: bool = True) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
     """A model built on meta: load what is not streamed (embeddings, norms, head) from the store.
 
+    With ``verify`` the resident file's checksum is checked first, as every unit's is on its first
+    read: a damaged embedding would otherwise change every output without an error.
     Tied weights stay tied: every module slot that held the same meta tensor gets the same loaded one.
     Returns what was replaced, so a failed ``enable`` can put the meta tensors back.
     """
@@ -521,6 +525,8 @@ def _load_resident_from_store(model: nn.Module, plans: Sequence[UnitPlan], store
     state: dict[str, torch.Tensor] = {}
     if store.resident is not None:
         from safetensors.torch import load_file
+        if verify:
+            store.verify_unit(store.resident, evict=False)
         state = load_file(store.file_path(store.resident))
     missing = [name for name, _ in wanted.values() if name not in state]
     if missing:
@@ -570,14 +576,14 @@ def load(source: str | os.PathLike[str], prefetch: int = 2, *, cpu_memory: int |
          gpu_memory: int | str | None = None, gpu_tier: int | str | None = None,
          dtype: torch.dtype | str | None = None, reader: str | Reader | None = None, io_threads: int = 8,
          verify: bool = True, trace: str | os.PathLike[str] | None = None, quantize: str | None = None,
-         group_size: int = 64, progress: bool = True) -> tuple[nn.Module, Handle]:
+         group_size: int = 64, progress: bool = True, rebuild: bool = False) -> tuple[nn.Module, Handle]:
     """Load a model bigger than RAM: build it on meta, load its resident weights, stream its blocks.
 
     ``source`` is a store (``offload convert``) or a Hugging Face folder, converted once into a cached
     store that is rebuilt when the folder's files change (``quantize="int8"|"int4"``: with the blocks'
-    linear weights quantized, a cache entry of its own). A store is used as it was written. Peak memory
-    is the resident weights + the staging ring + the RAM tier (``cpu_memory`` bounds all three) +
-    activations.
+    linear weights quantized, a cache entry of its own; ``rebuild=True`` converts it again). A store is used
+    as it was written. Peak memory is the resident weights + the staging ring + the RAM tier
+    (``cpu_memory`` bounds all three) + activations.
 
     Example:
         >>> model, handle = offload.load("llama-70b/", prefetch=2, cpu_memory="16GiB")
@@ -586,7 +592,8 @@ def load(source: str | os.PathLike[str], prefetch: int = 2, *, cpu_memory: int |
     path = os.fspath(source)
     if not os.path.exists(os.path.join(path, MANIFEST)):
         from .convert import cached_store
-        path = cached_store(path, dtype=dtype, progress=progress, quantize=quantize, group_size=group_size)
+        path = cached_store(path, dtype=dtype, progress=progress, quantize=quantize, group_size=group_size,
+                            rebuild=rebuild)
     st = Store.open(path)
     qz = st.quantization
     if quantize is not None and (qz or {}).get("scheme") != quantize:

@@ -219,10 +219,18 @@ def crc32c_update(data: Any, value: int = 0) -> int:
 def check_data(unit: UnitRecord, data: Any) -> tuple[bool, str]:
     """Does ``data`` (the unit's data section) match the checksum recorded for it? The fastest recorded
     checksum this process can compute decides: CRC-32C when both sides have it, else zlib's CRC-32."""
-    if unit.crc32c is not None and _crc32c is not None:
-        got = crc32c_update(data)
+    return check_chunks(unit, (data,))
+
+
+def check_chunks(unit: UnitRecord, chunks: Iterable[Any]) -> tuple[bool, str]:
+    """``check_data`` over the data section given in pieces (a file read in chunks): one checksum rule
+    for the reader threads, ``info --verify`` and the resident file, so all report the same values."""
+    fast = unit.crc32c is not None and _crc32c is not None
+    got = 0
+    for chunk in chunks:
+        got = crc32c_update(chunk, got) if fast else zlib.crc32(chunk, got)
+    if fast:
         return got == unit.crc32c, f"CRC-32C {got:08x}, the manifest recorded {unit.crc32c:08x}"
-    got = zlib.crc32(data)
     return got == unit.crc32, f"CRC32 {got:08x}, the manifest recorded {unit.crc32:08x}"
 
 
@@ -522,26 +530,32 @@ class Store:
             raise StoreError(f"layer file {path} (unit {unit.name}) ended early reading {name}: re-run `offload convert`")
         return out.view(t.torch_dtype).view(t.shape)
 
-    def verify_unit(self, unit: UnitRecord) -> None:
-        """Re-read the data section and compare its CRC32 with the manifest's."""
+    def verify_unit(self, unit: UnitRecord, evict: bool = True) -> None:
+        """Re-read the data section and compare its checksum with the manifest's (``check_chunks``).
+        ``evict`` drops the file from the page cache afterwards (a check of the whole store should not
+        leave it warm; the resident file, loaded right after, keeps its pages)."""
         path = _safe_path(self.path, unit.file, unit.name)
-        crc = 0
-        with open(path, "rb") as f:
-            f.seek(unit.data_offset)
-            left = unit.data_bytes
-            while left:
-                chunk = f.read(min(left, 16 << 20))
-                if not chunk:
-                    raise StoreError(f"layer file {path} (unit {unit.name}) ended early: re-run `offload convert`")
-                crc = zlib.crc32(chunk, crc)
-                left -= len(chunk)
-        with contextlib.suppress(OSError, AttributeError):
-            fd = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-        if crc != unit.crc32:
-            raise ChecksumError(f"layer file {path} (unit {unit.name}) fails its checksum (crc32 {crc:08x}, manifest "
-                                f"{unit.crc32:08x}): the data is corrupted; re-run `offload convert`")
+
+        def chunks() -> Iterator[bytes]:
+            with open(path, "rb") as f:
+                f.seek(unit.data_offset)
+                left = unit.data_bytes
+                while left:
+                    chunk = f.read(min(left, 16 << 20))
+                    if not chunk:
+                        raise StoreError(f"layer file {path} (unit {unit.name}) ended early: re-run `offload convert`")
+                    yield chunk
+                    left -= len(chunk)
+        ok, detail = check_chunks(unit, chunks())
+        if evict:
+            with contextlib.suppress(OSError, AttributeError):
+                fd = os.open(path, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+        if not ok:
+            from ._cache import damaged_fix
+            raise ChecksumError(f"layer file {path} (unit {unit.name}) fails its checksum ({detail}): the data is "
+                                f"corrupted; {damaged_fix(self.path)}")
 
     def match(self, expected: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]) -> None:
         """Check the store holds exactly the units and tensors a model needs; name the first difference."""

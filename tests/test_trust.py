@@ -108,3 +108,43 @@ def test_a_resumed_write_never_keeps_units_of_another_model_of_the_same_shapes(t
         assert torch.equal(run(b, x), run(ref_b, x))
     for (name, p), q in zip(b.state_dict().items(), ref_b.state_dict().values()):
         assert torch.equal(p, q), f"{name} was changed by disable()"
+
+
+def _tiny_folder(tmp_path, arch="bloom"):
+    from conftest import make_model
+    folder = tmp_path / arch
+    make_model(arch).save_pretrained(folder)
+    return folder
+
+
+def test_a_damaged_resident_file_is_a_named_error_on_load(tmp_path, no_thread_leak):
+    """One flipped byte in the embeddings of a store: load(verify=True) refuses it, naming the file."""
+    from offload.store import Store
+    store = offload.convert(_tiny_folder(tmp_path), tmp_path / "st", progress=False)
+    path = store.file_path(store.resident)
+    with open(path, "r+b") as f:
+        f.seek(store.resident.data_offset + 100)
+        b = f.read(1)
+        f.seek(store.resident.data_offset + 100)
+        f.write(bytes([b[0] ^ 0x10]))
+    Store.open(tmp_path / "st")  # sizes and headers are intact: only the checksum can tell
+    with pytest.raises(offload.ChecksumError, match=rf"{store.resident.file}.*checksum"):
+        offload.load(tmp_path / "st", ram_tier=0, progress=False)
+    model, h = offload.load(tmp_path / "st", ram_tier=0, progress=False, verify=False)  # asked not to check
+    h.disable()
+
+
+@pytest.mark.parametrize("route", ["convert", "enable"])
+def test_a_write_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch, route, no_thread_leak):
+    import offload._memory as mem
+    model = Stack(3)
+    free = 10_000
+    monkeypatch.setattr(mem, "free_disk_bytes", lambda path: (free, "/fake"))
+    with pytest.raises(offload.OffloadError, match=r"needs .* on /fake but only 9.77 KiB is free"):
+        if route == "convert":
+            offload.convert(model, tmp_path / "s", progress=False)
+        else:
+            offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists(), "a refused write left a folder behind"
+    free = 1 << 40
+    offload.convert(model, tmp_path / "s", progress=False)
