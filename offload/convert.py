@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -146,15 +147,25 @@ def write_store(path: str | os.PathLike[str], units: Sequence[UnitSource], sourc
                 f.write(json.dumps(rec.to_json()) + "\n")
     finally:
         bar.close()
+    stored = _copy_side_files(path, files, edit)
+    res = records.pop() if resident is not None else None
+    write_manifest(path, records, source, res, dict(extra or {}, side_files=stored) if stored else extra)
+    return Store.open(path)
+
+
+def _copy_side_files(path: str, files: Sequence[str], edit: dict[str, Callable[[bytes], bytes]] | None
+                     ) -> dict[str, str]:
+    """Copy config/tokenizer files into a store (``edit[file]`` rewrites one on the way); return the
+    SHA-256 of each copy as written, for the manifest's ``side_files`` (``Store.check_side_files``)."""
+    stored = {}
     for f in files:
         with open(f, "rb") as fh:
             raw = fh.read()
         if edit and f in edit:
             raw = edit[f](raw)
         write_atomic(os.path.join(path, os.path.basename(f)), raw)
-    res = records.pop() if resident is not None else None
-    write_manifest(path, records, source, res, extra)
-    return Store.open(path)
+        stored[os.path.basename(f)] = hashlib.sha256(raw).hexdigest()
+    return stored
 
 
 def _same_content(u: UnitSource, rec: UnitRecord) -> bool:
@@ -436,9 +447,25 @@ def convert(src: str | os.PathLike[str] | nn.Module, dst: str | os.PathLike[str]
         source = dict(source, quantization=q)
         source["fingerprint"] = fingerprint([source.get("fingerprint"), sorted(q.items())])
     files = side_files(src)
+    source = dict(source, side_files=side_file_provenance(src))
+    return write_store(dst, units_, source, resident, progress=progress, files=files, edit=_side_edits(src, cast),
+                       extra=extra)
+
+
+def _side_edits(src: str, cast: torch.dtype | None) -> dict[str, Callable[[bytes], bytes]]:
+    """How side files change on their way into a store: config.json says the dtype the store holds."""
     config = os.path.join(src, "config.json")
-    edit = {config: lambda raw: _config_with_dtype(raw, cast)} if cast is not None and config in files else {}
-    return write_store(dst, units_, source, resident, progress=progress, files=files, edit=edit, extra=extra)
+    return {config: lambda raw: _config_with_dtype(raw, cast)} if cast is not None and os.path.isfile(config) else {}
+
+
+def side_file_provenance(src: str) -> list[dict[str, str]]:
+    """Name and SHA-256 of each config/tokenizer file of a checkpoint folder (small files: hashing them
+    whole is cheap), so an edited ``config.json`` or tokenizer is seen, not just changed weights."""
+    out = []
+    for f in side_files(src):
+        with open(f, "rb") as fh:
+            out.append({"name": os.path.basename(f), "sha256": hashlib.sha256(fh.read()).hexdigest()})
+    return out
 
 
 def checkpoint_sources(src: str, cast: torch.dtype | None = None, allow_pickle: bool = False
@@ -654,32 +681,76 @@ def cached_store(folder: str, dtype: torch.dtype | str | None = None, rebuild: b
                               f"weights): pass dtype= (--dtype)")
     q = quantization_of(quantize, group_size)
     path = store_cache_path(folder, want, quantize)
-    files = source_files(folder)
-    why = "--rebuild" if rebuild else "no store cached yet"
-    if not rebuild and os.path.exists(os.path.join(path, MANIFEST)):
+    with _build_lock(path, say):  # another process may be building (or refreshing) this very store
+        files = source_files(folder)
+        why = "--rebuild" if rebuild else "no store cached yet"
+        if not rebuild and os.path.exists(os.path.join(path, MANIFEST)):
+            try:
+                st = Store.open(path)
+                why = _stale_reason(st.source, files, want)
+                if why is None and st.quantization != q:
+                    why = f"it is quantized {st.quantization}, not {q}"
+            except StoreError as e:
+                why = f"the cached store is damaged ({e})"
+            if why is None:
+                changed = _refresh_side_files(st, folder, want)
+                say(f"offload: reusing store {path} (built from {folder}; its weight files and dtype "
+                    f"{str(want).removeprefix('torch.')} are unchanged"
+                    + (f"; refreshed {', '.join(changed)}, changed in the folder)" if changed else ")"))
+                return path
+        say(f"offload: building store {path} from {folder} ({why})")
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+        if os.path.exists(tmp) and not os.path.exists(os.path.join(tmp, IN_PROGRESS)):
+            shutil.rmtree(tmp)  # a finished build that was never swapped in, or debris: start over
+        convert(folder, tmp, dtype=want, allow_pickle=allow_pickle, quantize=quantize, group_size=group_size,
+                progress=progress)
+        old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}")
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        return path
+
+
+@contextlib.contextmanager
+def _build_lock(path: str, say: Callable[[str], None]) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<path>.lock`` while a cached store is checked, built or swapped in.
+
+    Two processes loading the same folder at once would otherwise both write ``.partial`` and swap
+    each other's result away. The lock file itself is left in place (removing it would let a third
+    process lock a new file while the second still holds the old one); the kernel drops the lock
+    when its holder exits, however it exits.
+    """
+    import fcntl
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
         try:
-            st = Store.open(path)
-            why = _stale_reason(st.source, files, want)
-            if why is None and st.quantization != q:
-                why = f"it is quantized {st.quantization}, not {q}"
-        except StoreError as e:
-            why = f"the cached store is damaged ({e})"
-        if why is None:
-            say(f"offload: reusing store {path} (built from {folder}; its files and dtype "
-                f"{str(want).removeprefix('torch.')} are unchanged)")
-            return path
-    say(f"offload: building store {path} from {folder} ({why})")
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
-    if os.path.exists(tmp) and not os.path.exists(os.path.join(tmp, IN_PROGRESS)):
-        shutil.rmtree(tmp)  # a finished build that was never swapped in, or debris: start over
-    convert(folder, tmp, dtype=want, allow_pickle=allow_pickle, quantize=quantize, group_size=group_size,
-            progress=progress)
-    old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}")
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"offload: waiting for another process building {path}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _refresh_side_files(st: Store, folder: str, dtype: torch.dtype) -> list[str]:
+    """Bring a current cached store's config/tokenizer files up to the folder's (an edited
+    ``rope_theta`` must not need a rebuild of the weights, nor be ignored); return what changed."""
+    now = side_file_provenance(folder)
+    recorded = st.source.get("side_files")
+    if recorded == now:
+        return []
+    old = {d.get("name"): d.get("sha256") for d in recorded or [] if isinstance(d, dict)}
+    changed = sorted({d["name"] for d in now if old.get(d["name"]) != d["sha256"]} | (set(old) - {d["name"] for d in now}))
+    for name in set(st.manifest.get("side_files") or {}) - {d["name"] for d in now}:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(st.path, name))  # gone from the folder: gone from the store
+    stored = _copy_side_files(st.path, side_files(folder), _side_edits(folder, dtype))
+    manifest = dict(st.manifest, source=dict(st.source, side_files=now), side_files=stored)
+    write_atomic(os.path.join(st.path, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return [str(n) for n in changed] or ["side files"]
 
 
 def _stale_reason(source: dict[str, Any], files: list[dict[str, Any]], dtype: torch.dtype) -> str | None:

@@ -595,6 +595,8 @@ def load(source: str | os.PathLike[str], prefetch: int = 2, *, cpu_memory: int |
         path = cached_store(path, dtype=dtype, progress=progress, quantize=quantize, group_size=group_size,
                             rebuild=rebuild)
     st = Store.open(path)
+    if verify:
+        st.check_side_files()
     qz = st.quantization
     if quantize is not None and (qz or {}).get("scheme") != quantize:
         raise StoreMismatchError(f"store {path} holds {(qz or {}).get('scheme') or 'unquantized'} units, not "

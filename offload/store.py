@@ -518,6 +518,22 @@ class Store:
                 raise StoreError(f"layer file {path} (unit {unit.name}): header entry for {t.name} differs from "
                                  f"the manifest: re-run `offload convert`")
 
+    def check_side_files(self) -> None:
+        """The config and tokenizer files are what the store was written with (SHA-256 in the manifest's
+        ``side_files``): the model is built from them, so an edit changes outputs as a damaged weight would."""
+        for name, want in (self.manifest.get("side_files") or {}).items():
+            path = _safe_path(self.path, name, name)
+            try:
+                with open(path, "rb") as f:
+                    got = hashlib.sha256(f.read()).hexdigest()
+            except FileNotFoundError:
+                raise StoreError(f"{path} is missing from the store (the manifest lists it): restore it or re-run "
+                                 f"`offload convert` (a cached store: --rebuild)") from None
+            if got != want:
+                raise ChecksumError(f"{path} changed after the store was written (sha256 {got[:12]}, the manifest "
+                                    f"recorded {want[:12]}): restore it, re-run `offload convert` (a cached store: "
+                                    f"--rebuild), or edit the checkpoint folder's own copy instead")
+
     def read_tensor(self, unit: UnitRecord, name: str) -> torch.Tensor:
         """One tensor of a unit, in fresh memory (for a use outside the unit's forward; see hooks.Offloaded)."""
         t = next(t for t in unit.tensors if t.name == name)

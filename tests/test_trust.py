@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +149,75 @@ def test_a_write_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypat
     assert not (tmp_path / "s").exists(), "a refused write left a folder behind"
     free = 1 << 40
     offload.convert(model, tmp_path / "s", progress=False)
+
+
+def _set_config(folder, **changes):
+    import json
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_an_edited_config_in_the_folder_is_picked_up_without_rebuilding_the_weights(tmp_path, capfd,
+                                                                                       no_thread_leak):
+    import transformers as tf
+    folder = _tiny_folder(tmp_path)
+    model, h = offload.load(folder, ram_tier=0, progress=False)
+    h.disable()
+    store = sys.modules["offload.convert"].store_cache_path(str(folder), torch.float32)
+    units_before = {p.name: p.stat().st_mtime_ns for p in Path(store).glob("0*.safetensors")}
+    _set_config(folder, layer_norm_epsilon=0.25)
+    model, h = offload.load(folder, ram_tier=0, progress=True)
+    try:
+        assert model.config.layer_norm_epsilon == 0.25
+        ids = torch.tensor([[1, 5, 9, 30]])
+        ref = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+    finally:
+        h.disable()
+    assert "refreshed config.json" in capfd.readouterr().err
+    after = {p.name: p.stat().st_mtime_ns for p in Path(store).glob("0*.safetensors")}
+    assert after == units_before, "the weights were rewritten for a config change"
+
+
+def test_an_edited_config_inside_a_store_is_refused(tmp_path):
+    store = offload.convert(_tiny_folder(tmp_path), tmp_path / "st", progress=False)
+    _set_config(tmp_path / "st", layer_norm_epsilon=0.25)
+    with pytest.raises(offload.ChecksumError, match=r"config.json changed after the store was written"):
+        offload.load(store.path, ram_tier=0, progress=False)
+
+
+def test_two_builders_of_one_cached_store_take_turns(tmp_path, monkeypatch):
+    """A second loader of the same folder waits for the first build and reuses it: one build, one path
+    that exists (before: both wrote the same .partial folder; one failed, or returned a deleted path)."""
+    conv = sys.modules["offload.convert"]
+    folder = _tiny_folder(tmp_path)
+    real, calls = conv.convert, []
+    in_build, go, second_waits = threading.Event(), threading.Event(), threading.Event()
+
+    def gated_convert(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            in_build.set()
+            assert go.wait(30)
+        else:
+            second_waits.set()  # without the lock, the second loader builds too
+        return real(*args, **kwargs)
+    monkeypatch.setattr(conv, "convert", gated_convert)
+    out: dict = {}
+
+    def build(k):
+        out[k] = conv.cached_store(str(folder), progress=False,
+                                   note=lambda s: second_waits.set() if "waiting" in s else None)
+    t1 = threading.Thread(target=build, args=(1,), daemon=True)
+    t1.start()
+    assert in_build.wait(30)
+    t2 = threading.Thread(target=build, args=(2,), daemon=True)
+    t2.start()
+    assert second_waits.wait(30)
+    go.set()
+    t1.join(30)
+    t2.join(30)
+    assert len(calls) == 1, "two processes built the same store"
+    assert out[1] == out[2] and (Path(out[1]) / "manifest.json").exists()
