@@ -666,7 +666,7 @@ def cached_store(folder: str, dtype: torch.dtype | str | None = None, rebuild: b
         The store's path (``$OFFLOAD_CACHE/stores/<name>-<path hash>-<dtype>``).
 
     Example:
-        >>> model, handle = offload.load(offload.convert.cached_store("my-llama/"), prefetch=2)
+        >>> model, handle = offload.load("my-llama/", prefetch=2)  # offload.load calls it for a folder
     """
     import logging
     import sys

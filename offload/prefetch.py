@@ -426,8 +426,9 @@ class Prefetcher:
                 self._stats.verified_units += 1
                 self._stats.verify_seconds += time.perf_counter() - t0
             if not ok:
-                load.error = ChecksumError(f"{load.path}: unit {load.unit.name} is damaged ({detail}): re-run "
-                                           f"`offload convert` (or restore the file)")
+                from ._cache import damaged_fix
+                load.error = ChecksumError(f"{load.path}: unit {load.unit.name} is damaged ({detail}): "
+                                           f"{damaged_fix(self.store.path)}")
             else:
                 self._verified.add(load.unit.name)
         with self._stats_lock:

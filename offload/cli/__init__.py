@@ -1,11 +1,11 @@
-"""The ``offload`` command: run, convert, info, bench-disk, bench.
+"""The ``offload`` command: run, convert, info, bench-disk, bench, cache.
 
 User errors (a bad path, a damaged store, an invalid option) print one line and exit with code 2,
 before anything is converted, loaded or measured; a traceback means a bug.
 
 Layout: ``run.py`` (offload run), ``bench.py`` (offload bench), ``benchdisk.py`` (offload bench-disk),
-``models.py`` (the random-model zoo), ``options.py`` (argument types, one-line errors). Each command
-module imports ``options`` and ``models`` only, never another command.
+``cache.py`` (offload cache), ``models.py`` (the random-model zoo), ``options.py`` (argument types,
+one-line errors). Each command module imports ``options`` and ``models`` only, never another command.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 from .._memory import format_bytes
 from ..errors import OffloadError
-from . import bench, benchdisk, run
-from .options import HelpFormatter, Parser, UsageError, add_command, verbose_parent
+from . import bench, benchdisk, cache, run
+from .options import HelpFormatter, Parser, UsageError, add_command, quiet_third_party, require, verbose_parent
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -27,6 +27,8 @@ def _cmd_convert(a: argparse.Namespace) -> int:
     from ..convert import convert
     if not os.path.exists(a.src):
         raise UsageError(f"{a.src} does not exist: pass a Hugging Face model folder or an Accelerate offload folder")
+    if a.quantize:
+        require("torchao", "quant", f"convert --quantize {a.quantize}")
     store = convert(a.src, a.dst, dtype=a.dtype, allow_pickle=a.allow_pickle, quantize=a.quantize,
                     group_size=a.group_size, progress=not a.quiet)
     total = sum(u.data_bytes for u in store.units)
@@ -103,10 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     benchdisk.add_parser(sub)
     bench.add_parser(sub)
+    cache.add_parser(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_third_party()  # before anything imports transformers (which imports torchao)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed in one line

@@ -40,7 +40,7 @@ import torch
 from .._memory import format_bytes
 from .models import DTYPES, meta_model, model_class, random_checkpoint, random_name
 from .options import (UsageError, add_command, at_least, byte_size, choice_list, default_device, device, int_list,
-                      output_file)
+                      output_file, require)
 
 RUNS = ("memory", "accelerate", "dispatch", "offload")
 FIO_FILE_BYTES = 4 << 30  # fio's test file beside the model's files: its I/O floor, measured in the same minute
@@ -485,6 +485,8 @@ def main(a: Any) -> int:
         raise UsageError("pass MODEL (a Hugging Face folder) or --random NAME")
     if a.model is not None and not os.path.isdir(a.model):
         raise UsageError(f"{a.model} is not a folder: pass a Hugging Face model folder or --random NAME")
+    if a.plot:
+        require("matplotlib", "plot", "--plot")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if a.gpu_memory is not None and dev.type != "cuda" and not os.environ.get("OFFLOAD_BENCH_CGROUP"):
         log("note: --gpu-memory ignored: the rows compute on the CPU")

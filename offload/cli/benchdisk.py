@@ -89,6 +89,15 @@ def is_own_test_file(path: str) -> bool:
         return False
 
 
+def room_for_test_file(path: str, size: int) -> None:
+    """Refuse a test file the disk cannot hold, before writing any of it (one of ours of that size, already
+    there, needs no room)."""
+    from .._memory import ensure_free_space
+    if os.path.isfile(path) and is_own_test_file(path) and os.path.getsize(path) == size:
+        return
+    ensure_free_space(path, size, f"the test file {path}")
+
+
 def make_test_file(path: str, size: int, progress: Callable[[int], None] | None = None) -> None:
     """Create ``path`` of exactly ``size`` bytes (incompressible data after ``MAGIC``), unless it is
     already one of ours of that size. A file there that is not ours is refused, never overwritten."""
@@ -98,6 +107,7 @@ def make_test_file(path: str, size: int, progress: Callable[[int], None] | None 
                              f"or a file name that does not exist")
         if os.path.getsize(path) == size:
             return
+    room_for_test_file(path, size)
 
     def blocks() -> Iterable[bytes]:
         block = bytearray(os.urandom(8 << 20))
@@ -420,6 +430,7 @@ def main(a: Any) -> int:
     if not created and not is_own_test_file(path):
         raise UsageError(f"{path} exists and is not a bench-disk test file: refusing to overwrite or remove it; pass "
                          f"a folder or a file name that does not exist")
+    room_for_test_file(path, a.size)  # before the progress bar: a refusal is one line
     try:
         bar = _progress(a.size, f"creating {path}", True)
         try:

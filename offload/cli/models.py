@@ -68,18 +68,39 @@ def meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
     return build_on_meta(config, dtype)
 
 
+def random_complete(folder: str) -> bool:
+    """Whether ``folder`` holds a finished random checkpoint (its index is written last)."""
+    return os.path.exists(os.path.join(folder, "model.safetensors.index.json"))
+
+
+def _random_params(name: str, dtype: torch.dtype) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+    """The config of ``name`` and the (meta) tensors its checkpoint holds (a tied head is not written)."""
+    config = config_for(name)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
+    return config, [(k, p) for k, p in meta_model(config, dtype).state_dict().items() if k not in tied]
+
+
+HEADERS_BYTES = 1 << 20  # room for the shards' headers, the index and config.json
+
+
+def random_checkpoint_bytes(name: str, dtype: torch.dtype) -> int:
+    """Bytes ``random_checkpoint`` writes for ``name`` in ``dtype`` (tensors + HEADERS_BYTES)."""
+    return sum(p.numel() * p.element_size() for _, p in _random_params(name, dtype)[1]) + HEADERS_BYTES
+
+
 def random_checkpoint(name: str, dtype: torch.dtype, folder: str, progress: bool = True,
                       shard_bytes: int = 2 << 30) -> str:
-    """Write a random-weight HF checkpoint of architecture ``name`` (once; reused if complete)."""
+    """Write a random-weight HF checkpoint of architecture ``name`` (once; reused if complete). A checkpoint
+    the disk cannot hold is refused before anything is written (``OffloadError`` naming both sizes)."""
     from safetensors.torch import save_file
 
+    from .._memory import ensure_free_space
     from ..convert import _progress
-    if os.path.exists(os.path.join(folder, "model.safetensors.index.json")):
+    if random_complete(folder):
         return folder
-    config = config_for(name)
-    model = meta_model(config, dtype)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
-    params = [(k, p) for k, p in model.state_dict().items() if k not in tied]
+    config, params = _random_params(name, dtype)
+    total = sum(p.numel() * p.element_size() for _, p in params)
+    ensure_free_space(folder, total + HEADERS_BYTES, f"the random {name} checkpoint {folder}")
     os.makedirs(folder, exist_ok=True)
     tmp = folder + ".partial"
     os.makedirs(tmp, exist_ok=True)
@@ -87,7 +108,7 @@ def random_checkpoint(name: str, dtype: torch.dtype, folder: str, progress: bool
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
     size, index = 0, 0
-    bar = _progress(sum(p.numel() * p.element_size() for _, p in params), f"writing random {name}", progress)
+    bar = _progress(total, f"writing random {name}", progress)
 
     def flush() -> None:
         nonlocal shard, size, index
@@ -114,7 +135,7 @@ def random_checkpoint(name: str, dtype: torch.dtype, folder: str, progress: bool
     flush()
     bar.close()
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": sum(p.numel() * p.element_size() for _, p in params)},
+        json.dump({"metadata": {"total_size": total},
                    "weight_map": weight_map}, f)
     config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(tmp)

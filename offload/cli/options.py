@@ -135,3 +135,41 @@ def device(text: str) -> str:
 def default_device() -> str:
     import torch
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def require(module: str, extra: str | None, flag: str) -> None:
+    """Refuse ``flag`` in one line (exit 2, before any work) when the optional ``module`` is not importable.
+
+    ``extra`` names the ``pip install "offload[EXTRA]"`` extra that brings it (None: install ``module``)."""
+    import importlib
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        how = f'pip install "offload[{extra}]"' if extra else f"pip install {module.split('.')[0]}"
+        raise UsageError(f"{flag} needs {module}, which cannot be imported here ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else module}): {how}") from None
+
+
+def require_reader(reader: str | None) -> None:
+    """``--reader native*`` needs the native extension: refused in one line when it is not built."""
+    if reader and reader.startswith("native"):
+        from .. import _native
+        if _native.load_error() is not None:
+            raise UsageError(f"--reader {reader}: {_native.load_error()}: reinstall offload with a C compiler "
+                             f"present (pip install -e .), or pass --reader python")
+        if reader == "native-uring" and not _native.uring_available():
+            raise UsageError("--reader native-uring: io_uring is not available on this kernel: pass --reader native")
+
+
+# Third-party loggers that speak when torchao is imported (transformers imports it to register its
+# quantizers): "Failed to load <its CUDA extension>.so", "Detected no triton", and torch's pytree
+# deprecation notes about torchao's enums. None of it concerns what a command does; offload's own
+# logger ("offload") and Python warnings are left as they are.
+THIRD_PARTY_NOISE = ("torchao", "torch.utils._pytree")
+
+
+def quiet_third_party() -> None:
+    """Silence THIRD_PARTY_NOISE below errors for this process (the CLI's; the library leaves them be)."""
+    import logging
+    for name in THIRD_PARTY_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from .._memory import available_memory, format_bytes
-from .models import DTYPES, RANDOM_MODELS, config_for, dtype_tag, meta_model, random_checkpoint, random_name
+from .models import (DTYPES, RANDOM_MODELS, config_for, dtype_tag, meta_model, random_checkpoint,
+                     random_checkpoint_bytes, random_complete, random_name)
 from .options import (UsageError, add_command, byte_size, default_device, device, nonempty, output_file,
-                      positive_int)
+                      positive_int, require, require_reader)
 
 BYTES_FALLBACK = "bytes"  # no tokenizer: the prompt's UTF-8 bytes are the ids, ids are printed
 
@@ -32,13 +33,14 @@ class Target:
 
     ``kind`` is ``"store"``, ``"folder"`` or ``"random"``; ``path`` the store or folder (for a random
     model, the folder it is or will be written to); ``dtype`` what the weights run in; ``units`` and
-    ``resident_bytes`` the plan's sizes, exactly as the store lays them out.
+    ``resident_bytes`` the plan's sizes, exactly as the store lays them out; ``quant`` the blocks' linear
+    weights' quantization (``"int8"``/``"int4"``, None: stored in ``dtype``).
     """
 
     def __init__(self, kind: str, path: str, dtype: torch.dtype, unit_bytes: list[int], resident_bytes: int,
-                 label: str):
+                 label: str, quant: str | None = None):
         self.kind, self.path, self.dtype = kind, path, dtype
-        self.unit_bytes, self.resident_bytes, self.label = unit_bytes, resident_bytes, label
+        self.unit_bytes, self.resident_bytes, self.label, self.quant = unit_bytes, resident_bytes, label, quant
 
 
 def resolve(a: argparse.Namespace) -> Target:
@@ -52,7 +54,7 @@ def resolve(a: argparse.Namespace) -> Target:
         folder = os.path.join(cache_dir(), "random", f"{a.random}-{dtype_tag(dtype)}")
         specs = _quantized_plan(a, meta_model(config_for(a.random), dtype), units)
         return Target("random", folder, dtype, [plan_layout(s)[1] for s in specs],
-                      plan_layout(resident)[1] if resident else 0, a.random)
+                      plan_layout(resident)[1] if resident else 0, a.random, a.quantize)
     if not os.path.isdir(a.model):
         raise UsageError(f"{a.model} is not a folder: pass a Hugging Face model folder or an offload store")
     if os.path.exists(os.path.join(a.model, MANIFEST)):
@@ -75,7 +77,7 @@ def resolve(a: argparse.Namespace) -> Target:
             raise UsageError(f"store {a.model} has no config.json: convert the checkpoint folder again with this "
                              f"offload (`offload convert`), which copies it")
         return Target("store", a.model, held, [u.data_bytes for u in store.units],
-                      store.resident.data_bytes if store.resident else 0, a.model)
+                      store.resident.data_bytes if store.resident else 0, a.model, held_q)
     if not os.path.exists(os.path.join(a.model, "config.json")):
         raise UsageError(f"{a.model} has no config.json: pass a Hugging Face model folder or an offload store")
     if source_kind(a.model) == "pickle" and not a.allow_pickle:
@@ -86,7 +88,7 @@ def resolve(a: argparse.Namespace) -> Target:
     units_, resident, _ = checkpoint_sources(a.model, dtype, a.allow_pickle)
     specs = _quantized_plan(a, meta_model(a.model, dtype) if a.quantize else None, {u.name: u.specs for u in units_})
     return Target("folder", a.model, dtype, [plan_layout(s)[1] for s in specs],
-                  plan_layout(resident.specs)[1] if resident else 0, a.model)
+                  plan_layout(resident.specs)[1] if resident else 0, a.model, a.quantize)
 
 
 def _quantized_plan(a: argparse.Namespace, meta: Any, units: dict[str, list[Any]]) -> list[list[Any]]:
@@ -117,6 +119,45 @@ def _random_specs(name: str, dtype: torch.dtype) -> tuple[dict[str, list[Any]], 
         spec = TensorSpec(k if unit is None else k[len(unit) + 1:], p.dtype, tuple(p.shape))
         (resident if unit is None else units.setdefault(unit, [])).append(spec)
     return units, resident
+
+
+def store_builds(t: Target, a: argparse.Namespace) -> bool:
+    """Whether this run writes a store: a folder or random model whose cached store is missing or stale
+    (``offload._cache.store_state``, convert's own check), or ``--rebuild``. A store argument never is."""
+    if t.kind == "store":
+        return False
+    if a.rebuild or (t.kind == "random" and not random_complete(t.path)):
+        return True
+    from .._cache import store_state
+    from ..convert import store_cache_path
+    from ..store import MANIFEST
+    path = store_cache_path(t.path, t.dtype, a.quantize)
+    return not os.path.exists(os.path.join(path, MANIFEST)) or store_state(path)[0] != "current"
+
+
+def check_disk(t: Target, a: argparse.Namespace, builds: bool, refuse: bool = True) -> str | None:
+    """Refuse a run whose writes cannot fit in the cache folder, before any of them: the random checkpoint
+    (until it is written once) and the store (when it is built). ``refuse=False`` (``--dry-run``) returns
+    the refusal's text instead (None: it fits)."""
+    from .._memory import ensure_free_space
+    from ..config import cache_dir
+    from ..errors import OffloadError
+    from ..store import PAGE
+    parts = []
+    if t.kind == "random" and not random_complete(t.path):
+        parts.append((random_checkpoint_bytes(a.random, t.dtype), f"the random {a.random} checkpoint"))
+    if builds:  # each unit file: its data, a header page, at most a page of padding
+        parts.append((sum(t.unit_bytes) + t.resident_bytes + 2 * PAGE * (len(t.unit_bytes) + 1), "its store"))
+    if not parts:
+        return None
+    what = f"{t.label}: writing " + " and ".join(f"{w} ({format_bytes(n)})" for n, w in parts)
+    try:
+        ensure_free_space(os.path.join(cache_dir(), "stores"), sum(n for n, _ in parts), what)
+    except OffloadError as e:
+        if refuse:
+            raise
+        return str(e)
+    return None
 
 
 # ------------------------------------------------------------------------------ budget and plan
@@ -152,9 +193,7 @@ def draft_plan(a: argparse.Namespace, t: Target) -> int:
     if config.is_encoder_decoder:
         raise UsageError(f"--speculate works with decoder-only models; {t.label} is an encoder-decoder model")
     if a.speculate in ("int4", "int8"):
-        import importlib.util
-        if importlib.util.find_spec("torchao") is None:
-            raise UsageError(f"--speculate {a.speculate} quantizes the draft with torchao: pip install torchao")
+        require("torchao", "quant", f"--speculate {a.speculate} (the draft is quantized with torchao)")
     elif a.speculate != "ngram":
         dv = tf.AutoConfig.from_pretrained(a.speculate).get_text_config().vocab_size
         if dv != config.get_text_config().vocab_size:
@@ -248,7 +287,9 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
     ram = host_resident + sum(sizes[i] for i in ram_tier) + ring
     budget = (f"--cpu-memory {format_bytes(cpu_memory)}" if cpu_memory is not None
               else "default budget: free memory - 1 GiB")
-    line = (f"{dtype_tag(t.dtype)} weights {format_bytes(t.resident_bytes + sum(sizes))} in {len(sizes)} units; "
+    held = (f"{t.quant} weights (the blocks' linear layers; the rest {dtype_tag(t.dtype)})" if t.quant
+            else f"{dtype_tag(t.dtype)} weights")
+    line = (f"{held} {format_bytes(t.resident_bytes + sum(sizes))} in {len(sizes)} units; "
             f"RAM for weights {format_bytes(ram)} ({budget})")
     if on_gpu:
         gpu = sum(c for a, b, c, d in rows if b == "GPU")
@@ -347,10 +388,19 @@ def cmd_run(a: argparse.Namespace) -> int:
                                                                        " (no CUDA device)"))
     # 1. Everything that can be refused, before anything is written or loaded.
     target = resolve(a)
+    require_reader(a.reader)
+    if a.plot:
+        require("matplotlib", "plot", "--plot")
+    builds = store_builds(target, a)
+    if a.quantize and builds:
+        require("torchao", "quant", f"--quantize {a.quantize}")
     draft = draft_plan(a, target)
     check_budget(target, a.cpu_memory, a.prefetch, device, a.gpu_memory, draft)
+    space = check_disk(target, a, builds, refuse=not a.dry_run)
     print(plan_table(target, a.cpu_memory, a.prefetch, device, a.gpu_memory, draft, a.speculate))
     if a.dry_run:
+        if space:
+            _say(f"note: {space}")
         return 0
     tokenizer = load_tokenizer(target.path) if target.kind != "random" else None
     if tokenizer is None:
