@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from .._memory import format_bytes
 from ..errors import OffloadError
-from . import bench, benchdisk, cache, run
+from . import bench, benchdisk, cache, run, serve
 from .options import HelpFormatter, Parser, UsageError, add_command, quiet_third_party, require, verbose_parent
 
 __all__ = ["main", "build_parser", "UsageError"]
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     benchdisk.add_parser(sub)
     bench.add_parser(sub)
     cache.add_parser(sub)
+    serve.add_parser(sub)
     return p
 
 

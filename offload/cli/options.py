@@ -115,6 +115,17 @@ def output_file(text: str) -> str:
     return text
 
 
+def input_file(text: str) -> str:
+    """A file to read: it must exist and be a readable file now, before anything is loaded."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder: pass a file")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not readable")
+    return text
+
+
 def device(text: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N``, refused at parse time when CUDA (or that GPU) is not there."""
     import torch

@@ -7,22 +7,26 @@ convert (once; a cached store is reused while its source files and dtype match),
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import resource
 import shlex
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
 from .._memory import available_memory, format_bytes
 from .models import (DTYPES, RANDOM_MODELS, config_for, dtype_tag, meta_model, random_checkpoint,
                      random_checkpoint_bytes, random_complete, random_name)
-from .options import (UsageError, add_command, byte_size, default_device, device, nonempty, output_file,
-                      positive_int, require, require_reader)
+from .options import (UsageError, add_command, byte_size, default_device, device, input_file, nonempty,
+                      output_file, positive_int, require, require_reader)
 
 BYTES_FALLBACK = "bytes"  # no tokenizer: the prompt's UTF-8 bytes are the ids, ids are printed
+DEFAULT_PROMPT = "The quick brown fox"
 
 
 # ------------------------------------------------------------------------------ what to run
@@ -368,6 +372,183 @@ def make_streamer(tokenizer: Any, skip_prompt: bool, out: Any = None) -> Any:
     return TimedStreamer()
 
 
+# ------------------------------------------------------------------------------ a file of prompts
+
+
+class Job(NamedTuple):
+    """One prompt of a ``--prompts`` file: its place among the prompts, its line, its own token limit."""
+    index: int
+    line: int
+    prompt: str
+    max_new_tokens: int | None
+    ids: tuple[int, ...] = ()
+
+
+JOB_KEYS = ("prompt", "max_new_tokens")
+
+
+def read_prompts(path: str) -> list[Job]:
+    """The whole ``--prompts`` file, checked before anything is loaded: JSON lines (``{"prompt": ...,
+    "max_new_tokens": N}``) when its first non-blank line starts with ``{``, else one prompt per line.
+    Blank lines are skipped. A bad line is a one-line error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:
+        raise UsageError(f"{path} holds no prompts: write one per line, or JSON lines with \"prompt\"")
+    if not numbered[0][1].lstrip().startswith("{"):
+        return [Job(i, n, line, None) for i, (n, line) in enumerate(numbered)]
+    jobs = []
+    for i, (n, line) in enumerate(numbered):
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: not JSON ({e.msg} at column {e.colno}): the file is JSON lines (its first "
+                             f"line is), so every line must be an object like {{\"prompt\": \"...\"}}") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: a JSON {type(row).__name__}, not an object like {{\"prompt\": \"...\"}}")
+        if unknown := sorted(set(row) - set(JOB_KEYS)):
+            raise UsageError(f"{where}: unknown key {unknown[0]!r}: a line may have {' and '.join(JOB_KEYS)}")
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise UsageError(f"{where}: \"prompt\" must be a non-empty string, got {json.dumps(prompt)}")
+        limit = row.get("max_new_tokens")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise UsageError(f"{where}: \"max_new_tokens\" must be a whole number >= 1, got {json.dumps(limit)}")
+        jobs.append(Job(i, n, prompt, limit))
+    return jobs
+
+
+def encode_jobs(jobs: list[Job], tokenizer: Any, a: argparse.Namespace, config: Any) -> list[Job]:
+    """Each prompt's token ids, checked against the model (``engine.check_prompt``) before anything is
+    converted or loaded; ``config`` is the model's config or its folder."""
+    from ..engine import check_prompt
+    if isinstance(config, str):
+        import transformers as tf
+        config = tf.AutoConfig.from_pretrained(config)
+    tok = tokenizer or ByteIds(config.get_text_config().vocab_size)
+    out = []
+    for j in jobs:
+        ids = tuple(tok.encode(j.prompt))
+        try:
+            check_prompt(ids, j.max_new_tokens or a.max_new_tokens, config)
+        except ValueError as e:
+            raise UsageError(f"{a.prompts}:{j.line}: {e}") from None
+        out.append(j._replace(ids=ids))
+    return out
+
+
+def finished_rows(path: str, jobs: list[Job], prompts_file: str) -> dict[int, dict[str, Any]]:
+    """Rows an earlier run of the same job wrote to ``path`` (by index). A last line cut short by an
+    interrupt is dropped; a row for another prompt means ``path`` belongs to another job: refused."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows: dict[int, dict[str, Any]] = {}
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == last and n == len(lines):  # no newline after it: the write an interrupt cut short
+                continue
+            raise UsageError(f"{path}:{n}: not a JSON line: this file is not an --output of offload run; pass "
+                             f"another --output, or delete it to start over") from None
+        i = row.get("index") if isinstance(row, dict) else None
+        if not isinstance(i, int) or not 0 <= i < len(jobs) or row.get("prompt") != jobs[i].prompt:
+            raise UsageError(f"{path}:{n}: its row does not match prompt {i} of {prompts_file} (line "
+                             f"{jobs[i].line if isinstance(i, int) and 0 <= i < len(jobs) else '?'}): it was written "
+                             f"for another prompts file; pass another --output, or delete it to start over")
+        rows[i] = row
+    return rows
+
+
+def write_rows(path: str, rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` with these rows, atomically (a temporary file renamed over it)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_prompts(jobs: list[Job], a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any,
+                device: torch.device) -> int:
+    """Every prompt of the file through one ``Engine`` (``--batch-size`` rows per streamed pass). With
+    ``--output``, each finished row is appended as one line when it finishes (so Ctrl-C keeps it and a
+    rerun skips it), and the file is rewritten in input order at the end; without, rows go to stdout in
+    input order as soon as every row before them is done."""
+    from tqdm import tqdm
+
+    from ..engine import Engine
+    out_path = a.output
+    done = finished_rows(out_path, jobs, a.prompts) if out_path else {}
+    todo = [j for j in jobs if j.index not in done]
+    if out_path:
+        write_rows(out_path, [done[i] for i in sorted(done)])  # drops a line an interrupt cut short
+        if done:
+            _say(f"{out_path}: {len(done)} of {len(jobs)} prompts already done, {len(todo)} to go")
+    engine = Engine(model, tokenizer or ByteIds(model.config.get_text_config().vocab_size), batch_size=a.batch_size)
+    for j in todo:
+        engine.submit(list(j.ids), max_new_tokens=j.max_new_tokens or a.max_new_tokens, index=j.index)
+    sink = open(out_path, "a", encoding="utf-8") if out_path else sys.stdout
+    pending: dict[int, dict[str, Any]] = {}
+    next_out = 0  # stdout: the next index to print
+    bar = tqdm(total=len(jobs), initial=len(done), unit="prompt", desc="prompts", file=sys.stderr,
+               disable=a.quiet or not todo, dynamic_ncols=True)
+    handle.reset_stats()
+    t0 = time.perf_counter()
+    try:
+        while engine.busy:
+            for r in engine.step():
+                j = jobs[r.index]
+                row = {"index": j.index, "line": j.line, "prompt": j.prompt, "completion": r.text,
+                       "tokens": len(r.token_ids), "finish_reason": r.finish_reason}
+                if out_path:
+                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")  # one write per row, then flushed
+                    sink.flush()
+                    done[j.index] = row
+                else:
+                    pending[j.index] = row
+                    while next_out in pending:
+                        sink.write(json.dumps(pending.pop(next_out), ensure_ascii=False) + "\n")
+                        next_out += 1
+                    sink.flush()
+                bar.update(1)
+                bar.set_postfix_str(f"{engine.stats()['tokens'] / (time.perf_counter() - t0):.2f} tokens/s",
+                                    refresh=False)
+    except KeyboardInterrupt:
+        bar.close()
+        finished = len(done) if out_path else next_out
+        _say(f"interrupted: {finished} of {len(jobs)} prompts done" + (
+            f" and kept in {out_path}; run the same command again to do the other {len(jobs) - finished}"
+            if out_path else ""))
+        raise
+    finally:
+        bar.close()
+        if out_path:
+            sink.close()
+    total = time.perf_counter() - t0
+    if out_path:
+        write_rows(out_path, [done[i] for i in sorted(done)])
+    st, s = engine.stats(), handle.stats()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    summary = (f"{len(todo)} prompts, {st['tokens']} tokens in {st['passes']} passes (batch {a.batch_size}): "
+               f"{st['tokens'] / max(total, 1e-9):.2f} tokens/s, {format_bytes(s.bytes_read / max(st['tokens'], 1))} "
+               f"read/token, waited on I/O {s.wait_seconds / max(total, 1e-9):.0%} of {total:.1f} s, peak RSS "
+               f"{format_bytes(rss)}" + (f"; {out_path}: {len(done)} rows in input order" if out_path else ""))
+    print(summary, file=sys.stdout if out_path else sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------------------ loading
 
 
@@ -375,7 +556,15 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def cmd_run(a: argparse.Namespace) -> int:
+def cmd_run(a: argparse.Namespace, work: Callable[..., int] | None = None) -> int:
+    """Check, plan, convert once, load, then ``work(a, model, handle, tokenizer, device)`` (default: generate
+    from --prompt, or the --prompts file); ``offload serve`` passes its server as ``work``."""
+    jobs = read_prompts(a.prompts) if getattr(a, "prompts", None) else None  # the whole file, before any work
+    if jobs is None and getattr(a, "output", None):
+        raise UsageError("--output applies with --prompts FILE")
+    if jobs is not None and (a.prompt is not None or a.speculate):
+        raise UsageError(f"--prompts {a.prompts} runs every prompt in the file: drop "
+                         + ("--prompt" if a.prompt is not None else "--speculate (one sequence at a time)"))
     if bool(a.model) == bool(a.random):
         raise UsageError("pass MODEL (a Hugging Face folder or a store) or --random NAME" +
                          (", not both" if a.model else ""))
@@ -397,7 +586,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     draft = draft_plan(a, target)
     check_budget(target, a.cpu_memory, a.prefetch, device, a.gpu_memory, draft)
     space = check_disk(target, a, builds, refuse=not a.dry_run)
-    print(plan_table(target, a.cpu_memory, a.prefetch, device, a.gpu_memory, draft, a.speculate))
+    print(plan_table(target, a.cpu_memory, a.prefetch, device, a.gpu_memory, draft, a.speculate),
+          file=sys.stderr if jobs is not None and not a.output else sys.stdout)  # stdout: the results' JSON lines
     if a.dry_run:
         if space:
             _say(f"note: {space}")
@@ -406,6 +596,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     if tokenizer is None:
         _say(f"note: {'random models have' if target.kind == 'random' else target.path + ' has'} no tokenizer "
              f"files: the prompt's bytes are the token ids, and ids are printed")
+    if jobs is not None:
+        config = config_for(a.random) if target.kind == "random" else None
+        jobs = encode_jobs(jobs, tokenizer, a, config or target.path)
+        work = functools.partial(run_prompts, jobs)
     # 2. Convert (once) and load.
     from ..convert import cached_store
     if target.kind == "store":
@@ -430,7 +624,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     model, handle = offload.load(store, a.prefetch, device=device, **memory, trace=trace, reader=a.reader,
                                  verify=not a.no_verify, progress=not a.quiet)
     try:
-        rc = _generate(a, model, handle, tokenizer, torch.device(device))
+        rc = (work or _generate)(a, model, handle, tokenizer, torch.device(device))
     finally:
         handle.disable()  # writes the trace
     if trace:
@@ -443,9 +637,10 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def _generate(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, device: torch.device) -> int:
     tok = tokenizer or ByteIds(model.config.vocab_size)
-    ids = torch.tensor([tok.encode(a.prompt)], dtype=torch.long)
+    prompt = a.prompt or DEFAULT_PROMPT
+    ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
     if ids.shape[1] == 0:
-        raise UsageError(f"--prompt {a.prompt!r} encodes to no tokens")
+        raise UsageError(f"--prompt {prompt!r} encodes to no tokens")
     ids = ids.repeat(a.batch_size, 1).to(device)
     streamer = make_streamer(tok, skip_prompt=not model.config.is_encoder_decoder)
     spec = spec_stats = None
@@ -478,17 +673,13 @@ def _generate(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, de
     return 0
 
 
-def add_parser(sub: Any) -> None:
+def add_model_options(r: Any) -> None:
+    """MODEL and how to load it within what memory: the options ``offload run`` and ``offload serve`` share
+    (``cmd_run`` reads them)."""
     from ..io import READERS
-    r = add_command(sub, "run", "generate with a model bigger than memory (converts it first if needed)",
-                    "Generate with a Hugging Face folder, an offload store or a random model, streaming its blocks "
-                    "from disk within a memory budget. A folder is converted once into a cached store, reused while "
-                    "its files and dtype are unchanged.")
     r.add_argument("model", nargs="?", help="Hugging Face model folder or offload store")
     r.add_argument("--random", metavar="NAME", type=random_name,
                    help=f"random weights of a real architecture instead of MODEL: {', '.join(RANDOM_MODELS)}")
-    r.add_argument("--prompt", type=nonempty, default="The quick brown fox", metavar="TEXT", help="text to continue")
-    r.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N", help="tokens to generate")
     r.add_argument("--cpu-memory", type=byte_size, metavar="BYTES",
                    help="RAM for all weights: resident + staging ring + RAM tier, e.g. 8GiB (default: free memory, "
                         "container limit included, minus 1 GiB)")
@@ -498,21 +689,10 @@ def add_parser(sub: Any) -> None:
                    help="where the model computes: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     r.add_argument("--trace", type=output_file, metavar="FILE",
                    help="write a Chrome/Perfetto trace of reads, copies, forwards and waits to FILE")
-    r.add_argument("--plot", type=output_file, metavar="PNG",
-                   help="draw the trace as a PNG timeline (needs matplotlib)")
     r.add_argument("--prefetch", type=positive_int, default=2, metavar="N", help="units read ahead while one computes")
     r.add_argument("--dtype", choices=sorted(DTYPES),
                    help="dtype to run in (default: the checkpoint's own, from config.json or its weights; a store's "
                         "own; bf16 for --random)")
-    r.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="rows generated at once (the prompt repeated)")
-    r.add_argument("--speculate", type=speculate_mode, metavar="int4|int8|ngram|FOLDER",
-                   help="several tokens per disk pass, the same greedy tokens: a resident draft proposes tokens "
-                        "that one streamed pass verifies. int4/int8: the model's blocks quantized in memory "
-                        "(sharing its embeddings and head); ngram: prompt lookup; FOLDER: a small model with the same "
-                        "tokenizer. Its memory counts in --cpu-memory (--gpu-memory on a GPU)")
-    r.add_argument("--draft-tokens", type=positive_int, metavar="K",
-                   help="tokens drafted per pass with --speculate (default: chosen each pass from the measured "
-                        "draft and pass times and the acceptance)")
     r.add_argument("--reader", choices=READERS, help="disk reader (default: native when built, else python)")
     r.add_argument("--dry-run", action="store_true",
                    help="print the placement plan (from the safetensors headers: nothing converted) and stop")
@@ -525,4 +705,33 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--no-verify", action="store_true",
                    help="skip checking each unit's checksum the first time it is read (default: checked)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def add_parser(sub: Any) -> None:
+    r = add_command(sub, "run", "generate with a model bigger than memory (converts it first if needed)",
+                    "Generate with a Hugging Face folder, an offload store or a random model, streaming its blocks "
+                    "from disk within a memory budget. A folder is converted once into a cached store, reused while "
+                    "its files and dtype are unchanged.")
+    add_model_options(r)
+    r.add_argument("--prompt", type=nonempty, metavar="TEXT", help=f"text to continue (default: {DEFAULT_PROMPT!r})")
+    r.add_argument("--prompts", type=input_file, metavar="FILE",
+                   help="a batch job: one prompt per line, or JSON lines with \"prompt\" (and optional "
+                        "\"max_new_tokens\"); continuous batching, --batch-size rows per pass; results as JSON lines "
+                        "in input order (to --output, else stdout)")
+    r.add_argument("--output", type=output_file, metavar="OUT.jsonl",
+                   help="with --prompts: write results here as each finishes (a rerun skips the prompts already in "
+                        "it; Ctrl-C keeps every finished row), in input order at the end")
+    r.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N", help="tokens to generate")
+    r.add_argument("--plot", type=output_file, metavar="PNG",
+                   help="draw the trace as a PNG timeline (needs matplotlib)")
+    r.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
+                   help="rows generated at once (the prompt repeated; with --prompts, prompts sharing each pass)")
+    r.add_argument("--speculate", type=speculate_mode, metavar="int4|int8|ngram|FOLDER",
+                   help="several tokens per disk pass, the same greedy tokens: a resident draft proposes tokens "
+                        "that one streamed pass verifies. int4/int8: the model's blocks quantized in memory "
+                        "(sharing its embeddings and head); ngram: prompt lookup; FOLDER: a small model with the same "
+                        "tokenizer. Its memory counts in --cpu-memory (--gpu-memory on a GPU)")
+    r.add_argument("--draft-tokens", type=positive_int, metavar="K",
+                   help="tokens drafted per pass with --speculate (default: chosen each pass from the measured "
+                        "draft and pass times and the acceptance)")
     r.set_defaults(fn=cmd_run)

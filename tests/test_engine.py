@@ -1,0 +1,242 @@
+"""Many prompts per streamed pass (offload.engine, offload run --prompts).
+
+Every completion must be token for token what ``generate`` gives that prompt alone (fp32), whatever
+else shares its passes: prompts of different lengths, rows finishing and refilled at different
+passes, BLOOM's ALiBi, Llama's and GPT-NeoX's RoPE, OPT's learned positions. Models are enabled with
+``ram_tier=0`` (every block streams each pass).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import pytest
+import torch
+
+import offload
+from offload.cli import main
+from offload.engine import Engine, QueueFull, generate_many
+
+from conftest import make_model
+
+CORPUS = ["the naïve café serves crème brûlée", "a model reads its weights from the disk, block by block",
+          "streaming blocks from disk while computing", "many prompts share each pass over the weights"] * 4
+
+# (prompt length, max_new_tokens): lengths 1..23 and limits that finish rows at different passes
+SHAPES = [(5, 9), (23, 4), (1, 12), (9, 6), (14, 10), (3, 3), (7, 11)]
+
+
+def tiny_llama(vocab: int = 256, seed: int = 0):
+    import transformers as tf
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def model_for(arch: str):
+    return tiny_llama() if arch == "llama" else make_model(arch)
+
+
+def alone(model, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens for one prompt alone (generate; stops at EOS like the engine)."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE trained here on a few lines (no hub)."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.mark.parametrize("arch", ["bloom", "llama", "opt", "gptneox"])
+def test_each_completion_is_its_prompt_greedy_alone(arch, no_thread_leak):
+    model = model_for(arch)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n, _ in SHAPES]
+    want = [alone(model, p, n) for p, (_, n) in zip(prompts, SHAPES)]
+    with offload.enable(model, ram_tier=0) as handle:
+        got = list(generate_many(model, None, [{"prompt": p, "max_new_tokens": n} for p, (_, n) in zip(prompts, SHAPES)],
+                                 batch_size=3))
+        assert handle.stats().streamed_units == 4 and handle.stats().bytes_read > 0
+    assert sorted(r.index for r in got) == list(range(len(SHAPES)))
+    by_index = {r.index: r for r in got}
+    for i, w in enumerate(want):
+        assert by_index[i].token_ids == w, f"prompt {i} (length {SHAPES[i][0]})"
+        assert by_index[i].finish_reason == ("length" if len(w) == SHAPES[i][1] else "stop")
+    # 7 prompts over 3 rows: rows were refilled, and passes were shared (fewer passes than tokens)
+    assert len({r.finished_at for r in got}) > 1
+
+
+def test_stop_strings_and_streamed_text(tokenizer, no_thread_leak):
+    model = tiny_llama(len(tokenizer))
+    prompt = "the naïve café"
+    full = tokenizer.decode(alone(model, tokenizer.encode(prompt), 16), skip_special_tokens=True)
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert stop and full.find(stop) > 0, full
+    pieces: list[str] = []
+    with offload.enable(model, ram_tier=0), Engine(model, tokenizer, batch_size=4).start() as engine:
+        other = engine.submit("streaming blocks", max_new_tokens=16)
+        r = engine.submit(prompt, max_new_tokens=16, stop=[stop, "never in it"],
+                          on_text=lambda req, delta: pieces.append(delta)).wait(60)
+        plain = engine.submit(prompt, max_new_tokens=16).wait(60)
+        other.wait(60)
+    assert plain.text == full and plain.finish_reason == "length"
+    assert r.text == full[:full.find(stop)] and r.finish_reason == "stop"
+    assert "".join(pieces) == r.text and stop not in "".join(pieces)
+
+
+def test_sampling_is_reproducible_with_a_seed(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    greedy = alone(model, tokenizer.encode("a model reads"), 12)
+    with offload.enable(model, ram_tier=0):
+        runs = []
+        for company in (0, 2):  # the same seed alone, then beside two other rows
+            prompts = [{"prompt": "a model reads", "temperature": 1.5, "top_p": 0.9, "seed": 1234}]
+            prompts += [{"prompt": "the café", "temperature": 1.0, "seed": k} for k in range(company)]
+            out = {r.index: r for r in generate_many(model, tokenizer, prompts, max_new_tokens=12, ignore_eos=True)}
+            runs.append(out[0].token_ids)
+        other_seed = next(generate_many(model, tokenizer, [{"prompt": "a model reads", "temperature": 1.5,
+                                                            "top_p": 0.9, "seed": 99}], max_new_tokens=12,
+                                        ignore_eos=True)).token_ids
+    assert runs[0] == runs[1] and len(runs[0]) == 12
+    assert runs[0] != greedy[:12] and other_seed != runs[0]
+
+
+def test_cancel_frees_the_row_and_the_queue_is_bounded(no_thread_leak):
+    model = tiny_llama()
+    started = []
+    with offload.enable(model, ram_tier=0):
+        engine = Engine(model, None, batch_size=1, max_queue=1).start()
+        try:
+            long = engine.submit([5, 6, 7], max_new_tokens=100, ignore_eos=True,
+                                 on_text=lambda r, d: started.append(1))
+            wait_for(lambda: started, "the first request's first token")  # it holds the row: the next one waits
+            queued = engine.submit([8, 9], max_new_tokens=3, ignore_eos=True)
+            with pytest.raises(QueueFull):
+                engine.submit([10], max_new_tokens=3)
+            long.cancel()
+            assert long.wait(60).finish_reason == "cancelled" and len(long.token_ids) < 100
+            assert queued.wait(60).finish_reason == "length" and len(queued.token_ids) == 3
+            assert engine.stats()["active"] == 0 and engine.stats()["cancelled"] == 1
+            with pytest.raises(ValueError, match="128 positions"):
+                engine.submit([5] * 120, max_new_tokens=20)
+        finally:
+            engine.close()
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    """Poll until ``condition()`` (a hang guard, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.01)
+
+
+# ------------------------------------------------------------------------------ offload run --prompts
+
+
+def save_llama(folder, tokenizer):
+    model = tiny_llama(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def streaming_budget(folder, capsys) -> str:
+    """The smallest --cpu-memory offload run accepts (it names it): the RAM tier then holds nothing."""
+    main(["run", str(folder), "--dry-run", "--cpu-memory", "1"])
+    return re.search(r"pass --cpu-memory (\S+) or more", capsys.readouterr().err).group(1)
+
+
+PROMPTS = [("the naïve café", None), ("a model reads its weights from the disk, block by block", 3),
+           ("many", None), ("streaming blocks from disk", 9), ("crème brûlée", None), ("the disk", 2)]
+
+
+def test_prompts_file_in_input_order_resumed_after_an_interrupt(tmp_path, tokenizer, capsys, monkeypatch):
+    folder = tmp_path / "tiny-llama"
+    model = save_llama(folder, tokenizer)
+    want = [tokenizer.decode(alone(model, tokenizer.encode(p), n or 6), skip_special_tokens=True) for p, n in PROMPTS]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p} | ({"max_new_tokens": n} if n else {})) + "\n"
+                               for p, n in PROMPTS) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(folder), "--prompts", str(prompts), "--output", str(out), "--batch-size", "3",
+            "--max-new-tokens", "6", "--cpu-memory", streaming_budget(folder, capsys), "-q"]
+
+    # 1. interrupted (Ctrl-C) once 2 rows have finished
+    step, finished = Engine.step, []
+
+    def interrupted(self):
+        if len(finished) >= 2:
+            raise KeyboardInterrupt
+        done = step(self)
+        finished.extend(done)
+        return done
+    monkeypatch.setattr(Engine, "step", interrupted)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    kept = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(kept) == len(finished) >= 2 and "run the same command again" in err
+    monkeypatch.setattr(Engine, "step", step)
+
+    # 2. the rerun submits only the others, and writes every row in input order
+    submitted = []
+    submit = Engine.submit
+    monkeypatch.setattr(Engine, "submit", lambda self, p, **kw: submitted.append(kw["index"]) or submit(self, p, **kw))
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    assert re.search(r"streamed from disk, per token\s+disk\s+\S+ \S+\s+4", cap.out), cap.out  # every block streams
+    assert f"{len(kept)} of {len(PROMPTS)} prompts already done" in cap.err
+    assert sorted(submitted) == sorted(set(range(len(PROMPTS))) - {r["index"] for r in kept})
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(len(PROMPTS)))
+    assert [r["prompt"] for r in rows] == [p for p, _ in PROMPTS] and [r["line"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["completion"] for r in rows] == want
+    assert all(r["tokens"] == (n or 6) or r["finish_reason"] == "stop" for r, (_, n) in zip(rows, PROMPTS))
+
+    # 3. a third run has nothing left to do; stdout mode prints the same rows in order
+    submitted.clear()
+    assert main(args) == 0 and submitted == [] and [json.loads(x) for x in out.read_text().splitlines()] == rows
+    capsys.readouterr()
+    assert main(args[:4] + args[6:]) == 0
+    printed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["completion"] for r in printed] == want
+
+
+@pytest.mark.parametrize("content, line, what", [
+    ('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c"\n', 3, "not JSON"),
+    ('{"prompt": "a"}\n\n{"text": "b"}\n', 3, "unknown key 'text'"),
+    ('{"prompt": "a"}\n{"prompt": "b", "max_new_tokens": -1}\n', 2, "whole number >= 1"),
+    ('{"prompt": "a"}\n["b"]\n', 2, "not an object"),
+    ('{"prompt": ""}\n', 1, "non-empty string"),
+])
+def test_a_bad_prompts_line_is_named_before_any_work(tmp_path, capsys, content, line, what):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(content)
+    assert main(["run", "--random", "bloom-560m", "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{prompts}:{line}: " in err[0] and what in err[0], err
+    assert os.listdir(os.environ["OFFLOAD_CACHE"]) == []  # nothing written: no random checkpoint, no store
+
+
+def test_a_prompt_too_long_for_the_model_is_named(tmp_path, tokenizer, capsys):
+    folder = tmp_path / "tiny-llama"
+    save_llama(folder, tokenizer)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the café\n" + "naïve " * 150 + "\n")
+    assert main(["run", str(folder), "--prompts", str(prompts), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{prompts}:2: a prompt of " in err and "128 positions" in err and "building store" not in err
