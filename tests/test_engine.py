@@ -7,6 +7,8 @@ passes, BLOOM's ALiBi, Llama's and GPT-NeoX's RoPE, OPT's learned positions. Mod
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -155,10 +157,12 @@ def save_llama(folder, tokenizer):
     return model
 
 
-def streaming_budget(folder, capsys) -> str:
+def streaming_budget(folder) -> str:
     """The smallest --cpu-memory offload run accepts (it names it): the RAM tier then holds nothing."""
-    main(["run", str(folder), "--dry-run", "--cpu-memory", "1"])
-    return re.search(r"pass --cpu-memory (\S+) or more", capsys.readouterr().err).group(1)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["run", str(folder), "--dry-run", "--cpu-memory", "1"]) == 2
+    return re.search(r"pass --cpu-memory (\S+) or more", err.getvalue()).group(1)
 
 
 PROMPTS = [("the naïve café", None), ("a model reads its weights from the disk, block by block", 3),
@@ -174,7 +178,7 @@ def test_prompts_file_in_input_order_resumed_after_an_interrupt(tmp_path, tokeni
                                for p, n in PROMPTS) + "\n")
     out = tmp_path / "out.jsonl"
     args = ["run", str(folder), "--prompts", str(prompts), "--output", str(out), "--batch-size", "3",
-            "--max-new-tokens", "6", "--cpu-memory", streaming_budget(folder, capsys), "-q"]
+            "--max-new-tokens", "6", "--cpu-memory", streaming_budget(folder), "-q"]
 
     # 1. interrupted (Ctrl-C) once 2 rows have finished
     step, finished = Engine.step, []

@@ -14,8 +14,8 @@ end with ``finish_reason: "cancelled"``), exit 0.
 The model is loaded exactly as ``offload run`` loads it (``run.cmd_run`` with this server as its work,
 and ``run.add_model_options``): the one place where a command module uses another.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the request models' annotations of the handlers
+# defined inside create_app, which only resolve where they are defined.
 import argparse
 import asyncio
 import json
@@ -153,6 +153,7 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
         stop: str | list[str] | None = None
         stream: bool = False
         n: int = Field(1, ge=1, le=1, description="one choice per prompt")
+        ignore_eos: bool = False  # vLLM's extension: exactly max_tokens tokens (benchmarks)
 
     class CompletionBody(Sampling):
         prompt: str | list[str]
@@ -217,7 +218,7 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
             for i, p in enumerate(prompts):
                 requests.append(engine.submit(
                     p, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                    stop=stop, on_text=lambda r, d, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, d, r))))
+                    stop=stop, ignore_eos=body.ignore_eos, on_text=lambda r, d, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, d, r))))
         except Exception as e:
             for r in requests:
                 r.cancel()

@@ -1,0 +1,210 @@
+"""``offload serve`` through the real ``openai`` client: a tiny Llama with a trained BPE tokenizer and a
+chat template, served from a subprocess with every block streamed.
+
+Each answer must be exactly that prompt's greedy text alone (fp32), streamed or not, however many
+clients ask at once; bad requests are 4xx with OpenAI's error body and the server keeps serving; a
+client that drops mid-stream frees its row; SIGINT cancels what runs and exits 0. Timeouts here are
+hang guards only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from test_engine import alone, streaming_budget, tiny_llama, tokenizer, wait_for  # noqa: F401 (tokenizer: a fixture)
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+NAME = "tiny-llama"
+
+
+class Server:
+    """``offload serve`` in a subprocess on a free port (``--port 0``: it prints the one it bound)."""
+
+    def __init__(self, folder, cache, *args: str):
+        env = dict(os.environ, OFFLOAD_CACHE=str(cache), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "offload", "serve", str(folder), "--port", "0",
+                                      "--cpu-memory", streaming_budget(folder), "-q", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def ready(self) -> Server:
+        """Wait until it listens (started servers load in parallel: each takes seconds to import torch)."""
+        wait_for(lambda: self.port or self.proc.poll() is not None, "server start", timeout=120)
+        assert self.port, "\n".join(self.lines)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if m := re.search(r"at http://127\.0\.0\.1:(\d+)/v1", line):
+                self.port = int(m.group(1))
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/stats", timeout=30).json()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.reader.join(10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("serve")
+    tok = tokenizer
+    tok.chat_template = TEMPLATE
+    model = tiny_llama(len(tok))
+    model.save_pretrained(root / NAME)
+    tok.save_pretrained(root / NAME)
+    # the second one is for the SIGINT test (one row, one place in the queue); both load at once
+    server = Server(root / NAME, root / "cache", "--batch-size", "4")
+    small = Server(root / NAME, root / "cache-small", "--batch-size", "1", "--max-queue", "1")
+    server.ready()
+
+    def greedy(prompt: str | list[int], n: int) -> str:
+        ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
+        return tok.decode(alone(model, ids, n), skip_special_tokens=True)
+
+    def chat_ids(messages) -> list[int]:
+        return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                          add_special_tokens=False)
+    yield server, greedy, chat_ids, small
+    small.stop()
+    assert server.stop() == 0, "\n".join(server.lines)
+
+
+def test_completions_streamed_or_not_are_the_greedy_text(served):
+    server, greedy, _, _ = served
+    assert [m.id for m in server.client.models.list().data] == [NAME]
+    want = greedy("the naïve café", 10)
+    r = server.client.completions.create(model=NAME, prompt="the naïve café", max_tokens=10, temperature=0)
+    assert r.choices[0].text == want and r.usage.completion_tokens <= 10
+    chunks = list(server.client.completions.create(model=NAME, prompt="the naïve café", max_tokens=10,
+                                                   temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_chat_uses_the_tokenizer_template(served):
+    server, greedy, chat_ids, _ = served
+    messages = [{"role": "user", "content": "what does the café serve?"}]
+    want = greedy(chat_ids(messages), 12)
+    r = server.client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    chunks = list(server.client.chat.completions.create(model=NAME, messages=messages, max_tokens=12,
+                                                        temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+
+
+def test_concurrent_clients_each_get_their_own_greedy_text(served):
+    server, greedy, _, _ = served
+    jobs = [("the naïve café", 9, False), ("a model", 14, True), ("streaming blocks from disk while", 5, False),
+            ("many prompts share each pass", 12, True), ("crème", 7, True), ("the disk, block by block", 11, False)]
+    want = [greedy(p, n) for p, n, _ in jobs]
+
+    def ask(job) -> str:
+        prompt, n, stream = job
+        r = server.client.completions.create(model=NAME, prompt=prompt, max_tokens=n, temperature=0, stream=stream)
+        return "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        assert list(pool.map(ask, jobs)) == want
+    assert server.stats()["streamed_units"] == 4  # every block streamed for them
+
+
+def test_bad_requests_are_4xx_and_the_server_keeps_serving(served):
+    server, greedy, _, _ = served
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model=NAME, prompt="the café", max_tokens=-1)
+    assert e.value.status_code == 400 and e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model="gpt-4", prompt="the café", max_tokens=4)
+    assert e.value.body["code"] == "model_not_found" and NAME in e.value.body["message"]
+    r = httpx.post(server.url + "/v1/completions", content=b'{"model": "tiny-llama", "prompt": ', timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "messages": []}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    with pytest.raises(openai.BadRequestError, match="positions"):  # 128 positions: too long
+        server.client.completions.create(model=NAME, prompt="naïve " * 100, max_tokens=60)
+    assert server.client.completions.create(model=NAME, prompt="the café", max_tokens=6,
+                                            temperature=0).choices[0].text == greedy("the café", 6)
+
+
+def test_a_client_dropping_mid_stream_frees_its_row(served):
+    server, _, _, _ = served
+    before = server.stats()["cancelled"]
+    body = {"model": NAME, "prompt": "the café", "max_tokens": 100, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        next(line for line in r.iter_lines() if line.startswith("data: {"))  # its first token came: it holds a row
+    wait_for(lambda: server.stats()["cancelled"] == before + 1, "cancel after the client left")
+    stats = server.stats()
+    assert stats["active"] == 0 and stats["queued"] == 0
+
+
+def test_sigint_cancels_running_requests_and_exits_0(served):
+    server = served[3].ready()
+    try:
+        body = {"model": NAME, "prompt": "the café", "max_tokens": 100, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        events: list[dict] = []
+
+        def stream() -> None:
+            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        events.append(json.loads(line[6:]))
+                    elif line == "data: [DONE]":
+                        events.append({"done": True})
+        running = threading.Thread(target=stream)
+        running.start()
+        wait_for(lambda: events, "the first token of the running request")
+        waiting = threading.Thread(target=lambda: httpx.post(server.url + "/v1/completions", json=body, timeout=60))
+        waiting.start()
+        wait_for(lambda: server.stats()["queued"] == 1, "the second request in the queue")
+        with pytest.raises(openai.RateLimitError):  # the row and the one place in the queue are taken
+            server.client.completions.create(model=NAME, prompt="the café", max_tokens=4)
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(60) == 0, "\n".join(server.lines)
+        running.join(60)
+        waiting.join(60)
+        assert events[-1] == {"done": True} and events[-2]["choices"][0]["finish_reason"] == "cancelled"
+        assert any("offload serve: stopped;" in x for x in server.lines)
+    finally:
+        server.stop()
+
+
+def test_serve_without_fastapi_is_one_line_before_loading(monkeypatch, capsys):
+    from offload.cli import main
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
+    assert main(["serve", "--random", "bloom-560m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'pip install "offload[serve]"' in err[0]
+    assert os.listdir(os.environ["OFFLOAD_CACHE"]) == []
