@@ -148,7 +148,8 @@ def _classify(root: str, rel: str) -> Entry:
     is_dir = os.path.isdir(path)
     if name.endswith(".lock") and not is_dir:
         held = lock_held(path)
-        e.state, e.detail = "lock", "held by a build in progress" if held else "not held"
+        e.state, e.detail = "lock", ("a build lock, held by a build in progress" if held else
+                                     "a build lock, not held; never removed (two builds could then race)")
         return e
     if parent == "" and name.startswith("store-") and is_dir:
         pid, alive = owner_of(path)
@@ -158,7 +159,7 @@ def _classify(root: str, rel: str) -> Entry:
             alive = age < UNOWNED_GRACE_S
             e.detail = f"no owner file; modified {age / 60:.0f} min ago"
         else:
-            e.detail = "its process is running" if alive else "its process is gone (disable() never ran)"
+            e.detail = "its process is running" if alive else "its process is gone: disable() never ran"
         e.state = "temporary" if alive else "orphaned"
         return e
     if parent in ("stores", "random") and is_dir and name.startswith(".") and ".old-" in name:
@@ -167,11 +168,10 @@ def _classify(root: str, rel: str) -> Entry:
     if parent in ("stores", "random") and is_dir and name.endswith(".partial"):
         final = name[1:-len(".partial")] if name.startswith(".") else name[:-len(".partial")]
         locks = [os.path.join(root, parent, final + ".lock"), path + ".lock"]
-        e.source = os.path.join(parent, final)
         if any(lock_held(x) for x in locks):
-            e.state, e.detail = "building", "a build in progress holds its lock"
+            e.state, e.detail = "building", f"a build of {os.path.join(parent, final)} in progress (it holds the lock)"
         else:
-            e.state, e.detail = "partial", "an interrupted build"
+            e.state, e.detail = "partial", f"an interrupted build of {os.path.join(parent, final)}"
         return e
     if parent == "stores" and is_dir:
         from .store import MANIFEST
@@ -183,8 +183,7 @@ def _classify(root: str, rel: str) -> Entry:
     if parent == "random" and is_dir:
         complete = os.path.exists(os.path.join(path, "model.safetensors.index.json"))
         e.state = "current" if complete else "partial"
-        e.source = f"random weights ({name})"
-        e.detail = "a random-weight checkpoint" + ("" if complete else ", never finished")
+        e.detail = "offload run --random's checkpoint" + ("" if complete else ", never finished")
     return e
 
 

@@ -1,10 +1,12 @@
-"""Several tokens per disk pass: speculative decoding with a resident draft, the target's greedy tokens.
+"""Several tokens per disk pass: speculative decoding with a resident draft, the verify passes' greedy tokens.
 
 When every block streams, one target forward costs one pass over the streamed bytes whether it scores
 one position or nine. A resident *draft* proposes ``K`` tokens; the streamed target scores them all in
 one forward over ``K + 1`` positions and keeps the longest prefix that equals its own greedy choice,
-plus its own next token. Every kept token is the target's argmax, so the output is the target's
-greedy output; only the number of disk passes changes.
+plus its own next token. Every kept token is the target's argmax *in that verify pass*. What is
+guaranteed: in fp32, the target's plain greedy tokens (identical in every case tried); in bf16/fp16,
+the tokens of the verify passes, exactly what Transformers' assisted generation gives, which can
+differ from plain greedy decoding after a near-tie (see "Exactness" below).
 
     ids, stats = offload.speculate.generate(model, input_ids, speculate="int4", max_new_tokens=64)
     spec = Speculator(model, "int4")                   # build the draft once, generate many times
@@ -54,9 +56,15 @@ that. What is added around it:
   draft time share, the Ks used, the draft's bytes, the measured costs.
 
 Exactness, numerically: a verify forward over K+1 positions computes each position with other
-matrix shapes than a one-position step, so logits may differ in the last bits; a flipped argmax
-would need two logits within ~1e-6 of each other. The tests and the benchmark compare token for
-token against plain greedy decoding of the same offloaded target.
+matrix shapes than a one-position step, so its logits differ in the last bits. In fp32 a flipped
+argmax needs two logits within ~1e-6 of each other; in bf16 (8 bits of mantissa) it happens: 7 of 50
+random prompts on a tiny bf16 Llama with the int8 self-draft diverged from plain greedy decoding
+(``benchmarks/bench_spec_divergence.py``, figures in the README), always at a near-tie, and from there
+on the text is another, equally greedy, continuation. int8 units above 16 rows also take another
+kernel than one-row steps (``offload.quant``), so their verify passes differ the same way. A mode
+that keeps plain greedy's tokens at near-ties is not offered: the verify pass also wrote the KV
+cache of every position it scored, so recomputing one position alone would still not give
+one-position-step numerics, and each recomputation costs a whole streamed pass.
 
 Greedy, decoder-only, batch 1 (Transformers' assisted generation is batch-1 only).
 """
@@ -688,8 +696,9 @@ class Speculator:
         self.draft_bytes = _own_bytes(self.draft, model) if self.draft is not None else 0
 
     def generate(self, input_ids: torch.Tensor, *, max_new_tokens: int, **kw: Any) -> tuple[torch.Tensor, SpecStats]:
-        """Greedy generation with speculation: ``(output ids, SpecStats)``; the ids are what
-        ``model.generate(input_ids, max_new_tokens=..., do_sample=False, **kw)`` returns."""
+        """Greedy generation with speculation: ``(output ids, SpecStats)``; in fp32 the ids are what
+        ``model.generate(input_ids, max_new_tokens=..., do_sample=False, **kw)`` returns, in bf16/fp16
+        the verify passes' greedy tokens (see the module docstring)."""
         if kw.get("do_sample") or kw.get("num_beams", 1) != 1:
             raise ValueError("speculative decoding here is greedy: do_sample=True and num_beams > 1 are not supported")
         if any(k in kw for k in ("assistant_model", "prompt_lookup_num_tokens", "num_assistant_tokens")):
@@ -787,7 +796,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, speculate: str, max_n
              draft_tokens: int | None = None, handle: Any = None, **kw: Any) -> tuple[torch.Tensor, SpecStats]:
     """Greedy generation with a draft (``Speculator`` built for one call): ``(output ids, SpecStats)``.
 
-    The ids equal ``model.generate(input_ids, max_new_tokens=..., do_sample=False)``'s. ``speculate``:
+    In fp32 the ids equal ``model.generate(input_ids, max_new_tokens=..., do_sample=False)``'s; in
+    bf16/fp16 they are the verify passes' greedy tokens (module docstring). ``speculate``:
     ``"ngram"``, ``"int8"``, ``"int4"`` or a draft model folder; ``draft_tokens``: fixed K (default: chosen
     from measured costs). Speculator keywords (``draft=``, ``group_size=``, ``draft_dtype=``,
     ``max_draft_tokens=``, ``ngram_size=``, ``quantize_head=``) are taken from ``kw``; the rest go to

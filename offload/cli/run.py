@@ -727,10 +727,11 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="rows generated at once (the prompt repeated; with --prompts, prompts sharing each pass)")
     r.add_argument("--speculate", type=speculate_mode, metavar="int4|int8|ngram|FOLDER",
-                   help="several tokens per disk pass, the same greedy tokens: a resident draft proposes tokens "
-                        "that one streamed pass verifies. int4/int8: the model's blocks quantized in memory "
-                        "(sharing its embeddings and head); ngram: prompt lookup; FOLDER: a small model with the same "
-                        "tokenizer. Its memory counts in --cpu-memory (--gpu-memory on a GPU)")
+                   help="several tokens per disk pass: a resident draft proposes tokens that one streamed pass "
+                        "verifies; fp32 gives plain greedy's tokens, bf16/fp16 the verify passes' (they can differ "
+                        "after a near-tie, as in Transformers' assisted generation). int4/int8: the model's blocks "
+                        "quantized in memory (sharing its embeddings and head); ngram: prompt lookup; FOLDER: a small "
+                        "model with the same tokenizer. Its memory counts in --cpu-memory (--gpu-memory on a GPU)")
     r.add_argument("--draft-tokens", type=positive_int, metavar="K",
                    help="tokens drafted per pass with --speculate (default: chosen each pass from the measured "
                         "draft and pass times and the acceptance)")
