@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import StagingConfig, cache_dir, ring_bytes
+from .config import StagingConfig, cache_dir
 from .convert import module_policy, quantization_of, quantize_sources, sources_from_plans, write_store
 from .errors import ChecksumError, OffloadError, StoreError, StoreMismatchError
 from .hooks import Binding, Offloaded, QuantBinding, UnitHook
 from .io import Reader, get_reader
-from .plan import (UnitPlan, _numel, choose_resident, find_units, is_accelerate_offloaded, offload_folder_of,
+from .budget import min_room, plan_memory
+from .plan import (UnitPlan, _numel, find_units, is_accelerate_offloaded, offload_folder_of,
                    plan_accelerate, plan_plain)
 from .prefetch import Prefetcher
 from .staging import HostBuffer
@@ -426,14 +427,14 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         tiers = _gpu_tiers(model, plans, records, prefetch, gpu_memory, gpu_tier, backends, kind)
         elsewhere = set().union(*tiers.values()) if tiers else set()
         # RAM tier: a fixed set of units read once. The streamed weights about to be freed count as free.
-        host_units = [i for i in range(len(records)) if i not in elsewhere]
-        config = StagingConfig(prefetch, max((records[i].data_bytes for i in host_units), default=0),
-                               len(host_units), io_threads)
-        budget = _ram_tier_budget(model, plans, kind, config, total_budget, tier_budget)
-        chosen = choose_resident([records[i].data_bytes for i in host_units], budget)
-        resident = {host_units[k]: HostBuffer(records[host_units[k]].data_bytes) for k in sorted(chosen)}
-        if len(resident) == len(host_units):  # every unit fits in the tier: no ring needed
-            config = StagingConfig(prefetch, 0, 0, io_threads)
+        sizes = [r.data_bytes for r in records]
+        room, tier_size = _ram_room(model, plans, kind, prefetch, [sizes[i] for i in range(len(sizes))
+                                                                    if i not in elsewhere], total_budget, tier_budget)
+        mp = plan_memory(sizes, prefetch, ram_room=room, ram_tier=tier_size, on_gpu=frozenset(elsewhere))
+        slots, slot_bytes = mp.host_ring
+        config = StagingConfig(prefetch, slot_bytes, len(mp.streamed), io_threads)
+        assert room is None or mp.bytes_of(mp.ram_tier) + config.ring_bytes <= room or not mp.ram_tier
+        resident = {i: HostBuffer(sizes[i]) for i in sorted(mp.ram_tier)}
         prefetcher = Prefetcher(st, records, rd, config, resident, elsewhere=elsewhere, verify=verify, tracer=tracer)
         if resident:
             from .convert import _progress
@@ -486,22 +487,26 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
     return handle
 
 
-def _ram_tier_budget(model: nn.Module, plans: Sequence[UnitPlan], kind: str, config: StagingConfig,
-                     total: int | None, tier: int | None) -> int:
-    """Bytes of units to keep in RAM: given, or what ``cpu_memory`` leaves after resident + ring."""
+def _ram_room(model: nn.Module, plans: Sequence[UnitPlan], kind: str, prefetch: int, host_sizes: Sequence[int],
+              total: int | None, tier: int | None) -> tuple[int | None, int | None]:
+    """``(room, tier)`` for ``plan_memory``: the RAM tier's own size when given (``ram_tier=``), else the
+    room the RAM tier and the host ring share: ``cpu_memory`` minus the resident weights, or free
+    memory (the weights about to be freed count as free) minus a margin."""
     if tier is not None:
-        return tier
+        return None, tier
     resident = sum(t.numel() * t.element_size() for t in _resident_tensors(model, plans) if t.device.type == "cpu")
     if total is not None:
-        if total < resident + config.ring_bytes:
+        need = min_room(host_sizes, prefetch)
+        if total < resident + need:
             raise OffloadError(
                 f"cpu_memory={format_bytes(total)} cannot hold the resident weights ({format_bytes(resident)}) and "
-                f"the staging ring ({config.ring_slots} x {format_bytes(config.slot_bytes)}): the minimum is "
-                f"{format_bytes(resident + config.ring_bytes)} (or lower prefetch=)")
-        return total - resident - config.ring_bytes
+                f"the staging ring ({min(prefetch + 1, len(host_sizes))} slots; with the units too large for its "
+                f"slots in the RAM tier, {format_bytes(need)}): the minimum is {format_bytes(resident + need)} "
+                f"(or lower prefetch=)")
+        return total - resident, None
     freed = sum(_numel(t.shape) * t.dtype.itemsize for p in plans for t in p.tensors
                 if kind == "module" and t.is_param and t.owner._parameters[t.attr].device.type == "cpu")
-    return max(0, available_memory() + freed - config.ring_bytes - DEFAULT_MARGIN_BYTES)
+    return max(0, available_memory() + freed - DEFAULT_MARGIN_BYTES), None
 
 
 def _load_resident_from_store(model: nn.Module, plans: Sequence[UnitPlan], store: Store, device: torch.device,
@@ -739,22 +744,22 @@ def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[Un
         if backend is None:
             continue
         idx = [i for i, p in enumerate(plans) if p.device == dev]
-        ring = ring_bytes(prefetch, max(records[i].data_bytes for i in idx), len(idx))
+        ring = min_room([records[i].data_bytes for i in idx], prefetch)
         there, coming = _resident_on(model, plans, dev, moving=kind == "module")
-        if gpu_tier is not None:
-            budget = parse_bytes(gpu_tier)
-        elif gpu_memory is not None:
+        room = None
+        if gpu_memory is not None:
             total = parse_bytes(gpu_memory)
             if total < there + coming + ring:
                 raise OffloadError(
                     f"gpu_memory={format_bytes(total)} cannot hold the resident weights on {dev} "
                     f"({format_bytes(there + coming)}) and the device slot ring ({format_bytes(ring)}): the minimum "
                     f"is {format_bytes(there + coming + ring)} (or lower prefetch=)")
-            budget = total - there - coming - ring
-        else:  # free memory, minus what is still to move there, the ring, and room for activations/KV cache
-            budget = backend.free_bytes() - coming - ring - 2 * DEFAULT_MARGIN_BYTES
-        chosen = choose_resident([records[i].data_bytes for i in idx], max(0, budget))
-        tiers[dev] = {idx[k] for k in chosen}
+            room = total - there - coming
+        elif gpu_tier is None:  # free memory, minus what is still to move there and room for activations/KV cache
+            room = backend.free_bytes() - coming - 2 * DEFAULT_MARGIN_BYTES
+        mp = plan_memory([r.data_bytes for r in records], prefetch, ram_tier=0, gpu_units=idx, gpu_room=room,
+                         gpu_tier=parse_bytes(gpu_tier) if gpu_tier is not None else None)
+        tiers[dev] = set(mp.gpu_tier)
     return tiers
 
 

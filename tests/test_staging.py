@@ -316,7 +316,9 @@ def test_simulated_gpu_exact_without_deadlock(prefetch, units, tier, delays, tmp
                             progress=False) as h:
             stager = h.hooks[0].stager
             assert isinstance(stager, CudaStager) and all(hk.record.data_bytes == unit_bytes for hk in h.hooks)
-            assert len(stager.resident) == (units // 2 if tier else 0)
+            # a budget that would hold every unit is better spent keeping them all than on a ring (plan_memory)
+            fits = min(prefetch + 1, units) + (units // 2 if tier else 0) >= units
+            assert len(stager.resident) == (units if fits else units // 2 if tier else 0)
             for _ in range(3):
                 assert torch.equal(run(model, x), run(ref, x))
             assert h.prefetcher.ring.holders() == 0

@@ -221,3 +221,60 @@ def test_two_builders_of_one_cached_store_take_turns(tmp_path, monkeypatch):
     t2.join(30)
     assert len(calls) == 1, "two processes built the same store"
     assert out[1] == out[2] and (Path(out[1]) / "manifest.json").exists()
+
+
+class _Uneven(nn.Module):
+    """Two large blocks and six small ones: the tier can hold the large ones, the small ones stream."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.big = nn.ModuleList(nn.Linear(128, 128) for _ in range(2))
+        self.small = nn.ModuleList(nn.Linear(8, 128) for _ in range(6))
+        self.proj = nn.Linear(128, 8)
+
+    def forward(self, x):
+        for b in self.big:
+            x = torch.tanh(b(x))
+        for s in self.small:
+            x = x + torch.tanh(s(self.proj(x)))
+        return x
+
+
+def test_the_ring_is_sized_for_the_units_that_stream_after_the_tier_is_chosen(tmp_path, no_thread_leak):
+    """Issue 17.6: the ring was sized for the largest unit before the RAM tier was chosen (3 slots of
+    a 4.2 MB unit the tier then kept, for streamed units of 69 KB)."""
+    model = _Uneven()
+    ref = copy.deepcopy(model)
+    names = [f"big.{i}" for i in range(2)] + [f"small.{i}" for i in range(6)]
+    store = offload.convert(model, tmp_path / "s", units=names, progress=False)
+    sizes = {u.name: u.data_bytes for u in store.units}
+    resident = sum(p.numel() * p.element_size() for p in model.proj.parameters())
+    budget = resident + 2 * sizes["big.0"] + 3 * sizes["small.0"]  # big ones in RAM + a ring of small slots
+    x = torch.randn(3, 128)
+    with offload.enable(model, prefetch=2, cpu_memory=budget, units=names, store=tmp_path / "s", progress=False) as h:
+        tier = {h.prefetcher.units[i].name for i in h.prefetcher.resident}
+        assert tier == {"big.0", "big.1"}
+        assert h.prefetcher.config.slot_bytes == sizes["small.0"] and h.prefetcher.config.ring_slots == 3
+        with torch.no_grad():
+            assert torch.equal(model(x), ref(x))
+
+
+def test_the_cli_plan_is_what_load_allocates(tmp_path, no_thread_leak):
+    import re
+    import subprocess
+    store = offload.convert(_tiny_folder(tmp_path), tmp_path / "st", progress=False)
+    unit = store.units[0].data_bytes
+    resident = store.resident.data_bytes
+    budget = resident + 3 * unit + unit // 2  # one unit in the RAM tier + a ring of two for the others (prefetch 1)
+    r = subprocess.run([sys.executable, "-m", "offload.cli", "run", store.path, "--dry-run", "--prefetch", "1",
+                        "--cpu-memory", str(budget)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    row = {m.group(1).strip(): int(m.group(2)) for m in re.finditer(r"^(RAM tier.*?|host staging ring.*?)\s+RAM\s+.*?(\d+)\s*$",
+                                                                      r.stdout, re.M)}
+    model, h = offload.load(store.path, 1, cpu_memory=budget, progress=False)
+    try:
+        assert row["RAM tier (read once)"] == len(h.prefetcher.resident) == 1
+        assert row["host staging ring (prefetch 1 + 1)"] == h.prefetcher.config.ring_slots == 2
+    finally:
+        h.disable()

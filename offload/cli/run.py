@@ -167,12 +167,6 @@ def check_disk(t: Target, a: argparse.Namespace, builds: bool, refuse: bool = Tr
 # ------------------------------------------------------------------------------ budget and plan
 
 
-def ring_bytes(prefetch: int, unit_bytes: list[int]) -> int:
-    """Staging memory: ``prefetch + 1`` buffers of the largest unit (never more buffers than units)."""
-    from ..config import ring_bytes as ring
-    return ring(prefetch, max(unit_bytes, default=0), len(unit_bytes))
-
-
 def speculate_mode(text: str) -> str:
     """``--speculate``: int4, int8, ngram or a draft model folder (checked as it is parsed)."""
     if text in ("int4", "int8", "ngram"):
@@ -213,7 +207,8 @@ def check_budget(t: Target, cpu_memory: int | None, prefetch: int, device: str =
     all GPU memory for weights (resident + device slot ring + GPU tier); a ``--speculate`` draft counts
     where the resident weights are. Below the part that cannot be left out (resident + ring + draft),
     nothing can run: say the minimum."""
-    ring = ring_bytes(prefetch, t.unit_bytes)
+    from ..budget import min_room
+    ring = min_room(t.unit_bytes, prefetch)  # what enable requires, from the same function
     slots = f"{min(prefetch + 1, len(t.unit_bytes))} x the largest unit {format_bytes(max(t.unit_bytes, default=0))}"
     more = ", or a smaller --prefetch" if prefetch > 1 else ""
     with_draft = f" + the --speculate draft {format_bytes(draft)}" if draft else ""
@@ -242,41 +237,36 @@ def _round_up(n: int) -> str:
     return str(n)
 
 
-def tier_budget(cpu_memory: int | None, resident_bytes: int, ring: int) -> int:
-    """What ``--cpu-memory`` leaves for the RAM tier. Without it: free memory (container limit included)
-    minus 1 GiB, minus resident and ring."""
+def ram_room(cpu_memory: int | None, resident_bytes: int) -> int:
+    """What ``--cpu-memory`` leaves for the RAM tier and the host ring together (``plan_memory``'s room).
+    Without it: free memory (container limit included) minus 1 GiB, minus the resident weights."""
     from ..runtime import DEFAULT_MARGIN_BYTES
     total = cpu_memory if cpu_memory is not None else max(0, available_memory() - DEFAULT_MARGIN_BYTES)
-    return max(0, total - resident_bytes - ring)
+    return max(0, total - resident_bytes)
 
 
 def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "cpu",
                gpu_memory: int | None = None, draft: int = 0, speculate: str | None = None) -> str:
     """Where every byte of the weights goes: GPU (resident, GPU tier, device ring), RAM (resident on the
     CPU, RAM tier, host ring) and disk (streamed per token), with the budgets they come from; the
-    ``--speculate`` draft beside the resident weights."""
-    from ..plan import choose_resident
+    ``--speculate`` draft beside the resident weights. The split is ``plan_memory``'s, as ``enable`` makes it."""
+    from ..budget import plan_memory
     sizes = t.unit_bytes
     on_gpu = device != "cpu"
-    order = list(range(len(sizes)))
-    gpu_tier: set[int] = set()
+    gpu_room = None
     if on_gpu:
-        budget = gpu_memory if gpu_memory is not None else _free_gpu(device)
-        gpu_tier = choose_resident(sizes, max(0, budget - t.resident_bytes - draft - ring_bytes(prefetch, sizes)))
-    rest = [i for i in order if i not in gpu_tier]
-    ring = ring_bytes(prefetch, [sizes[i] for i in rest]) if rest else 0
+        gpu_room = max(0, (gpu_memory if gpu_memory is not None else _free_gpu(device)) - t.resident_bytes - draft)
     host_resident = 0 if on_gpu else t.resident_bytes + draft
-    tier_idx = choose_resident([sizes[i] for i in rest], tier_budget(cpu_memory, host_resident, ring))
-    ram_tier = {rest[k] for k in tier_idx}
-    streamed = [i for i in rest if i not in ram_tier]
-    ring = ring_bytes(prefetch, [sizes[i] for i in streamed]) if streamed else 0
-    slots = min(prefetch + 1, len(streamed))
+    mp = plan_memory(sizes, prefetch, ram_room=ram_room(cpu_memory, host_resident), gpu_room=gpu_room)
+    gpu_tier, ram_tier, streamed = mp.gpu_tier, mp.ram_tier, mp.streamed
+    slots, slot_bytes = mp.host_ring
+    ring = slots * slot_bytes
+    dslots, dslot_bytes = mp.device_ring
     rows = []
     if on_gpu:
         rows += [("resident (embeddings, norms, head)", "GPU", t.resident_bytes, 1 if t.resident_bytes else 0),
                  ("GPU tier (copied once)", "GPU", sum(sizes[i] for i in gpu_tier), len(gpu_tier)),
-                 (f"device slot ring (prefetch {prefetch} + 1)", "GPU", ring_bytes(prefetch, [sizes[i] for i in rest])
-                  if rest else 0, min(prefetch + 1, len(rest)))]
+                 (f"device slot ring (prefetch {prefetch} + 1)", "GPU", dslots * dslot_bytes, dslots)]
     else:
         rows.append(("resident (embeddings, norms, head)", "RAM", t.resident_bytes, 1 if t.resident_bytes else 0))
     rows += [("RAM tier (read once)", "RAM", sum(sizes[i] for i in ram_tier), len(ram_tier)),
@@ -618,9 +608,8 @@ def cmd_run(a: argparse.Namespace, work: Callable[..., int] | None = None) -> in
         memory["gpu_memory"] = max(0, (a.gpu_memory if a.gpu_memory is not None else _free_gpu(device)) - draft)
     elif draft and a.cpu_memory is not None:
         memory["cpu_memory"] = a.cpu_memory - draft
-    elif draft:
-        ring = ring_bytes(a.prefetch, target.unit_bytes)
-        memory = {"ram_tier": max(0, tier_budget(None, target.resident_bytes + draft, ring)), "gpu_memory": None}
+    elif draft:  # the default budget (free memory - 1 GiB) less the draft
+        memory["cpu_memory"] = ram_room(None, draft)
     model, handle = offload.load(store, a.prefetch, device=device, **memory, trace=trace, reader=a.reader,
                                  verify=not a.no_verify, progress=not a.quiet)
     try:
