@@ -118,6 +118,12 @@ def test_run_random_refuses_a_checkpoint_the_disk_cannot_hold(tiny_disk, capsys)
     assert "note:" in capsys.readouterr().err and cache_files() == []
 
 
+def test_convert_refuses_a_store_the_disk_cannot_hold(ckpt, tiny_disk, capsys, tmp_path):
+    assert main(["convert", ckpt, str(tmp_path / "s.store")]) == 2
+    one_error_line(capsys.readouterr().err, "64.00 KiB is free")
+    assert not (tmp_path / "s.store").exists()
+
+
 def test_random_checkpoint_refused_for_bench_too(tiny_disk, tmp_path):
     import torch
 
