@@ -33,6 +33,7 @@ shutdown order is in ``runtime.Handle.disable``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -44,7 +45,7 @@ from .config import StagingConfig
 from .errors import ChecksumError, OffloadError, UnitReadError
 from .io import Reader
 from .staging import Fence, HostBuffer, HostRing, Lease, Slot, wait_fence
-from .store import Store, UnitRecord, check_data
+from .store import Store, UnitRecord, assemble, check_chunks
 from .trace import COMPUTE_TRACK, Tracer
 
 _POLL_S = 0.1  # how often a blocked wait re-checks that the prefetcher is still open
@@ -52,12 +53,13 @@ _ids = itertools.count()
 
 
 class _Task:
-    """One read of part of a unit. ``run`` or ``abandon`` is called exactly once."""
+    """One read of part of a unit: ``length`` bytes at ``offset`` of one of its files into the buffer at
+    ``into``. ``run`` or ``abandon`` is called exactly once."""
 
-    __slots__ = ("load", "offset", "length")
+    __slots__ = ("load", "file", "offset", "into", "length")
 
-    def __init__(self, load: _Load, offset: int, length: int):
-        self.load, self.offset, self.length = load, offset, length
+    def __init__(self, load: _Load, file: str, offset: int, into: int, length: int):
+        self.load, self.file, self.offset, self.into, self.length = load, file, offset, into, length
 
     def run(self) -> None:
         load = self.load
@@ -68,7 +70,7 @@ class _Task:
         try:
             if load.t_start == 0.0:
                 load.t_start = t0
-            load.reader.read(load.handle, load.unit.data_offset + self.offset, load.buffer.view(self.offset, self.length))
+            load.reader.read(load.handles[self.file], self.offset, load.buffer.view(self.into, self.length))
         except BaseException as e:  # noqa: BLE001 - carried to the waiter, re-raised there
             load.task_done(e)
             return
@@ -84,9 +86,10 @@ class _Task:
 class _Load:
     """One unit being read into one buffer. Completes exactly once, error included."""
 
-    def __init__(self, unit: UnitRecord, path: str, buffer: HostBuffer, reader: Reader,
+    def __init__(self, unit: UnitRecord, paths: dict[str, str], buffer: HostBuffer, reader: Reader,
                  on_finish: Callable[[_Load], None], tracer: Tracer | None = None):
-        self.unit, self.path, self.buffer, self.reader = unit, path, buffer, reader
+        self.unit, self.paths, self.buffer, self.reader = unit, paths, buffer, reader
+        self.path = next(iter(paths.values()))  # named in errors (a unit read in place may span shards)
         self.on_finish, self.tracer = on_finish, tracer
         self.bytes_done = 0
         self.done = threading.Event()
@@ -94,17 +97,35 @@ class _Load:
         self.cancelled = False
         self.t_start = 0.0
         self.t_end = 0.0
-        self.handle: Any = None
+        self.handles: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pending = 0
 
+    def open(self) -> None:
+        """Open every file the unit reads (one for a store's unit; the shards it spans, read in place)."""
+        for file, path in self.paths.items():
+            self.handles[file] = self.reader.open(path)
+
     def tasks(self) -> list[_Task]:
-        step = max(self.reader.task_bytes or self.unit.data_bytes, 1)
-        # An empty unit still gets one (empty) task, so the load completes like any other.
-        out = [_Task(self, off, min(step, self.unit.data_bytes - off))
-               for off in range(0, max(self.unit.data_bytes, 1), step)]
+        out = []
+        for e in self.unit.reads:
+            step = max(self.reader.task_bytes or e.length, 1)
+            out += [_Task(self, e.file, e.offset + off, e.into + off, min(step, e.length - off))
+                    for off in range(0, e.length, step)]
+        if not out:  # an empty unit still gets one (empty) task, so the load completes like any other
+            out = [_Task(self, next(iter(self.paths)), 0, 0, 0)]
         self._pending = len(out)
         return out
+
+    def read_views(self) -> list[memoryview]:
+        """The bytes the reads brought in, in order: what a unit's checksum covers."""
+        return [self.buffer.view(e.into, e.length) for e in self.unit.reads]
+
+    def close_files(self) -> None:
+        for h in self.handles.values():
+            with contextlib.suppress(OSError):
+                self.reader.close(h)
+        self.handles = {}
 
     def task_done(self, error: BaseException | None, nbytes: int = 0) -> None:
         with self._lock:
@@ -120,14 +141,14 @@ class _Load:
                                           f"disabled, or the unit was no longer expected)")
         if finished:
             self.t_end = time.perf_counter()
-            if self.handle is not None:
-                try:
-                    self.reader.close(self.handle)
-                except OSError:
-                    pass
-                self.handle = None
-            self.on_finish(self)  # checks the CRC, counts, may re-plan; before waiters wake
-            self.done.set()
+            self.close_files()
+            try:
+                self.on_finish(self)  # checks the CRC, counts, may re-plan; before waiters wake
+            except BaseException as e:  # noqa: BLE001 - e.g. a CUDA error from an event's query() while re-planning
+                if self.error is None:
+                    self.error = e
+            finally:
+                self.done.set()  # whatever happened, the waiter wakes (and raises the error): never a hang
 
     def fail_now(self, error: BaseException) -> None:
         self.error = error
@@ -389,14 +410,17 @@ class Prefetcher:
         victim.reserved_for = None
         return victim, None
 
+    def _new_load(self, unit: UnitRecord, buffer: HostBuffer) -> _Load:
+        paths = {e.file: self.store.path_of(unit, e.file) for e in unit.reads}
+        return _Load(unit, paths, buffer, self.reader, self._finished, self.tracer)
+
     def _start(self, i: int, slot: Slot, urgent: bool) -> None:
-        unit = self.units[i]
-        path = self.store.file_path(unit)
-        load = _Load(unit, path, slot.buffer, self.reader, self._finished, self.tracer)
+        load = self._new_load(self.units[i], slot.buffer)
         slot.unit, slot.load, slot.reserved_for = i, load, None
         try:
-            load.handle = self.reader.open(path)
+            load.open()
         except BaseException as e:  # noqa: BLE001 - surfaces in the forward that needs the unit
+            load.close_files()
             load.fail_now(e)
             return
         self._workers.submit(load.tasks(), urgent=urgent)
@@ -419,9 +443,16 @@ class Prefetcher:
 
     def _finished(self, load: _Load) -> None:
         """A read completed (on a reader thread): verify it once, count it, re-plan if it was cancelled."""
+        if load.error is None and not load.cancelled and load.unit.extents:
+            assemble(load.unit, load.buffer.tensor)  # fused tensors from their pieces (read in place)
         if load.error is None and not load.cancelled and self.verify and load.unit.name not in self._verified:
             t0 = time.perf_counter()
-            ok, detail = check_data(load.unit, load.buffer.view(0, load.unit.data_bytes))
+            unit = self.store.checksum_of(load.unit)
+            if unit.crc32 is None:  # read in place for the first time: this read's checksum is the reference
+                self.store.record_checksum(unit, load.read_views())
+                ok, detail = True, ""
+            else:
+                ok, detail = check_chunks(unit, load.read_views())
             with self._stats_lock:
                 self._stats.verified_units += 1
                 self._stats.verify_seconds += time.perf_counter() - t0
@@ -448,10 +479,11 @@ class Prefetcher:
         loads = []
         for i, buf in buffers.items():
             unit = self.units[i]
-            load = _Load(unit, self.store.file_path(unit), buf, self.reader, self._finished, self.tracer)
+            load = self._new_load(unit, buf)
             try:
-                load.handle = self.reader.open(load.path)
+                load.open()
             except OSError as e:
+                load.close_files()
                 raise UnitReadError(f"reading unit {unit.name} from {load.path} failed: {e}") from e
             self._workers.submit(load.tasks())
             loads.append(load)

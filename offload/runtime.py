@@ -33,7 +33,7 @@ from .plan import (UnitPlan, _numel, find_units, is_accelerate_offloaded, offloa
                    plan_accelerate, plan_plain)
 from .prefetch import Prefetcher
 from .staging import HostBuffer
-from .store import MANIFEST, Store, UnitRecord, check_data, fingerprint, unit_crc
+from .store import MANIFEST, Store, UnitRecord, fingerprint, unit_crc
 from .trace import Tracer
 from .transfer import CpuStager, CudaBackend, CudaStager, Stager
 from ._memory import available_memory, format_bytes, parse_bytes
@@ -177,12 +177,10 @@ class Handle:
         damaged = []
         for h in self.hooks:
             rec = h.record
-            data = torch.empty(rec.data_bytes, dtype=torch.uint8)
-            with open(self.store.file_path(rec), "rb") as f:
-                f.seek(rec.data_offset)
-                f.readinto(memoryview(data.numpy()))
-            if not check_data(rec, memoryview(data.numpy()))[0]:
-                damaged.append(self.store.file_path(rec))
+            try:
+                data = self.store.read_verified(rec)
+            except (ChecksumError, StoreError, OSError):
+                damaged.append(f"{self.store.root} (unit {rec.name})")
                 for b in h.bindings:  # never hand back silently wrong weights: the Parameter stays empty
                     b.owner._parameters[b.attr] = self._restore[id(b)]  # type: ignore[assignment]
                 continue
@@ -529,10 +527,9 @@ def _load_resident_from_store(model: nn.Module, plans: Sequence[UnitPlan], store
         return []
     state: dict[str, torch.Tensor] = {}
     if store.resident is not None:
-        from safetensors.torch import load_file
-        if verify:
-            store.verify_unit(store.resident, evict=False)
-        state = load_file(store.file_path(store.resident))
+        rec = store.resident
+        data = store.read_verified(rec) if verify else store.read_unit(rec)
+        state = {t.name: data[t.offset:t.offset + t.nbytes].view(t.torch_dtype).view(t.shape) for t in rec.tensors}
     missing = [name for name, _ in wanted.values() if name not in state]
     if missing:
         raise OffloadError(
@@ -734,6 +731,12 @@ def _backend_for(device: torch.device) -> Any | None:
     return CudaBackend(device) if device.type == "cuda" else None
 
 
+# Default GPU budget: free GPU memory minus this for activations, the KV cache, attention scores and the
+# allocator. A forward that needs more gives GPU-tier units back (CudaStager: measured after each pass, and
+# on an out-of-memory error inside a unit), so this is a starting point, not a promise.
+GPU_MARGIN_BYTES = 2 << 30
+
+
 def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[UnitRecord], prefetch: int,
                gpu_memory: int | str | None, gpu_tier: int | str | None, backends: dict[torch.device, Any],
                kind: str) -> dict[torch.device, set[int]]:
@@ -756,7 +759,7 @@ def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[Un
                     f"is {format_bytes(there + coming + ring)} (or lower prefetch=)")
             room = total - there - coming
         elif gpu_tier is None:  # free memory, minus what is still to move there and room for activations/KV cache
-            room = backend.free_bytes() - coming - 2 * DEFAULT_MARGIN_BYTES
+            room = backend.free_bytes() - coming - GPU_MARGIN_BYTES
         mp = plan_memory([r.data_bytes for r in records], prefetch, ram_tier=0, gpu_units=idx, gpu_room=room,
                          gpu_tier=parse_bytes(gpu_tier) if gpu_tier is not None else None)
         tiers[dev] = set(mp.gpu_tier)

@@ -77,7 +77,6 @@ import math
 import os
 import statistics
 import time
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -374,21 +373,12 @@ def load_folder_draft(folder: str | os.PathLike[str], target: nn.Module, dtype: 
 
 
 def _read_unit(store: Any, rec: Any) -> torch.Tensor:
-    """One unit's data section, read once, checked against its CRC32, then dropped from the page cache
+    """One unit's bytes, read once, checked against its checksum, then dropped from the page cache
     (a later cold pass must not find it there)."""
-    path = store.file_path(rec)
-    data = torch.empty(rec.data_bytes, dtype=torch.uint8)
-    with open(path, "rb") as f:
-        f.seek(rec.data_offset)
-        got = f.readinto(memoryview(data.numpy())) if rec.data_bytes else 0
-        with contextlib.suppress(OSError, AttributeError):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    if got != rec.data_bytes:
-        raise OffloadError(f"layer file {path} (unit {rec.name}) ended early while building the draft")
-    if zlib.crc32(memoryview(data.numpy())) != rec.crc32:
-        raise OffloadError(f"layer file {path} (unit {rec.name}) fails its checksum while building the draft: "
-                           f"re-run `offload convert`")
-    return data
+    try:
+        return store.read_verified(rec, evict=True)
+    except OffloadError as e:
+        raise OffloadError(f"building the draft: {e}") from e
 
 
 def build_self_draft(model: nn.Module, scheme: str, *, handle: Any = None, group_size: int = INT4_GROUP_SIZE,
@@ -536,6 +526,14 @@ def _own_bytes(draft: nn.Module, target: nn.Module) -> int:
 # the controller: measure costs, choose K, count
 
 
+def _clock(device: torch.device | None) -> float:
+    """``perf_counter`` once the device has finished what was queued: on CUDA the forwards only enqueue
+    kernels, and K chosen from launch times would be chosen from nothing."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class _Controller:
     def __init__(self, mode: str, stats: SpecStats, fixed_k: int | None, k_max: int, stop_len: int):
         self.mode, self.stats, self.fixed_k, self.k_max, self.stop_len = mode, stats, fixed_k, k_max, stop_len
@@ -547,6 +545,7 @@ class _Controller:
         self.verify: list[tuple[int, float]] = []  # (positions, seconds), prefill excluded
         self.prefill_seconds: float | None = None
         self._fw_in_call = 0.0
+        self._device: torch.device | None = None
         self._t0 = 0.0
         self._d0 = 0.0
 
@@ -556,10 +555,11 @@ class _Controller:
         if x is None:
             x = kwargs.get("inputs_embeds")
         self._positions = int(x.shape[1]) if x is not None else 1
-        self._t0 = time.perf_counter()
+        self._device = getattr(x, "device", None)
+        self._t0 = _clock(self._device)
 
     def target_post(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-        dt = time.perf_counter() - self._t0
+        dt = _clock(self._device) - self._t0
         self.stats.target_seconds += dt
         self.stats.target_passes += 1
         if self.prefill_seconds is None:
@@ -570,10 +570,11 @@ class _Controller:
     def draft_pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         x = kwargs.get("input_ids", args[0] if args else None)
         self._dpos = int(x.shape[1]) if x is not None else 1
-        self._d0 = time.perf_counter()
+        self._device = getattr(x, "device", None)
+        self._d0 = _clock(self._device)
 
     def draft_post(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-        dt = time.perf_counter() - self._d0
+        dt = _clock(self._device) - self._d0
         self._fw_in_call += dt
         if self._dpos <= 2:
             self.draft_fw.append(dt)
@@ -589,9 +590,9 @@ class _Controller:
                 return input_ids, None
             self._set_k(gen, self.k)
             self._fw_in_call = 0.0
-            t0 = time.perf_counter()
+            t0 = _clock(input_ids.device)
             out = get(input_ids, *a, **kw)
-            dt = time.perf_counter() - t0
+            dt = _clock(input_ids.device) - t0
             self.stats.draft_seconds += dt
             n = int(out[0].shape[1] - input_ids.shape[1])
             self.draft_calls.append((dt, n, self._fw_in_call))

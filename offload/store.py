@@ -37,6 +37,7 @@ from .errors import ChecksumError, StoreError, StoreMismatchError
 FORMAT = "offload-store"
 VERSION = 1
 MANIFEST = "manifest.json"
+CHECKSUMS = "checksums.json"  # a store read in place: checksums recorded on first reads
 IN_PROGRESS = ".offload-store-in-progress"
 PAGE = 4096
 TENSOR_ALIGN = 256
@@ -71,12 +72,29 @@ class TensorRecord:
     name: str  # relative to the unit, e.g. "self_attention.dense.weight"
     dtype: str  # safetensors dtype name
     shape: tuple[int, ...]
-    offset: int  # into the unit's data section
+    offset: int  # into the unit's data section (its buffer)
     nbytes: int
+    # Set for a tensor assembled from several source tensors (per-expert weights fused into one 3-D
+    # tensor): buffer (offset, nbytes) pieces, copied in order to ``offset`` after the unit's reads.
+    pieces: tuple[tuple[int, int], ...] = ()
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class Extent:
+    """One read of a unit: ``length`` bytes at ``offset`` of ``file`` into the unit's buffer at ``into``.
+
+    A store's own unit is one extent, its data section. A unit read in place from a checkpoint is the
+    byte ranges of its tensors in the source shards, coalesced and widened to the O_DIRECT alignment
+    (``ranges.plan_extents``); ``file`` is then relative to the manifest's ``root`` (the checkpoint).
+    """
+    file: str
+    offset: int
+    length: int
+    into: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,16 +117,26 @@ class UnitRecord:
     file_bytes: int
     data_offset: int
     data_bytes: int
-    crc32: int
+    crc32: int | None  # None: read in place and never read yet (recorded on its first read: CHECKSUMS)
     tensors: tuple[TensorRecord, ...]
     crc32c: int | None = None  # CRC-32C of the data section (hardware-accelerated; checked on first read)
     quantized: tuple[QuantRecord, ...] = ()  # weights stored quantized (manifest "quantization" says how)
+    extents: tuple[Extent, ...] = ()  # read in place: where the bytes are (empty: the data section of file)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["tensors"] = [dict(dataclasses.asdict(t), shape=list(t.shape)) for t in self.tensors]
+        d["tensors"] = [{k: v for k, v in dict(dataclasses.asdict(t), shape=list(t.shape),
+                                                 pieces=[list(p) for p in t.pieces]).items() if v != [] or k == "shape"}
+                        for t in self.tensors]
         d["quantized"] = [dict(dataclasses.asdict(q), shape=list(q.shape)) for q in self.quantized]
+        if not self.extents:
+            del d["extents"]
         return d
+
+    @property
+    def reads(self) -> tuple[Extent, ...]:
+        """What to read, where to: the extents, or the one data section of a store's own file."""
+        return self.extents or (Extent(self.file, self.data_offset, self.data_bytes, 0),)
 
     @property
     def tensor_bytes(self) -> int:
@@ -234,6 +262,15 @@ def check_chunks(unit: UnitRecord, chunks: Iterable[Any]) -> tuple[bool, str]:
     return got == unit.crc32, f"CRC32 {got:08x}, the manifest recorded {unit.crc32:08x}"
 
 
+def assemble(unit: UnitRecord, buf: torch.Tensor) -> None:
+    """Copy the pieces of fused tensors into place, after a unit's reads (``TensorRecord.pieces``)."""
+    for t in unit.tensors:
+        at = t.offset
+        for a, n in t.pieces:
+            buf[at:at + n].copy_(buf[a:a + n])
+            at += n
+
+
 def unit_crc(name: str, specs: Sequence[TensorSpec], fetch: Callable[[str], torch.Tensor]) -> int:
     """The CRC32 ``write_unit_file`` would record for these tensors, without writing anything."""
     records, data_bytes = plan_layout(specs)
@@ -348,13 +385,17 @@ def fingerprint(items: Iterable[Any]) -> str:
 def _parse_unit(d: Any, where: str) -> UnitRecord:
     try:
         tensors = tuple(
-            TensorRecord(str(t["name"]), str(t["dtype"]), tuple(int(x) for x in t["shape"]), int(t["offset"]), int(t["nbytes"]))
+            TensorRecord(str(t["name"]), str(t["dtype"]), tuple(int(x) for x in t["shape"]), int(t["offset"]), int(t["nbytes"]),
+                         tuple((int(a), int(b)) for a, b in t.get("pieces") or ()))
             for t in d["tensors"])
+        extents = tuple(Extent(str(e["file"]), int(e["offset"]), int(e["length"]), int(e["into"]))
+                        for e in d.get("extents") or ())
         rec = UnitRecord(str(d["name"]), str(d["file"]), int(d["file_bytes"]), int(d["data_offset"]),
-                         int(d["data_bytes"]), int(d["crc32"]), tensors,
-                         int(d["crc32c"]) if d.get("crc32c") is not None else None,
+                         int(d["data_bytes"]), int(d["crc32"]) if d.get("crc32") is not None else None,  # type: ignore[arg-type]
+                         tensors, int(d["crc32c"]) if d.get("crc32c") is not None else None,
                          tuple(QuantRecord(str(q["name"]), str(q["dtype"]), tuple(int(x) for x in q["shape"]),
-                                           bool(q.get("transposed", False))) for q in d.get("quantized") or ()))
+                                           bool(q.get("transposed", False))) for q in d.get("quantized") or ()),
+                         extents)
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise StoreError(f"{where}: malformed unit entry ({type(e).__name__}: {e}): re-run `offload convert`") from None
     for t in rec.tensors:
@@ -367,13 +408,24 @@ def _parse_unit(d: Any, where: str) -> UnitRecord:
             n *= s
         if n * t.torch_dtype.itemsize != t.nbytes:
             raise StoreError(f"{where}: unit {rec.name} tensor {t.name}: shape {t.shape} does not match {t.nbytes} bytes")
-        if t.offset + t.nbytes > rec.data_bytes:
+        if t.offset + t.nbytes > rec.data_bytes or any(a < 0 or b < 0 or a + b > rec.data_bytes for a, b in t.pieces):
             raise StoreError(f"{where}: unit {rec.name} tensor {t.name} lies outside the unit's data section")
+        if t.pieces and sum(b for _, b in t.pieces) != t.nbytes:
+            raise StoreError(f"{where}: unit {rec.name} tensor {t.name}: its pieces do not add up to its size")
     names = {t.name for t in rec.tensors}
     for q in rec.quantized:
         if q.dtype not in DTYPES or not any(n.startswith(q.name + ".") for n in names):
             raise StoreError(f"{where}: unit {rec.name}: quantized weight {q.name} has no stored parts or an unknown "
                              f"dtype {q.dtype!r}: re-run `offload convert`")
+    for e in rec.extents:
+        if e.offset < 0 or e.length < 0 or e.into < 0 or e.into + e.length > rec.data_bytes:
+            raise StoreError(f"{where}: unit {rec.name} has an extent outside its buffer: re-run `offload convert`")
+    if rec.extents:
+        if rec.crc32 is None and rec.crc32c is not None:
+            raise StoreError(f"{where}: unit {rec.name} has a CRC-32C without a CRC-32: re-run `offload convert`")
+        return rec
+    if rec.crc32 is None:
+        raise StoreError(f"{where}: unit {rec.name} has no checksum: re-run `offload convert`")
     if rec.data_offset < 8 or rec.data_bytes < 0 or rec.file_bytes != rec.data_offset + rec.data_bytes:
         raise StoreError(f"{where}: unit {rec.name} has inconsistent sizes (file {rec.file_bytes}, "
                          f"data {rec.data_offset}+{rec.data_bytes}): re-run `offload convert`")
@@ -428,6 +480,84 @@ class Store:
         self.units = units
         self.resident = resident
         self.by_name = {u.name: u for u in units}
+        # Checksums of units read in place, recorded on their first full read (the source has none):
+        # name -> (crc32, crc32c). Loaded from CHECKSUMS; new ones are saved by ``save_checksums``.
+        self.recorded: dict[str, tuple[int, int | None]] = {}
+        self._new_checksums = False
+
+    @property
+    def root(self) -> str:
+        """Where extents' files are: the checkpoint folder of a store read in place, else the store itself."""
+        root = self.manifest.get("root")
+        return root if isinstance(root, str) and root else self.path
+
+    def path_of(self, unit: UnitRecord, file: str) -> str:
+        """A file a unit reads, refused if it leaves the store (or, read in place, the checkpoint) folder."""
+        return _safe_path(self.root if unit.extents else self.path, file, unit.name)
+
+    def checksum_of(self, unit: UnitRecord) -> UnitRecord:
+        """``unit`` with the checksum recorded for it (a unit read in place has one after its first read)."""
+        if unit.crc32 is None and unit.name in self.recorded:
+            crc, crcc = self.recorded[unit.name]
+            return dataclasses.replace(unit, crc32=crc, crc32c=crcc)
+        return unit
+
+    def record_checksum(self, unit: UnitRecord, chunks: Sequence[Any]) -> None:
+        """First full read of a unit read in place: its checksum, checked on later first reads."""
+        crc = 0
+        crcc = 0 if _crc32c is not None else None
+        for c in chunks:
+            crc = zlib.crc32(c, crc)
+            if crcc is not None:
+                crcc = crc32c_update(c, crcc)
+        self.recorded[unit.name] = (crc, crcc)
+        self._new_checksums = True
+
+    def save_checksums(self) -> None:
+        """Merge the checksums recorded in this process into CHECKSUMS (atomic; a later process checks them)."""
+        if not self._new_checksums:
+            return
+        path = os.path.join(self.path, CHECKSUMS)
+        try:
+            with open(path) as f:
+                have = {k: tuple(v) for k, v in json.load(f).get("units", {}).items()}
+        except (OSError, ValueError, AttributeError):
+            have = {}
+        have.update(self.recorded)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with contextlib.suppress(OSError):  # a read-only index still runs; it just records nothing
+            with open(tmp, "w") as f:
+                json.dump({"fingerprint": self.source.get("fingerprint"), "units": have}, f)
+            os.replace(tmp, path)
+            self._new_checksums = False
+
+    def _load_checksums(self) -> None:
+        try:
+            with open(os.path.join(self.path, CHECKSUMS)) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return
+        if isinstance(doc, dict) and doc.get("fingerprint") == self.source.get("fingerprint"):
+            with contextlib.suppress(TypeError, ValueError):
+                self.recorded = {str(k): (int(v[0]), int(v[1]) if v[1] is not None else None)
+                                 for k, v in doc.get("units", {}).items()}
+
+    def read_unit(self, unit: UnitRecord) -> torch.Tensor:
+        """A unit's whole buffer, read with plain buffered reads and assembled (enable-time and off-path
+        uses: the resident part, restoring weights on ``disable``, drafts; streaming goes through the
+        prefetcher's readers)."""
+        out = torch.empty(unit.data_bytes, dtype=torch.uint8)
+        buf = memoryview(out.numpy())
+        for e in unit.reads:
+            path = self.path_of(unit, e.file)
+            with open(path, "rb") as f:
+                f.seek(e.offset)
+                got = f.readinto(buf[e.into:e.into + e.length]) if e.length else 0
+            if got != e.length:
+                raise StoreError(f"{path} (unit {unit.name}) ended early: {got} of {e.length} bytes at offset "
+                                 f"{e.offset}: the file changed; re-run `offload convert` (a cached store: --rebuild)")
+        assemble(unit, out)
+        return out
 
     @property
     def source(self) -> dict[str, Any]:
@@ -487,9 +617,11 @@ class Store:
         resident = _parse_unit(manifest["resident"], mpath) if manifest.get("resident") else None
         if not all(isinstance(d, dict) for d in raw_units):
             raise StoreError(f"{mpath}: every unit entry must be an object: re-run `offload convert`")
-        for u in units + ([resident] if resident else []):
-            _safe_path(path, u.file, u.name)
         store = cls(path, manifest, units, resident)
+        for u in units + ([resident] if resident else []):
+            for e in u.reads:
+                store.path_of(u, e.file)
+        store._load_checksums()
         if check_files:
             for u in units + ([resident] if resident else []):
                 store.check_file(u)
@@ -497,6 +629,18 @@ class Store:
 
     def check_file(self, unit: UnitRecord) -> None:
         """Size and header checks: cheap, and they catch truncation, extension and a swapped file."""
+        if unit.extents:  # read in place: the checkpoint's provenance (size, mtime, header hash) is checked
+            for e in unit.extents:  # where the index is made and reused; here, that every read is there
+                path = self.path_of(unit, e.file)
+                try:
+                    size = os.stat(path).st_size
+                except FileNotFoundError:
+                    raise StoreError(f"{path} (unit {unit.name}, read in place) is missing: restore it, or "
+                                     f"rebuild the store (--rebuild)") from None
+                if size < e.offset + e.length:
+                    raise StoreError(f"{path} (unit {unit.name}, read in place) is {size} bytes, shorter than the "
+                                     f"{e.offset + e.length} the store reads: it changed; rebuild the store (--rebuild)")
+            return
         path = _safe_path(self.path, unit.file, unit.name)
         try:
             size = os.stat(path).st_size
@@ -537,6 +681,8 @@ class Store:
     def read_tensor(self, unit: UnitRecord, name: str) -> torch.Tensor:
         """One tensor of a unit, in fresh memory (for a use outside the unit's forward; see hooks.Offloaded)."""
         t = next(t for t in unit.tensors if t.name == name)
+        if unit.extents:  # read in place: the unit's reads hold it (rare, off the hot path)
+            return self.read_unit(unit)[t.offset:t.offset + t.nbytes].clone().view(t.torch_dtype).view(t.shape)
         path = _safe_path(self.path, unit.file, unit.name)
         out = torch.empty(t.nbytes, dtype=torch.uint8)
         with open(path, "rb") as f:
@@ -546,7 +692,37 @@ class Store:
             raise StoreError(f"layer file {path} (unit {unit.name}) ended early reading {name}: re-run `offload convert`")
         return out.view(t.torch_dtype).view(t.shape)
 
+    def read_verified(self, unit: UnitRecord, evict: bool = False) -> torch.Tensor:
+        """``read_unit``, checked against the unit's checksum (recorded now if it is read in place for the
+        first time); ``evict`` drops what it read from the page cache (a later cold pass must not find it)."""
+        data = self.read_unit(unit)
+        unit = self.checksum_of(unit)
+        chunks = [memoryview(data.numpy())[e.into:e.into + e.length] for e in unit.reads]
+        if evict:
+            for e in unit.reads:
+                with contextlib.suppress(OSError, AttributeError):
+                    fd = os.open(self.path_of(unit, e.file), os.O_RDONLY)
+                    os.posix_fadvise(fd, e.offset, e.length, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
+        if unit.crc32 is None:
+            self.record_checksum(unit, chunks)
+            return data
+        ok, detail = check_chunks(unit, chunks)
+        if not ok:
+            where = self.root if unit.extents else self.path_of(unit, unit.file)
+            raise ChecksumError(f"{where}: unit {unit.name} fails its checksum ({detail}): the data is corrupted "
+                                f"or the source changed; re-run `offload convert` (a cached store: --rebuild)")
+        return data
+
     def verify_unit(self, unit: UnitRecord, evict: bool = True) -> None:
+        """Re-read a unit and compare its checksum with the recorded one (``info --verify``, the resident
+        file on ``load``)."""
+        if unit.extents:
+            self.read_verified(unit, evict)
+            return
+        self._verify_file(unit, evict)
+
+    def _verify_file(self, unit: UnitRecord, evict: bool = True) -> None:
         """Re-read the data section and compare its checksum with the manifest's (``check_chunks``).
         ``evict`` drops the file from the page cache afterwards (a check of the whole store should not
         leave it warm; the resident file, loaded right after, keeps its pages)."""
