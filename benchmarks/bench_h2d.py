@@ -26,6 +26,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda", help="cuda or cuda:N")
     ap.add_argument("--json")
+    ap.add_argument("--jsonl", help="append each measured pair to this file as one JSON line, as it is measured")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_h2d: no CUDA device", file=sys.stderr)
@@ -55,7 +56,13 @@ def main() -> int:
         return n / (start.elapsed_time(end) / 1000) / 1e9
 
     staged(), plain()  # warm-up
-    pairs = [(staged(), plain()) for _ in range(a.repeats)]
+    pairs = []
+    for k in range(a.repeats):
+        pairs.append((staged(), plain()))
+        if a.jsonl:  # a run stopped by a time limit keeps the pairs it measured
+            with open(a.jsonl, "a") as f:
+                f.write(json.dumps({"pair": k, "bytes": n, "staged_gbps": pairs[-1][0],
+                                    "pinned_to_gbps": pairs[-1][1]}) + "\n")
     ratio = statistics.median(s / p for s, p in pairs)
     report = {"device": torch.cuda.get_device_name(device), "bytes": n, "staged_gbps": [s for s, _ in pairs],
               "pinned_to_gbps": [p for _, p in pairs], "ratio_median": ratio}

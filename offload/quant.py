@@ -134,6 +134,8 @@ SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 # The int8 chunked path converts this many weights at a time (8 MiB of fp32: measured best of 1/2/4/8 Mi).
 CHUNK_ELEMS = 2 << 20
+# Off the CPU kernels (CUDA, autograd) a quantized linear dequantizes this many bytes of its weight at a time.
+DEQUANT_CHUNK_BYTES = 64 << 20
 # Above this many activation rows the int8 bf16 kernel loses to chunked dequantize + bf16 matmul (measured,
 # 2048 -> 8192: 1.11 vs 2.73 ms at 8 rows, 3.59 vs 2.91 ms at 32, 13.05 vs 6.53 ms at 128).
 INT8_KERNEL_MAX_ROWS = 16
@@ -506,6 +508,44 @@ def _int8_chunked(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.T
     return yt.t().contiguous()
 
 
+def _cpu_kernels(w: QuantizedWeight) -> bool:
+    """Whether the CPU kernels above serve ``w`` (elsewhere: dequantize in row chunks)."""
+    return w.device.type == "cpu"
+
+
+def _rows_dequantized(w: QuantizedWeight, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Output rows ``r0:r1`` of the dense ``[N, K]`` weight, in ``dtype`` (int4: ``r0`` on a packing block)."""
+    q = w.stored()
+    n, k = w._qt_nk
+    if w._qt_scheme == "int8":
+        return q["qweight"][r0:r1].to(dtype) * q["scales"][r0:r1].to(dtype)[:, None]
+    vals = _unpack_int4(q["qweight"].reshape(-1)[r0 * k // 2:r1 * k // 2], r1 - r0, k, w._qt.layout)
+    sz = q["scales_and_zeros"][:, r0:r1].float()  # [G, rows, 2]
+    scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]
+    g = w._qt_group
+    return ((vals.view(r1 - r0, k // g, g).float() - 8) * scale + zero).view(r1 - r0, k).to(dtype)
+
+
+def _linear_dequantized(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None,
+                        chunk_bytes: int | None = None) -> torch.Tensor:
+    """``F.linear`` over the dense weight, built ``DEQUANT_CHUNK_BYTES`` of it at a time: the temporaries of
+    a 70B MLP matrix are one chunk (plus int4's unpacking), not the whole matrix in float."""
+    n, k = w._qt_nk
+    chunk_bytes = DEQUANT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    per_row = k * 4  # int4 unpacks through float32
+    block = 1
+    if w._qt_scheme == "int4":
+        block = _layout_parts(w._qt.layout)[1] if w._qt.layout and w._qt.layout != "unknown" else n
+    rows = max(block, chunk_bytes // max(per_row, 1) // block * block)
+    if rows >= n:
+        return F.linear(x, w.dequantize(x.dtype), bias)
+    ys = []
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        ys.append(F.linear(x, _rows_dequantized(w, r0, r1, x.dtype), None if bias is None else bias[r0:r1]))
+    return torch.cat(ys, -1)
+
+
 def _linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     q = w.stored()
     n, k = w._qt_nk
@@ -514,8 +554,10 @@ def _linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> t
                            f"and {k}x{n})")
     if x.device != w.device:
         raise RuntimeError(f"expected the input on {w.device}, got {x.device}")
-    if (x.requires_grad and torch.is_grad_enabled()) or w.device.type != "cpu" or not x.is_floating_point():
-        return F.linear(x, w.dequantize(x.dtype if x.is_floating_point() else None), bias)  # autograd, CUDA, ...
+    if not x.is_floating_point():
+        return F.linear(x, w.dequantize(), bias)
+    if (x.requires_grad and torch.is_grad_enabled()) or not _cpu_kernels(w):
+        return _linear_dequantized(x, w, bias)  # autograd, CUDA, ...: dequantize a few rows at a time
     x2 = x.reshape(-1, k)
     if w._qt_scheme == "int8":
         qw = q["qweight"]

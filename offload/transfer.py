@@ -26,14 +26,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
+import re
+import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 
+from ._memory import format_bytes, parse_bytes
 from .errors import OffloadError
 from .prefetch import Prefetcher
-from .staging import HostBuffer, Lease
+from .staging import HostBuffer, Lease, Slot
 from .store import UnitRecord
 from .trace import COPY_TRACK, DEVICE_COMPUTE_TRACK, Tracer
 
@@ -70,23 +75,72 @@ class CpuStager:
 # ------------------------------------------------------------------------------ CUDA
 
 
-def register_host_buffer(buf: HostBuffer) -> None:
-    """Page-lock an existing page-aligned buffer in place (no copy, same address for the readers)."""
-    if buf.registered or not torch.cuda.is_available():
+log = logging.getLogger("offload")
+
+# Host memory page-locked for the copy engine, besides the host ring: RAM-tier buffers are registered
+# while the total stays under this fraction of physical memory (locked pages cannot be swapped or
+# reclaimed: registering a whole RAM tier invites the OOM killer and makes enable slow). The rest of
+# the RAM tier is copied from pageable memory (CUDA stages it through its own pinned buffer).
+PIN_FRACTION = 0.25
+_CUDA_ERRORS = {1: "invalid value", 2: "out of memory (locked-memory limit, ulimit -l?)",
+                712: "already registered", 713: "not registered", 801: "operation not supported on this system"}
+
+
+class RegistrationError(OffloadError):
+    """cudaHostRegister refused a buffer; the buffer is still usable, unpinned."""
+
+
+def _error_name(cudart: Any, err: int) -> str:
+    name = _CUDA_ERRORS.get(err)
+    if name is None:
+        with contextlib.suppress(Exception):
+            name = str(cudart.cudaGetErrorString(err))
+    return f"cudaError {err}" + (f": {name}" if name else "")
+
+
+def clear_cuda_error(cudart: Any = None) -> None:
+    """Reset the CUDA runtime's per-thread last error (``cudaGetLastError``). A refused cudaHostRegister
+    leaves its error there, and PyTorch's next kernel-launch check would raise it as its own."""
+    import ctypes
+    if cudart is not None and hasattr(cudart, "cudaGetLastError"):
+        cudart.cudaGetLastError()
         return
-    rc = torch.cuda.cudart().cudaHostRegister(buf.address, buf.nbytes, 1)  # 1: portable (every GPU)
+    major = (torch.version.cuda or "12").split(".")[0]
+    for name in (f"libcudart.so.{major}", "libcudart.so"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).cudaGetLastError()  # the copy already loaded by torch (same soname)
+            return
+
+
+def register_host_buffer(buf: HostBuffer, cudart: Any = None) -> None:
+    """Page-lock an existing page-aligned buffer in place (no copy, same address for the readers).
+
+    A refusal raises ``RegistrationError`` naming CUDA's reason, after clearing CUDA's last error."""
+    if buf.registered or (cudart is None and not torch.cuda.is_available()):
+        return
+    cudart = cudart or torch.cuda.cudart()
+    rc = cudart.cudaHostRegister(buf.address, buf.nbytes, 1)  # 1: portable (every GPU)
     err = int(getattr(rc, "value", rc))
     if err != 0:
-        raise OffloadError(f"cudaHostRegister of a {buf.nbytes}-byte staging buffer failed (cudaError {err}): "
-                           f"the system may limit locked memory (ulimit -l); lower prefetch= or cpu_memory=")
+        clear_cuda_error(cudart)
+        hint = " (raise the locked-memory limit, ulimit -l, or lower prefetch=)" if err == 2 else ""
+        raise RegistrationError(f"cudaHostRegister of a {buf.nbytes}-byte host buffer failed "
+                                f"({_error_name(cudart, err)}){hint}")
     buf.registered = True
-    buf.on_close.append(_unregister)
+    buf.on_close.append(functools.partial(_unregister, cudart=cudart))
 
 
-def _unregister(buf: HostBuffer) -> None:
-    if buf.registered:
-        torch.cuda.cudart().cudaHostUnregister(buf.address)
-        buf.registered = False
+def _unregister(buf: HostBuffer, cudart: Any = None) -> None:
+    if not buf.registered:
+        return
+    buf.registered = False
+    cudart = cudart or torch.cuda.cudart()
+    rc = cudart.cudaHostUnregister(buf.address)
+    err = int(getattr(rc, "value", rc))
+    if err != 0:
+        clear_cuda_error(cudart)
+        log.warning("offload: cudaHostUnregister of a %d-byte host buffer failed (%s)", buf.nbytes,
+                    _error_name(cudart, err))
 
 
 class CudaBackend:
@@ -119,7 +173,21 @@ class CudaBackend:
         register_host_buffer(buf)
 
     def free_bytes(self) -> int:
-        return int(torch.cuda.mem_get_info(self.device)[0])
+        """Memory a new allocation can get: the driver's free memory plus PyTorch's cached, unused blocks."""
+        free = int(torch.cuda.mem_get_info(self.device)[0])
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
+    def allocated(self) -> int:
+        return int(torch.cuda.memory_allocated(self.device))
+
+    def peak(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def release_cached(self) -> None:
+        torch.cuda.empty_cache()
+
+    def capturing(self) -> bool:
+        return bool(torch.cuda.is_current_stream_capturing())
 
 
 @dataclasses.dataclass
@@ -149,8 +217,11 @@ class CudaStager:
         self.copy_stream = backend.stream()
         self.slots = [_DeviceSlot(backend.empty(self.slot_bytes), backend.event(), backend.event()) for _ in range(n)]
         self.resident: dict[int, torch.Tensor] = {}
-        for buf in prefetcher.host_buffers():
-            backend.register(buf)  # DMA straight from the buffers the readers fill
+        self.pinned_bytes = self._register(prefetcher)
+        self._static: int | None = None  # device bytes allocated once the GPU tier is loaded (before any forward)
+        self._done_calls = 0
+        self.gave_back: list[int] = []  # GPU-tier units given back to streaming (out of memory)
+        self._oom_seen = 0  # id() of the out-of-memory error last acted on
         self._started: dict[int, Any] = {}  # unit -> timing event at the start of its forward (tracing)
         if tracer is not None:  # device spans are placed relative to one event synchronised now
             origin = backend.event(timing=True)
@@ -158,23 +229,147 @@ class CudaStager:
             origin.synchronize()
             tracer.set_device_origin(origin, tracer.now())
 
-    def load_gpu_tier(self) -> None:
-        """Read the GPU-tier units from disk once and copy them to the device (enable time, synchronous)."""
-        for i in sorted(self.gpu_resident):
-            n = self.records[i].data_bytes
-            buf = HostBuffer(n)
+    def _register(self, prefetcher: Prefetcher) -> int:
+        """Page-lock the host ring (DMA straight from the buffers the readers fill) and the RAM tier while
+        the total stays under ``PIN_FRACTION`` of physical memory. A refusal is one log line: that buffer
+        is copied from pageable memory. Returns the bytes registered."""
+        import psutil
+        ring, tier = prefetcher.ring.buffers(), list(prefetcher.resident.values())
+        cap = max(sum(b.nbytes for b in ring), int(PIN_FRACTION * psutil.virtual_memory().total))
+        pinned, refused, skipped = 0, [], 0
+        for k, buf in enumerate(ring + tier):
+            if k >= len(ring) and pinned + buf.nbytes > cap:
+                skipped += 1
+                continue
             try:
-                self.prefetcher.read_into({i: buf})
-                t = self.backend.empty(n)
-                self.backend.copy(self.copy_stream, t, buf.tensor[:n])
-                self.copy_stream.synchronize()
+                self.backend.register(buf)
+                pinned += buf.nbytes
+            except RegistrationError as e:
+                refused.append(str(e))
+        if refused:
+            log.warning("offload: %d of %d host buffers stay pageable (copies from them are slower): %s",
+                        len(refused), len(ring) + len(tier) - skipped, refused[0])
+        if skipped:
+            log.info("offload: %d RAM-tier units not page-locked (%.0f%% of RAM is the cap); copied from pageable "
+                     "memory", skipped, 100 * PIN_FRACTION)
+        return pinned
+
+    def load_gpu_tier(self) -> None:
+        """Read the GPU-tier units from disk once and copy them to the device (enable time).
+
+        Two page-locked staging buffers alternate: unit k+1 is read from disk while unit k crosses PCIe
+        (a buffer is reused only after its copy's event), so the fill costs max(disk, PCIe), not the sum."""
+        order = sorted(self.gpu_resident)
+        if order:
+            n_max = max(self.records[i].data_bytes for i in order)
+            bufs = [HostBuffer(n_max) for _ in range(min(2, len(order)))]
+            fences: list[Any] = [None] * len(bufs)
+            try:
+                for buf in bufs:
+                    with contextlib.suppress(RegistrationError):
+                        self.backend.register(buf)
+                for k, i in enumerate(order):
+                    b = k % len(bufs)
+                    if fences[b] is not None:
+                        fences[b].synchronize()  # the copy out of this buffer has finished
+                    n = self.records[i].data_bytes
+                    self.prefetcher.read_into({i: bufs[b]})  # overlaps the copy of the previous unit
+                    t = self.backend.empty(n)
+                    self.backend.copy(self.copy_stream, t, bufs[b].tensor[:n])
+                    fences[b] = self.backend.event()
+                    fences[b].record(self.copy_stream)
+                    self.resident[i] = t
             finally:
-                buf.close()
-            self.resident[i] = t
+                with contextlib.suppress(Exception):
+                    self.copy_stream.synchronize()  # nothing may still read the buffers closed below
+                for buf in bufs:
+                    buf.close()
+        self._static = self.backend.allocated() if hasattr(self.backend, "allocated") else None
+
+    # ------------------------------------------------------------------ memory
+
+    def _watch_memory(self) -> None:
+        """Once per pass: the memory a forward took (its peak above what enable left allocated) must still be
+        free for the next one; when it is not (the KV cache grew, another process allocated), give back
+        GPU-tier units."""
+        self._done_calls += 1
+        if self._static is None or self._done_calls % max(1, len(self.indices)) or not self.resident:
+            return
+        need = max(0, self.backend.peak() - self._static)
+        short = need - self.backend.free_bytes()
+        if short > 0:
+            self._give_back(short, f"a forward needs {format_bytes(need)} and "
+                                   f"{format_bytes(self.backend.free_bytes())} is free")
+
+    def _on_error(self, unit: int) -> None:
+        """An exception is leaving unit ``unit``'s forward: out of memory gives GPU-tier units back, so the
+        call succeeds when repeated."""
+        err = sys.exc_info()[1]
+        if err is None or not self.resident or id(err) == self._oom_seen or not _is_oom(err):
+            return
+        self._oom_seen = id(err)  # once per error: a forward run inside the caller's `except` sees it too
+        m = re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]?i?B)", str(err))
+        tried = parse_bytes(m.group(1).replace(" ", "")) if m else 0
+        # what the failed allocation lacked, with a quarter more; unknown: half the tier
+        want = (max(0, tried - self.backend.free_bytes()) * 5 // 4 if tried
+                else sum(self.records[i].data_bytes for i in self.resident) // 2)
+        self._give_back(max(1, want), f"out of memory in {self.records[unit].name}")
+
+    def _give_back(self, nbytes: int, why: str) -> None:
+        """Move GPU-tier units (the last in order first) to streaming until ``nbytes`` are freed; one log line."""
+        ring = self.prefetcher.ring
+        if self.slots and ring.slots:  # the rings exist: units that fit their slots can stream
+            movable = [i for i in sorted(self.resident, reverse=True)
+                       if self.records[i].data_bytes <= min(self.slot_bytes, ring.slot_bytes)]
+            new_ring = 0
+        else:  # every unit was kept: streaming needs both rings, sized for the largest unit
+            movable = sorted(self.resident, reverse=True)
+            new_ring = (self.prefetcher.config.prefetch + 1) * max(self.records[i].data_bytes for i in movable)
+        freed, moved = 0, []
+        for i in movable:
+            if freed >= nbytes + new_ring:
+                break
+            with self.prefetcher.ring.lock:
+                self.prefetcher.elsewhere.discard(i)
+            self.gpu_resident.discard(i)
+            del self.resident[i]
+            freed += self.records[i].data_bytes
+            moved.append(i)
+        if not moved:
+            log.warning("offload: %s; no GPU-tier unit can be given back (none left, or larger than the slots)", why)
+            return
+        self.gave_back += moved
+        self.backend.release_cached()
+        if new_ring:
+            self._make_rings(max(self.records[i].data_bytes for i in moved))
+        log.warning("offload: %s: gave back %d GPU-tier units (%s) to streaming; the GPU tier is now %d units (%s)",
+                    why, len(moved), format_bytes(freed), len(self.resident),
+                    format_bytes(sum(self.records[i].data_bytes for i in self.resident)))
+
+    def _make_rings(self, size: int) -> None:
+        """The host ring and the device slots, made when units first have to stream (all were kept)."""
+        n = self.prefetcher.config.prefetch + 1
+        ring = self.prefetcher.ring
+        with ring.lock:
+            if not ring.slots:
+                ring.slot_bytes = size
+                ring.slots = [Slot(k, HostBuffer(size)) for k in range(n)]
+                for s in ring.slots:
+                    with contextlib.suppress(RegistrationError):
+                        self.backend.register(s.buffer)
+        if not self.slots:
+            self.slot_bytes = size
+            self.slots = [_DeviceSlot(self.backend.empty(size), self.backend.event(), self.backend.event())
+                          for _ in range(n)]
 
     # ------------------------------------------------------------------ per unit
 
     def stage(self, unit: int) -> torch.Tensor:
+        if self.backend.capturing():
+            raise OffloadError(
+                f"unit {self.records[unit].name} is streamed, and the current CUDA stream is capturing a graph "
+                f"(CUDA graphs, torch.compile(mode='reduce-overhead'), a static-cache generate): a replay would "
+                f"reuse device slots that later copies overwrite. Run streamed models without graph capture")
         if unit in self.resident:
             self.prefetcher.advance(unit)
             return self.resident[unit]
@@ -193,6 +388,8 @@ class CudaStager:
         return slot.tensor[:self.records[unit].data_bytes]
 
     def done(self, unit: int) -> None:
+        self._on_error(unit)
+        self._watch_memory()
         if unit in self.resident:
             return
         slot = self._slot_of(unit)
@@ -268,8 +465,15 @@ class CudaStager:
         return None
 
     def close(self) -> None:
-        """Wait for every copy (host buffers may be freed right after), then drop the device memory."""
+        """Wait for every copy (host buffers may be freed right after) and every forward (kernels may still read
+        the slots), then drop the device memory."""
         if self.slots or self.resident:
             self.copy_stream.synchronize()
+            self.backend.current_stream().synchronize()
         self.slots = []
         self.resident = {}
+
+
+def _is_oom(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(err, oom)) or "out of memory" in str(err).lower()

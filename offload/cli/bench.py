@@ -210,8 +210,10 @@ def _gpu_tier_bytes(handle: Any) -> int:
 def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: list[int], prefetches: list[int],
               new_tokens: int, include: set[str], fio_file: str | None, log: Callable[[str], None], *,
               device: torch.device | None = None, gpu_memory: int | None = None,
-              trace: str | None = None, disk_floor: bool = True) -> dict[str, Any]:
-    """Every row of the report (``device`` None: the CPU). ``trace``: enable(trace=) on one cold row."""
+              trace: str | None = None, disk_floor: bool = True,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every row of the report (``device`` None: the CPU). ``trace``: enable(trace=) on one cold row.
+    ``on_row``: called with each row as soon as it is measured (so a run cut short keeps its rows)."""
     import accelerate
     import transformers as tf
 
@@ -287,6 +289,8 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
                        misses=s.misses, resident_units=s.resident_units, streamed_units=s.streamed_units,
                        prefetch=s.prefetch, reader=s.reader)
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
         log(f"  {name} {cache} bs={bs}: {1e3 * row['s_per_token_median']:.1f} ms/token (median)")
 
     def accelerate_model(map_: dict[str, Any], folder: str | None) -> torch.nn.Module:
@@ -396,7 +400,9 @@ def summarize(report: dict[str, Any]) -> str:
     rows = report["rows"]
     compute = {r["batch_size"]: r["s_per_token_median"] for r in rows if r.get("compute_floor")}
     cuda = str(report.get("device", "cpu")).startswith("cuda")
-    head = f"model {report['model']} ({report['dtype']}) on {report.get('device', 'cpu')}, {report['blocks']} blocks"
+    head = f"model {report['model']} ({report['dtype']}) on {report.get('device', 'cpu')}, {report.get('blocks', '?')} blocks"
+    if report.get("interrupted"):
+        head = f"INTERRUPTED ({report['interrupted']}): the rows measured before it\n" + head
     if report.get("block_bytes"):
         head += f" = {format_bytes(report['block_bytes'])}"
     if report.get("gpu_memory_bytes"):
@@ -513,11 +519,22 @@ def main(a: Any) -> int:
     fio_file = None
     if not a.no_fio and shutil.which("fio"):
         fio_file = os.path.join(workdir, f"offload-fio-{os.getpid()}.bin")
+    measured: list[dict[str, Any]] = []
+    row_log = RowLog(a.jsonl) if a.jsonl else None
+
+    def on_row(row: dict[str, Any]) -> None:
+        measured.append(row)
+        if row_log is not None:
+            row_log.write(row)
     try:
         if fio_file:
             make_test_file(fio_file, FIO_FILE_BYTES)
         report = run_bench(checkpoint, workdir, dtype, a.batch_sizes, a.prefetch, a.new_tokens, set(a.runs),
-                           fio_file, log, **options)
+                           fio_file, log, on_row=on_row, **options)
+    except KeyboardInterrupt:  # a time limit (timeout --signal=INT) or Ctrl-C: keep what was measured
+        log(f"interrupted after {len(measured)} rows: writing them")
+        report = {"rows": measured, "skipped": [], "device": str(dev), "interrupted": "SIGINT",
+                  "gpu_memory_bytes": a.gpu_memory if dev.type == "cuda" else None}
     finally:
         if fio_file:
             with contextlib.suppress(FileNotFoundError):
@@ -539,9 +556,32 @@ def main(a: Any) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
-    if a.plot:
+    if a.plot and report["rows"]:
         plot(report, a.plot)
-    return 0
+    return 130 if report.get("interrupted") else 0
+
+
+class RowLog:
+    """Each row appended as it is measured: one JSON line to ``path``, one markdown line to ``path``.md."""
+
+    COLS = ("run", "cache", "bs", "ms/token min", "ms/token median", "read/token", "peak GPU", "same tokens")
+
+    def __init__(self, path: str):
+        self.path, self.md = path, os.path.splitext(path)[0] + ".md"
+        if not os.path.exists(self.md) or os.path.getsize(self.md) == 0:
+            with open(self.md, "a") as f:
+                f.write("| " + " | ".join(self.COLS) + " |\n|" + "---|" * len(self.COLS) + "\n")
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        cells = [row["run"], row["cache"], str(row["batch_size"]), _ms(row["s_per_token_min"]),
+                 _ms(row["s_per_token_median"]),
+                 format_bytes(row["bytes_per_token"]) if row.get("bytes_per_token") is not None else "",
+                 format_bytes(row["gpu_peak_bytes"]) if row.get("gpu_peak_bytes") is not None else "",
+                 str(row.get("same_tokens", ""))]
+        with open(self.md, "a") as f:
+            f.write("| " + " | ".join(cells) + " |\n")
 
 
 def _versions() -> dict[str, str]:
@@ -583,5 +623,8 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--no-fio", action="store_true",
                    help="skip the disk floor (fio, or without fio bench-disk's best reader on a test file of its own)")
     b.add_argument("--json", type=output_file, metavar="FILE", help="write the report as JSON (its folder must exist)")
+    b.add_argument("--jsonl", type=output_file, metavar="FILE",
+                   help="append each row to FILE as one JSON line as soon as it is measured, and a markdown line to "
+                        "FILE's name with .md (a run stopped by a time limit keeps its rows)")
     b.add_argument("--plot", type=output_file, metavar="FILE", help="draw the table as a PNG chart (needs matplotlib)")
     b.set_defaults(fn=main)

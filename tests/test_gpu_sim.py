@@ -1,0 +1,439 @@
+"""The GPU failures of issue 22, each on the simulated GPU (tests/simgpu.py) and each failing without its fix:
+an early ``free`` event (deferred kernels), out of memory with the default GPU budget (a byte-counting
+allocator), graph capture, a CUDA error on a reader thread, host registration, dequantize temporaries,
+speculative timing, the GPU tier's fill, and ``close`` with kernels still queued. Plus the GPU suite's
+plan (``gpu_suite.sh --plan``) and, with ``OFFLOAD_SUITE_DRY_RUN=1``, its whole dry run on the CPU.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import offload
+import offload.runtime
+import offload.transfer
+from offload.config import StagingConfig
+from offload.io import PythonReader
+from offload.prefetch import Prefetcher
+from offload.staging import HostBuffer
+from offload.transfer import CudaStager
+from simgpu import SimBackend, SimCudart
+from test_staging import no_hang
+
+D = 32
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Sim:
+    """The simulated GPU a test model reports to, and the store's bytes its deferred kernels check against."""
+    backend: SimBackend | None = None
+    expected: dict[str, torch.Tensor] = {}
+    act_per_token = 0  # bytes a block's forward allocates per token (activations)
+    kv_per_pass = 0  # bytes kept per pass, as a growing KV cache
+    kv: list[torch.Tensor] = []
+
+
+class Block(nn.Module):
+    streamed = False  # set by the sim fixture on the model under test (its reference copy stays False)
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = Sim.backend
+        tmp = None
+        if b is not None and self.streamed:
+            tokens = x.numel() // D
+            if Sim.act_per_token:
+                tmp = b.activation(Sim.act_per_token * tokens)  # freed when this forward returns
+            b.read_later(self.name, self.lin.weight.detach(), Sim.expected[self.name])  # the GPU reads it later
+        y = x + torch.tanh(self.lin(x))
+        del tmp
+        return y
+
+
+class Stack(nn.Module):
+    def __init__(self, n: int, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(D, D)
+        self.blocks = nn.ModuleList(Block(f"blocks.{i}") for i in range(n))
+        self.head = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if Sim.backend is not None and Sim.kv_per_pass and self.blocks[0].streamed:
+            Sim.kv.append(Sim.backend.activation(Sim.kv_per_pass))
+        x = self.embed(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+UNIT = 8192  # one block's bytes in the store (weight and bias, each 4 KiB-aligned)
+
+
+@pytest.fixture
+def sim(monkeypatch):
+    """Every unit through CudaStager on one simulated GPU; yields a function that makes it."""
+    made: list[SimBackend] = []
+
+    def make(model: Stack | None = None, **kw) -> SimBackend:
+        b = SimBackend(**kw)
+        made.append(b)
+        Sim.backend = b
+        if model is not None:
+            Sim.expected = {blk.name: blk.lin.weight.detach().clone() for blk in model.blocks}
+            for blk in model.blocks:
+                blk.streamed = True
+        monkeypatch.setattr(offload.runtime, "_backend_for", lambda device: b)
+        return b
+    yield make
+    Sim.backend, Sim.expected, Sim.act_per_token, Sim.kv_per_pass = None, {}, 0, 0
+    Sim.kv = []
+    for b in made:
+        b.close()
+
+
+# ------------------------------------------------------------------------------ the simulator itself
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_deferred_kernels_catch_a_free_event_recorded_too_early(prefetch, tmp_path, sim, monkeypatch, no_thread_leak):
+    """The GPU's kernels read a slot after the host issued them. ``free`` recorded on the compute stream after
+    them: every deferred read sees the store's bytes, and the host runs ahead of the GPU by the ring's slots.
+    Recorded on the copy stream (the mistake the issue names, invisible to host-side kernels): the next copy
+    overwrites the slot under a pending kernel, and the simulator counts wrong reads."""
+    model = Stack(6)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, D)
+    b = sim(model, compute_delay_s=0.004)
+
+    def body(passes=3):
+        with offload.enable(model, prefetch=prefetch, ram_tier=0, gpu_tier=0, store=tmp_path / "s", progress=False):
+            for _ in range(passes):
+                assert torch.equal(run(model, x), run(ref, x))
+            b.compute.synchronize()
+    no_hang(body)
+    assert b.kernels_done == b.kernels_issued == 18 and b.bad_reads == []
+    assert b.max_ahead >= prefetch + 1  # the host ran prefetch+1 units ahead of the GPU's kernels
+
+    def early_done(self, unit):  # the mutation: the slot is "free" as soon as the copy stream says so
+        slot = self._slot_of(unit)
+        if slot is not None and slot.in_use:
+            slot.free.record(self.copy_stream)
+            slot.in_use = False
+    monkeypatch.setattr(CudaStager, "done", early_done)
+    no_hang(body)
+    assert b.bad_reads, "the simulator did not see a slot overwritten under a pending kernel"
+
+
+# ------------------------------------------------------------------------------ 2: out of memory
+
+
+def test_out_of_memory_in_a_forward_gives_gpu_tier_units_back(tmp_path, sim, monkeypatch, caplog, no_thread_leak):
+    """Default GPU budget (free memory minus a margin) with the margin too small for a long prompt: the forward
+    that runs out of memory gives GPU-tier units back (one log line) and the same call then succeeds."""
+    monkeypatch.setattr(offload.runtime, "GPU_MARGIN_BYTES", 4 * UNIT)
+    model = Stack(8)
+    ref = copy.deepcopy(model)
+    b = sim(model, free_bytes=16 * UNIT)  # ~12 units' room after the margin: all 8 kept
+    Sim.act_per_token = 64
+    short, long = torch.randn(4, D), torch.randn(1280, D)  # 256 B vs 10 units of activations per block (8 free)
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
+        stager = h.hooks[0].stager
+        assert len(stager.resident) == 8
+        assert torch.equal(run(model, short), run(ref, short))
+        with caplog.at_level(logging.WARNING, logger="offload"):
+            with pytest.raises(torch.OutOfMemoryError):
+                run(model, long)
+        lines = [r.getMessage() for r in caplog.records if "gave back" in r.getMessage()]
+        assert len(lines) == 1 and "out of memory in blocks." in lines[0], lines
+        assert 0 < len(stager.resident) < 8 and stager.gave_back
+        assert torch.equal(run(model, long), run(ref, long))  # the call again: it fits now
+        assert torch.equal(run(model, short), run(ref, short))
+        b.compute.synchronize()
+    assert b.bad_reads == []
+
+
+def test_a_growing_forward_is_measured_and_units_given_back_before_it_runs_out(tmp_path, sim, monkeypatch, caplog,
+                                                                                no_thread_leak):
+    """What a forward allocates (measured per pass: the peak above what enable left allocated) must stay free:
+    a KV cache growing each pass takes it, and GPU-tier units go back before any allocation fails."""
+    monkeypatch.setattr(offload.runtime, "GPU_MARGIN_BYTES", 3 * UNIT)
+    model = Stack(8)
+    ref = copy.deepcopy(model)
+    b = sim(model, free_bytes=14 * UNIT)
+    Sim.act_per_token, Sim.kv_per_pass = 64, UNIT // 2
+    x = torch.randn(16, D)
+    with caplog.at_level(logging.WARNING, logger="offload"):
+        with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
+            kept = len(h.hooks[0].stager.resident)
+            for _ in range(10):  # 5 units' worth of "KV cache" by the end: never an out-of-memory error
+                assert torch.equal(run(model, x), run(ref, x))
+            assert len(h.hooks[0].stager.resident) < kept
+    assert any("a forward needs" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------ 3: graph capture
+
+
+def test_graph_capture_is_refused_with_a_clear_error(tmp_path, sim, no_thread_leak):
+    model = Stack(3)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, D)
+    b = sim(model)
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=0, store=tmp_path / "s", progress=False) as h:
+        b.capture = True
+        with pytest.raises(offload.OffloadError, match="capturing a graph"):
+            run(model, x)
+        b.capture = False
+        assert torch.equal(run(model, x), run(ref, x)) and h.prefetcher.ring.holders() == 0
+
+
+# ------------------------------------------------------------------------------ 4: a CUDA error on a reader thread
+
+
+class _Gated(PythonReader):
+    def __init__(self, victim: str):
+        super().__init__()
+        self.victim, self.gate, self.entered = victim, threading.Event(), threading.Event()
+
+    def read(self, handle, offset, dest):
+        if getattr(handle, "path", "").endswith(self.victim):
+            self.entered.set()
+            assert self.gate.wait(30)
+        super().read(handle, offset, dest)
+
+
+def test_a_cuda_error_on_a_reader_thread_neither_kills_it_nor_hangs_a_forward(tmp_path):
+    """A CUDA error makes ``Event.query()`` raise. The first to see it is a reader thread re-planning after a
+    cancelled read (``_finished`` -> ``_schedule`` -> a fenced slot's ``query``). Before, the exception left
+    the reader thread's loop: the thread died, and with it every read queued behind (one reader thread
+    here), so the next forward waiting on a read waited forever. Now the error goes on the load, the thread
+    lives, and the forward that queries next raises it."""
+    store = offload.convert(Stack(5), tmp_path / "s", progress=False)
+    reader = _Gated(store.units[1].file)
+    cfg = StagingConfig(prefetch=2, slot_bytes=max(u.data_bytes for u in store.units), streamed_units=5,
+                        io_threads=1)
+    pf = Prefetcher(store, store.units, reader, cfg)
+    b = SimBackend()
+    copy_gate = threading.Event()
+    try:
+        lease = pf.acquire(0)  # slot A = 0; reads of 1 (held at the gate) and 2 queued
+        assert reader.entered.wait(10)
+        s = b.stream()
+        s.enqueue(copy_gate.wait)  # the copy out of unit 0's host buffer has not run
+        fence = b.event()
+        fence.record(s)
+        lease.release(after=fence)
+        out: dict[str, BaseException] = {}
+
+        def forward():  # 0 -> 3: the read of 1 is stale; unit 3 waits for its slot
+            try:
+                pf.acquire(3).release()
+            except BaseException as e:  # noqa: BLE001
+                out["error"] = e
+        t = threading.Thread(target=forward, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 10
+        while not any(sl.reserved_for == 3 for sl in pf.ring.slots) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        b.fail("CUDA error: an illegal memory access was encountered")
+        reader.gate.set()  # the stale read finishes on the reader thread, which re-plans and queries
+        t.join(15)
+        assert not t.is_alive() and "illegal memory access" in str(out.get("error"))
+        assert any(name.startswith("offload-io") for name in b.failed_queries)
+        assert pf._workers.alive(), "the reader thread died of the CUDA error"
+        b.broken = None  # the next forward needs unit 3, whose read was queued behind the failure
+        no_hang(lambda: pf.acquire(3).release(), timeout_s=10)
+    finally:
+        reader.gate.set()
+        copy_gate.set()
+        pf.close()
+        b.close()
+
+
+# ------------------------------------------------------------------------------ 5: host registration
+
+
+def test_only_the_host_ring_is_page_locked_beyond_the_cap(tmp_path, sim, monkeypatch, no_thread_leak):
+    model = Stack(6)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, D)
+    b = sim(model)
+    monkeypatch.setattr(offload.transfer, "PIN_FRACTION", 0.0)  # no room for the RAM tier under the cap
+    with offload.enable(model, prefetch=1, ram_tier=3 * UNIT, gpu_tier=0, store=tmp_path / "s", progress=False) as h:
+        assert len(h.prefetcher.resident) == 3
+        ring = h.prefetcher.ring.buffers()
+        assert b.registered == len(ring) and all(buf.registered for buf in ring)
+        assert not any(buf.registered for buf in h.prefetcher.resident.values())
+        assert torch.equal(run(model, x), run(ref, x))
+
+
+def test_a_refused_registration_is_named_cleared_and_survived(tmp_path, sim, caplog, no_thread_leak):
+    """cudaHostRegister refused (error 801, as under some sandboxes): enable goes on with pageable buffers,
+    one warning names CUDA's reason (not ulimit), and CUDA's last error is cleared (else the next copy
+    raises it)."""
+    model = Stack(4)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, D)
+    b = sim(model, register_error=801)
+    with caplog.at_level(logging.WARNING, logger="offload"):
+        with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=0, store=tmp_path / "s", progress=False):
+            assert b.cudart.last_error == 0
+            for _ in range(2):
+                assert torch.equal(run(model, x), run(ref, x))
+            assert b.pageable_copies > 0
+    msgs = [r.getMessage() for r in caplog.records if "stay pageable" in r.getMessage()]
+    assert len(msgs) == 1 and "801: operation not supported" in msgs[0] and "ulimit" not in msgs[0]
+
+
+def test_a_failed_unregister_is_reported_and_cleared(caplog):
+    cudart = SimCudart(unregister_error=1)
+    buf = HostBuffer(4096)
+    offload.transfer.register_host_buffer(buf, cudart=cudart)
+    assert buf.registered
+    with caplog.at_level(logging.WARNING, logger="offload"):
+        buf.close()
+    assert cudart.last_error == 0 and not buf.registered
+    assert any("cudaHostUnregister" in r.getMessage() and "invalid value" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------ 6: dequantize temporaries
+
+
+class LargestAllocation(TorchDispatchMode):
+    """The largest tensor any operation creates (what a device allocator would have to find at once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_linear_off_the_cpu_kernels_dequantizes_in_chunks(scheme, monkeypatch):
+    """On CUDA a quantized weight is dequantized for ``F.linear``; the dense float weight (1-2 GB for a 70B MLP
+    matrix) must never exist at once: the temporaries stay within ``DEQUANT_CHUNK_BYTES``."""
+    from offload import quant
+    if scheme == "int4" and quant.int4_layout() == "unknown":
+        pytest.skip("no int4 packing on this CPU")
+    torch.manual_seed(0)
+    n, k = 1024, 256
+    w = torch.randn(n, k) / 16
+    try:
+        qw = quant.QuantizedWeight.from_float(w, scheme, 64)
+    except ImportError as e:
+        pytest.skip(f"quantizing needs {e.name}")
+    bias = torch.randn(n)
+    x = torch.randn(3, k)
+    want = F.linear(x, qw.dequantize(), bias)
+    monkeypatch.setattr(quant, "_cpu_kernels", lambda w: False)  # the path every non-CPU device takes
+    monkeypatch.setattr(quant, "DEQUANT_CHUNK_BYTES", 128 << 10)  # 1/8 of this weight in fp32
+    with LargestAllocation() as m:
+        y = F.linear(x, qw, bias)
+    assert torch.allclose(y, want, atol=1e-5)
+    assert m.largest <= 128 << 10, f"a {m.largest}-byte temporary: the weight was dequantized whole"
+
+
+# ------------------------------------------------------------------------------ 7: smaller ones
+
+
+def test_speculative_timing_synchronises_cuda_before_each_clock(monkeypatch):
+    from offload import speculate
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    clock = time.perf_counter
+    monkeypatch.setattr(speculate.time, "perf_counter", lambda: events.append("clock") or clock())
+
+    class OnCuda:  # input ids as seen on a GPU (no CUDA here)
+        shape = (1, 3)
+        device = torch.device("cuda", 0)
+    ctl = speculate._Controller("ngram", speculate.SpecStats("ngram"), None, 8, 64)
+    ctl.target_pre(None, (), {"input_ids": OnCuda()})
+    ctl.target_post(None, (), {}, None)
+    ctl.draft_pre(None, (), {"input_ids": OnCuda()})
+    ctl.draft_post(None, (), {}, None)
+    assert events == ["sync", "clock"] * 4
+
+
+def test_gpu_tier_fills_from_page_locked_buffers_with_disk_and_copies_overlapped(tmp_path, sim, no_thread_leak):
+    model = Stack(6)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, D)
+    b = sim(model, copy_delay_s=0.02)
+    spans: list[tuple[float, float]] = []
+
+    class Slow(PythonReader):
+        def read(self, handle, offset, dest):
+            t0 = time.perf_counter()
+            time.sleep(0.02)
+            super().read(handle, offset, dest)
+            spans.append((t0, time.perf_counter()))
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=6 * UNIT, store=tmp_path / "s", reader=Slow(),
+                        progress=False) as h:
+        assert len(h.hooks[0].stager.resident) == 6
+        assert b.pageable_copies == 0, "the GPU tier was copied from pageable memory"
+        assert any(r0 < c1 and c0 < r1 for r0, r1 in spans for c0, c1 in b.copy_spans), \
+            "no read overlapped a copy: the tier was filled one unit at a time"
+        assert torch.equal(run(model, x), run(ref, x))
+
+
+def test_close_waits_for_the_kernels_still_reading_the_slots(tmp_path, sim, no_thread_leak):
+    model = Stack(4)
+    x = torch.randn(2, D)
+    b = sim(model, compute_delay_s=0.05)
+    h = offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=0, store=tmp_path / "s", progress=False)
+    run(model, x)
+    assert b.compute.pending() > 0  # the GPU is behind
+    h.disable()
+    assert b.compute.pending() == 0, "device slots dropped while kernels still read them"
+    assert b.bad_reads == []
+
+
+# ------------------------------------------------------------------------------ 1: the suite
+
+
+def test_gpu_suite_plan_names_every_part_and_its_limit():
+    out = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_suite.sh"), "--plan", "--device", "cpu",
+                          "--venv", "/tmp/never-made", "--budget", "540"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for part in ("1. install", "2. prepare", "3. tests", "4. h2d", "5. disk", "6. bench"):
+        assert part in out.stdout
+    assert "venv /tmp/never-made: torch==2.9.1" in out.stdout and not os.path.exists("/tmp/never-made")
+
+
+@pytest.mark.skipif(not os.environ.get("OFFLOAD_SUITE_DRY_RUN"), reason="minutes and PyPI: OFFLOAD_SUITE_DRY_RUN=1")
+def test_gpu_suite_dry_run_from_a_fresh_venv(tmp_path):
+    """The exact script, install included, on the CPU into a fresh venv (CPU torch wheel)."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), OFFLOAD_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_suite.sh"), "--device", "cpu", "--model",
+                          "tiny-bloom", "--venv", str(tmp_path / "venv"), "--torch", "torch==2.13.0"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:]
+    assert "all parts passed" in out.stdout
+    rows = (tmp_path / "out" / "bench-rows.jsonl").read_text().splitlines()
+    assert len(rows) >= 3 and (tmp_path / "out" / "bench-rows.md").exists()
