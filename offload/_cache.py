@@ -230,17 +230,24 @@ def damaged_fix(store_path: str) -> str:
     root = os.path.realpath(cache_dir())
     if os.path.dirname(os.path.realpath(store_path)) != os.path.join(root, "stores"):
         return "re-run `offload convert` (or restore the file)"
-    folder = ""
+    folder, flags, kwargs = "", "", ""
     with contextlib.suppress(OSError, ValueError, AttributeError):
         from .store import MANIFEST
         with open(os.path.join(store_path, MANIFEST)) as f:
-            folder = str(json.load(f).get("source", {}).get("path") or "")
+            manifest = json.load(f)
+        folder = str(manifest.get("source", {}).get("path") or "")
+        dtype, q = manifest.get("source", {}).get("dtype"), manifest.get("quantization")
+        if manifest.get("source", {}).get("layout") != "in-place" and dtype:  # a copy: name the one to rebuild
+            flags, kwargs = f" --dtype {dtype}", f", dtype={dtype!r}"
+        if isinstance(q, dict) and q.get("scheme"):
+            flags, kwargs = flags + f" --quantize {q['scheme']}", kwargs + f", quantize={q['scheme']!r}"
     if not folder:
         return f"it is a cached store: remove it (`offload cache clean --all`, or delete {store_path})"
     random = os.path.join(root, "random")
     if os.path.dirname(os.path.realpath(folder)) == random:  # the CLI's --random NAME (folder NAME-DTYPE)
         name = os.path.basename(folder).rsplit("-", 1)[0]
-        cli = f"offload run --random {name} --rebuild"
+        cli = f"offload run --random {name}{flags} --rebuild"
     else:
-        cli = f"offload run {shlex.quote(folder)} --rebuild"
-    return f"it is the cached store of {folder}: rebuild it with `{cli}` (Python: offload.load({folder!r}, rebuild=True))"
+        cli = f"offload run {shlex.quote(folder)}{flags} --rebuild"
+    return (f"it is the cached store of {folder}: rebuild it with `{cli}` (Python: offload.load({folder!r}{kwargs}, "
+            f"rebuild=True))")

@@ -28,7 +28,7 @@ from torch import nn
 
 from ._memory import ensure_free_space
 from .errors import CheckpointError, OffloadError, StoreError
-from .plan import UnitPlan, find_units, plan_plain
+from .plan import UnitPlan, _numel, find_units, plan_plain
 from .store import (IN_PROGRESS, MANIFEST, PAGE, QuantRecord, Store, TensorSpec, UnitRecord, _parse_unit, dtype_name,
                     file_provenance, fingerprint, main_float_dtype, plan_layout, unit_crc, unit_file_name, write_manifest,
                     write_unit_file)
@@ -355,6 +355,115 @@ def _hf_sources(src: str, dtype: torch.dtype | None) -> tuple[list[UnitSource], 
     units.sort(key=lambda u: _natural_key(u.name))
     resident = source(RESIDENT, groups[None]) if None in groups else None
     return units, resident, {"kind": "hf-safetensors", "path": os.path.abspath(src), "files": source_files(src)}
+
+
+def in_place_units(src: str, dtype: torch.dtype) -> tuple[list[UnitRecord], UnitRecord | None] | None:
+    """The units of a safetensors checkpoint read where they are (``ranges``), from the shards' headers
+    only; None when the checkpoint must be copied instead: a dtype other than ``dtype`` (a cast), a
+    dtype offload cannot read, a malformed header, or tensors so scattered that reading a unit in
+    place would read far more than its bytes."""
+    from .ranges import SourceTensor, plan_unit
+    from .store import DTYPES, read_safetensors_header
+    tensors: dict[str, tuple[str, tuple[int, ...], str, int, int]] = {}
+    sizes: dict[str, int] = {}
+    for shard in _shard_files(src):
+        rel = os.path.relpath(shard, src)
+        try:
+            header, start = read_safetensors_header(shard)
+        except StoreError:
+            return None
+        sizes[rel] = os.path.getsize(shard)
+        for k, h in header.items():
+            if k == "__metadata__":
+                continue
+            try:
+                dt, shape, (a, b) = str(h["dtype"]), tuple(int(x) for x in h["shape"]), h["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                return None
+            torch_dt = DTYPES.get(dt)
+            if torch_dt is None or (torch_dt.is_floating_point and torch_dt != dtype) or start + int(b) > sizes[rel]:
+                return None
+            tensors[k] = (dt, shape, rel, start + int(a), int(b) - int(a))
+    wanted = _as_the_model_names_them(src, dtype, tensors)
+    if wanted is None:
+        return None
+    groups: dict[str | None, list[SourceTensor]] = {}
+    for t in wanted:
+        groups.setdefault(None if t.resident else unit_of_key(t.name), []).append(t)
+
+    def unit(name: str, ts: list[SourceTensor]) -> UnitRecord | None:
+        prefix = "" if name == RESIDENT else name + "."
+        return plan_unit(name, [dataclasses.replace(t, name=t.name[len(prefix):])
+                                for t in sorted(ts, key=lambda t: t.pieces[0][:2])], sizes, streamed=name != RESIDENT)
+    units = [unit(n, ks) for n, ks in sorted(((n, ks) for n, ks in groups.items() if n is not None),
+                                             key=lambda nk: _natural_key(nk[0]))]
+    resident = unit(RESIDENT, groups[None]) if None in groups else None
+    if any(u is None for u in units) or (None in groups and resident is None):
+        return None
+    return units, resident  # type: ignore[return-value]
+
+
+def _as_the_model_names_them(src: str, dtype: torch.dtype, tensors: dict[str, tuple[str, tuple[int, ...], str, int, int]]
+                             ) -> list[Any] | None:
+    """The checkpoint's tensors under the names, and in the layout, the model built from ``src`` holds,
+    as Transformers' own loading converts them (``get_model_conversion_mapping``): renames are free, and
+    per-expert tensors stacked into one 3-D tensor (``MergeModulelist(dim=0)``, then gate and up
+    concatenated, ``Concatenate(dim=1)``) become one tensor of pieces, expert by expert. None for a
+    conversion that is not a rearrangement of whole tensors (the checkpoint is then copied)."""
+    from .ranges import SourceTensor
+    from .runtime import build_on_meta
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # an older Transformers converts nothing at load time: names are the model's
+        get_model_conversion_mapping = None
+    if get_model_conversion_mapping is None or not os.path.exists(os.path.join(src, "config.json")):
+        # not a Transformers checkpoint (or no conversions to apply): the names are the model's own
+        return [SourceTensor(k, dt, shape, ((f, o, n),)) for k, (dt, shape, f, o, n) in tensors.items()]
+    model = build_on_meta(src, dtype)
+    meta = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    buffers = {k for k, _ in model.named_buffers()}  # loaded with the resident part, never streamed
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+    out = []
+    fused: dict[str, tuple[Any, dict[str, dict[int, tuple[str, int, int]]], str]] = {}
+    for k, (dt, shape, f, o, n) in tensors.items():
+        target, pattern = rename_source_key(k, renamings, converters, prefix, meta)
+        if pattern is None:
+            out.append(SourceTensor(target, dt, shape, ((f, o, n),), resident=target in buffers))
+            continue
+        conv = next(c for c in converters if pattern in c.source_patterns)
+        ops = [(type(op).__name__, getattr(op, "dim", None)) for op in conv.operations]
+        m = re.search(re.escape(pattern.lstrip("^")).replace(r"\*", r"(\d+)"), k)
+        if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]) or m is None:
+            return None
+        entry = fused.setdefault(target, (conv, {p: {} for p in conv.source_patterns}, dt))
+        entry[1][pattern][int(m.group(1))] = (f, o, n)
+    for target, (conv, by_pattern, dt) in fused.items():
+        experts = sorted(next(iter(by_pattern.values())))
+        if any(sorted(v) != experts for v in by_pattern.values()) or target not in meta:
+            return None
+        pieces = tuple(by_pattern[p][e] for e in experts for p in conv.source_patterns)
+        t = SourceTensor(target, dt, meta[target], pieces)
+        from .store import DTYPES
+        if _numel(meta[target]) * DTYPES[dt].itemsize != t.nbytes:
+            return None
+        out.append(t)
+    return out
+
+
+def write_index(src: str, dst: str, units: Sequence[UnitRecord], resident: UnitRecord | None,
+                dtype: torch.dtype) -> Store:
+    """A store that reads ``src`` in place: a manifest of extents (a few KB per unit), the config and
+    tokenizer files, and later the checksums recorded on first reads. No weight is copied."""
+    os.makedirs(dst, exist_ok=True)
+    source = _with_dtype({"kind": "hf-safetensors", "path": os.path.abspath(src), "files": source_files(src),
+                          "side_files": side_file_provenance(src), "layout": "in-place"}, [], None, dtype)
+    stored = _copy_side_files(dst, side_files(src), None)
+    write_manifest(dst, list(units), source, resident, {"root": os.path.abspath(src), "side_files": stored})
+    return Store.open(dst)
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -698,12 +807,23 @@ def cached_store(folder: str, dtype: torch.dtype | str | None = None, rebuild: b
                     f"{str(want).removeprefix('torch.')} are unchanged"
                     + (f"; refreshed {', '.join(changed)}, changed in the folder)" if changed else ")"))
                 return path
-        say(f"offload: building store {path} from {folder} ({why})")
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
-        if os.path.exists(tmp) and not os.path.exists(os.path.join(tmp, IN_PROGRESS)):
-            shutil.rmtree(tmp)  # a finished build that was never swapped in, or debris: start over
-        convert(folder, tmp, dtype=want, allow_pickle=allow_pickle, quantize=quantize, group_size=group_size,
-                progress=progress)
+        index = in_place_units(folder, want) if kind == "hf-safetensors" and q is None else None
+        if index is not None or (os.path.exists(tmp) and not os.path.exists(os.path.join(tmp, IN_PROGRESS))):
+            shutil.rmtree(tmp, ignore_errors=True)  # a finished build never swapped in, or debris: start over
+        if index is not None:
+            say(f"offload: indexing {folder} to read it in place, no copy: {len(index[0])} units, a few KB ({why})")
+            write_index(folder, tmp, index[0], index[1], want)
+        else:
+            own = checkpoint_dtype(folder)
+            reason = (f"quantized {quantize}" if q is not None else "a pickle checkpoint" if kind == "pickle" else
+                      "an Accelerate offload folder" if kind != "hf-safetensors" else
+                      f"cast from {str(own).removeprefix('torch.')}" if own != want else
+                      "its tensors are too scattered to read in place")
+            say(f"offload: building store {path} from {folder} ({why}): a copy, {reason} (its size is checked "
+                f"against free disk space first)")
+            convert(folder, tmp, dtype=want, allow_pickle=allow_pickle, quantize=quantize, group_size=group_size,
+                    progress=progress)
         old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}")
         if os.path.exists(path):
             os.replace(path, old)

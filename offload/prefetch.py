@@ -456,7 +456,13 @@ class Prefetcher:
             with self._stats_lock:
                 self._stats.verified_units += 1
                 self._stats.verify_seconds += time.perf_counter() - t0
-            if not ok:
+            if not ok and load.unit.extents:  # read in place: the checkpoint itself changed under us
+                files = ", ".join(sorted(load.paths.values()))
+                load.error = ChecksumError(
+                    f"{files}: unit {load.unit.name} is damaged: its bytes differ from its first read ({detail}) "
+                    f"although size, mtime and header did not change. Restore the checkpoint file; if you changed "
+                    f"it on purpose, rebuild the index (`offload run ... --rebuild`, offload.load(..., rebuild=True))")
+            elif not ok:
                 from ._cache import damaged_fix
                 load.error = ChecksumError(f"{load.path}: unit {load.unit.name} is damaged ({detail}): "
                                            f"{damaged_fix(self.store.path)}")

@@ -151,6 +151,7 @@ class Handle:
         for stager in self.stagers:
             step(stager.close)
         step(self.prefetcher.close)
+        step(self.store.save_checksums)  # read in place: what first reads recorded, checked by later runs
         for hook, offload, weights_map in self._accelerate_state:
             hook.offload, hook.weights_map = offload, weights_map
         for module, hook in self._silenced:
@@ -531,6 +532,12 @@ def _load_resident_from_store(model: nn.Module, plans: Sequence[UnitPlan], store
         data = store.read_verified(rec) if verify else store.read_unit(rec)
         state = {t.name: data[t.offset:t.offset + t.nbytes].view(t.torch_dtype).view(t.shape) for t in rec.tensors}
     missing = [name for name, _ in wanted.values() if name not in state]
+    for mname, m in model.named_modules():  # buffers the checkpoint holds (a router's bias) are its values,
+        for attr, b in m._buffers.items():  # not the ones the model was built with
+            name = f"{mname}.{attr}" if mname else attr
+            if (b is not None and b.device.type != "meta" and attr not in m._non_persistent_buffers_set
+                    and name in state and (id(m), attr) not in streamed and id(b) not in wanted):
+                wanted[id(b)] = (name, b)
     if missing:
         raise OffloadError(
             f"{type(model).__name__} has weights on the meta device that store {store.path} does not hold "

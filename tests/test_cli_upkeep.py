@@ -253,21 +253,21 @@ def test_a_crashed_enable_leaves_an_orphaned_store_that_clean_removes(capsys):
 
 def test_damaged_cached_store_says_rebuild_and_info_verify_reports_the_same_checksums(capsys, ckpt):
     from offload.convert import cached_store
-    store = cached_store(ckpt, progress=False)
+    store = cached_store(ckpt, "bf16", progress=False)  # a cast: a copy with unit files of its own
     unit = sorted(f for f in os.listdir(store) if f.startswith("00001."))[0]
     with open(os.path.join(store, unit), "r+b") as f:
         f.seek(-1, os.SEEK_END)
         last = f.read(1)
         f.seek(-1, os.SEEK_END)
         f.write(bytes([last[0] ^ 0xFF]))
-    assert main(["run", ckpt, "--max-new-tokens", "2", "--cpu-memory", "1MiB", "-q"]) == 2
+    assert main(["run", ckpt, "--dtype", "bf16", "--max-new-tokens", "2", "--cpu-memory", "1MiB", "-q"]) == 2
     run_err = one_error_line(capsys.readouterr().err.strip().splitlines()[-1], unit, "--rebuild")  # after its notes
-    assert "offload convert" not in run_err and f"offload run {ckpt} --rebuild" in run_err
+    assert "offload convert" not in run_err and f"offload run {ckpt} --dtype bfloat16 --rebuild" in run_err
     assert main(["info", store, "--verify", "-q"]) == 2
     info_err = one_error_line(capsys.readouterr().err, unit, "--rebuild")
     crc = re.compile(r"(CRC[-0-9A-Z]*) ([0-9a-f]{8}), the manifest recorded ([0-9a-f]{8})")
     assert crc.search(run_err) and crc.search(run_err).groups() == crc.search(info_err).groups()
-    assert main(["run", ckpt, "--max-new-tokens", "2", "--rebuild", "-q"]) == 0  # what the message says works
+    assert main(["run", ckpt, "--dtype", "bf16", "--max-new-tokens", "2", "--rebuild", "-q"]) == 0  # as the message says
 
 
 def test_plan_of_a_quantized_store_does_not_call_it_bf16(capsys):

@@ -193,7 +193,7 @@ def test_two_builders_of_one_cached_store_take_turns(tmp_path, monkeypatch):
     that exists (before: both wrote the same .partial folder; one failed, or returned a deleted path)."""
     conv = sys.modules["offload.convert"]
     folder = _tiny_folder(tmp_path)
-    real, calls = conv.convert, []
+    real, calls = conv.write_index, []
     in_build, go, second_waits = threading.Event(), threading.Event(), threading.Event()
 
     def gated_convert(*args, **kwargs):
@@ -204,7 +204,7 @@ def test_two_builders_of_one_cached_store_take_turns(tmp_path, monkeypatch):
         else:
             second_waits.set()  # without the lock, the second loader builds too
         return real(*args, **kwargs)
-    monkeypatch.setattr(conv, "convert", gated_convert)
+    monkeypatch.setattr(conv, "write_index", gated_convert)  # the folder is indexed in place (no copy)
     out: dict = {}
 
     def build(k):

@@ -1,0 +1,160 @@
+"""Issue 21: a checkpoint folder is read where it is, through an index of byte ranges, not copied.
+
+Every model here is compared bit for bit with ``from_pretrained`` of the same folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+import transformers as tf
+
+import offload
+from conftest import make_model
+
+conv = sys.modules["offload.convert"]  # the module (offload.convert is the function)
+
+
+def moe_config(arch: str):
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=96, max_position_embeddings=128)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, head_dim=16)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(**common, num_experts=8, num_experts_per_tok=2)
+    if arch == "deepseek_v3":
+        return tf.DeepseekV3Config(**common, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                                   n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1)
+    if arch == "llama":
+        return tf.LlamaConfig(**common)
+    raise ValueError(arch)
+
+
+def save(arch: str, folder, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    model = make_model(arch, seed) if arch in ("bloom", "opt", "gptneox") else \
+        tf.AutoModelForCausalLM.from_config(moe_config(arch)).eval()
+    model.save_pretrained(folder, **kwargs)
+    return tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def folder_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+IDS = torch.tensor([[1, 5, 9, 30, 7, 100]])
+
+
+@pytest.mark.parametrize("arch", ["bloom", "opt", "gptneox", "llama", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3"])
+def test_a_folder_is_read_in_place_exactly(arch, tmp_path, capfd, no_thread_leak):
+    """Renamed keys (GPT-NeoX's embed_out) and per-expert tensors fused into 3-D ones (MoE) included; the
+    cache holds an index, not a copy."""
+    ref = save(arch, tmp_path / arch)
+    cache = os.path.join(os.environ["OFFLOAD_CACHE"], "stores")
+    model, h = offload.load(tmp_path / arch, ram_tier=0)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+            assert torch.equal(model.generate(IDS, max_new_tokens=6, do_sample=False),
+                               ref.generate(IDS, max_new_tokens=6, do_sample=False))
+    finally:
+        h.disable()
+    assert "to read it in place, no copy" in capfd.readouterr().err
+    weights = sum(os.path.getsize(p) for p in (tmp_path / arch).glob("*.safetensors"))
+    side = sum(os.path.getsize(p) for p in (tmp_path / arch).glob("*.json"))
+    assert folder_bytes(cache) - side <= 0.01 * weights + 16_384, "the cache holds more than an index"
+
+
+def test_a_sharded_checkpoint_with_a_block_across_two_shards(tmp_path, no_thread_leak):
+    ref = save("bloom", tmp_path / "b", max_shard_size="300KB")
+    shards = list((tmp_path / "b").glob("*.safetensors"))
+    assert len(shards) > 2
+    model, h = offload.load(tmp_path / "b", ram_tier=0, progress=False)
+    try:
+        assert any(len({e.file for e in u.extents}) == 2 for u in h.store.units), "no block spans two shards"
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+    finally:
+        h.disable()
+
+
+def test_unaligned_tensors_and_an_odd_length_u8_tensor_read_exactly(tmp_path):
+    """Ranges at offsets not aligned to 4 KiB, a unit across two shards, a 4097-byte U8 tensor and a
+    shard whose end is not page aligned: every tensor read through the prefetcher equals safetensors'."""
+    from safetensors.torch import load_file, save_file
+
+    from offload.config import StagingConfig
+    from offload.io import PythonReader
+    from offload.prefetch import Prefetcher
+    torch.manual_seed(0)
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    a = {"blocks.0.w": torch.randn(33, 7), "blocks.0.u8": torch.randint(0, 255, (4097,), dtype=torch.uint8),
+         "blocks.1.w": torch.randn(1000, 3), "head": torch.randn(5)}
+    b = {"blocks.1.b": torch.randn(3), "blocks.2.w": torch.randn(50, 50), "blocks.2.u8": torch.arange(7, dtype=torch.uint8)}
+    save_file(a, src / "model-00001-of-00002.safetensors")
+    save_file(b, src / "model-00002-of-00002.safetensors")
+    units, resident = conv.in_place_units(str(src), torch.float32)
+    store = conv.write_index(str(src), str(tmp_path / "idx"), units, resident, torch.float32)
+    assert any(e.offset % 4096 == 0 and e.length % 4096 for u in store.units for e in u.extents), "no partial tail"
+    truth = {**load_file(src / "model-00001-of-00002.safetensors"), **load_file(src / "model-00002-of-00002.safetensors")}
+    cfg = StagingConfig(prefetch=1, slot_bytes=max(u.data_bytes for u in store.units), streamed_units=len(store.units))
+    for reader in (PythonReader(), offload.io.get_reader()):
+        pf = Prefetcher(store, store.units, reader, cfg, verify=True)
+        try:
+            for i, u in enumerate(store.units):
+                lease = pf.acquire(i)
+                for t in u.tensors:
+                    got = lease.tensor[t.offset:t.offset + t.nbytes].view(t.torch_dtype).view(t.shape)
+                    assert torch.equal(got, truth[f"{u.name}.{t.name}"]), (u.name, t.name)
+                lease.release()
+        finally:
+            pf.close()
+    assert len(store.recorded) == len(store.units)  # first reads recorded their checksums
+
+
+def test_a_changed_shard_rebuilds_the_index_and_a_damaged_byte_is_a_named_error(tmp_path, capfd, no_thread_leak):
+    save("bloom", tmp_path / "b", seed=0)
+    model, h = offload.load(tmp_path / "b", ram_tier=0, progress=True)
+    with torch.no_grad():
+        model(IDS)  # first reads record each unit's checksum
+    h.disable()
+    shard = tmp_path / "b" / "model.safetensors"
+    # a changed file (new mtime): the index is rebuilt, and the new weights are what runs
+    ref = save("bloom", tmp_path / "b", seed=1)
+    model, h = offload.load(tmp_path / "b", ram_tier=0, progress=True)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, ref(IDS).logits)
+    h.disable()
+    assert "source files changed: model.safetensors" in capfd.readouterr().err
+    # a damaged byte that keeps size and mtime: the checksum recorded on the first read catches it
+    st = os.stat(shard)
+    unit = h.store.units[2]
+    with open(shard, "r+b") as f:
+        f.seek(unit.extents[0].offset + unit.extents[0].length // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x55]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    model, h = offload.load(tmp_path / "b", ram_tier=0, progress=False)
+    try:
+        with pytest.raises(offload.ChecksumError, match=rf"model.safetensors: unit {unit.name} is damaged: its bytes differ from its first read"):
+            with torch.no_grad():
+                model(IDS)
+    finally:
+        h.disable()
+
+
+def test_a_cast_is_a_copy_and_says_so(tmp_path, capfd, no_thread_leak):
+    ref = save("bloom", tmp_path / "b")
+    model, h = offload.load(tmp_path / "b", ram_tier=0, dtype="bf16")
+    h.disable()
+    err = capfd.readouterr().err
+    assert "a copy, cast from float32" in err and "no copy" not in err
+    del ref
