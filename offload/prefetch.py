@@ -500,6 +500,30 @@ class Prefetcher:
             if progress:
                 progress(load.unit.data_bytes)
 
+    def read_now(self, units: Sequence[UnitRecord], buffer: HostBuffer) -> None:
+        """Read small units (routed experts) into their places in ``buffer`` and wait: ahead of queued
+        prefetches, since a forward is waiting for them. A failure is raised here, naming the unit."""
+        self._check_open()
+        loads = []
+        for unit in units:
+            load = self._new_load(unit, buffer)
+            try:
+                load.open()
+            except OSError as e:
+                load.close_files()
+                load.fail_now(e)
+            else:
+                self._workers.submit(load.tasks(), urgent=True)
+            loads.append(load)
+        t0 = time.perf_counter()
+        for load in loads:
+            self._wait(load, f"unit {load.unit.name}")
+        with self._stats_lock:
+            self._stats.wait_seconds += time.perf_counter() - t0
+        for load in loads:
+            if load.error is not None:
+                _raise_failed(load)
+
     def load_resident(self, progress: Callable[[int], None] | None = None) -> None:
         """Read every RAM-tier unit once, in parallel, on the same reader threads."""
         self.read_into(self.resident, progress)

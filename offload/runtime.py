@@ -26,6 +26,7 @@ from torch import nn
 from .config import StagingConfig, cache_dir
 from .convert import module_policy, quantization_of, quantize_sources, sources_from_plans, write_store
 from .errors import ChecksumError, OffloadError, StoreError, StoreMismatchError
+from .experts import ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager, carve, experts_modules
 from .hooks import Binding, Offloaded, QuantBinding, UnitHook
 from .io import Reader, get_reader
 from .budget import min_room, plan_memory
@@ -65,6 +66,10 @@ class Stats:
     prefetch: int
     reader: str
     store: str
+    expert_hits: int = 0  # routed experts found in the expert cache (mixture-of-experts models)
+    expert_misses: int = 0  # routed experts read from disk
+    expert_bytes_read: int = 0  # of bytes_read, the routed experts' bytes
+    expert_cache_bytes: int = 0  # experts held now
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,6 +91,7 @@ class Handle:
         self._restore = restore
         self._pinned = pinned or []
         self.tracer, self.trace_path = tracer, trace_path
+        self.experts: Any = None  # the expert cache, when routed experts are read on routing
         self._root_hook = model.register_forward_pre_hook(self._root_pre)
         self._lock = threading.Lock()
         self.closed = False
@@ -105,14 +111,19 @@ class Handle:
             hits=s.hits if s else 0, misses=s.misses if s else 0, resident_hits=s.resident_hits if s else 0,
             units_in_flight=s.units_in_flight if s else 0, verified_units=s.verified_units if s else 0,
             verify_seconds=s.verify_seconds if s else 0.0,
-            streamed_units=len(self.hooks) - len(resident) - len(self.prefetcher.elsewhere),
+            streamed_units=len(self.prefetcher.units) - len(resident) - len(self.prefetcher.elsewhere),
             resident_units=len(resident), ring_bytes=self.prefetcher.config.ring_bytes if not self.closed else 0,
             resident_bytes=sum(b.nbytes for b in resident.values()),
-            prefetch=self.prefetcher.depth, reader=self.prefetcher.reader.name, store=self.store.path)
+            prefetch=self.prefetcher.depth, reader=self.prefetcher.reader.name, store=self.store.path,
+            **({"expert_hits": self.experts.hits, "expert_misses": self.experts.misses,
+                "expert_bytes_read": self.experts.bytes_read, "expert_cache_bytes": self.experts.used}
+               if self.experts is not None else {}))
 
     def reset_stats(self) -> None:
         if not self.closed:
             self.prefetcher.reset_stats()
+            if self.experts is not None:
+                self.experts.hits = self.experts.misses = self.experts.bytes_read = 0
 
     def write_trace(self, path: str | os.PathLike[str] | None = None) -> str:
         """Write the trace recorded so far (``enable(trace=...)``) as Chrome trace JSON; returns the path."""
@@ -303,7 +314,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
            ram_tier: int | str | None = None, gpu_memory: int | str | None = None,
            gpu_tier: int | str | None = None, units: Sequence[str] | None = None, reader: str | Reader | None = None, io_threads: int = 8,
            verify: bool = True, trace: str | os.PathLike[str] | None = None, quantize: str | None = None,
-           group_size: int | None = None, progress: bool = True) -> Handle:
+           group_size: int | None = None, progress: bool = True, routed_experts: bool = True) -> Handle:
     """Stream a model's blocks from disk, prefetching the next ``prefetch`` blocks while one computes.
 
     Args:
@@ -338,6 +349,9 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         quantize: ``"int8"`` or ``"int4"``: stream the units' linear weights quantized (``group_size``
             for int4: 32, 64 or 128; default 64). The store must hold that quantization (a new store
             is written so); a store of another kind is refused. ``offload.load`` takes it from the store.
+        routed_experts: in a mixture-of-experts block, read only the experts its router picks, into an
+            expert cache within ``cpu_memory`` (what the RAM tier and the ring leave); ``False`` streams
+            whole blocks, every expert included.
 
     Returns:
         A :class:`Handle` (``stats()``, ``disable()``, context manager).
@@ -403,6 +417,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
     stagers: dict[torch.device, Stager] = {}
     restore: dict[int, torch.Tensor] = {}
     hooks: list[UnitHook] = []
+    estager: ExpertsStager | None = None
     tracer = Tracer() if trace is not None else None
     try:  # until the point of no return, a failure undoes everything it did (the model is as it was)
         if os.path.exists(os.path.join(store, MANIFEST)):
@@ -420,6 +435,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         loaded = _load_resident_from_store(model, plans, st, devices[0], verify) if kind == "module" else []
         _pin_shared(plans_all, pinned)
         records = [st.by_name[p.name] for p in plans]
+        plans, records, groups = _carve_experts(st, plans, records, routed_experts, quantization, devices)
 
         # GPU tier (per device with a copy engine): units kept on the device, read from disk once.
         backends = {dev: _backend_for(dev) for dev in devices}
@@ -427,8 +443,9 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         elsewhere = set().union(*tiers.values()) if tiers else set()
         # RAM tier: a fixed set of units read once. The streamed weights about to be freed count as free.
         sizes = [r.data_bytes for r in records]
-        room, tier_size = _ram_room(model, plans, kind, prefetch, [sizes[i] for i in range(len(sizes))
-                                                                    if i not in elsewhere], total_budget, tier_budget)
+        streaming = plans + [UnitPlan(g.name, g.module, g.tensors, devices[0]) for g in groups]  # not resident
+        room, tier_size = _ram_room(model, streaming, kind, prefetch, [sizes[i] for i in range(len(sizes))
+                                                                       if i not in elsewhere], total_budget, tier_budget)
         mp = plan_memory(sizes, prefetch, ram_room=room, ram_tier=tier_size, on_gpu=frozenset(elsewhere))
         slots, slot_bytes = mp.host_ring
         config = StagingConfig(prefetch, slot_bytes, len(mp.streamed), io_threads)
@@ -449,8 +466,15 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         for i, (p, rec) in enumerate(zip(plans, records)):
             bindings = _bindings(p, rec, restore, st)
             hooks.append(UnitHook(i, p.module, rec, bindings, stagers[p.device], tracer))
+        if groups:  # what the RAM tier and the ring leave holds read experts
+            left = (tier_size - mp.bytes_of(mp.ram_tier) if tier_size is not None else
+                    room - mp.bytes_of(mp.ram_tier) - config.ring_bytes if room is not None else 0)
+            estager = ExpertsStager(prefetcher, groups, ExpertCache(max(0, left)))
+            for k, g in enumerate(groups):
+                gplan = UnitPlan(g.name, g.module, g.tensors, devices[0])
+                hooks.append(ExpertsHook(k, g, _bindings(gplan, g.table, restore, st), estager))
     except BaseException:
-        for stager in stagers.values():
+        for stager in list(stagers.values()) + ([estager] if estager is not None else []):
             with contextlib.suppress(Exception):
                 stager.close()
         if prefetcher is not None:
@@ -469,8 +493,10 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         accelerate_state.append((hk, hk.offload, hk.weights_map))
         hk.offload, hk.weights_map = False, None
     silenced = _silence_inner_accelerate_hooks(plans) if accelerate else []
-    handle = Handle(model, st, prefetcher, hooks, plans, kind, temp_store, list(stagers.values()), accelerate_state,
+    handle = Handle(model, st, prefetcher, hooks, plans, kind, temp_store,
+                    list(stagers.values()) + ([estager] if estager is not None else []), accelerate_state,
                     restore, silenced, pinned, tracer, os.fspath(trace) if trace is not None else None)
+    handle.experts = estager.cache if estager is not None else None
     if kind == "module" and any(d.type == "cuda" for d in devices):
         try:
             _move_resident(model, devices[0])  # everything not streamed computes where the units do
@@ -484,6 +510,31 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
              format_bytes(sum(b.nbytes for b in resident.values())), len(elsewhere),
              len(records) - len(resident) - len(elsewhere), config.ring_slots, format_bytes(config.slot_bytes), rd.name)
     return handle
+
+
+def _carve_experts(store: Store, plans: list[UnitPlan], records: list[UnitRecord], routed: bool,
+                   quantization: dict[str, Any] | None, devices: Sequence[torch.device]
+                   ) -> tuple[list[UnitPlan], list[UnitRecord], list[ExpertsGroup]]:
+    """Blocks with routed experts stream without them; each experts module reads what it is routed
+    (``experts.py``). Where that cannot serve yet, whole blocks stream, and one log line says why."""
+    if not routed:
+        return plans, records, []
+    found = [p for p in plans if experts_modules(p.module)]
+    if not found:
+        return plans, records, []
+    why = ("the units are quantized" if quantization else
+           "the units compute on CUDA" if any(d.type != "cpu" for d in devices) else None)
+    if why is not None:
+        log.info("offload: reading whole blocks, every expert included (%s: routed experts are read on the CPU "
+                 "path of unquantized models for now)", why)
+        return plans, records, []
+    out_plans, out_records, groups = [], [], []
+    for p, r in zip(plans, records):
+        p2, r2, gs = carve(store, p, r)
+        out_plans.append(p2)
+        out_records.append(r2)
+        groups += gs
+    return out_plans, out_records, groups
 
 
 def _ram_room(model: nn.Module, plans: Sequence[UnitPlan], kind: str, prefetch: int, host_sizes: Sequence[int],

@@ -495,10 +495,18 @@ class Store:
         """A file a unit reads, refused if it leaves the store (or, read in place, the checkpoint) folder."""
         return _safe_path(self.root if unit.extents else self.path, file, unit.name)
 
+    @staticmethod
+    def _checksum_key(unit: UnitRecord) -> str:
+        """What a recorded checksum belongs to: the unit's name *and* the bytes it reads (a block read
+        without its routed experts is another read than the whole block, under the same name)."""
+        where = hashlib.sha256(json.dumps([dataclasses.astuple(e) for e in unit.reads]).encode()).hexdigest()[:16]
+        return f"{unit.name}@{where}"
+
     def checksum_of(self, unit: UnitRecord) -> UnitRecord:
         """``unit`` with the checksum recorded for it (a unit read in place has one after its first read)."""
-        if unit.crc32 is None and unit.name in self.recorded:
-            crc, crcc = self.recorded[unit.name]
+        key = self._checksum_key(unit)
+        if unit.crc32 is None and key in self.recorded:
+            crc, crcc = self.recorded[key]
             return dataclasses.replace(unit, crc32=crc, crc32c=crcc)
         return unit
 
@@ -510,7 +518,7 @@ class Store:
             crc = zlib.crc32(c, crc)
             if crcc is not None:
                 crcc = crc32c_update(c, crcc)
-        self.recorded[unit.name] = (crc, crcc)
+        self.recorded[self._checksum_key(unit)] = (crc, crcc)
         self._new_checksums = True
 
     def save_checksums(self) -> None:

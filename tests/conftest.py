@@ -35,6 +35,32 @@ def make_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+def moe_config(arch: str, layers: int = 3, hidden: int = 64):
+    """Tiny mixture-of-experts configs (and Llama beside them) as Transformers 5 builds them."""
+    import transformers as tf
+    common = dict(vocab_size=256, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=hidden * 3 // 2, max_position_embeddings=128)
+    small = hidden // 2
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, moe_intermediate_size=small, num_experts=16, num_experts_per_tok=2,
+                                 head_dim=hidden // 4)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(**common, num_experts=16, num_experts_per_tok=2)
+    if arch == "deepseek_v3":
+        return tf.DeepseekV3Config(**common, moe_intermediate_size=small, n_routed_experts=16, num_experts_per_tok=2,
+                                   n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+                                   qk_rope_head_dim=hidden // 8, qk_nope_head_dim=hidden // 8, v_head_dim=hidden // 4,
+                                   n_group=2, topk_group=1)
+    if arch == "gpt_oss":
+        return tf.GptOssConfig(**common, num_local_experts=8, num_experts_per_tok=2, head_dim=hidden // 4,
+                               layer_types=["full_attention"] * layers)
+    if arch == "llama":
+        return tf.LlamaConfig(**common)
+    raise ValueError(arch)
+
+
 def block_device_map(model, disk_blocks) -> dict[str, str]:
     """Every module on "cpu" except the named blocks, which go to "disk"."""
     from offload.plan import disk_device_map

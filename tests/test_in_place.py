@@ -4,7 +4,6 @@ Every model here is compared bit for bit with ``from_pretrained`` of the same fo
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -13,27 +12,9 @@ import torch
 import transformers as tf
 
 import offload
-from conftest import make_model
+from conftest import make_model, moe_config
 
 conv = sys.modules["offload.convert"]  # the module (offload.convert is the function)
-
-
-def moe_config(arch: str):
-    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=96, max_position_embeddings=128)
-    if arch == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**common, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, head_dim=16)
-    if arch == "mixtral":
-        return tf.MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2)
-    if arch == "olmoe":
-        return tf.OlmoeConfig(**common, num_experts=8, num_experts_per_tok=2)
-    if arch == "deepseek_v3":
-        return tf.DeepseekV3Config(**common, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-                                   n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
-                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1)
-    if arch == "llama":
-        return tf.LlamaConfig(**common)
-    raise ValueError(arch)
 
 
 def save(arch: str, folder, seed: int = 0, **kwargs):

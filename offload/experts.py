@@ -1,0 +1,247 @@
+"""Routed experts: read only the experts a mixture-of-experts layer's router picks.
+
+A Transformers 5 experts module holds every expert's weights as 3-D tensors (``gate_up_proj``
+[E, 2I, H], ``down_proj`` [E, H, I], GPT-OSS's biases [E, ...]) and receives the router's choice
+before it computes: ``experts(hidden_states, top_k_index, top_k_weights)``. Its forward only indexes
+the experts in ``top_k_index``. So, generically (no per-architecture code):
+
+* the block's unit streams without the experts' tensors (``carve``: the unit's extents recomputed for
+  what is left, ``ranges.plan_extents``);
+* each experts module gets a *table*: one zero-filled anonymous mapping holding its tensors at full
+  shape, of which only the experts read so far are backed by memory. Expert ``e`` of a tensor is the
+  contiguous slice ``[e]``, so its bytes are one range of the store's unit file, or the pieces of the
+  checkpoint's per-expert tensors (read in place), read straight into that slice;
+* a forward pre-hook reads the routed experts that are not in the table (all at once, on the
+  prefetcher's reader threads, ahead of queued prefetches), then binds the tables; the experts the
+  forward does not route to are never read, and it never reads them (their pages stay unbacked);
+* ``ExpertCache`` keeps read experts within a byte budget, least recently used evicted first (pages
+  given back with ``MADV_DONTNEED``); with a budget of 0 a forward's experts are dropped after it.
+
+Each expert is read through the prefetcher as a small unit of its own (``UnitRecord`` with extents),
+so its checksum is recorded on the first read and checked on later ones, and its bytes count in
+``stats().bytes_read``. Prefill reads each routed expert once per forward whatever the prompt length.
+A module this cannot serve (quantized units, CUDA devices for now) streams with its block, with one
+log line saying why.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._fileio import PAGE
+from .hooks import Binding, UnitHook
+from .plan import StreamedTensor, UnitPlan
+from .ranges import SourceTensor, plan_unit
+from .staging import HostBuffer
+from .store import Extent, Store, TensorRecord, UnitRecord
+
+log = logging.getLogger("offload")
+
+
+def _up(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+def experts_modules(block: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    """``(name in the block, module, number of experts)`` of every routed experts module in ``block``:
+    a module with ``num_experts``, a forward taking the router's indices right after the hidden states,
+    and parameters that all lead with the expert dimension."""
+    out = []
+    for name, m in block.named_modules():
+        e = getattr(m, "num_experts", None)
+        params = list(m.named_parameters(recurse=False))
+        if not isinstance(e, int) or e < 2 or not params or any(p.dim() < 2 or p.shape[0] != e for _, p in params):
+            continue
+        try:
+            names = list(inspect.signature(m.forward).parameters)
+        except (TypeError, ValueError):
+            continue
+        if len(names) >= 2 and ("index" in names[1] or "indices" in names[1]):
+            out.append((name, m, e))
+    return out
+
+
+def _file_ranges(unit: UnitRecord, t: TensorRecord, lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """The file ranges of bytes ``[lo, hi)`` of tensor ``t`` of ``unit`` (through its pieces and extents)."""
+    out = []
+    pos = 0
+    for at, n in t.pieces or ((t.offset, t.nbytes),):
+        a, b = max(lo, pos), min(hi, pos + n)
+        buf, left = at + a - pos, b - a
+        while left > 0:  # a tensor may run on from one read into the next (a shard's partial last page)
+            e = next(e for e in unit.reads if e.into <= buf < e.into + e.length)
+            k = min(left, e.into + e.length - buf)
+            out.append((e.file, e.offset + buf - e.into, k))
+            buf, left = buf + k, left - k
+        pos += n
+    return out
+
+
+@dataclasses.dataclass
+class ExpertsGroup:
+    """One experts module: its table, the record of all its experts (a stray use reads them all) and
+    one record per expert (what a routed read reads)."""
+    name: str
+    module: nn.Module
+    count: int
+    tensors: list[StreamedTensor]
+    table: UnitRecord  # tensors at their table offsets; extents: every expert (disable's restore, stray uses)
+    experts: list[UnitRecord]  # expert e's slices of every tensor, read into the table
+    slices: list[tuple[int, int]]  # per tensor: (table offset, bytes of one expert)
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(n for _, n in self.slices)
+
+
+def carve(store: Store, plan: UnitPlan, rec: UnitRecord) -> tuple[UnitPlan, UnitRecord, list[ExpertsGroup]]:
+    """Split a block into what streams as a unit and its experts modules, read on routing."""
+    found = experts_modules(plan.module)
+    if not found or rec.quantized:
+        return plan, rec, []
+    by_name = {t.name: t for t in rec.tensors}
+    owners = {id(m): (name, m, e) for name, m, e in found}
+    groups: dict[int, list[StreamedTensor]] = collections.defaultdict(list)
+    rest: list[StreamedTensor] = []
+    for t in plan.tensors:
+        (groups[id(t.owner)] if id(t.owner) in owners and t.is_param else rest).append(t)
+    sizes = {e.file: os.path.getsize(store.path_of(rec, e.file)) for e in rec.reads}
+    out: list[ExpertsGroup] = []
+    for key, tensors in groups.items():
+        name, module, count = owners[key]
+        layout, at, per_expert = [], 0, []
+        for t in tensors:
+            r = by_name[t.rel]
+            layout.append(TensorRecord(r.name, r.dtype, r.shape, at, r.nbytes))
+            per_expert.append((at, r.nbytes // count))
+            at = _up(at + r.nbytes)
+        experts = []
+        for e in range(count):
+            reads = []
+            for t, (offset, n) in zip(tensors, per_expert):
+                into = offset + e * n
+                for f, o, k in _file_ranges(rec, by_name[t.rel], e * n, (e + 1) * n):
+                    reads.append(Extent(f, o, k, into))
+                    into += k
+            experts.append(UnitRecord(f"{plan.name}.{name}[{e}]", reads[0].file, 0, 0, at, None, (), None, (),
+                                      tuple(reads)))  # type: ignore[arg-type]
+        table = UnitRecord(f"{plan.name}.{name}", experts[0].file, 0, 0, at, None, tuple(layout), None, (),
+                           tuple(x for ex in experts for x in ex.extents))  # type: ignore[arg-type]
+        out.append(ExpertsGroup(f"{plan.name}.{name}", module, count, tensors, table, experts, per_expert))
+    left = {t.rel for t in rest}
+    kept = [SourceTensor(r.name, r.dtype, r.shape, tuple(_file_ranges(rec, r, 0, r.nbytes)))
+            for r in rec.tensors if r.name in left]
+    dense = plan_unit(rec.name, kept, sizes, streamed=False)
+    assert dense is not None
+    return dataclasses.replace(plan, tensors=rest), dense, out
+
+
+class ExpertCache:
+    """Which experts are in the tables, within ``budget`` bytes; the least recently used go first.
+
+    Experts a forward is using are pinned until its ``done``. Eviction gives the pages back
+    (``MADV_DONTNEED`` on the whole pages of each slice), so resident memory follows the budget.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.lru: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()  # (group, e) -> bytes
+        self.used = 0
+        self.hits = self.misses = 0
+        self.bytes_read = 0
+        self.lock = threading.Lock()
+
+    def evict(self, tables: dict[int, ExpertsTable], pinned: set[tuple[int, int]]) -> None:
+        with self.lock:
+            for key in [k for k in self.lru if k not in pinned]:
+                if self.used <= self.budget:
+                    break
+                self.used -= self.lru.pop(key)
+                tables[key[0]].drop(key[1])
+
+
+class ExpertsTable:
+    """The table of one experts module and which experts it holds."""
+
+    def __init__(self, group: ExpertsGroup):
+        self.group = group
+        self.buffer = HostBuffer(group.table.data_bytes, huge=False)
+        self.present: set[int] = set()
+
+    def drop(self, e: int) -> None:
+        self.present.discard(e)
+        mm = self.buffer._mm
+        if mm is None:
+            return
+        for offset, n in self.group.slices:  # whole pages inside the slice only (neighbours share the edges)
+            a, b = _up(offset + e * n), (offset + (e + 1) * n) // PAGE * PAGE
+            if b > a:
+                mm.madvise(mmap.MADV_DONTNEED, self.buffer._pad + a, b - a)
+
+
+class ExpertsStager:
+    """``stage``/``done`` for experts modules, like a unit's stager: the routed experts read, the table bound."""
+
+    def __init__(self, prefetcher: Any, groups: Sequence[ExpertsGroup], cache: ExpertCache):
+        self.prefetcher, self.cache = prefetcher, cache
+        self.tables = {k: ExpertsTable(g) for k, g in enumerate(groups)}
+        self.pinned: set[tuple[int, int]] = set()
+
+    def want(self, k: int, experts: Sequence[int]) -> None:
+        table = self.tables[k]
+        missing = [e for e in experts if e not in table.present]
+        with self.cache.lock:
+            for e in experts:
+                self.pinned.add((k, e))
+                if e in table.present:
+                    self.cache.hits += 1
+                    self.cache.lru.move_to_end((k, e))
+            self.cache.misses += len(missing)
+        if missing:
+            self.prefetcher.read_now([table.group.experts[e] for e in missing], table.buffer)
+            with self.cache.lock:
+                for e in missing:
+                    table.present.add(e)
+                    self.cache.lru[(k, e)] = table.group.expert_bytes
+                    self.cache.used += table.group.expert_bytes
+                    self.cache.bytes_read += table.group.expert_bytes
+
+    def stage(self, k: int) -> torch.Tensor:
+        return self.tables[k].buffer.tensor
+
+    def done(self, k: int) -> None:
+        self.pinned = {p for p in self.pinned if p[0] != k}
+        self.cache.evict(self.tables, self.pinned)
+
+    def close(self) -> None:
+        for t in self.tables.values():
+            t.buffer.close()
+
+
+class ExpertsHook(UnitHook):
+    """A unit hook for an experts module: before binding, read the experts this forward routes to."""
+
+    def __init__(self, index: int, group: ExpertsGroup, bindings: list[Binding], stager: ExpertsStager):
+        super().__init__(index, group.module, group.table, bindings, stager)
+        self.group = group
+
+    def register(self) -> None:
+        self.handles = [self.module.register_forward_pre_hook(self.pre_routed, with_kwargs=True),
+                        self.module.register_forward_hook(self.post, always_call=True)]
+
+    def pre_routed(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if not self.depth:
+            index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
+            routed = [int(e) for e in torch.unique(index).tolist() if 0 <= int(e) < self.group.count]
+            self.stager.want(self.index, routed)  # type: ignore[attr-defined]
+        self.pre(module, args)

@@ -1,0 +1,124 @@
+"""Issue 20: a mixture-of-experts block reads only the experts its router picks.
+
+Exactness is against the model in memory (``from_pretrained`` of the same folder, or the module
+itself); the routing is counted by a hook of the test's own on the experts modules.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import transformers as tf
+
+import offload
+from conftest import moe_config
+from offload.experts import experts_modules
+
+IDS = torch.tensor([[3, 17, 42, 9, 120, 77, 5, 61]])
+
+
+ARCHS = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"] + (["gpt_oss"] if hasattr(tf, "GptOssConfig") else [])
+
+
+def make(arch: str, folder=None, seed: int = 0):
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(moe_config(arch, layers=6, hidden=128)).eval()
+    if folder is None:
+        return model
+    model.save_pretrained(folder)
+    return tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def count_routing(model) -> tuple[list, list]:
+    """Per experts forward: (its module, the distinct experts routed); the hook is the test's own."""
+    seen: list = []
+    handles = []
+    for m in model.modules():
+        if any(name == "" for name, _, _ in experts_modules(m)):
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args: seen.append((mod, sorted({int(x) for x in args[1].flatten().tolist()
+                                                            if 0 <= int(x) < mod.num_experts})))))
+    return seen, handles
+
+
+def expert_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() // module.num_experts for p in module.parameters(recurse=False))
+
+
+def dense_bytes(model) -> int:
+    """Bytes of the blocks without their routed experts' tensors."""
+    blocks = model.model.layers
+    experts = {id(p) for b in blocks for _, m, _ in experts_modules(b) for p in m.parameters(recurse=False)}
+    return sum(p.numel() * p.element_size() for b in blocks for p in b.parameters() if id(p) not in experts)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_routed_experts_from_a_folder_are_exact_and_read_only_what_is_routed(arch, tmp_path, no_thread_leak):
+    ref = make(arch, tmp_path / arch)
+    model, h = offload.load(tmp_path / arch, prefetch=1, ram_tier=0, progress=False)
+    try:
+        assert h.experts is not None, "the experts modules were not found"
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+            assert torch.equal(model.generate(IDS, max_new_tokens=6, do_sample=False),
+                               ref.generate(IDS, max_new_tokens=6, do_sample=False))
+            # one decode step (a new token after the prompt), every block streamed, no expert cached
+            cache = tf.DynamicCache(config=model.config)
+            out = model(IDS, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            h.prefetcher.wait_idle()
+            h.reset_stats()
+            seen, hooks = count_routing(model)
+            model(nxt, past_key_values=cache, use_cache=True)
+            h.prefetcher.wait_idle()
+            for x in hooks:
+                x.remove()
+        routed = sum(len(experts) * expert_bytes(m) for m, experts in seen)
+        stats = h.stats()
+        assert seen and stats.expert_bytes_read == routed  # exactly the routed experts, each once
+        assert stats.bytes_read <= 1.2 * (dense_bytes(model) + routed), (stats.bytes_read, dense_bytes(model), routed)
+    finally:
+        h.disable()
+
+
+def test_in_memory_enable_is_exact_and_the_cache_serves_repeats(tmp_path, no_thread_leak):
+    model = make("qwen3_moe")
+    ref = copy.deepcopy(model)
+    with offload.enable(model, prefetch=1, cpu_memory="64MiB", store=tmp_path / "s", progress=False) as h:
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+            first = h.stats()
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+        again = h.stats()
+        assert first.expert_misses > 0 and again.expert_misses == first.expert_misses  # all from the cache
+        assert again.expert_hits > first.expert_hits and again.expert_cache_bytes > 0
+    for (name, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(p, q), f"{name} changed after disable()"
+
+
+def test_prefill_reads_each_routed_expert_once(tmp_path, no_thread_leak):
+    model = make("olmoe")
+    ids = torch.randint(0, 256, (2, 40))
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
+        seen, hooks = count_routing(model)
+        with torch.no_grad():
+            model(ids)
+        h.prefetcher.wait_idle()
+        assert h.stats().expert_misses == sum(len(e) for _, e in seen)
+
+
+def test_whole_blocks_when_asked_or_when_routed_reads_cannot_serve(tmp_path, caplog, no_thread_leak):
+    model = make("mixtral")
+    ref = copy.deepcopy(model)
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False,
+                        routed_experts=False) as h:
+        assert h.experts is None
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+    pytest.importorskip("torchao")
+    with caplog.at_level(logging.INFO, logger="offload"):
+        with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "q", progress=False, quantize="int8") as h:
+            assert h.experts is None
+    assert any("reading whole blocks" in r.message for r in caplog.records)
