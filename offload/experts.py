@@ -245,3 +245,30 @@ class ExpertsHook(UnitHook):
             routed = [int(e) for e in torch.unique(index).tolist() if 0 <= int(e) < self.group.count]
             self.stager.want(self.index, routed)  # type: ignore[attr-defined]
         self.pre(module, args)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedPlan:
+    """A model's experts as a plan sees them, from its meta model (no data): per unit, the bytes of all its
+    experts; per token, how many experts of each layer a token routes to."""
+    unit_expert_bytes: list[int]  # per unit (store order): the bytes of its experts modules' tensors
+    expert_bytes: list[int]  # per unit: the bytes of one expert (0: no experts)
+    top_k: int  # experts a token routes to per layer (the config's num_experts_per_tok)
+
+    def routed_per_token(self) -> int:
+        """Upper bound of the expert bytes one decode token reads with no expert cached."""
+        return sum(self.top_k * b for b in self.expert_bytes)
+
+
+def routed_plan(model: nn.Module, unit_names: Sequence[str]) -> RoutedPlan | None:
+    """``RoutedPlan`` of a model built on meta, or None when it has no routed experts."""
+    modules = dict(model.named_modules())
+    whole, one = [], []
+    for name in unit_names:
+        found = experts_modules(modules[name]) if name in modules else []
+        whole.append(sum(p.numel() * p.element_size() for _, m, _ in found for p in m.parameters(recurse=False)))
+        one.append(sum(p.numel() * p.element_size() // e for _, m, e in found for p in m.parameters(recurse=False)))
+    k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    if not any(whole) or not isinstance(k, int):
+        return None
+    return RoutedPlan(whole, one, k)

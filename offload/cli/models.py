@@ -27,7 +27,23 @@ RANDOM_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "t0pp": ("t5", dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                         feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)),
     "tiny-bloom": ("bloom", dict(vocab_size=1024, hidden_size=64, n_layer=4, n_head=4)),
+    # Mixtures of experts (per token a layer reads num_experts_per_tok of its experts; offload reads only those)
+    "qwen3-30b-a3b": ("qwen3_moe", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                                        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                                        max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=False)),
+    "mixtral-8x7b": ("mixtral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                                     num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6,
+                                     tie_word_embeddings=False)),
+    "olmoe-1b-7b": ("olmoe", dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                                  num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+                                  max_position_embeddings=4096, tie_word_embeddings=False)),
+    "tiny-qwen3-moe": ("qwen3_moe", dict(vocab_size=1024, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         num_experts=16, num_experts_per_tok=2, tie_word_embeddings=False)),
 }
+_LAYERS = {"bloom": "n_layer", "gptj": "n_layer", "t5": "num_layers"}  # else num_hidden_layers
 # The CLI's dtype names; the store's manifest records the torch name ("bfloat16").
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_TAGS = {v: k for k, v in DTYPES.items()}
@@ -38,22 +54,42 @@ def dtype_tag(dtype: torch.dtype) -> str:
     return DTYPE_TAGS.get(dtype, str(dtype).removeprefix("torch."))
 
 
+def _split(text: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME:LAYERS`` (the first LAYERS blocks only, so a big model's shapes fit a small disk)."""
+    name, _, layers = text.partition(":")
+    if name not in RANDOM_MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(RANDOM_MODELS)} (NAME:LAYERS keeps the "
+                         f"first LAYERS blocks, e.g. qwen3-30b-a3b:4)")
+    if not layers:
+        return name, None
+    if not layers.isdigit() or int(layers) < 1:
+        raise ValueError(f"{text!r}: after ':' give how many blocks to keep, e.g. {name}:4")
+    return name, int(layers)
+
+
 def random_name(text: str) -> str:
-    """``--random NAME``, checked as it is parsed (an argparse type)."""
-    if text not in RANDOM_MODELS:
+    """``--random NAME`` or ``NAME:LAYERS``, checked as it is parsed (an argparse type)."""
+    try:
+        _split(text)
+    except ValueError as e:
         import argparse
-        raise argparse.ArgumentTypeError(f"unknown model {text!r}: choose one of {', '.join(RANDOM_MODELS)}")
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
 def config_for(name: str) -> Any:
     """The transformers config of a ``--random`` model."""
     import transformers as tf
-    if name not in RANDOM_MODELS:
-        raise ValueError(f"unknown --random model {name!r}: choose one of {', '.join(RANDOM_MODELS)}")
-    family, kw = RANDOM_MODELS[name]
+    base, layers = _split(name)
+    family, kw = RANDOM_MODELS[base]
     cls = {"bloom": tf.BloomConfig, "opt": tf.OPTConfig, "gpt_neox": tf.GPTNeoXConfig, "gptj": tf.GPTJConfig,
-           "t5": tf.T5Config}[family]
+           "t5": tf.T5Config, "qwen3_moe": tf.Qwen3MoeConfig, "mixtral": tf.MixtralConfig,
+           "olmoe": tf.OlmoeConfig}[family]
+    if layers is not None:
+        key = _LAYERS.get(family, "num_hidden_layers")
+        kw = dict(kw, **{key: min(layers, kw[key])})
+        if family == "t5":
+            kw["num_decoder_layers"] = kw[key]
     return cls(**kw)
 
 

@@ -208,8 +208,9 @@ def check_budget(t: Target, cpu_memory: int | None, prefetch: int, device: str =
     where the resident weights are. Below the part that cannot be left out (resident + ring + draft),
     nothing can run: say the minimum."""
     from ..budget import min_room
-    ring = min_room(t.unit_bytes, prefetch)  # what enable requires, from the same function
-    slots = f"{min(prefetch + 1, len(t.unit_bytes))} x the largest unit {format_bytes(max(t.unit_bytes, default=0))}"
+    sizes, _ = unit_sizes(t, device)
+    ring = min_room(sizes, prefetch)  # what enable requires, from the same function
+    slots = f"{min(prefetch + 1, len(sizes))} x the largest unit {format_bytes(max(sizes, default=0))}"
     more = ", or a smaller --prefetch" if prefetch > 1 else ""
     with_draft = f" + the --speculate draft {format_bytes(draft)}" if draft else ""
     on_gpu = device != "cpu"
@@ -253,6 +254,7 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
     from ..budget import plan_memory
     sizes = t.unit_bytes
     on_gpu = device != "cpu"
+    sizes, experts = unit_sizes(t, device)
     gpu_room = None
     if on_gpu:
         gpu_room = max(0, (gpu_memory if gpu_memory is not None else _free_gpu(device)) - t.resident_bytes - draft)
@@ -272,6 +274,9 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
     rows += [("RAM tier (read once)", "RAM", sum(sizes[i] for i in ram_tier), len(ram_tier)),
              ("streamed from disk, per token", "disk", sum(sizes[i] for i in streamed), len(streamed)),
              (f"host staging ring (prefetch {prefetch} + 1)", "RAM", ring, slots)]
+    if experts is not None:
+        rows.append((f"routed experts, per token ({experts.top_k} a layer)", "disk", experts.routed_per_token(),
+                     sum(1 for b in experts.expert_bytes if b)))
     if speculate:
         label = {"int4": "int4 self-draft (shares resident)", "int8": "int8 self-draft (shares resident)",
                  "ngram": "ngram draft (prompt lookup)"}.get(speculate, "draft model (--speculate FOLDER)")
@@ -283,7 +288,7 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
               else "default budget: free memory - 1 GiB")
     held = (f"{t.quant} weights (the blocks' linear layers; the rest {dtype_tag(t.dtype)})" if t.quant
             else f"{dtype_tag(t.dtype)} weights")
-    line = (f"{held} {format_bytes(t.resident_bytes + sum(sizes))} in {len(sizes)} units; "
+    line = (f"{held} {format_bytes(t.resident_bytes + sum(t.unit_bytes))} in {len(sizes)} units; "
             f"RAM for weights {format_bytes(ram)} ({budget})")
     if on_gpu:
         gpu = sum(c for a, b, c, d in rows if b == "GPU")
@@ -291,7 +296,36 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
                  + (f"--gpu-memory {format_bytes(gpu_memory)}" if gpu_memory is not None else
                     "default: free GPU memory - 2 GiB") + ")")
     out.append(line)
+    if experts is not None:
+        whole = sum(t.unit_bytes[i] for i in streamed) + sum(experts.unit_expert_bytes[i] for i in ram_tier)
+        cache = max(0, ram_room(cpu_memory, host_resident) - sum(sizes[i] for i in ram_tier) - ring)
+        out.append(f"mixture of experts: a token reads at most {format_bytes(experts.routed_per_token())} of experts "
+                   f"(less when the expert cache, up to {format_bytes(cache)}, holds them) beside the blocks' other "
+                   f"{format_bytes(sum(sizes[i] for i in streamed))}; streaming whole blocks would read "
+                   f"{format_bytes(whole)} per token")
     return "\n".join(out)
+
+
+def unit_sizes(t: Target, device: str) -> tuple[list[int], Any]:
+    """The bytes each unit streams, and the routed-experts plan: a mixture-of-experts block streams without
+    its experts (read on routing) where ``enable`` does that (the CPU, unquantized), else whole."""
+    experts = _routed(t) if device == "cpu" and not t.quant else None
+    if experts is None:
+        return t.unit_bytes, None
+    return [b - e for b, e in zip(t.unit_bytes, experts.unit_expert_bytes)], experts
+
+
+def _routed(t: Target) -> Any:
+    """The routed-experts plan of the target (None for a model without experts)."""
+    import transformers as tf
+
+    from ..experts import routed_plan
+    from ..plan import find_units
+    config = config_for(t.label) if t.kind == "random" else tf.AutoConfig.from_pretrained(t.path)
+    model = meta_model(config, t.dtype)
+    names = [n for n, _ in find_units(model)]
+    plan = routed_plan(model, names)
+    return plan if plan is not None and len(names) == len(t.unit_bytes) else None
 
 
 def _free_gpu(device: str) -> int:
