@@ -15,6 +15,8 @@ Layout (what writes each entry):
   ``OWNER_FILE`` in it names the process (pid and start time, so a reused pid is not taken for it):
   *temporary* while that process runs, *orphaned* once it is gone (a crash skipped ``disable()``).
 * ``random/<name>-<dtype>``: the CLI's random-weight checkpoints (``.partial`` while written).
+  These and ``enable()``'s model stores are written without a lock: an unfinished one counts as
+  *building* while it was written to in the last ``RECENT_S``, then as *partial*.
 * ``stores/<store>.lock``: the build lock of ``<store>`` (``convert._build_lock``), shown as part of its
   store or build, and as *lock* once neither is left. Never removed, ``--all`` included: removing a lock
   file another process is about to take would let two builds run at once (and it is empty).
@@ -34,6 +36,9 @@ OWNER_FILE = ".offload-owner.json"
 # A temporary store whose owner file is missing (offload before the file existed, or a process killed
 # between creating the folder and writing the file) counts as orphaned once it is this old.
 UNOWNED_GRACE_S = 3600.0
+# Writes that take no lock (the CLI's --random checkpoints, enable()'s store of an Accelerate model)
+# count as in progress ("building") while anything in them changed this recently.
+RECENT_S = 600.0
 
 CLEANED = ("stale", "partial", "orphaned")  # what ``clean`` removes without --all
 KEPT = ("building", "temporary", "lock")  # never removed, --all included
@@ -113,6 +118,25 @@ def tree_bytes(path: str) -> int:
     return total
 
 
+def written_within(path: str, seconds: float) -> bool:
+    """Whether ``path`` or a file directly in it was modified in the last ``seconds``."""
+    newest = os.lstat(path).st_mtime
+    with contextlib.suppress(OSError):
+        with os.scandir(path) as it:
+            for e in it:
+                newest = max(newest, e.stat(follow_symlinks=False).st_mtime)
+    return time.time() - newest < seconds
+
+
+def _unlocked_write(e: Entry, what: str) -> Entry:
+    """A write no lock announces: *building* while recently written to, else *partial*."""
+    if written_within(e.path, RECENT_S):
+        e.state, e.detail = "building", f"{what}, written to in the last {RECENT_S / 60:.0f} min"
+    else:
+        e.state, e.detail = "partial", f"{what}, interrupted"
+    return e
+
+
 def store_state(path: str) -> tuple[str, str, str]:
     """``(state, source, why)`` of a cached store: ``current`` or ``stale``, by ``convert``'s own check."""
     import torch
@@ -167,6 +191,8 @@ def _classify(root: str, rel: str) -> Entry:
         return e
     if parent in ("stores", "random") and is_dir and name.endswith(".partial"):
         final = name[1:-len(".partial")] if name.startswith(".") else name[:-len(".partial")]
+        if parent == "random":
+            return _unlocked_write(e, f"the random checkpoint {os.path.join(parent, final)} being written")
         locks = [os.path.join(root, parent, final + ".lock"), path + ".lock"]
         if any(lock_held(x) for x in locks):
             e.state, e.detail = "building", f"a build of {os.path.join(parent, final)} in progress (it holds the lock)"
@@ -176,14 +202,14 @@ def _classify(root: str, rel: str) -> Entry:
     if parent == "stores" and is_dir:
         from .store import MANIFEST
         if not os.path.exists(os.path.join(path, MANIFEST)):
-            e.state, e.detail = "partial", "no manifest: not a finished store"
+            return _unlocked_write(e, "a store without its manifest (enable() writing it)")
         else:
             e.state, e.source, e.detail = store_state(path)
         return e
     if parent == "random" and is_dir:
-        complete = os.path.exists(os.path.join(path, "model.safetensors.index.json"))
-        e.state = "current" if complete else "partial"
-        e.detail = "offload run --random's checkpoint" + ("" if complete else ", never finished")
+        if not os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+            return _unlocked_write(e, "offload run --random's checkpoint, not finished")
+        e.state, e.detail = "current", "offload run --random's checkpoint"
     return e
 
 

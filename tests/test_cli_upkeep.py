@@ -227,6 +227,24 @@ def test_cache_lists_every_entry_and_clean_removes_only_what_nothing_needs(capsy
     one_error_line(capsys.readouterr().err, "clean")
 
 
+def test_unlocked_writes_in_progress_are_kept_until_they_go_quiet(capsys):
+    """A --random checkpoint being written (no lock) is *building* while its files change, *partial* once
+    they stopped changing long ago: clean keeps the first and removes the second."""
+    from offload._cache import RECENT_S
+    root = os.environ["OFFLOAD_CACHE"]
+    fresh, old = os.path.join(root, "random", "a-bf16.partial"), os.path.join(root, "random", "b-bf16.partial")
+    for folder in (fresh, old):
+        os.makedirs(folder)
+        with open(os.path.join(folder, "model-00000.safetensors"), "wb") as f:
+            f.write(b"x" * 100)
+    past = time.time() - 2 * RECENT_S
+    for p in (os.path.join(old, "model-00000.safetensors"), old):
+        os.utime(p, (past, past))
+    assert _entries(capsys) == {"random/a-bf16.partial": "building", "random/b-bf16.partial": "partial"}
+    assert main(["cache", "clean"]) == 0
+    assert _entries(capsys) == {"random/a-bf16.partial": "building"}
+
+
 def test_a_crashed_enable_leaves_an_orphaned_store_that_clean_removes(capsys):
     """enable() of a plain module writes a temporary store that records its owner; a process that dies
     without disable() leaves it: `offload cache` calls it orphaned, `clean` removes it. While the owner
