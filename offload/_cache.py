@@ -264,7 +264,8 @@ def damaged_fix(store_path: str) -> str:
         folder = str(manifest.get("source", {}).get("path") or "")
         dtype, q = manifest.get("source", {}).get("dtype"), manifest.get("quantization")
         if manifest.get("source", {}).get("layout") != "in-place" and dtype:  # a copy: name the one to rebuild
-            flags, kwargs = f" --dtype {dtype}", f", dtype={dtype!r}"
+            tag = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)  # --dtype's spelling
+            flags, kwargs = f" --dtype {tag}", f", dtype={dtype!r}"
         if isinstance(q, dict) and q.get("scheme"):
             flags, kwargs = flags + f" --quantize {q['scheme']}", kwargs + f", quantize={q['scheme']!r}"
     if not folder:

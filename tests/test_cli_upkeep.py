@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -280,12 +281,14 @@ def test_damaged_cached_store_says_rebuild_and_info_verify_reports_the_same_chec
         f.write(bytes([last[0] ^ 0xFF]))
     assert main(["run", ckpt, "--dtype", "bf16", "--max-new-tokens", "2", "--cpu-memory", "1MiB", "-q"]) == 2
     run_err = one_error_line(capsys.readouterr().err.strip().splitlines()[-1], unit, "--rebuild")  # after its notes
-    assert "offload convert" not in run_err and f"offload run {ckpt} --dtype bfloat16 --rebuild" in run_err
+    assert "offload convert" not in run_err and f"offload run {ckpt} --dtype bf16 --rebuild" in run_err
     assert main(["info", store, "--verify", "-q"]) == 2
     info_err = one_error_line(capsys.readouterr().err, unit, "--rebuild")
     crc = re.compile(r"(CRC[-0-9A-Z]*) ([0-9a-f]{8}), the manifest recorded ([0-9a-f]{8})")
     assert crc.search(run_err) and crc.search(run_err).groups() == crc.search(info_err).groups()
-    assert main(["run", ckpt, "--dtype", "bf16", "--max-new-tokens", "2", "--rebuild", "-q"]) == 0  # as the message says
+    suggested = shlex.split(re.search(r"rebuild it with `([^`]*)`", run_err).group(1))
+    assert suggested[:2] == ["offload", "run"]
+    assert main(suggested[1:] + ["--max-new-tokens", "2", "-q"]) == 0  # the command the message names works
 
 
 def test_plan_of_a_quantized_store_does_not_call_it_bf16(capsys):
