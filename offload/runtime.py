@@ -192,7 +192,7 @@ class Handle:
             try:
                 data = self.store.read_verified(rec)
             except (ChecksumError, StoreError, OSError):
-                damaged.append(f"{self.store.root} (unit {rec.name})")
+                damaged.append(f"{self.store.root if rec.extents else self.store.file_path(rec)} (unit {rec.name})")
                 for b in h.bindings:  # never hand back silently wrong weights: the Parameter stays empty
                     b.owner._parameters[b.attr] = self._restore[id(b)]  # type: ignore[assignment]
                 continue

@@ -278,3 +278,16 @@ def test_the_cli_plan_is_what_load_allocates(tmp_path, no_thread_leak):
         assert row["host staging ring (prefetch 1 + 1)"] == h.prefetcher.config.ring_slots == 2
     finally:
         h.disable()
+
+
+def test_the_library_never_imports_the_cli():
+    """Every library module imports without pulling in ``offload.cli`` (speculate used to, for meta_model)."""
+    import subprocess
+    code = ("import importlib, pkgutil, sys, offload\n"
+            "for m in pkgutil.iter_modules(offload.__path__):\n"
+            "    if m.name not in ('cli', '__main__'):\n"
+            "        importlib.import_module('offload.' + m.name)\n"
+            "print(sorted(k for k in sys.modules if k.startswith('offload.cli')))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -321,6 +321,8 @@ def _routed(t: Target) -> Any:
 
     from ..experts import routed_plan
     from ..plan import find_units
+    if t.kind != "random" and not os.path.isfile(os.path.join(t.path, "config.json")):
+        return None  # a store made from a module: no config to plan experts from (enable still finds them)
     config = config_for(t.label) if t.kind == "random" else tf.AutoConfig.from_pretrained(t.path)
     model = meta_model(config, t.dtype)
     names = [n for n, _ in find_units(model)]
