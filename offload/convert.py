@@ -466,6 +466,55 @@ def write_index(src: str, dst: str, units: Sequence[UnitRecord], resident: UnitR
     return Store.open(dst)
 
 
+def accelerate_units(plans: Sequence[UnitPlan]) -> list[UnitRecord] | None:
+    """The units of an Accelerate-dispatched model read where Accelerate's offload index points (the
+    original safetensors shards, or its own ``.dat`` files), from ``StreamedTensor.source_id``; None when a
+    tensor has no file, or its file's bytes are not the tensor as the model holds it (another dtype)."""
+    from .ranges import SourceTensor, plan_unit
+    from .store import DTYPE_NAMES, read_safetensors_header
+    headers: dict[str, tuple[dict[str, Any], int]] = {}
+    sizes: dict[str, int] = {}
+    units = []
+    for p in plans:
+        tensors = []
+        for t in p.tensors:
+            if t.source_id is None or t.dtype not in DTYPE_NAMES:
+                return None
+            path, name, size = t.source_id[0], t.source_id[1], t.source_id[2]
+            nbytes = _numel(t.shape) * t.dtype.itemsize
+            if path.endswith(".safetensors"):
+                if path not in headers:
+                    try:
+                        headers[path] = read_safetensors_header(path)
+                    except StoreError:
+                        return None
+                header, start = headers[path]
+                h = header.get(name)
+                if (not isinstance(h, dict) or h.get("dtype") != DTYPE_NAMES[t.dtype]
+                        or tuple(h.get("shape") or ()) != tuple(t.shape)):
+                    return None
+                offset = start + int(h["data_offsets"][0])
+            else:  # Accelerate's .dat: the tensor's raw bytes, nothing else
+                if size != nbytes:
+                    return None
+                offset = 0
+            rel = os.path.relpath(path, "/")
+            sizes[rel] = size
+            tensors.append(SourceTensor(t.rel, DTYPE_NAMES[t.dtype], tuple(t.shape), ((rel, offset, nbytes),)))
+        unit = plan_unit(p.name, tensors, sizes)
+        if unit is None:
+            return None
+        units.append(unit)
+    return units
+
+
+def write_accelerate_index(dst: str, units: Sequence[UnitRecord], source: dict[str, Any]) -> Store:
+    """A store of extents in the files Accelerate's offload index names (``root`` "/": absolute paths)."""
+    os.makedirs(dst, exist_ok=True)
+    write_manifest(dst, list(units), dict(source, layout="in-place"), None, {"root": "/"})
+    return Store.open(dst)
+
+
 def _natural_key(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .config import StagingConfig, cache_dir
-from .convert import module_policy, quantization_of, quantize_sources, sources_from_plans, write_store
+from .convert import (accelerate_units, module_policy, quantization_of, quantize_sources, sources_from_plans,
+                      write_accelerate_index, write_store)
 from .errors import ChecksumError, OffloadError, StoreError, StoreMismatchError
 from .experts import ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager, carve, experts_modules
 from .hooks import Binding, Offloaded, QuantBinding, UnitHook
@@ -428,9 +429,13 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
             st.match(_expected(plans, st))
             _check_reused(st, plans, fp, _sources(model, plans, quantization))
         else:
-            st = write_store(store, _sources(model, plans, quantization),
-                             {"kind": kind, "class": type(model).__name__, "fingerprint": fp, "quantization": quantization},
-                             progress=progress, extra={"quantization": quantization} if quantization else None)
+            source = {"kind": kind, "class": type(model).__name__, "fingerprint": fp, "quantization": quantization}
+            in_place = accelerate_units(plans) if kind == "accelerate" and not quantization else None
+            if in_place is not None:  # read where Accelerate's offload index points: no second copy
+                st = write_accelerate_index(store, in_place, source)
+            else:
+                st = write_store(store, _sources(model, plans, quantization), source, progress=progress,
+                                 extra={"quantization": quantization} if quantization else None)
             st.match(_expected(plans, st))
         loaded = _load_resident_from_store(model, plans, st, devices[0], verify) if kind == "module" else []
         _pin_shared(plans_all, pinned)

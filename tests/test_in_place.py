@@ -139,3 +139,28 @@ def test_a_cast_is_a_copy_and_says_so(tmp_path, capfd, no_thread_leak):
     err = capfd.readouterr().err
     assert "a copy, cast from float32" in err and "no copy" not in err
     del ref
+
+
+@pytest.mark.parametrize("route", ["from_pretrained", "dispatch_model"])
+def test_a_dispatched_model_is_read_where_accelerate_put_it(route, tmp_path, no_thread_leak):
+    """enable() on an Accelerate-dispatched model: the original shards (from_pretrained) or Accelerate's own
+    .dat files (dispatch_model) are read in place; what enable writes is an index, <= 1% of those bytes."""
+    from accelerate import dispatch_model
+
+    from conftest import block_device_map
+    ref = save("bloom", tmp_path / "b")
+    disk = [f"transformer.h.{i}" for i in range(4)]
+    if route == "from_pretrained":
+        model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "b", device_map=block_device_map(ref, disk),
+                                                        offload_folder=str(tmp_path / "off"), dtype=torch.float32)
+    else:
+        model = dispatch_model(make_model("bloom"), device_map=block_device_map(ref, disk),
+                               offload_dir=str(tmp_path / "off"))
+    before = folder_bytes(tmp_path / "off")
+    offloaded = sum(p.numel() * p.element_size() for n in disk for p in ref.get_submodule(n).parameters())
+    with offload.enable(model, prefetch=1, ram_tier=0, progress=False) as h:
+        assert all(u.extents for u in h.store.units), "the offloaded weights were copied into a store"
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+        written = folder_bytes(tmp_path / "off") - before
+        assert written <= 0.01 * offloaded + 16_384, (written, offloaded)
