@@ -98,6 +98,7 @@ class ExpertsGroup:
     table: UnitRecord  # tensors at their table offsets; extents: every expert (disable's restore, stray uses)
     experts: list[UnitRecord]  # expert e's slices of every tensor, read into the table
     slices: list[tuple[int, int]]  # per tensor: (table offset, bytes of one expert)
+    router: torch.Tensor | None = None  # a resident copy of the block's router weight [E, H], for prediction
 
     @property
     def expert_bytes(self) -> int:
@@ -137,7 +138,10 @@ def carve(store: Store, plan: UnitPlan, rec: UnitRecord) -> tuple[UnitPlan, Unit
                                       tuple(reads)))  # type: ignore[arg-type]
         table = UnitRecord(f"{plan.name}.{name}", experts[0].file, 0, 0, at, None, tuple(layout), None, (),
                            tuple(x for ex in experts for x in ex.extents))  # type: ignore[arg-type]
-        out.append(ExpertsGroup(f"{plan.name}.{name}", module, count, tensors, table, experts, per_expert))
+        router = next((by_name[t.rel] for t in plan.tensors if t.is_param and id(t.owner) != key
+                       and len(t.shape) == 2 and t.shape[0] == count and t.rel in by_name), None)
+        weight = store.read_tensor(rec, router.name) if router is not None else None
+        out.append(ExpertsGroup(f"{plan.name}.{name}", module, count, tensors, table, experts, per_expert, weight))
     left = {t.rel for t in rest}
     kept = [SourceTensor(r.name, r.dtype, r.shape, tuple(_file_ranges(rec, r, 0, r.nbytes)))
             for r in rec.tensors if r.name in left]
@@ -159,6 +163,8 @@ class ExpertCache:
         self.used = 0
         self.hits = self.misses = 0
         self.bytes_read = 0
+        self.predicted_bytes = 0  # read ahead for the next layer (its router on this layer's hidden state)
+        self.predicted_used_bytes = 0  # of those, the experts the next layer did route to
         self.lock = threading.Lock()
 
     def evict(self, tables: dict[int, ExpertsTable], pinned: set[tuple[int, int]]) -> None:
@@ -196,25 +202,65 @@ class ExpertsStager:
         self.prefetcher, self.cache = prefetcher, cache
         self.tables = {k: ExpertsTable(g) for k, g in enumerate(groups)}
         self.pinned: set[tuple[int, int]] = set()
+        self.inflight: dict[tuple[int, int], Any] = {}  # predicted reads not yet wanted
+        self.predict_ahead = True
 
     def want(self, k: int, experts: Sequence[int]) -> None:
+        """Experts ``experts`` of group ``k`` in its table: cached, predicted (wait for that read), or read now."""
         table = self.tables[k]
-        missing = [e for e in experts if e not in table.present]
+        eb = table.group.expert_bytes
+        missing, waits = [], []
         with self.cache.lock:
             for e in experts:
                 self.pinned.add((k, e))
                 if e in table.present:
                     self.cache.hits += 1
                     self.cache.lru.move_to_end((k, e))
+                elif (k, e) in self.inflight:
+                    waits.append(e)
+                    self.cache.hits += 1
+                    self.cache.predicted_used_bytes += eb
+                else:
+                    missing.append(e)
             self.cache.misses += len(missing)
-        if missing:
-            self.prefetcher.read_now([table.group.experts[e] for e in missing], table.buffer)
-            with self.cache.lock:
-                for e in missing:
-                    table.present.add(e)
-                    self.cache.lru[(k, e)] = table.group.expert_bytes
-                    self.cache.used += table.group.expert_bytes
-                    self.cache.bytes_read += table.group.expert_bytes
+        loads = [self.inflight.pop((k, e)) for e in waits]
+        loads += self.prefetcher.start_reads([table.group.experts[e] for e in missing], table.buffer)
+        self.prefetcher.finish_reads(loads)
+        wrong = [e for (kk, e) in self.inflight if kk == k]  # predicted, not routed: still valid experts
+        for e in wrong:
+            try:
+                self.prefetcher.finish_reads([self.inflight.pop((k, e))])
+            except Exception:  # noqa: BLE001 - a read nobody needs; a later need reads it again
+                continue
+            waits.append(e)
+        with self.cache.lock:
+            for e in missing + waits:
+                table.present.add(e)
+                self.cache.lru[(k, e)] = eb
+                self.cache.used += eb
+            self.cache.bytes_read += len(missing) * eb
+
+    def predict(self, k: int, hidden: torch.Tensor, per_token: int) -> None:
+        """Start reading the experts group ``k``'s router would pick for ``hidden`` (the previous layer's
+        input to its experts), behind queued prefetches, so the reads overlap this layer's compute."""
+        if k not in self.tables or self.tables[k].group.router is None:
+            return
+        table = self.tables[k]
+        router = table.group.router
+        if hidden.shape[-1] != router.shape[-1]:
+            return
+        with torch.no_grad():
+            scores = hidden.reshape(-1, hidden.shape[-1]).to(router.dtype) @ router.T
+            guess = torch.unique(scores.topk(min(per_token, router.shape[0]), dim=-1).indices).tolist()
+        todo = [e for e in guess if e not in table.present and (k, e) not in self.inflight]
+        if not todo:
+            return
+        for e, load in zip(todo, self.prefetcher.start_reads([table.group.experts[e] for e in todo], table.buffer,
+                                                            urgent=False)):
+            self.inflight[(k, e)] = load
+        with self.cache.lock:
+            self.cache.predicted_bytes += len(todo) * table.group.expert_bytes
+            self.cache.bytes_read += len(todo) * table.group.expert_bytes
 
     def stage(self, k: int) -> torch.Tensor:
         return self.tables[k].buffer.tensor
@@ -224,6 +270,9 @@ class ExpertsStager:
         self.cache.evict(self.tables, self.pinned)
 
     def close(self) -> None:
+        for load in self.inflight.values():  # the prefetcher is closed first: these completed or were abandoned
+            load.done.wait(1)
+        self.inflight = {}
         for t in self.tables.values():
             t.buffer.close()
 
@@ -244,6 +293,10 @@ class ExpertsHook(UnitHook):
             index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
             routed = [int(e) for e in torch.unique(index).tolist() if 0 <= int(e) < self.group.count]
             self.stager.want(self.index, routed)  # type: ignore[attr-defined]
+            if self.stager.predict_ahead:  # type: ignore[attr-defined]
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(hidden, torch.Tensor):
+                    self.stager.predict(self.index + 1, hidden, index.shape[-1])  # type: ignore[attr-defined]
         self.pre(module, args)
 
 

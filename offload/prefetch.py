@@ -500,9 +500,9 @@ class Prefetcher:
             if progress:
                 progress(load.unit.data_bytes)
 
-    def read_now(self, units: Sequence[UnitRecord], buffer: HostBuffer) -> None:
-        """Read small units (routed experts) into their places in ``buffer`` and wait: ahead of queued
-        prefetches, since a forward is waiting for them. A failure is raised here, naming the unit."""
+    def start_reads(self, units: Sequence[UnitRecord], buffer: HostBuffer, urgent: bool = True) -> list[_Load]:
+        """Start reading small units (routed experts) into their places in ``buffer``: ``urgent`` ahead of
+        queued prefetches (a forward waits for them), else behind them (experts predicted for a later layer)."""
         self._check_open()
         loads = []
         for unit in units:
@@ -513,8 +513,12 @@ class Prefetcher:
                 load.close_files()
                 load.fail_now(e)
             else:
-                self._workers.submit(load.tasks(), urgent=True)
+                self._workers.submit(load.tasks(), urgent=urgent)
             loads.append(load)
+        return loads
+
+    def finish_reads(self, loads: Sequence[_Load]) -> None:
+        """Wait for reads ``start_reads`` began; a failure is raised here, naming the unit and its file."""
         t0 = time.perf_counter()
         for load in loads:
             self._wait(load, f"unit {load.unit.name}")
@@ -523,6 +527,10 @@ class Prefetcher:
         for load in loads:
             if load.error is not None:
                 _raise_failed(load)
+
+    def read_now(self, units: Sequence[UnitRecord], buffer: HostBuffer) -> None:
+        """Read small units into ``buffer`` now and wait (``start_reads`` + ``finish_reads``)."""
+        self.finish_reads(self.start_reads(units, buffer))
 
     def load_resident(self, progress: Callable[[int], None] | None = None) -> None:
         """Read every RAM-tier unit once, in parallel, on the same reader threads."""

@@ -71,6 +71,8 @@ class Stats:
     expert_misses: int = 0  # routed experts read from disk
     expert_bytes_read: int = 0  # of bytes_read, the routed experts' bytes
     expert_cache_bytes: int = 0  # experts held now
+    expert_predicted_bytes: int = 0  # experts read ahead for the next layer (its router on this layer's input)
+    expert_predicted_used_bytes: int = 0  # of those, what the next layer did route to (the rest was wasted)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,7 +119,9 @@ class Handle:
             resident_bytes=sum(b.nbytes for b in resident.values()),
             prefetch=self.prefetcher.depth, reader=self.prefetcher.reader.name, store=self.store.path,
             **({"expert_hits": self.experts.hits, "expert_misses": self.experts.misses,
-                "expert_bytes_read": self.experts.bytes_read, "expert_cache_bytes": self.experts.used}
+                "expert_bytes_read": self.experts.bytes_read, "expert_cache_bytes": self.experts.used,
+                "expert_predicted_bytes": self.experts.predicted_bytes,
+                "expert_predicted_used_bytes": self.experts.predicted_used_bytes}
                if self.experts is not None else {}))
 
     def reset_stats(self) -> None:
@@ -125,6 +129,7 @@ class Handle:
             self.prefetcher.reset_stats()
             if self.experts is not None:
                 self.experts.hits = self.experts.misses = self.experts.bytes_read = 0
+                self.experts.predicted_bytes = self.experts.predicted_used_bytes = 0
 
     def write_trace(self, path: str | os.PathLike[str] | None = None) -> str:
         """Write the trace recorded so far (``enable(trace=...)``) as Chrome trace JSON; returns the path."""
@@ -315,7 +320,8 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
            ram_tier: int | str | None = None, gpu_memory: int | str | None = None,
            gpu_tier: int | str | None = None, units: Sequence[str] | None = None, reader: str | Reader | None = None, io_threads: int = 8,
            verify: bool = True, trace: str | os.PathLike[str] | None = None, quantize: str | None = None,
-           group_size: int | None = None, progress: bool = True, routed_experts: bool = True) -> Handle:
+           group_size: int | None = None, progress: bool = True, routed_experts: bool = True,
+           predict_experts: bool = True) -> Handle:
     """Stream a model's blocks from disk, prefetching the next ``prefetch`` blocks while one computes.
 
     Args:
@@ -353,6 +359,8 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         routed_experts: in a mixture-of-experts block, read only the experts its router picks, into an
             expert cache within ``cpu_memory`` (what the RAM tier and the ring leave); ``False`` streams
             whole blocks, every expert included.
+        predict_experts: while a layer's experts compute, start reading the experts the next layer's
+            router picks for this layer's input (a guess: ``stats()`` reports predicted and used bytes).
 
     Returns:
         A :class:`Handle` (``stats()``, ``disable()``, context manager).
@@ -475,6 +483,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
             left = (tier_size - mp.bytes_of(mp.ram_tier) if tier_size is not None else
                     room - mp.bytes_of(mp.ram_tier) - config.ring_bytes if room is not None else 0)
             estager = ExpertsStager(prefetcher, groups, ExpertCache(max(0, left)))
+            estager.predict_ahead = predict_experts
             for k, g in enumerate(groups):
                 gplan = UnitPlan(g.name, g.module, g.tensors, devices[0])
                 hooks.append(ExpertsHook(k, g, _bindings(gplan, g.table, restore, st), estager))
@@ -641,7 +650,8 @@ def load(source: str | os.PathLike[str], prefetch: int = 2, *, cpu_memory: int |
          gpu_memory: int | str | None = None, gpu_tier: int | str | None = None,
          dtype: torch.dtype | str | None = None, reader: str | Reader | None = None, io_threads: int = 8,
          verify: bool = True, trace: str | os.PathLike[str] | None = None, quantize: str | None = None,
-         group_size: int = 64, progress: bool = True, rebuild: bool = False) -> tuple[nn.Module, Handle]:
+         group_size: int = 64, progress: bool = True, rebuild: bool = False, routed_experts: bool = True,
+         predict_experts: bool = True) -> tuple[nn.Module, Handle]:
     """Load a model bigger than RAM: build it on meta, load its resident weights, stream its blocks.
 
     ``source`` is a store (``offload convert``) or a Hugging Face folder, converted once into a cached
@@ -674,7 +684,8 @@ def load(source: str | os.PathLike[str], prefetch: int = 2, *, cpu_memory: int |
     handle = enable(model, prefetch, store=path, device=device, cpu_memory=cpu_memory, ram_tier=ram_tier,
                     gpu_memory=gpu_memory, gpu_tier=gpu_tier, units=[u.name for u in st.units], reader=reader,
                     io_threads=io_threads, verify=verify, trace=trace, progress=progress,
-                    quantize=qz["scheme"] if qz else None, group_size=qz.get("group_size") if qz else None)
+                    quantize=qz["scheme"] if qz else None, group_size=qz.get("group_size") if qz else None,
+                    routed_experts=routed_experts, predict_experts=predict_experts)
     return model, handle
 
 

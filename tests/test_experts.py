@@ -43,6 +43,22 @@ def count_routing(model) -> tuple[list, list]:
     return seen, handles
 
 
+def decode_step(model, h=None) -> tuple[list, torch.Tensor]:
+    """The prompt, then one decode step with the routing counted (and the handle's stats reset between)."""
+    cache = tf.DynamicCache(config=model.config)
+    nxt = model(IDS, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    if h is not None:
+        h.prefetcher.wait_idle()
+        h.reset_stats()
+    seen, hooks = count_routing(model)
+    logits = model(nxt, past_key_values=cache, use_cache=True).logits
+    if h is not None:
+        h.prefetcher.wait_idle()
+    for x in hooks:
+        x.remove()
+    return seen, logits
+
+
 def expert_bytes(module) -> int:
     return sum(p.numel() * p.element_size() // module.num_experts for p in module.parameters(recurse=False))
 
@@ -57,24 +73,14 @@ def dense_bytes(model) -> int:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_routed_experts_from_a_folder_are_exact_and_read_only_what_is_routed(arch, tmp_path, no_thread_leak):
     ref = make(arch, tmp_path / arch)
-    model, h = offload.load(tmp_path / arch, prefetch=1, ram_tier=0, progress=False)
+    model, h = offload.load(tmp_path / arch, prefetch=1, ram_tier=0, progress=False, predict_experts=False)
     try:
         assert h.experts is not None, "the experts modules were not found"
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, ref(IDS).logits)
             assert torch.equal(model.generate(IDS, max_new_tokens=6, do_sample=False),
                                ref.generate(IDS, max_new_tokens=6, do_sample=False))
-            # one decode step (a new token after the prompt), every block streamed, no expert cached
-            cache = tf.DynamicCache(config=model.config)
-            out = model(IDS, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
-            h.prefetcher.wait_idle()
-            h.reset_stats()
-            seen, hooks = count_routing(model)
-            model(nxt, past_key_values=cache, use_cache=True)
-            h.prefetcher.wait_idle()
-            for x in hooks:
-                x.remove()
+            seen, _ = decode_step(model, h)  # every block streamed, no expert cached
         routed = sum(len(experts) * expert_bytes(m) for m, experts in seen)
         stats = h.stats()
         assert seen and stats.expert_bytes_read == routed  # exactly the routed experts, each once
@@ -101,7 +107,8 @@ def test_in_memory_enable_is_exact_and_the_cache_serves_repeats(tmp_path, no_thr
 def test_prefill_reads_each_routed_expert_once(tmp_path, no_thread_leak):
     model = make("olmoe")
     ids = torch.randint(0, 256, (2, 40))
-    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False,
+                        predict_experts=False) as h:
         seen, hooks = count_routing(model)
         with torch.no_grad():
             model(ids)
@@ -122,3 +129,21 @@ def test_whole_blocks_when_asked_or_when_routed_reads_cannot_serve(tmp_path, cap
         with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "q", progress=False, quantize="int8") as h:
             assert h.experts is None
     assert any("reading whole blocks" in r.message for r in caplog.records)
+
+
+def test_predicted_experts_are_either_used_or_counted_as_wasted(tmp_path, no_thread_leak):
+    """With prediction on (the default), every expert read is one the step routed to or a prediction
+    that missed, and the predictions that hit are served without a demand read; outputs stay exact."""
+    ref = make("qwen3_moe", tmp_path / "q")
+    model, h = offload.load(tmp_path / "q", prefetch=1, ram_tier=0, progress=False)
+    try:
+        with torch.no_grad():
+            seen, got = decode_step(model, h)
+            assert torch.equal(got, decode_step(ref)[1])
+        s = h.stats()
+        routed = sum(len(experts) * expert_bytes(m) for m, experts in seen)
+        wasted = s.expert_predicted_bytes - s.expert_predicted_used_bytes
+        assert s.expert_predicted_bytes > 0 and s.expert_predicted_used_bytes > 0
+        assert s.expert_bytes_read == routed + wasted
+    finally:
+        h.disable()
