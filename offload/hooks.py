@@ -143,6 +143,10 @@ class Offloaded(torch.Tensor):
         return self.materialize()
 
 
+_MAX_VIEWS = 16  # buffers a binding remembers views into (a unit meets a handful: ring slots, tiers)
+_requires_grad = torch._C.TensorBase.requires_grad.__get__  # the flag itself, not via __torch_function__
+
+
 @dataclasses.dataclass
 class Binding:
     """One streamed tensor: where it lives in the module and in the unit's bytes."""
@@ -156,14 +160,29 @@ class Binding:
     stand_in: Offloaded  # installed between forwards
     original: torch.Tensor  # what the module held before enable (reinstalled by disable)
     live: torch.Tensor | None  # the Parameter object re-used across binds (keeps identity), or None for buffers
+    # The typed view of this tensor in each buffer it has been bound from, by the buffer's address: a
+    # unit is bound from one of a few fixed buffers (ring slots, its RAM-tier buffer, device slots), so
+    # the slicing and two views are built once per buffer, not once per forward.
+    views: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+    def view_in(self, data: torch.Tensor) -> torch.Tensor:
+        key = data.data_ptr()
+        view = self.views.get(key)
+        if view is None:
+            view = data[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+            if len(self.views) >= _MAX_VIEWS:
+                self.views.clear()
+            self.views[key] = view
+        return view
 
     def bind(self, data: torch.Tensor) -> None:
-        view = data[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+        view = self.view_in(data)
         if self.is_param:
             assert self.live is not None
             self.live.data = view
-            if self.live.requires_grad != self.stand_in.requires_grad:  # requires_grad_() between forwards
-                self.live.requires_grad_(self.stand_in.requires_grad)
+            wanted = _requires_grad(self.stand_in)
+            if self.live.requires_grad != wanted:  # requires_grad_() between forwards
+                self.live.requires_grad_(wanted)
             self.owner._parameters[self.attr] = self.live  # type: ignore[assignment]
         else:
             self.owner._buffers[self.attr] = view

@@ -1,0 +1,76 @@
+"""What offload's hooks cost per unit and forward, with no I/O: every unit in the RAM tier, tiny blocks.
+
+A stack of N 64-wide blocks (4 parameters each) runs plain and with ``offload.enable`` (every unit in
+the RAM tier, so each forward is bind + compute + unbind and nothing is read); the difference divided by
+N is the per-unit cost of the pre/post hooks, the lease and the bindings. Alternated runs, medians.
+
+    python benchmarks/bench_hook_overhead.py --units 24 --repeats 7 --json overhead.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+import offload
+
+
+class Block(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.lin, self.out = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + torch.tanh(self.lin(x))
+        return y + 0.5 * self.out(y)
+
+
+def per_forward(model: nn.Module, x: torch.Tensor, n: int) -> float:
+    with torch.no_grad():
+        for _ in range(10):
+            model(x)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            model(x)
+        return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--units", type=int, default=24)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--forwards", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    plain = nn.Sequential(*[Block(a.width) for _ in range(a.units)])
+    streamed = nn.Sequential(*[Block(a.width) for _ in range(a.units)])
+    streamed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, a.width)
+    rows = {"plain": [], "offload": []}
+    with offload.enable(streamed, prefetch=2, store=tempfile.mkdtemp(prefix="overhead-") + "/s", progress=False) as h:
+        assert len(h.prefetcher.resident) == a.units, "every unit should be in the RAM tier (no I/O)"
+        for _ in range(a.repeats):  # alternated
+            rows["plain"].append(per_forward(plain, x, a.forwards))
+            rows["offload"].append(per_forward(streamed, x, a.forwards))
+    plain_s, off_s = statistics.median(rows["plain"]), statistics.median(rows["offload"])
+    out = {"units": a.units, "width": a.width, "plain_us_per_forward": plain_s * 1e6,
+           "offload_us_per_forward": off_s * 1e6, "overhead_us_per_unit": (off_s - plain_s) / a.units * 1e6,
+           "ratio": off_s / plain_s, "runs": {k: [v * 1e6 for v in vs] for k, vs in rows.items()}}
+    print(f"| units | plain µs/forward | offload µs/forward | ratio | overhead µs/unit |\n|---|---|---|---|---|\n"
+          f"| {a.units} | {out['plain_us_per_forward']:.0f} | {out['offload_us_per_forward']:.0f} | "
+          f"{out['ratio']:.2f} | {out['overhead_us_per_unit']:.1f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
