@@ -164,3 +164,35 @@ def test_a_dispatched_model_is_read_where_accelerate_put_it(route, tmp_path, no_
             assert torch.equal(model(IDS).logits, ref(IDS).logits)
         written = folder_bytes(tmp_path / "off") - before
         assert written <= 0.01 * offloaded + 16_384, (written, offloaded)
+
+
+def _non_lm(arch: str):
+    if arch == "bert":
+        c = tf.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96)
+        return tf.BertForMaskedLM(c), {"input_ids": torch.tensor([[1, 5, 9, 30]])}
+    if arch == "vit":
+        c = tf.ViTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, image_size=32,
+                         patch_size=8, num_labels=5)
+        return tf.ViTForImageClassification(c), {"pixel_values": torch.randn(1, 3, 32, 32)}
+    c = tf.WhisperConfig(vocab_size=256, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                         decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, num_mel_bins=16,
+                         max_source_positions=32, max_target_positions=32, decoder_start_token_id=1, pad_token_id=0)
+    return tf.WhisperForConditionalGeneration(c), {"input_features": torch.randn(1, 16, 64),
+                                                   "decoder_input_ids": torch.tensor([[1, 5, 9]])}
+
+
+@pytest.mark.parametrize("arch", ["bert", "vit", "whisper"])
+def test_a_folder_builds_its_own_model_class(arch, tmp_path, no_thread_leak):
+    """config.json's ``architectures`` decides the class (a masked LM, an image classifier, a speech
+    seq2seq), not AutoModelForCausalLM."""
+    torch.manual_seed(0)
+    model, inputs = _non_lm(arch)
+    model.eval().save_pretrained(tmp_path / arch)
+    ref = type(model).from_pretrained(tmp_path / arch).eval()
+    loaded, h = offload.load(tmp_path / arch, ram_tier=0, progress=False)
+    try:
+        assert type(loaded) is type(model)
+        with torch.no_grad():
+            assert torch.equal(loaded(**inputs).logits, ref(**inputs).logits)
+    finally:
+        h.disable()
