@@ -147,3 +147,20 @@ def test_predicted_experts_are_either_used_or_counted_as_wasted(tmp_path, no_thr
         assert s.expert_bytes_read == routed + wasted
     finally:
         h.disable()
+
+
+def test_a_dispatched_moe_model_reads_routed_experts_where_accelerate_put_them(tmp_path, no_thread_leak):
+    """from_pretrained(device_map=blocks on "disk", offload_folder=...) then enable(): exact, experts read on
+    routing, from the files Accelerate's index names (no copy)."""
+    from conftest import block_device_map
+    ref = make("qwen3_moe", tmp_path / "q")
+    disk = [f"model.layers.{i}" for i in range(len(ref.model.layers))]
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map=block_device_map(ref, disk),
+                                                    offload_folder=str(tmp_path / "off")).eval()
+    with offload.enable(model, prefetch=1, ram_tier=0, progress=False) as h:
+        assert h.experts is not None and all(u.extents for u in h.store.units)
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+            assert torch.equal(model.generate(IDS, max_new_tokens=4, do_sample=False),
+                               ref.generate(IDS, max_new_tokens=4, do_sample=False))
+        assert h.stats().expert_misses > 0
