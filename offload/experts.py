@@ -198,6 +198,8 @@ class ExpertsTable:
 class ExpertsStager:
     """``stage``/``done`` for experts modules, like a unit's stager: the routed experts read, the table bound."""
 
+    host_buffers_only = True  # the tables live as long as the handle
+
     def __init__(self, prefetcher: Any, groups: Sequence[ExpertsGroup], cache: ExpertCache):
         self.prefetcher, self.cache = prefetcher, cache
         self.tables = {k: ExpertsTable(g) for k, g in enumerate(groups)}

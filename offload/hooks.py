@@ -165,7 +165,11 @@ class Binding:
     # the slicing and two views are built once per buffer, not once per forward.
     views: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
-    def view_in(self, data: torch.Tensor) -> torch.Tensor:
+    def view_in(self, data: torch.Tensor, keep: bool) -> torch.Tensor:
+        """``keep``: ``data`` lives as long as the handle (host ring slots, the RAM tier, expert tables), so
+        its view may be kept; a device slot or GPU-tier unit can be freed (given back on OOM) and is not."""
+        if not keep:
+            return data[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
         key = data.data_ptr()
         view = self.views.get(key)
         if view is None:
@@ -175,8 +179,8 @@ class Binding:
             self.views[key] = view
         return view
 
-    def bind(self, data: torch.Tensor) -> None:
-        view = self.view_in(data)
+    def bind(self, data: torch.Tensor, keep: bool = False) -> None:
+        view = self.view_in(data, keep)
         if self.is_param:
             assert self.live is not None
             self.live.data = view
@@ -207,7 +211,7 @@ class QuantBinding(Binding):
     layout: str | None = None  # int4 packing of the machine that wrote the store (repacked if not this one's)
     weight: Any = None  # one QuantizedWeight per parameter, re-pointed at each forward's buffer
 
-    def bind(self, data: torch.Tensor) -> None:
+    def bind(self, data: torch.Tensor, keep: bool = False) -> None:
         views = {k: data[o:o + n].view(dt).view(sh) for k, (o, n, dt, sh) in self.parts.items()}
         if self.weight is None:
             from .quant import from_stored
@@ -254,9 +258,10 @@ class UnitHook:
             self.depth += 1
             return
         data = self.stager.stage(self.index)
+        keep = getattr(self.stager, "host_buffers_only", False)
         try:
             for b in self.bindings:
-                b.bind(data)
+                b.bind(data, keep)
         except BaseException:
             for b in self.bindings:
                 b.unbind()

@@ -52,6 +52,8 @@ class Stager(Protocol):
 class CpuStager:
     """On the CPU the host buffer is the compute buffer: parameters are views into the leased slot."""
 
+    host_buffers_only = True  # what stage() returns lives as long as the handle (bindings keep its views)
+
     def __init__(self, prefetcher: Prefetcher):
         self.prefetcher = prefetcher
         self._leases: dict[int, Lease] = {}
