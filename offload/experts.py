@@ -87,6 +87,31 @@ def _file_ranges(unit: UnitRecord, t: TensorRecord, lo: int, hi: int) -> list[tu
     return out
 
 
+def _merged(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Adjacent file ranges joined (a tensor split only by a shard's partial-last-page read)."""
+    out: list[tuple[str, int, int]] = []
+    for f, o, n in ranges:
+        if out and out[-1][0] == f and out[-1][1] + out[-1][2] == o:
+            out[-1] = (f, out[-1][1], out[-1][2] + n)
+        else:
+            out.append((f, o, n))
+    return out
+
+
+def _widened(file: str, offset: int, n: int, into: int, size: int) -> list[Extent]:
+    """Read ``n`` bytes at ``offset`` into ``into`` as whole pages (O_DIRECT): the page before and after
+    land in the bytes around ``into``, which hold the same file bytes (a neighbouring expert) or room left
+    for them. ``into`` and ``offset`` share their offset within a page; a file's partial last page is a
+    separate (buffered) read."""
+    a, b = offset // PAGE * PAGE, min(_up(offset + n), size)
+    start = into - (offset - a)
+    mid = max(a, b // PAGE * PAGE)
+    out = [Extent(file, a, mid - a, start)] if mid > a else []
+    if b > mid:
+        out.append(Extent(file, mid, b - mid, start + mid - a))
+    return out
+
+
 @dataclasses.dataclass
 class ExpertsGroup:
     """One experts module: its table, the record of all its experts (a stray use reads them all) and
@@ -120,17 +145,25 @@ def carve(store: Store, plan: UnitPlan, rec: UnitRecord) -> tuple[UnitPlan, Unit
     out: list[ExpertsGroup] = []
     for key, tensors in groups.items():
         name, module, count = owners[key]
-        layout, at, per_expert = [], 0, []
+        layout, at, per_expert, whole = [], 0, [], []
         for t in tensors:
             r = by_name[t.rel]
+            ranges = _merged(_file_ranges(rec, r, 0, r.nbytes))
+            # One range in the file: place the tensor in the table at the file's offset within a page, with
+            # a page of room each side, so each expert's slice is read O_DIRECT, widened to whole pages.
+            at = _up(at) + PAGE + (ranges[0][1] % PAGE if len(ranges) == 1 else 0)
             layout.append(TensorRecord(r.name, r.dtype, r.shape, at, r.nbytes))
             per_expert.append((at, r.nbytes // count))
-            at = _up(at + r.nbytes)
+            whole.append(ranges[0] if len(ranges) == 1 else None)
+            at += r.nbytes + PAGE
         experts = []
         for e in range(count):
             reads = []
-            for t, (offset, n) in zip(tensors, per_expert):
+            for t, (offset, n), one in zip(tensors, per_expert, whole):
                 into = offset + e * n
+                if one is not None:
+                    reads += _widened(one[0], one[1] + e * n, n, into, sizes[one[0]])
+                    continue
                 for f, o, k in _file_ranges(rec, by_name[t.rel], e * n, (e + 1) * n):
                     reads.append(Extent(f, o, k, into))
                     into += k

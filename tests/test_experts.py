@@ -99,6 +99,10 @@ def test_in_memory_enable_is_exact_and_the_cache_serves_repeats(tmp_path, no_thr
             assert torch.equal(model(IDS).logits, ref(IDS).logits)
         again = h.stats()
         assert first.expert_misses > 0 and again.expert_misses == first.expert_misses  # all from the cache
+        # a store's expert tensors are one range each: every expert is read as whole pages (O_DIRECT)
+        tables = next(st for st in h.stagers if hasattr(st, "tables")).tables.values()
+        reads = [x for t in tables for rec in t.group.experts for x in rec.extents]
+        assert reads and all(x.offset % 4096 == 0 and x.into % 4096 == 0 for x in reads)
         assert again.expert_hits > first.expert_hits and again.expert_cache_bytes > 0
     for (name, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(p, q), f"{name} changed after disable()"
