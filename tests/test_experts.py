@@ -136,10 +136,10 @@ def test_whole_blocks_when_asked_or_when_routed_reads_cannot_serve(tmp_path, cap
 
 
 def test_predicted_experts_are_either_used_or_counted_as_wasted(tmp_path, no_thread_leak):
-    """With prediction on (the default), every expert read is one the step routed to or a prediction
+    """With prediction on, every expert read is one the step routed to or a prediction
     that missed, and the predictions that hit are served without a demand read; outputs stay exact."""
     ref = make("qwen3_moe", tmp_path / "q")
-    model, h = offload.load(tmp_path / "q", prefetch=1, ram_tier=0, progress=False)
+    model, h = offload.load(tmp_path / "q", prefetch=1, ram_tier=0, progress=False, predict_experts=True)
     try:
         with torch.no_grad():
             seen, got = decode_step(model, h)
