@@ -423,6 +423,12 @@ def _as_the_model_names_them(src: str, dtype: torch.dtype, tensors: dict[str, tu
     model = build_on_meta(src, dtype)
     meta = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     buffers = {k for k, _ in model.named_buffers()}  # loaded with the resident part, never streamed
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    # A parameter under several names (Zamba2's transformer block shared by several layers) is resident:
+    # the checkpoint holds it once, under its first name, and every layer computes with that one tensor.
+    buffers |= {k for k, p in model.named_parameters(remove_duplicate=False) if seen[id(p)] > 1}
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]

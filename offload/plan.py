@@ -147,8 +147,8 @@ def plan_plain(model: nn.Module, units: list[tuple[str, nn.Module]], device: tor
             for an, p in m._parameters.items():
                 if p is None:
                     continue
-                if p.device.type != "meta" and len(owners.get(_storage_key(p), ())) != 1:
-                    continue  # tied or aliased: streaming one name would corrupt the other
+                if len(owners.get(_storage_key(p), ())) != 1:
+                    continue  # tied or aliased (a block shared by several layers): resident, read once
                 rel = f"{mn}.{an}" if mn else an
                 tensors.append(StreamedTensor(m, an, rel, True, p.dtype, tuple(p.shape), _fetcher(uname, rel, p)))
         plans.append(UnitPlan(uname, umod, tensors, device))

@@ -196,3 +196,21 @@ def test_a_folder_builds_its_own_model_class(arch, tmp_path, no_thread_leak):
             assert torch.equal(loaded(**inputs).logits, ref(**inputs).logits)
     finally:
         h.disable()
+
+
+def test_a_block_shared_by_several_layers_is_read_once(tmp_path, no_thread_leak):
+    """Zamba2 reuses one transformer block in several layers: tied into one Parameter, saved once."""
+    torch.manual_seed(0)
+    cfg = tf.Zamba2Config(vocab_size=256, hidden_size=64, num_hidden_layers=4,
+                          layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], mamba_d_state=16, mamba_expand=2,
+                          n_mamba_heads=8, mamba_ngroups=1, chunk_size=8, num_attention_heads=4, num_key_value_heads=4,
+                          intermediate_size=96, num_mem_blocks=1, adapter_rank=8, use_mamba_kernels=False,
+                          max_position_embeddings=128)
+    tf.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(tmp_path / "z")
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "z").eval()
+    model, h = offload.load(tmp_path / "z", ram_tier=0, progress=False)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+    finally:
+        h.disable()
