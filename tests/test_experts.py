@@ -168,3 +168,18 @@ def test_a_dispatched_moe_model_reads_routed_experts_where_accelerate_put_them(t
             assert torch.equal(model.generate(IDS, max_new_tokens=4, do_sample=False),
                                ref.generate(IDS, max_new_tokens=4, do_sample=False))
         assert h.stats().expert_misses > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_offload_run_folder_prints_the_greedy_tokens_of_the_model_in_memory(arch, tmp_path, capsys):
+    """``offload run FOLDER`` on a mixture of experts: routed experts, read in place, the same greedy ids."""
+    from offload.cli import main
+    ref = make(arch, tmp_path / arch)
+    assert main(["run", str(tmp_path / arch), "--prompt", "hello", "--max-new-tokens", "6", "-q"]) == 0
+    out = capsys.readouterr().out
+    ids = torch.tensor([list(b"hello")])
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+    printed = next(line for line in out.splitlines() if line.strip() and line.split()[0].isdigit()
+                   and len(line.split()) == 6)
+    assert [int(x) for x in printed.split()] == want
