@@ -29,9 +29,10 @@ from torch import nn
 from ._memory import ensure_free_space
 from .errors import CheckpointError, OffloadError, StoreError
 from .plan import UnitPlan, _numel, find_units, plan_plain
-from .store import (IN_PROGRESS, MANIFEST, PAGE, QuantRecord, Store, TensorSpec, UnitRecord, _parse_unit, dtype_name,
-                    file_provenance, fingerprint, main_float_dtype, plan_layout, unit_crc, unit_file_name, write_manifest,
-                    write_unit_file)
+from .ranges import SourceTensor, plan_unit
+from .store import (DTYPE_NAMES, DTYPES, IN_PROGRESS, MANIFEST, PAGE, QuantRecord, Store, TensorSpec, UnitRecord,
+                    _parse_unit, dtype_name, file_provenance, fingerprint, main_float_dtype, plan_layout,
+                    read_safetensors_header, unit_crc, unit_file_name, write_manifest, write_unit_file)
 
 Fetch = Callable[[str], torch.Tensor]
 RESIDENT = "__resident__"
@@ -318,7 +319,6 @@ def _hf_sources(src: str, dtype: torch.dtype | None) -> tuple[list[UnitSource], 
         with safe_open(shard, framework="pt") as f:
             for k in f.keys():
                 sl = f.get_slice(k)
-                from .store import DTYPES
                 dt = DTYPES.get(sl.get_dtype())
                 if dt is None:
                     raise CheckpointError(f"{shard}: tensor {k} has dtype {sl.get_dtype()}, which offload cannot store")
@@ -362,8 +362,6 @@ def in_place_units(src: str, dtype: torch.dtype) -> tuple[list[UnitRecord], Unit
     only; None when the checkpoint must be copied instead: a dtype other than ``dtype`` (a cast), a
     dtype offload cannot read, a malformed header, or tensors so scattered that reading a unit in
     place would read far more than its bytes."""
-    from .ranges import SourceTensor, plan_unit
-    from .store import DTYPES, read_safetensors_header
     tensors: dict[str, tuple[str, tuple[int, ...], str, int, int]] = {}
     sizes: dict[str, int] = {}
     for shard in _shard_files(src):
@@ -410,7 +408,6 @@ def _as_the_model_names_them(src: str, dtype: torch.dtype, tensors: dict[str, tu
     per-expert tensors stacked into one 3-D tensor (``MergeModulelist(dim=0)``, then gate and up
     concatenated, ``Concatenate(dim=1)``) become one tensor of pieces, expert by expert. None for a
     conversion that is not a rearrangement of whole tensors (the checkpoint is then copied)."""
-    from .ranges import SourceTensor
     from .runtime import build_on_meta
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -453,7 +450,6 @@ def _as_the_model_names_them(src: str, dtype: torch.dtype, tensors: dict[str, tu
             return None
         pieces = tuple(by_pattern[p][e] for e in experts for p in conv.source_patterns)
         t = SourceTensor(target, dt, meta[target], pieces)
-        from .store import DTYPES
         if _numel(meta[target]) * DTYPES[dt].itemsize != t.nbytes:
             return None
         out.append(t)
@@ -476,8 +472,6 @@ def accelerate_units(plans: Sequence[UnitPlan]) -> list[UnitRecord] | None:
     """The units of an Accelerate-dispatched model read where Accelerate's offload index points (the
     original safetensors shards, or its own ``.dat`` files), from ``StreamedTensor.source_id``; None when a
     tensor has no file, or its file's bytes are not the tensor as the model holds it (another dtype)."""
-    from .ranges import SourceTensor, plan_unit
-    from .store import DTYPE_NAMES, read_safetensors_header
     headers: dict[str, tuple[dict[str, Any], int]] = {}
     sizes: dict[str, int] = {}
     units = []

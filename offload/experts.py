@@ -41,15 +41,11 @@ from torch import nn
 from ._fileio import PAGE
 from .hooks import Binding, UnitHook
 from .plan import StreamedTensor, UnitPlan
-from .ranges import SourceTensor, plan_unit
+from .ranges import SourceTensor, page_down, page_reads, page_up, plan_unit
 from .staging import HostBuffer
 from .store import Extent, Store, TensorRecord, UnitRecord
 
 log = logging.getLogger("offload")
-
-
-def _up(n: int) -> int:
-    return -(-n // PAGE) * PAGE
 
 
 def experts_modules(block: nn.Module) -> list[tuple[str, nn.Module, int]]:
@@ -99,17 +95,11 @@ def _merged(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
 
 
 def _widened(file: str, offset: int, n: int, into: int, size: int) -> list[Extent]:
-    """Read ``n`` bytes at ``offset`` into ``into`` as whole pages (O_DIRECT): the page before and after
-    land in the bytes around ``into``, which hold the same file bytes (a neighbouring expert) or room left
-    for them. ``into`` and ``offset`` share their offset within a page; a file's partial last page is a
-    separate (buffered) read."""
-    a, b = offset // PAGE * PAGE, min(_up(offset + n), size)
-    start = into - (offset - a)
-    mid = max(a, b // PAGE * PAGE)
-    out = [Extent(file, a, mid - a, start)] if mid > a else []
-    if b > mid:
-        out.append(Extent(file, mid, b - mid, start + mid - a))
-    return out
+    """Read ``n`` bytes at ``offset`` into ``into`` as whole pages (O_DIRECT, ``ranges.page_reads``): the
+    page before and after land in the bytes around ``into``, which hold the same file bytes (a
+    neighbouring expert) or room left for them. ``into`` and ``offset`` share their offset within a page."""
+    start = page_down(offset)
+    return page_reads(file, start, page_up(offset + n), size, into - (offset - start))
 
 
 @dataclasses.dataclass
@@ -151,7 +141,7 @@ def carve(store: Store, plan: UnitPlan, rec: UnitRecord) -> tuple[UnitPlan, Unit
             ranges = _merged(_file_ranges(rec, r, 0, r.nbytes))
             # One range in the file: place the tensor in the table at the file's offset within a page, with
             # a page of room each side, so each expert's slice is read O_DIRECT, widened to whole pages.
-            at = _up(at) + PAGE + (ranges[0][1] % PAGE if len(ranges) == 1 else 0)
+            at = page_up(at) + PAGE + (ranges[0][1] % PAGE if len(ranges) == 1 else 0)
             layout.append(TensorRecord(r.name, r.dtype, r.shape, at, r.nbytes))
             per_expert.append((at, r.nbytes // count))
             whole.append(ranges[0] if len(ranges) == 1 else None)
@@ -200,6 +190,10 @@ class ExpertCache:
         self.predicted_used_bytes = 0  # of those, the experts the next layer did route to
         self.lock = threading.Lock()
 
+    def reset(self) -> None:
+        """Counters back to 0 (``Handle.reset_stats``); what the cache holds stays."""
+        self.hits = self.misses = self.bytes_read = self.predicted_bytes = self.predicted_used_bytes = 0
+
     def evict(self, tables: dict[int, ExpertsTable], pinned: set[tuple[int, int]]) -> None:
         with self.lock:
             for key in [k for k in self.lru if k not in pinned]:
@@ -223,7 +217,7 @@ class ExpertsTable:
         if mm is None:
             return
         for offset, n in self.group.slices:  # whole pages inside the slice only (neighbours share the edges)
-            a, b = _up(offset + e * n), (offset + (e + 1) * n) // PAGE * PAGE
+            a, b = page_up(offset + e * n), page_down(offset + (e + 1) * n)
             if b > a:
                 mm.madvise(mmap.MADV_DONTNEED, self.buffer._pad + a, b - a)
 
@@ -259,7 +253,7 @@ class ExpertsStager:
                     missing.append(e)
             self.cache.misses += len(missing)
         loads = [self.inflight.pop((k, e)) for e in waits]
-        loads += self.prefetcher.start_reads([table.group.experts[e] for e in missing], table.buffer)
+        loads += self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in missing])
         self.prefetcher.finish_reads(loads)
         wrong = [e for (kk, e) in self.inflight if kk == k]  # predicted, not routed: still valid experts
         for e in wrong:
@@ -290,7 +284,7 @@ class ExpertsStager:
         todo = [e for e in guess if e not in table.present and (k, e) not in self.inflight]
         if not todo:
             return
-        for e, load in zip(todo, self.prefetcher.start_reads([table.group.experts[e] for e in todo], table.buffer,
+        for e, load in zip(todo, self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in todo],
                                                             urgent=False)):
             self.inflight[(k, e)] = load
         with self.cache.lock:

@@ -144,7 +144,6 @@ class Offloaded(torch.Tensor):
 
 
 _MAX_VIEWS = 16  # buffers a binding remembers views into (a unit meets a handful: ring slots, tiers)
-_requires_grad = torch._C.TensorBase.requires_grad.__get__  # the flag itself, not via __torch_function__
 
 
 @dataclasses.dataclass
@@ -184,9 +183,8 @@ class Binding:
         if self.is_param:
             assert self.live is not None
             self.live.data = view
-            wanted = _requires_grad(self.stand_in)
-            if self.live.requires_grad != wanted:  # requires_grad_() between forwards
-                self.live.requires_grad_(wanted)
+            if self.live.requires_grad != self.stand_in.requires_grad:  # requires_grad_() between forwards
+                self.live.requires_grad_(self.stand_in.requires_grad)
             self.owner._parameters[self.attr] = self.live  # type: ignore[assignment]
         else:
             self.owner._buffers[self.attr] = view

@@ -482,30 +482,21 @@ class Prefetcher:
 
     def read_into(self, buffers: dict[int, HostBuffer], progress: Callable[[int], None] | None = None) -> None:
         """Read the given units into the given buffers, in parallel, and wait (enable-time work)."""
-        loads = []
-        for i, buf in buffers.items():
-            unit = self.units[i]
-            load = self._new_load(unit, buf)
-            try:
-                load.open()
-            except OSError as e:
-                load.close_files()
-                raise UnitReadError(f"reading unit {unit.name} from {load.path} failed: {e}") from e
-            self._workers.submit(load.tasks())
-            loads.append(load)
-        for load in loads:
+        for load in self.start_reads([(self.units[i], buf) for i, buf in buffers.items()], urgent=False):
             self._wait(load, f"unit {load.unit.name}")
             if load.error is not None:
                 _raise_failed(load)
             if progress:
                 progress(load.unit.data_bytes)
 
-    def start_reads(self, units: Sequence[UnitRecord], buffer: HostBuffer, urgent: bool = True) -> list[_Load]:
-        """Start reading small units (routed experts) into their places in ``buffer``: ``urgent`` ahead of
-        queued prefetches (a forward waits for them), else behind them (experts predicted for a later layer)."""
+    def start_reads(self, reads: Sequence[tuple[UnitRecord, HostBuffer]], urgent: bool = True) -> list[_Load]:
+        """Start reading units into their buffers (each unit's extents say where in it): ``urgent`` ahead of
+        queued prefetches (a forward waits for them: routed experts), else behind them (the RAM tier at
+        enable, experts predicted for a later layer). A file that cannot be opened fails its load, which
+        the waiter raises."""
         self._check_open()
         loads = []
-        for unit in units:
+        for unit, buffer in reads:
             load = self._new_load(unit, buffer)
             try:
                 load.open()
@@ -527,10 +518,6 @@ class Prefetcher:
         for load in loads:
             if load.error is not None:
                 _raise_failed(load)
-
-    def read_now(self, units: Sequence[UnitRecord], buffer: HostBuffer) -> None:
-        """Read small units into ``buffer`` now and wait (``start_reads`` + ``finish_reads``)."""
-        self.finish_reads(self.start_reads(units, buffer))
 
     def load_resident(self, progress: Callable[[int], None] | None = None) -> None:
         """Read every RAM-tier unit once, in parallel, on the same reader threads."""

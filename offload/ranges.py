@@ -39,21 +39,32 @@ class SourceTensor:
         return sum(n for _, _, n in self.pieces)
 
 
-def _down(n: int) -> int:
+def page_down(n: int) -> int:
     return n // PAGE * PAGE
 
 
-def _up(n: int) -> int:
+def page_up(n: int) -> int:
     return -(-n // PAGE) * PAGE
+
+
+def page_reads(file: str, start: int, end: int, size: int, into: int) -> list[Extent]:
+    """Read the page-aligned range ``[start, end)`` of ``file`` to ``into`` (page aligned too), clipped at
+    the file's ``size``: the whole pages as one O_DIRECT read, and a file's partial last page (which
+    O_DIRECT cannot read) as a separate, buffered one right after it."""
+    end = min(end, size)
+    aligned_end = max(start, page_down(end))
+    out = [Extent(file, start, aligned_end - start, into)] if aligned_end > start else []
+    if end > aligned_end:
+        out.append(Extent(file, aligned_end, end - aligned_end, into + aligned_end - start))
+    return out
 
 
 def plan_extents(ranges: Sequence[tuple[str, int, int]], file_sizes: dict[str, int]) -> list[Extent]:
     """Page-widened, coalesced reads covering ``ranges`` (file, offset, nbytes), placed one after another
-    in a buffer at page-aligned ``into`` offsets. A read ending at a file's unaligned end is split: an
-    aligned part (O_DIRECT) and the short tail (a buffered read), since O_DIRECT cannot read it."""
+    in a buffer at page-aligned ``into`` offsets (``page_reads``)."""
     merged: list[list] = []  # [file, start, end]
     for file, off, n in sorted(ranges):
-        start, end = _down(off), _up(off + n)
+        start, end = page_down(off), page_up(off + n)
         if merged and merged[-1][0] == file and start <= merged[-1][2] + GAP_BYTES:
             merged[-1][2] = max(merged[-1][2], end)
         else:
@@ -61,15 +72,8 @@ def plan_extents(ranges: Sequence[tuple[str, int, int]], file_sizes: dict[str, i
     out: list[Extent] = []
     into = 0
     for file, start, end in merged:
-        size = file_sizes[file]
-        end = min(end, size)
-        aligned_end = max(start, _down(end))
-        if aligned_end > start:
-            out.append(Extent(file, start, aligned_end - start, into))
-            into += aligned_end - start
-        if end > aligned_end:  # the file's last, partial page
-            out.append(Extent(file, aligned_end, end - aligned_end, into))
-            into += _up(end - aligned_end)
+        out += page_reads(file, start, end, file_sizes[file], into)
+        into += page_up(min(end, file_sizes[file]) - start)
     return out
 
 
@@ -91,7 +95,7 @@ def plan_unit(name: str, tensors: Sequence[SourceTensor], file_sizes: dict[str, 
                 return e.into + off - e.offset
         raise AssertionError(f"{file}@{off} is not covered by the extents of unit {name}")
 
-    read_area = _up(max((e.into + e.length for e in extents), default=0))
+    read_area = page_up(max((e.into + e.length for e in extents), default=0))
     assembled = read_area
     records = []
     for t in tensors:
@@ -104,4 +108,4 @@ def plan_unit(name: str, tensors: Sequence[SourceTensor], file_sizes: dict[str, 
         records.append(TensorRecord(t.name, t.dtype, t.shape, assembled, t.nbytes, pieces))
         assembled += t.nbytes
     first = extents[0].file if extents else ""
-    return UnitRecord(name, first, 0, 0, _up(assembled), None, tuple(records), None, (), tuple(extents))  # type: ignore[arg-type]
+    return UnitRecord(name, first, 0, 0, page_up(assembled), None, tuple(records), None, (), tuple(extents))  # type: ignore[arg-type]

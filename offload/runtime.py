@@ -128,8 +128,7 @@ class Handle:
         if not self.closed:
             self.prefetcher.reset_stats()
             if self.experts is not None:
-                self.experts.hits = self.experts.misses = self.experts.bytes_read = 0
-                self.experts.predicted_bytes = self.experts.predicted_used_bytes = 0
+                self.experts.reset()
 
     def write_trace(self, path: str | os.PathLike[str] | None = None) -> str:
         """Write the trace recorded so far (``enable(trace=...)``) as Chrome trace JSON; returns the path."""

@@ -244,15 +244,11 @@ def crc32c_update(data: Any, value: int = 0) -> int:
     return int(_crc32c.crc32c(data, value))
 
 
-def check_data(unit: UnitRecord, data: Any) -> tuple[bool, str]:
-    """Does ``data`` (the unit's data section) match the checksum recorded for it? The fastest recorded
-    checksum this process can compute decides: CRC-32C when both sides have it, else zlib's CRC-32."""
-    return check_chunks(unit, (data,))
-
-
 def check_chunks(unit: UnitRecord, chunks: Iterable[Any]) -> tuple[bool, str]:
-    """``check_data`` over the data section given in pieces (a file read in chunks): one checksum rule
-    for the reader threads, ``info --verify`` and the resident file, so all report the same values."""
+    """Do ``chunks`` (what the unit's reads brought in, in order) match the checksum recorded for it? The
+    fastest recorded checksum this process can compute decides: CRC-32C when both sides have it, else
+    zlib's CRC-32. One rule for the reader threads, ``info --verify`` and the resident file, so all
+    report the same values."""
     fast = unit.crc32c is not None and _crc32c is not None
     got = 0
     for chunk in chunks:
