@@ -109,9 +109,18 @@ def tiny_disk(monkeypatch):
     monkeypatch.setattr(M, "free_disk_bytes", lambda path: (64 << 10, os.path.dirname(os.path.abspath(path))))
 
 
+def test_a_folder_read_in_place_needs_room_for_its_index_only(tiny_disk, ckpt, capsys):
+    """64 KiB free: the index of a folder in its own dtype fits; a cast (a copy of every weight) does not."""
+    assert main(["run", ckpt, "--max-new-tokens", "2", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["run", ckpt, "--dtype", "bf16", "--max-new-tokens", "2", "-q"]) == 2
+    one_error_line(capsys.readouterr().err, "its store", "64.00 KiB is free")
+
+
 def test_run_random_refuses_a_checkpoint_the_disk_cannot_hold(tiny_disk, capsys):
     assert main(["run", "--random", "tiny-bloom", "--max-new-tokens", "2", "-q"]) == 2
-    line = one_error_line(capsys.readouterr().err, "random tiny-bloom checkpoint", "its store", "64.00 KiB is free")
+    line = one_error_line(capsys.readouterr().err, "random tiny-bloom checkpoint", "its index (read in place)",
+                          "64.00 KiB is free")
     assert re.search(r"needs \d+\.\d+ (KiB|MiB)", line)
     assert cache_files() == []  # refused before the random checkpoint's folder was made
     # --dry-run plans anyway, and says it would not fit

@@ -139,6 +139,18 @@ def store_builds(t: Target, a: argparse.Namespace) -> bool:
     return not os.path.exists(os.path.join(path, MANIFEST)) or store_state(path)[0] != "current"
 
 
+def _read_in_place(t: Target, a: argparse.Namespace) -> bool:
+    """Will ``cached_store`` index this checkpoint rather than copy it (``convert.in_place_units``)? A
+    safetensors folder in its own dtype, unquantized (it still copies a layout too scattered to read in
+    place; that write checks free space itself)."""
+    from ..convert import checkpoint_dtype, source_kind
+    if t.quant or a.quantize:
+        return False
+    if t.kind == "random":
+        return True  # written in the dtype it runs in
+    return source_kind(t.path) == "hf-safetensors" and checkpoint_dtype(t.path) == t.dtype
+
+
 def check_disk(t: Target, a: argparse.Namespace, builds: bool, refuse: bool = True) -> str | None:
     """Refuse a run whose writes cannot fit in the cache folder, before any of them: the random checkpoint
     (until it is written once) and the store (when it is built). ``refuse=False`` (``--dry-run``) returns
@@ -150,7 +162,11 @@ def check_disk(t: Target, a: argparse.Namespace, builds: bool, refuse: bool = Tr
     parts = []
     if t.kind == "random" and not random_complete(t.path):
         parts.append((random_checkpoint_bytes(a.random, t.dtype), f"the random {a.random} checkpoint"))
-    if builds:  # each unit file: its data, a header page, at most a page of padding
+    if builds and _read_in_place(t, a):  # an index: a page per unit at most, and the config/tokenizer files
+        from ..convert import side_files
+        side = sum(os.path.getsize(f) for f in side_files(t.path)) if os.path.isdir(t.path) else 64 << 10
+        parts.append((side + PAGE * (len(t.unit_bytes) + 1), "its index (read in place)"))
+    elif builds:  # a copy: each unit file is its data, a header page, at most a page of padding
         parts.append((sum(t.unit_bytes) + t.resident_bytes + 2 * PAGE * (len(t.unit_bytes) + 1), "its store"))
     if not parts:
         return None
