@@ -200,7 +200,7 @@ def _classify(root: str, rel: str) -> Entry:
             e.state, e.detail = "partial", f"an interrupted build of {os.path.join(parent, final)}"
         return e
     if parent == "stores" and is_dir:
-        from .store import MANIFEST
+        from .manifest import MANIFEST
         if not os.path.exists(os.path.join(path, MANIFEST)):
             return _unlocked_write(e, "a store without its manifest (enable() writing it)")
         else:
@@ -258,7 +258,7 @@ def damaged_fix(store_path: str) -> str:
         return "re-run `offload convert` (or restore the file)"
     folder, flags, kwargs = "", "", ""
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        from .store import MANIFEST
+        from .manifest import MANIFEST
         with open(os.path.join(store_path, MANIFEST)) as f:
             manifest = json.load(f)
         folder = str(manifest.get("source", {}).get("path") or "")

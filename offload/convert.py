@@ -28,11 +28,13 @@ from torch import nn
 
 from ._memory import ensure_free_space
 from .errors import CheckpointError, OffloadError, StoreError
+from .integrity import file_provenance, fingerprint, read_safetensors_header
+from .manifest import (DTYPE_NAMES, DTYPES, IN_PROGRESS, MANIFEST, PAGE, QuantRecord, TensorSpec, UnitRecord, _parse_unit,
+                       dtype_name, main_float_dtype)
 from .plan import UnitPlan, _numel, find_units, plan_plain
 from .ranges import SourceTensor, plan_unit
-from .store import (DTYPE_NAMES, DTYPES, IN_PROGRESS, MANIFEST, PAGE, QuantRecord, Store, TensorSpec, UnitRecord,
-                    _parse_unit, dtype_name, file_provenance, fingerprint, main_float_dtype, plan_layout,
-                    read_safetensors_header, unit_crc, unit_file_name, write_manifest, write_unit_file)
+from .store import Store
+from .writer import plan_layout, unit_crc, unit_file_name, write_manifest, write_unit_file
 
 Fetch = Callable[[str], torch.Tensor]
 RESIDENT = "__resident__"

@@ -43,9 +43,11 @@ from typing import Any
 
 from .config import StagingConfig
 from .errors import ChecksumError, OffloadError, UnitReadError
+from .integrity import check_chunks
 from .io import Reader
+from .manifest import UnitRecord
 from .staging import Fence, HostBuffer, HostRing, Lease, Slot, wait_fence
-from .store import Store, UnitRecord, assemble, check_chunks
+from .store import Store, assemble
 from .trace import COMPUTE_TRACK, Tracer
 
 _POLL_S = 0.1  # how often a blocked wait re-checks that the prefetcher is still open

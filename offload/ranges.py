@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from ._fileio import PAGE
-from .store import Extent, TensorRecord, UnitRecord
+from .manifest import Extent, TensorRecord, UnitRecord
 
 GAP_BYTES = 2 * PAGE  # a hole this small is cheaper to read than to skip with another request
 MAX_OVERREAD = 1.25  # read at most this many times a unit's own bytes (else copy the checkpoint)

@@ -29,15 +29,18 @@ from .convert import (accelerate_units, module_policy, quantization_of, quantize
 from .errors import ChecksumError, OffloadError, StoreError, StoreMismatchError
 from .experts import ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager, carve, experts_modules
 from .hooks import Binding, Offloaded, QuantBinding, UnitHook
+from .integrity import fingerprint
 from .io import Reader, get_reader
 from .budget import min_room, plan_memory
+from .manifest import MANIFEST, UnitRecord
 from .plan import (UnitPlan, _numel, find_units, is_accelerate_offloaded, offload_folder_of,
                    plan_accelerate, plan_plain)
 from .prefetch import Prefetcher
 from .staging import HostBuffer
-from .store import MANIFEST, Store, UnitRecord, fingerprint, unit_crc
+from .store import Store
 from .trace import Tracer
 from .transfer import CpuStager, CudaBackend, CudaStager, Stager
+from .writer import unit_crc
 from ._memory import available_memory, format_bytes, parse_bytes
 
 log = logging.getLogger("offload")

@@ -247,7 +247,8 @@ def _unit_tensors_of(target: Any, dtype: torch.dtype | None) -> tuple[nn.Module,
         return target, out
     if isinstance(target, (str, os.PathLike)):
         from .runtime import build_on_meta
-        from .store import MANIFEST, Store
+        from .manifest import MANIFEST
+        from .store import Store
         path = os.fspath(target)
         if os.path.exists(os.path.join(path, MANIFEST)):
             st = Store.open(path, check_files=False)
@@ -276,7 +277,8 @@ def _unit_tensors_of(target: Any, dtype: torch.dtype | None) -> tuple[nn.Module,
 
 def folder_bytes(folder: str | os.PathLike[str], dtype: torch.dtype | None = None) -> int:
     """Weight bytes of a Hugging Face folder's safetensors files (from their headers), in ``dtype`` when given."""
-    from .store import DTYPES, read_safetensors_header
+    from .integrity import read_safetensors_header
+    from .manifest import DTYPES
     folder = os.fspath(folder)
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:

@@ -39,7 +39,7 @@ from ._memory import format_bytes, parse_bytes
 from .errors import OffloadError
 from .prefetch import Prefetcher
 from .staging import HostBuffer, Lease, Slot
-from .store import UnitRecord
+from .manifest import UnitRecord
 from .trace import COPY_TRACK, DEVICE_COMPUTE_TRACK, Tracer
 
 

@@ -12,7 +12,9 @@ import torch
 from safetensors import safe_open
 
 import offload
-from offload.store import PAGE, TENSOR_ALIGN, Store, TensorSpec, write_unit_file
+from offload.manifest import PAGE, TENSOR_ALIGN, TensorSpec
+from offload.store import Store
+from offload.writer import write_unit_file
 from conftest import make_model
 
 
@@ -99,7 +101,7 @@ def test_convert_refuses_non_store_folder_and_pickle(tmp_path):
 
 
 def test_interrupted_conversion_leaves_no_manifest_and_resumes(tmp_path, monkeypatch):
-    import offload.store as st
+    import offload.writer as st
     model = make_model("bloom")
     model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
     real = st.write_unit_file

@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import offload
-from offload.store import MANIFEST, Store, read_safetensors_header
+from offload.integrity import read_safetensors_header
+from offload.manifest import MANIFEST
+from offload.store import Store
 from conftest import forward_logits, inputs_for, make_model
 
 FUZZ = int(os.environ.get("OFFLOAD_FUZZ_EXAMPLES", "1500"))

@@ -50,7 +50,9 @@ class Target:
 def resolve(a: argparse.Namespace) -> Target:
     from ..convert import checkpoint_dtype, checkpoint_sources, source_kind
     from ..config import cache_dir
-    from ..store import MANIFEST, Store, plan_layout
+    from ..manifest import MANIFEST
+    from ..store import Store
+    from ..writer import plan_layout
     want = DTYPES[a.dtype] if a.dtype else None
     if a.random:
         dtype = want or torch.bfloat16
@@ -110,7 +112,7 @@ def _quantized_plan(a: argparse.Namespace, meta: Any, units: dict[str, list[Any]
 def _random_specs(name: str, dtype: torch.dtype) -> tuple[dict[str, list[Any]], list[Any]]:
     """The tensors ``convert`` will put in each unit of a random model, from its meta model (no data)."""
     from ..convert import unit_of_key
-    from ..store import TensorSpec
+    from ..manifest import TensorSpec
     config = config_for(name)
     model = meta_model(config, dtype)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
@@ -134,7 +136,7 @@ def store_builds(t: Target, a: argparse.Namespace) -> bool:
         return True
     from .._cache import store_state
     from ..convert import store_cache_path
-    from ..store import MANIFEST
+    from ..manifest import MANIFEST
     path = store_cache_path(t.path, t.dtype, a.quantize)
     return not os.path.exists(os.path.join(path, MANIFEST)) or store_state(path)[0] != "current"
 
@@ -158,7 +160,7 @@ def check_disk(t: Target, a: argparse.Namespace, builds: bool, refuse: bool = Tr
     from .._memory import ensure_free_space
     from ..config import cache_dir
     from ..errors import OffloadError
-    from ..store import PAGE
+    from ..manifest import PAGE
     parts = []
     if t.kind == "random" and not random_complete(t.path):
         parts.append((random_checkpoint_bytes(a.random, t.dtype), f"the random {a.random} checkpoint"))
