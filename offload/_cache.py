@@ -141,8 +141,9 @@ def store_state(path: str) -> tuple[str, str, str]:
     """``(state, source, why)`` of a cached store: ``current`` or ``stale``, by ``convert``'s own check."""
     import torch
 
-    from .convert import _stale_reason, source_files
+    from .convert import _stale_reason
     from .errors import OffloadError
+    from .sources import source_files
     from .store import Store
     try:
         st = Store.open(path, check_files=False)

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from .config import StagingConfig, cache_dir
-from .convert import (accelerate_units, module_policy, quantization_of, quantize_sources, sources_from_plans,
-                      write_accelerate_index, write_store)
+from .convert import module_policy, quantization_of, quantize_sources
 from .errors import ChecksumError, OffloadError, StoreError, StoreMismatchError
 from .experts import ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager, carve, experts_modules
 from .hooks import Binding, Offloaded, QuantBinding, UnitHook
+from .in_place import accelerate_units, write_accelerate_index
 from .integrity import fingerprint
 from .io import Reader, get_reader
 from .budget import min_room, plan_memory
@@ -36,11 +36,12 @@ from .manifest import MANIFEST, UnitRecord
 from .plan import (UnitPlan, _numel, find_units, is_accelerate_offloaded, offload_folder_of,
                    plan_accelerate, plan_plain)
 from .prefetch import Prefetcher
+from .sources import sources_from_plans
 from .staging import HostBuffer
 from .store import Store
 from .trace import Tracer
 from .transfer import CpuStager, CudaBackend, CudaStager, Stager
-from .writer import unit_crc
+from .writer import unit_crc, write_store
 from ._memory import available_memory, format_bytes, parse_bytes
 
 log = logging.getLogger("offload")
@@ -470,7 +471,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         resident = {i: HostBuffer(sizes[i]) for i in sorted(mp.ram_tier)}
         prefetcher = Prefetcher(st, records, rd, config, resident, elsewhere=elsewhere, verify=verify, tracer=tracer)
         if resident:
-            from .convert import _progress
+            from .writer import _progress
             bar = _progress(sum(b.nbytes for b in resident.values()), "offload: loading RAM tier", progress)
             try:
                 prefetcher.load_resident(bar.update)

@@ -262,7 +262,7 @@ def _unit_tensors_of(target: Any, dtype: torch.dtype | None) -> tuple[nn.Module,
                         if not t.name.startswith("__offload_pad_")
                         and not any(t.name.startswith(q.name + ".") for q in quantized)]
             return model, [(n, dtype if (dtype and d.is_floating_point) else d, sh) for n, d, sh in out]
-        from .convert import checkpoint_dtype, checkpoint_sources
+        from .sources import checkpoint_dtype, checkpoint_sources
         dt = dtype or checkpoint_dtype(path) or torch.float32
         units, _, _ = checkpoint_sources(path, dt)
         return build_on_meta(path, dt), [(f"{u.name}.{s.name}", s.dtype, tuple(s.shape)) for u in units

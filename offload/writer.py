@@ -1,26 +1,36 @@
-"""Writing a store's files: a unit's safetensors file laid out for O_DIRECT, and the manifest, atomically.
+"""Writing a store: its unit files laid out for O_DIRECT, its manifest, and a whole store, resumably.
 
 One concept: the bytes of a store as they go to disk. Tensors are placed at 256-byte aligned offsets
-behind a header padded to a page (``plan_layout``), streamed one tensor at a time with their
-checksums (``write_unit_file``), under a temporary name, fsync'd and renamed; the manifest is
-written last (``write_manifest``). What to write, and resuming an interrupted write, is ``convert``'s.
+behind a header padded to a page (``plan_layout``) and streamed one tensor at a time with their
+checksums (``write_unit_file``); ``write_store`` writes the units that ``UnitSource``s describe, the
+config and tokenizer files, and the manifest, last. What to write is ``convert``'s and ``sources``'.
+
+Crash safety: a marker file says a conversion is in progress and records each finished unit; unit
+files appear only under their final name once complete (``os.replace``); the manifest is written
+last. Re-running the same conversion resumes; a folder that is neither empty, a store, nor one of
+our in-progress conversions is refused, so nothing a user owns is overwritten.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-from .errors import StoreError
+from ._memory import ensure_free_space
+from .errors import OffloadError, StoreError
 from .integrity import _crc32c, crc32c_update
-from .manifest import (FORMAT, IN_PROGRESS, MANIFEST, PAD_PREFIX, PAGE, TENSOR_ALIGN, VERSION, TensorRecord, TensorSpec,
-                       UnitRecord, dtype_name)
+from .manifest import (FORMAT, IN_PROGRESS, MANIFEST, PAD_PREFIX, PAGE, TENSOR_ALIGN, VERSION, QuantRecord, TensorRecord,
+                       TensorSpec, UnitRecord, _parse_unit, dtype_name)
+from .store import Store
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
@@ -171,3 +181,162 @@ def write_manifest(folder: str, units: Sequence[UnitRecord], source: dict[str, A
     _fsync_dir(folder)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(folder, IN_PROGRESS))
+
+
+# ------------------------------------------------------------------------------ a whole store
+
+
+Fetch = Callable[[str], torch.Tensor]
+
+
+class UnitSource:
+    """What the writer needs for one unit: its name, tensor specs, and a way to fetch each tensor.
+
+    ``open()`` returns the fetch function and is a context, so a shard is mapped only while its
+    unit is being written (peak memory: one unit's pages, one tensor's copy).
+    """
+
+    def __init__(self, name: str, specs: Sequence[TensorSpec], open_fetch: Callable[[], contextlib.AbstractContextManager[Fetch]]):
+        self.name, self.specs, self.open_fetch = name, list(specs), open_fetch
+        self.quantized: list[QuantRecord] = []  # weights whose specs are their quantized parts (quantize_sources)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
+                leave=False, dynamic_ncols=True)
+
+
+def _prepare_folder(path: str, fp: str) -> dict[str, dict[str, Any]]:
+    """Create or resume a conversion folder; return units already finished by an earlier run."""
+    os.makedirs(path, exist_ok=True)
+    marker = os.path.join(path, IN_PROGRESS)
+    entries = [e for e in os.listdir(path) if not e.startswith(".")]
+    if os.path.exists(marker):
+        try:
+            with open(marker) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+        except (OSError, json.JSONDecodeError):
+            lines = []
+        head = lines[0] if lines else {}
+        done = {d["name"]: d for d in lines[1:] if isinstance(d, dict) and "name" in d}
+        if head.get("fingerprint") == fp:
+            return done
+        # An interrupted conversion of something else: remove only the files it wrote.
+        for d in done.values():
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, str(d.get("file", ""))))
+        for e in os.listdir(path):
+            if e.startswith(".") and ".tmp-" in e:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(path, e))
+        entries = [e for e in os.listdir(path) if not e.startswith(".")]
+    elif os.path.exists(os.path.join(path, MANIFEST)):
+        raise StoreError(f"{path} already holds a store: open it, or delete it to convert again")
+    if entries and not os.path.exists(marker):
+        raise StoreError(f"{path} is not empty and is not an offload store ({len(entries)} entries, e.g. "
+                         f"{sorted(entries)[:3]}); refusing to write into it: choose an empty or new folder")
+    with open(marker, "w") as f:
+        f.write(json.dumps({"fingerprint": fp}) + "\n")
+    return {}
+
+
+def write_store(path: str | os.PathLike[str], units: Sequence[UnitSource], source: dict[str, Any],
+                resident: UnitSource | None = None, progress: bool = True, extra: dict[str, Any] | None = None,
+                files: Sequence[str] = (), edit: dict[str, Callable[[bytes], bytes]] | None = None) -> Store:
+    """Write (or finish writing) a store from unit sources and return it opened.
+
+    ``files`` (config, tokenizer) are copied in under their own names before the manifest is
+    written, so a store with a manifest has all of them; ``edit[file]`` rewrites one on the way.
+    """
+    path = os.fspath(path)
+    fp = str(source.get("fingerprint", ""))
+    existed = os.path.exists(path)
+    done = _prepare_folder(path, fp)
+    todo = list(units) + ([resident] if resident is not None else [])
+    # Every unit file is its data + a header page + at most a page of padding; the side files are small.
+    needed = sum(plan_layout(u.specs)[1] + 2 * PAGE for u in todo if u.name not in done)
+    needed += sum(os.path.getsize(f) for f in files)
+    try:
+        ensure_free_space(path, needed, f"writing the store {path} ({len(todo) - len(done)} unit files)")
+    except OffloadError:
+        if not existed:
+            shutil.rmtree(path, ignore_errors=True)  # leave nothing behind for a write that never started
+        elif not done:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, IN_PROGRESS))
+        raise
+    # A fingerprint of files (a checkpoint's names, sizes, mtimes, header hashes) identifies the bytes a
+    # finished unit was written from; one of shapes (a module's weights, held in memory) does not: two
+    # models of the same shapes share it, so each unit an earlier run finished is checked by content.
+    by_content = source.get("kind") == "module" or fp.startswith("content:")
+    records: list[UnitRecord] = []
+    bar = _progress(sum(u.nbytes for u in todo), f"offload: writing store {os.path.basename(path)}", progress)
+    marker = os.path.join(path, IN_PROGRESS)
+    try:
+        for index, u in enumerate(todo):
+            file = unit_file_name(index, u.name)
+            prev = done.get(u.name)
+            if prev is not None and prev.get("file") == file:
+                try:
+                    rec = _parse_unit(prev, marker)
+                    if os.path.getsize(os.path.join(path, file)) == rec.file_bytes and (
+                            not by_content or _same_content(u, rec)):
+                        records.append(rec)
+                        bar.update(u.nbytes)
+                        continue
+                except (StoreError, OSError):
+                    pass
+            with u.open_fetch() as fetch:
+                rec = write_unit_file(path, file, u.name, u.specs, fetch, bar.update)
+            rec = dataclasses.replace(rec, quantized=tuple(u.quantized))
+            records.append(rec)
+            with open(marker, "a") as f:
+                f.write(json.dumps(rec.to_json()) + "\n")
+    finally:
+        bar.close()
+    stored = _copy_side_files(path, files, edit)
+    res = records.pop() if resident is not None else None
+    write_manifest(path, records, source, res, dict(extra or {}, side_files=stored) if stored else extra)
+    return Store.open(path)
+
+
+def _copy_side_files(path: str, files: Sequence[str], edit: dict[str, Callable[[bytes], bytes]] | None
+                     ) -> dict[str, str]:
+    """Copy config/tokenizer files into a store (``edit[file]`` rewrites one on the way); return the
+    SHA-256 of each copy as written, for the manifest's ``side_files`` (``Store.check_side_files``)."""
+    stored = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            raw = fh.read()
+        if edit and f in edit:
+            raw = edit[f](raw)
+        write_atomic(os.path.join(path, os.path.basename(f)), raw)
+        stored[os.path.basename(f)] = hashlib.sha256(raw).hexdigest()
+    return stored
+
+
+def _same_content(u: UnitSource, rec: UnitRecord) -> bool:
+    """Does the unit file an earlier run finished hold exactly ``u``'s bytes (its recorded checksum)?"""
+    with u.open_fetch() as fetch:
+        return unit_crc(u.name, u.specs, fetch) == rec.crc32
+
+
+def write_atomic(final: str, data: bytes | Iterable[bytes]) -> None:
+    """Write ``final`` under a temporary name beside it, fsync, rename: it appears complete or not at all."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(final)), f".{os.path.basename(final)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

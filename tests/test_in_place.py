@@ -5,7 +5,6 @@ Every model here is compared bit for bit with ``from_pretrained`` of the same fo
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ import transformers as tf
 
 import offload
 from conftest import make_model, moe_config
-
-conv = sys.modules["offload.convert"]  # the module (offload.convert is the function)
+from offload.in_place import in_place_units, write_index
 
 
 def save(arch: str, folder, seed: int = 0, **kwargs):
@@ -81,8 +79,8 @@ def test_unaligned_tensors_and_an_odd_length_u8_tensor_read_exactly(tmp_path):
     b = {"blocks.1.b": torch.randn(3), "blocks.2.w": torch.randn(50, 50), "blocks.2.u8": torch.arange(7, dtype=torch.uint8)}
     save_file(a, src / "model-00001-of-00002.safetensors")
     save_file(b, src / "model-00002-of-00002.safetensors")
-    units, resident = conv.in_place_units(str(src), torch.float32)
-    store = conv.write_index(str(src), str(tmp_path / "idx"), units, resident, torch.float32)
+    units, resident = in_place_units(str(src), torch.float32)
+    store = write_index(str(src), str(tmp_path / "idx"), units, resident, torch.float32)
     assert any(e.offset % 4096 == 0 and e.length % 4096 for u in store.units for e in u.extents), "no partial tail"
     truth = {**load_file(src / "model-00001-of-00002.safetensors"), **load_file(src / "model-00002-of-00002.safetensors")}
     cfg = StagingConfig(prefetch=1, slot_bytes=max(u.data_bytes for u in store.units), streamed_units=len(store.units))

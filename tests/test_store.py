@@ -113,17 +113,17 @@ def test_interrupted_conversion_leaves_no_manifest_and_resumes(tmp_path, monkeyp
             raise OSError(28, "No space left on device")
         return real(folder, file, name, *a, **k)
 
-    monkeypatch.setattr(sys.modules["offload.convert"], "write_unit_file", failing)
+    monkeypatch.setattr(st, "write_unit_file", failing)
     with pytest.raises(OSError, match="No space"):
         offload.convert(tmp_path / "ckpt", tmp_path / "s", progress=False)
     left = os.listdir(tmp_path / "s")
     assert "manifest.json" not in left and not [x for x in left if ".tmp-" in x]
     with pytest.raises(offload.StoreError, match="interrupted"):
         Store.open(tmp_path / "s")
-    monkeypatch.setattr(sys.modules["offload.convert"], "write_unit_file", real)
+    monkeypatch.setattr(st, "write_unit_file", real)
     calls.clear()
     resumed = []
-    monkeypatch.setattr(sys.modules["offload.convert"], "write_unit_file", lambda folder, file, name, *a, **k: (resumed.append(name), real(folder, file, name, *a, **k))[1])
+    monkeypatch.setattr(st, "write_unit_file", lambda folder, file, name, *a, **k: (resumed.append(name), real(folder, file, name, *a, **k))[1])
     store = offload.convert(tmp_path / "ckpt", tmp_path / "s", progress=False)
     assert "transformer.h.0" not in resumed and "transformer.h.2" in resumed  # finished units were kept
     for u in store.units:

@@ -79,15 +79,15 @@ class _Interrupt(BaseException):
 
 def _interrupt_after(monkeypatch, units: int) -> None:
     """The next store write stops (as Ctrl-C would) after ``units`` unit files are finished."""
-    conv = sys.modules["offload.convert"]  # the module (offload.convert is the function)
-    real, count = conv.write_unit_file, {"n": 0}
+    import offload.writer as writer  # write_store looks write_unit_file up there
+    real, count = writer.write_unit_file, {"n": 0}
 
     def counting(*args, **kwargs):
         if count["n"] == units:
             raise _Interrupt()
         count["n"] += 1
         return real(*args, **kwargs)
-    monkeypatch.setattr(conv, "write_unit_file", counting)
+    monkeypatch.setattr(writer, "write_unit_file", counting)
 
 
 @pytest.mark.parametrize("route", ["enable", "convert"])

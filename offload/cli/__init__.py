@@ -53,7 +53,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
     if store.resident:
         print(f"resident {len(store.resident.tensors)} tensors, {format_bytes(store.resident.data_bytes)}")
     if a.verify:
-        from ..convert import _progress
+        from ..writer import _progress
         units = store.units + ([store.resident] if store.resident else [])
         bar = _progress(sum(u.data_bytes for u in units), "verifying", not a.quiet)
         try:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .._memory import format_bytes, parse_bytes
-from ..convert import write_atomic
+from ..writer import write_atomic
 from ..io import MmapReader, PythonReader, Reader
 from ..staging import HostBuffer
 from .options import UsageError, add_command, byte_size, output_file, positive_int
@@ -419,7 +419,7 @@ def thp_mode() -> str:
 
 
 def main(a: Any) -> int:
-    from ..convert import _progress
+    from ..writer import _progress
     path = a.path or os.getcwd()
     if os.path.isdir(path):
         path = os.path.join(path, "offload-bench-disk.bin")

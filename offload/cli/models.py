@@ -131,7 +131,7 @@ def random_checkpoint(name: str, dtype: torch.dtype, folder: str, progress: bool
     from safetensors.torch import save_file
 
     from .._memory import ensure_free_space
-    from ..convert import _progress
+    from ..writer import _progress
     if random_complete(folder):
         return folder
     config, params = _random_params(name, dtype)

@@ -48,7 +48,7 @@ class Target:
 
 
 def resolve(a: argparse.Namespace) -> Target:
-    from ..convert import checkpoint_dtype, checkpoint_sources, source_kind
+    from ..sources import checkpoint_dtype, checkpoint_sources, source_kind
     from ..config import cache_dir
     from ..manifest import MANIFEST
     from ..store import Store
@@ -102,7 +102,8 @@ def _quantized_plan(a: argparse.Namespace, meta: Any, units: dict[str, list[Any]
     parts (planned from metadata, nothing quantized)."""
     if not a.quantize:
         return list(units.values())
-    from ..convert import UnitSource, module_policy, quantize_sources
+    from ..convert import module_policy, quantize_sources
+    from ..writer import UnitSource
     sources = [UnitSource(name, specs, lambda: None) for name, specs in units.items()]  # type: ignore[arg-type, return-value]
     quantize_sources(sources, module_policy(dict(meta.named_modules()), a.quantize, a.group_size), a.quantize,
                      a.group_size)
@@ -111,8 +112,8 @@ def _quantized_plan(a: argparse.Namespace, meta: Any, units: dict[str, list[Any]
 
 def _random_specs(name: str, dtype: torch.dtype) -> tuple[dict[str, list[Any]], list[Any]]:
     """The tensors ``convert`` will put in each unit of a random model, from its meta model (no data)."""
-    from ..convert import unit_of_key
     from ..manifest import TensorSpec
+    from ..sources import unit_of_key
     config = config_for(name)
     model = meta_model(config, dtype)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
@@ -145,7 +146,7 @@ def _read_in_place(t: Target, a: argparse.Namespace) -> bool:
     """Will ``cached_store`` index this checkpoint rather than copy it (``convert.in_place_units``)? A
     safetensors folder in its own dtype, unquantized (it still copies a layout too scattered to read in
     place; that write checks free space itself)."""
-    from ..convert import checkpoint_dtype, source_kind
+    from ..sources import checkpoint_dtype, source_kind
     if t.quant or a.quantize:
         return False
     if t.kind == "random":
@@ -165,7 +166,7 @@ def check_disk(t: Target, a: argparse.Namespace, builds: bool, refuse: bool = Tr
     if t.kind == "random" and not random_complete(t.path):
         parts.append((random_checkpoint_bytes(a.random, t.dtype), f"the random {a.random} checkpoint"))
     if builds and _read_in_place(t, a):  # an index: a page per unit at most, and the config/tokenizer files
-        from ..convert import side_files
+        from ..sources import side_files
         side = sum(os.path.getsize(f) for f in side_files(t.path)) if os.path.isdir(t.path) else 64 << 10
         parts.append((side + PAGE * (len(t.unit_bytes) + 1), "its index (read in place)"))
     elif builds:  # a copy: each unit file is its data, a header page, at most a page of padding
@@ -362,7 +363,7 @@ def load_tokenizer(path: str) -> Any:
     """The folder's (or store's) tokenizer; None when it has no tokenizer files at all.
 
     Tokenizer files that fail to load are an error, never a silent fall-back to bytes."""
-    from ..convert import tokenizer_files
+    from ..sources import tokenizer_files
     files = tokenizer_files(path)
     if not files:
         return None

@@ -1,0 +1,324 @@
+"""What a store is written from: a checkpoint folder (or a module) as unit sources, from metadata.
+
+One concept: the source side of a conversion. A folder's kind (Hugging Face safetensors shards,
+Accelerate's ``offload_folder``, pickle), its tensors grouped into units (``writer.UnitSource``:
+specs now, each tensor fetched only when the writer asks for it), the config and tokenizer files
+that make a store a complete checkpoint, the provenance of every file read (what a cached store is
+checked against) and the dtype it holds. Nothing here writes; a source is only opened read-only.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .integrity import file_provenance, fingerprint
+from .manifest import DTYPES, TensorSpec, main_float_dtype
+from .plan import UnitPlan, find_units, plan_plain
+from .writer import Fetch, UnitSource
+
+RESIDENT = "__resident__"
+
+
+def _fixed(fetch: Fetch) -> Callable[[], contextlib.AbstractContextManager[Fetch]]:
+    return lambda: contextlib.nullcontext(fetch)
+
+
+def sources_from_plans(plans: Sequence[UnitPlan]) -> list[UnitSource]:
+    out = []
+    for p in plans:
+        by_rel = {t.rel: t for t in p.tensors}
+        specs = [TensorSpec(t.rel, t.dtype, t.shape) for t in p.tensors]
+        out.append(UnitSource(p.name, specs, _fixed(lambda rel, by_rel=by_rel: by_rel[rel].fetch())))
+    return out
+
+
+_UNIT_KEY = re.compile(r"^(.*?\.\d+)\.")
+
+
+def unit_of_key(key: str) -> str | None:
+    """``transformer.h.12.mlp.weight`` → ``transformer.h.12``; keys outside a block → None."""
+    m = _UNIT_KEY.match(key)
+    return m.group(1) if m else None
+
+
+def _shard_files(src: str) -> list[str]:
+    index = os.path.join(src, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [x for x in files if not os.path.exists(os.path.join(src, x))]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are missing: {missing[:3]}: re-download the checkpoint")
+        return [os.path.join(src, x) for x in files]
+    return sorted(os.path.join(src, x) for x in os.listdir(src) if x.endswith(".safetensors"))
+
+
+def _hf_sources(src: str, dtype: torch.dtype | None) -> tuple[list[UnitSource], UnitSource | None, dict[str, Any]]:
+    from safetensors import safe_open
+
+    shards = _shard_files(src)
+    key_shard: dict[str, str] = {}
+    meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for shard in shards:
+        with safe_open(shard, framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                dt = DTYPES.get(sl.get_dtype())
+                if dt is None:
+                    raise CheckpointError(f"{shard}: tensor {k} has dtype {sl.get_dtype()}, which offload cannot store")
+                key_shard[k] = shard
+                meta[k] = (dt, tuple(sl.get_shape()))
+    groups: dict[str | None, list[str]] = {}
+    for k in key_shard:
+        groups.setdefault(unit_of_key(k), []).append(k)
+
+    def source(name: str, keys: list[str]) -> UnitSource:
+        prefix = "" if name == RESIDENT else name + "."
+        specs = []
+        for k in keys:
+            dt, shape = meta[k]
+            if dtype is not None and dt.is_floating_point:
+                dt = dtype
+            specs.append(TensorSpec(k[len(prefix):], dt, shape))
+
+        @contextlib.contextmanager
+        def opened():
+            with contextlib.ExitStack() as stack:
+                handles: dict[str, Any] = {}
+
+                def fetch(rel: str) -> torch.Tensor:
+                    k = prefix + rel
+                    shard = key_shard[k]
+                    if shard not in handles:
+                        handles[shard] = stack.enter_context(safe_open(shard, framework="pt"))
+                    return handles[shard].get_tensor(k)
+                yield fetch
+        return UnitSource(name, specs, opened)
+
+    units = [source(n, ks) for n, ks in groups.items() if n is not None]
+    units.sort(key=lambda u: _natural_key(u.name))
+    resident = source(RESIDENT, groups[None]) if None in groups else None
+    return units, resident, {"kind": "hf-safetensors", "path": os.path.abspath(src), "files": source_files(src)}
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _accelerate_folder_sources(src: str) -> tuple[list[UnitSource], UnitSource | None, dict[str, Any]]:
+    with open(os.path.join(src, "index.json")) as f:
+        index = json.load(f)
+
+    def load(key: str) -> torch.Tensor:
+        info = index[key]
+        shape = tuple(info["shape"]) or (1,)
+        np_dtype = "int16" if info["dtype"] == "bfloat16" else info["dtype"]
+        path = os.path.join(src, f"{key}.dat")
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path} is listed in {src}/index.json but missing")
+        arr = np.memmap(path, dtype=np_dtype, shape=shape, mode="r")
+        if len(info["shape"]) == 0:
+            arr = arr[0]
+        t = torch.from_numpy(np.array(arr))  # one tensor's copy; the memmap is dropped right after
+        return t.view(torch.bfloat16) if info["dtype"] == "bfloat16" else t
+
+    groups: dict[str | None, list[str]] = {}
+    for k in index:
+        groups.setdefault(unit_of_key(k), []).append(k)
+
+    def source(name: str, keys: list[str]) -> UnitSource:
+        prefix = "" if name == RESIDENT else name + "."
+        specs = [TensorSpec(k[len(prefix):], getattr(torch, index[k]["dtype"]), tuple(index[k]["shape"])) for k in keys]
+        return UnitSource(name, specs, _fixed(lambda rel: load(prefix + rel)))
+
+    units = sorted((source(n, ks) for n, ks in groups.items() if n is not None), key=lambda u: _natural_key(u.name))
+    resident = source(RESIDENT, groups[None]) if None in groups else None
+    return units, resident, {"kind": "accelerate-offload-folder", "path": os.path.abspath(src), "files": source_files(src)}
+
+
+def module_sources(model: nn.Module, units: Sequence[str] | None = None) -> tuple[list[UnitPlan], list[UnitSource]]:
+    plans = plan_plain(model, find_units(model, units), torch.device("cpu"))
+    return plans, sources_from_plans(plans)
+
+
+def _side_edits(src: str, cast: torch.dtype | None) -> dict[str, Callable[[bytes], bytes]]:
+    """How side files change on their way into a store: config.json says the dtype the store holds."""
+    config = os.path.join(src, "config.json")
+    return {config: lambda raw: _config_with_dtype(raw, cast)} if cast is not None and os.path.isfile(config) else {}
+
+
+def side_file_provenance(src: str) -> list[dict[str, str]]:
+    """Name and SHA-256 of each config/tokenizer file of a checkpoint folder (small files: hashing them
+    whole is cheap), so an edited ``config.json`` or tokenizer is seen, not just changed weights."""
+    out = []
+    for f in side_files(src):
+        with open(f, "rb") as fh:
+            out.append({"name": os.path.basename(f), "sha256": hashlib.sha256(fh.read()).hexdigest()})
+    return out
+
+
+def checkpoint_sources(src: str, cast: torch.dtype | None = None, allow_pickle: bool = False
+                       ) -> tuple[list[UnitSource], UnitSource | None, dict[str, Any]]:
+    """The units, resident part and manifest ``source`` of a checkpoint folder, from metadata only.
+
+    Safetensors and Accelerate folders are described from their headers and index: no tensor data
+    is read until a unit is written, so this also plans a model (``offload run --dry-run``) cheaply.
+    """
+    kind = source_kind(src)
+    if kind == "accelerate-offload-folder":
+        units_, resident, source = _accelerate_folder_sources(src)
+    elif kind == "hf-safetensors":
+        units_, resident, source = _hf_sources(src, None)
+    else:
+        if not allow_pickle:
+            raise CheckpointError(f"{src} holds only pickle checkpoints (*.bin); pickle can run arbitrary code, so they "
+                                  f"are refused. Convert them to safetensors, or pass allow_pickle=True "
+                                  f"(`--allow-pickle`) to load them with torch.load(weights_only=True)")
+        units_, resident, source = _pickle_sources(src, None)
+    if not units_:
+        raise CheckpointError(f"{src}: found no per-block tensors (names like 'model.layers.0.*') to stream")
+    _cast(units_, resident, cast)
+    return units_, resident, _with_dtype(source, units_, resident, cast)
+
+
+def source_kind(src: str) -> str:
+    """``"hf-safetensors"``, ``"accelerate-offload-folder"`` or ``"pickle"``: what ``convert`` reads in ``src``."""
+    if not os.path.isdir(src):
+        raise CheckpointError(f"{src} is not a folder: pass a Hugging Face model folder or an Accelerate offload folder")
+    names = os.listdir(src)
+    if "index.json" in names and any(n.endswith(".dat") for n in names):
+        return "accelerate-offload-folder"
+    if any(n.endswith(".safetensors") for n in names):
+        return "hf-safetensors"
+    if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        return "pickle"
+    raise CheckpointError(f"{src} holds no *.safetensors shards nor an Accelerate index.json: nothing to convert")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def source_files(src: str) -> list[dict[str, Any]]:
+    """Provenance of the files ``convert`` reads in ``src`` (see ``integrity.file_provenance``): the
+    manifest's ``source.files``, and what a cached store is checked against before it is reused."""
+    kind = source_kind(src)
+    if kind == "hf-safetensors":
+        paths = _shard_files(src)
+    elif kind == "accelerate-offload-folder":
+        names = os.listdir(src)
+        paths = [os.path.join(src, "index.json")] + sorted(os.path.join(src, n) for n in names if n.endswith(".dat"))
+    else:
+        paths = sorted(os.path.join(src, n) for n in os.listdir(src) if n.endswith(PICKLE_SUFFIXES))
+    return [file_provenance(p) for p in paths]
+
+
+def _cast(units: Sequence[UnitSource], resident: UnitSource | None, cast: torch.dtype | None) -> None:
+    if cast is None:
+        return
+    for s in list(units) + ([resident] if resident is not None else []):
+        s.specs = [TensorSpec(x.name, cast if x.dtype.is_floating_point else x.dtype, x.shape) for x in s.specs]
+
+
+def _with_dtype(source: dict[str, Any], units: Sequence[UnitSource], resident: UnitSource | None,
+                cast: torch.dtype | None) -> dict[str, Any]:
+    """Add what the store holds to ``source``: ``dtype`` (torch's name), ``quantization`` (none: the caller
+    sets it after quantizing), and
+    a ``fingerprint`` of the files and dtype (an interrupted conversion resumes only when it matches)."""
+    specs = [x for u in list(units) + ([resident] if resident is not None else []) for x in u.specs]
+    held = cast or main_float_dtype((x.dtype, x.nbytes) for x in specs)
+    out = dict(source, dtype=str(held).removeprefix("torch.") if held is not None else None, quantization=None)
+    if "files" in source:
+        out["fingerprint"] = fingerprint([out["kind"], out["dtype"], *(sorted(f.items()) for f in source["files"])])
+    return out
+
+
+# Files besides the weights that make a store a complete checkpoint: the model's configs and whatever
+# its tokenizer or processor loads (AutoTokenizer reads some of these, depending on the tokenizer).
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+              "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "preprocessor_config.json",
+              "processor_config.json")
+TOKENIZER_FILES = tuple(n for n in SIDE_FILES if n not in ("config.json", "generation_config.json",
+                                                           "preprocessor_config.json", "processor_config.json"))
+
+
+def side_files(src: str) -> list[str]:
+    """The config and tokenizer files in ``src`` that ``convert`` copies into the store."""
+    return sorted(os.path.join(src, n) for n in os.listdir(src)
+                  if os.path.isfile(os.path.join(src, n))
+                  and (n in SIDE_FILES or n.startswith("chat_template.") or n.endswith(".tiktoken")))
+
+
+def tokenizer_files(folder: str) -> list[str]:
+    """The tokenizer files in ``folder`` (a checkpoint or a store); empty when it has no tokenizer."""
+    return [p for p in side_files(folder) if os.path.basename(p) in TOKENIZER_FILES
+            or os.path.basename(p).startswith("chat_template.") or p.endswith(".tiktoken")]
+
+
+def _config_with_dtype(raw: bytes, dtype: torch.dtype) -> bytes:
+    """config.json with its dtype set to what the store holds (a store converted with ``dtype=``)."""
+    doc = json.loads(raw)
+    name = str(dtype).removeprefix("torch.")
+    doc["dtype"] = name
+    if "torch_dtype" in doc:
+        doc["torch_dtype"] = name
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _pickle_sources(src: str, cast: torch.dtype | None) -> tuple[list[UnitSource], UnitSource | None, dict[str, Any]]:
+    files = sorted(os.path.join(src, n) for n in os.listdir(src) if n.endswith((".bin", ".pt", ".pth")))
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+    groups: dict[str | None, list[str]] = {}
+    for k in state:
+        groups.setdefault(unit_of_key(k), []).append(k)
+
+    def source(name: str, keys: list[str]) -> UnitSource:
+        prefix = "" if name == RESIDENT else name + "."
+        specs = [TensorSpec(k[len(prefix):], cast if (cast and state[k].is_floating_point()) else state[k].dtype,
+                            tuple(state[k].shape)) for k in keys]
+        return UnitSource(name, specs, _fixed(lambda rel: state[prefix + rel]))
+
+    units = sorted((source(n, ks) for n, ks in groups.items() if n is not None), key=lambda u: _natural_key(u.name))
+    resident = source(RESIDENT, groups[None]) if None in groups else None
+    return units, resident, {"kind": "pickle", "path": os.path.abspath(src), "files": source_files(src)}
+
+
+_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPE_NAMES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(_DTYPE_NAMES)}") from None
+
+
+def checkpoint_dtype(folder: str) -> torch.dtype | None:
+    """The dtype a checkpoint folder is meant to run in: config.json's ``dtype`` (or ``torch_dtype``),
+    else the floating dtype of most of its weights (safetensors headers; no data read)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open(os.path.join(folder, "config.json")) as f:
+            doc = json.load(f)
+        name = doc.get("dtype") or doc.get("torch_dtype")
+        if isinstance(name, str) and isinstance(getattr(torch, name.removeprefix("torch."), None), torch.dtype):
+            return getattr(torch, name.removeprefix("torch."))
+    with contextlib.suppress(CheckpointError):
+        if source_kind(folder) == "hf-safetensors":
+            units, resident, _ = checkpoint_sources(folder)
+            return main_float_dtype((x.dtype, x.nbytes) for u in units + ([resident] if resident else []) for x in u.specs)
+    return None
