@@ -148,8 +148,8 @@ def test_self_draft_is_counted_before_it_is_built_and_shares_the_resident_weight
     assert predicted == S.draft_bytes(model, scheme) == S.draft_bytes(handle.store.path, scheme)
     assert predicted == S.draft_bytes(model.config, scheme, dtype=torch.float32)  # what `run --random` has
     reads = []
-    real = S._read_unit
-    monkeypatch.setattr(S, "_read_unit", lambda store, rec: reads.append(rec.name) or real(store, rec))
+    real = S.drafts._read_unit  # build_self_draft looks it up in offload.speculate.drafts
+    monkeypatch.setattr(S.drafts, "_read_unit", lambda store, rec: reads.append(rec.name) or real(store, rec))
     draft = S.build_self_draft(model, scheme, handle=handle)
     assert sorted(reads) == sorted(u.name for u in handle.store.units)  # each unit read once
     assert S._own_bytes(draft, model) == predicted
