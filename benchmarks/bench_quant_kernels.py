@@ -130,11 +130,11 @@ def speed(rows: list[int], repeats: int, group_size: int, cold: int, chunk_sweep
             if chunk_sweep:  # how CHUNK_ELEMS was chosen
                 for c in (1, 2, 4, 8):
                     def sized(t: dict[str, torch.Tensor], c: int = c) -> torch.Tensor:
-                        old, quant.CHUNK_ELEMS = quant.CHUNK_ELEMS, c << 20
+                        old, quant.tensor.CHUNK_ELEMS = quant.tensor.CHUNK_ELEMS, c << 20  # read there
                         try:
                             return chunked8(x32)(t)
                         finally:
-                            quant.CHUNK_ELEMS = old
+                            quant.tensor.CHUNK_ELEMS = old
                     methods[f"int8 chunked fp32, {c} Mi weights/chunk"] = on("q8f", sized)
             res = timed(methods, repeats)
             out.append({"shape": label, "out_features": n, "in_features": k, "rows": m, "ms": res})

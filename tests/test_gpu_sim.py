@@ -351,8 +351,8 @@ def test_quantized_linear_off_the_cpu_kernels_dequantizes_in_chunks(scheme, monk
     bias = torch.randn(n)
     x = torch.randn(3, k)
     want = F.linear(x, qw.dequantize(), bias)
-    monkeypatch.setattr(quant, "_cpu_kernels", lambda w: False)  # the path every non-CPU device takes
-    monkeypatch.setattr(quant, "DEQUANT_CHUNK_BYTES", 128 << 10)  # 1/8 of this weight in fp32
+    monkeypatch.setattr(quant.tensor, "_cpu_kernels", lambda w: False)  # the path every non-CPU device takes
+    monkeypatch.setattr(quant.tensor, "DEQUANT_CHUNK_BYTES", 128 << 10)  # 1/8 of this weight in fp32
     with LargestAllocation() as m:
         y = F.linear(x, qw, bias)
     assert torch.allclose(y, want, atol=1e-5)
