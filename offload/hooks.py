@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import torch
@@ -235,6 +236,7 @@ class UnitHook:
         self.index, self.module, self.record, self.bindings = index, module, record, bindings
         self.stager, self.tracer = stager, tracer
         self._t_bound = 0.0
+        self.compute_s = 0.0  # time inside the unit's forward, weights bound (no wait): what tune.py models
         self.depth = 0  # forwards of this unit in progress (>1: it called itself)
         self.handles: list[Any] = []
 
@@ -266,17 +268,17 @@ class UnitHook:
             self.stager.done(self.index)
             raise
         self.depth = 1
-        if self.tracer is not None:
-            self._t_bound = self.tracer.now()
+        self._t_bound = time.perf_counter()
 
     def post(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.depth == 0:  # the pre-hook failed (always_call runs us anyway)
             return
         self.depth -= 1
         if self.depth == 0:
+            t = time.perf_counter()
+            self.compute_s += t - self._t_bound
             if self.tracer is not None:
-                self.tracer.span(COMPUTE_TRACK, f"forward {self.record.name}", "forward", self._t_bound,
-                                 self.tracer.now())
+                self.tracer.span(COMPUTE_TRACK, f"forward {self.record.name}", "forward", self._t_bound, t)
             self._unbind()
 
     def reset(self) -> None:

@@ -14,6 +14,8 @@ import functools
 import logging
 import os
 import shutil
+import statistics
+import sys
 import tempfile
 import threading
 import weakref
@@ -31,7 +33,7 @@ from .hooks import Binding, Offloaded, QuantBinding, UnitHook
 from .in_place import accelerate_units, write_accelerate_index
 from .integrity import fingerprint
 from .io import Reader, get_reader
-from .budget import min_room, plan_memory
+from .budget import MemoryPlan, min_room, plan_memory
 from .manifest import MANIFEST, UnitRecord
 from .plan import (UnitPlan, _numel, find_units, is_accelerate_offloaded, offload_folder_of,
                    plan_accelerate, plan_plain)
@@ -40,6 +42,7 @@ from .sources import sources_from_plans
 from .staging import HostBuffer
 from .store import Store
 from .trace import Tracer
+from . import tune as _tune
 from .transfer import CpuStager, CudaBackend, CudaStager, Stager
 from .writer import unit_crc, write_store
 from ._memory import available_memory, format_bytes, parse_bytes
@@ -77,6 +80,11 @@ class Stats:
     expert_cache_bytes: int = 0  # experts held now
     expert_predicted_bytes: int = 0  # experts read ahead for the next layer (its router on this layer's input)
     expert_predicted_used_bytes: int = 0  # of those, what the next layer did route to (the rest was wasted)
+    passes: int = 0  # top-level forwards since enable / reset_stats
+    s_per_pass: float = 0.0  # median seconds of the decode passes (one new position per row), else of all
+    compute_seconds: float = 0.0  # time inside the units' forwards with weights bound (waits excluded)
+    predicted_s_per_pass: float = 0.0  # what the plan predicted for a decode pass at batch 1 (0: no prediction)
+    predicted_bound: str = ""  # what bounds that prediction: disk, compute or pcie
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,15 +107,25 @@ class Handle:
         self._pinned = pinned or []
         self.tracer, self.trace_path = tracer, trace_path
         self.experts: Any = None  # the expert cache, when routed experts are read on routing
-        self._root_hook = model.register_forward_pre_hook(self._root_pre)
+        self.prediction: _tune.Prediction | None = None  # set by enable when it planned the depth
+        self._tuning: dict[str, Any] = {}  # what a prediction at another batch size needs (enable fills it)
+        self._meter = _tune.PassMeter([h for h in hooks if isinstance(h, UnitHook)],
+                                     lambda: self.prefetcher.stats().wait_seconds)
+        self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
+                            model.register_forward_hook(self._root_post, always_call=True)]
         self._lock = threading.Lock()
+        self._compute_at_reset = 0.0
         self.closed = False
 
-    def _root_pre(self, module: nn.Module, args: Any) -> None:
+    def _root_pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         # A new top-level forward: any unit still bound was left by an interrupted forward
         # (KeyboardInterrupt skips post-hooks). Unbind it so its staging buffer returns to the ring.
         for h in self.hooks:
             h.reset()
+        self._meter.start(args, kwargs)
+
+    def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._meter.end()
 
     def stats(self) -> Stats:
         s = self.prefetcher.stats() if not self.closed else None
@@ -126,13 +144,19 @@ class Handle:
                 "expert_bytes_read": self.experts.bytes_read, "expert_cache_bytes": self.experts.used,
                 "expert_predicted_bytes": self.experts.predicted_bytes,
                 "expert_predicted_used_bytes": self.experts.predicted_used_bytes}
-               if self.experts is not None else {}))
+               if self.experts is not None else {}),
+            passes=len(self._meter.seconds), s_per_pass=statistics.median(self._meter.decode_seconds or self._meter.seconds or [0.0]),
+            compute_seconds=sum(h.compute_s for h in self._meter.hooks) - self._compute_at_reset,
+            predicted_s_per_pass=self.prediction.s_per_pass if self.prediction else 0.0,
+            predicted_bound=self.prediction.bound if self.prediction else "")
 
     def reset_stats(self) -> None:
         if not self.closed:
             self.prefetcher.reset_stats()
             if self.experts is not None:
                 self.experts.reset()
+            self._meter.reset()
+            self._compute_at_reset = sum(h.compute_s for h in self._meter.hooks)
 
     def write_trace(self, path: str | os.PathLike[str] | None = None) -> str:
         """Write the trace recorded so far (``enable(trace=...)``) as Chrome trace JSON; returns the path."""
@@ -163,9 +187,11 @@ class Handle:
                 fn(*args)
             except Exception as e:  # noqa: BLE001 - re-raised after the whole shutdown
                 errors.append(e)
-        self._root_hook.remove()
+        for rh in self._root_hooks:
+            rh.remove()
         for h in self.hooks:
             h.remove()
+        self._save_compute()
         for h in self.hooks:
             step(h.reset)
         for stager in self.stagers:
@@ -192,6 +218,33 @@ class Handle:
             step(self.tracer.write, self.trace_path)
         if errors:
             raise errors[0]
+
+    def _save_compute(self) -> None:
+        """Cache the decode compute measured in this run (per batch size), so the next plan of this store
+        predicts from it rather than from a kernel estimate. Host timing measures CPU compute only."""
+        if not self._tuning.get("store_id") or any(p.device.type != "cpu" for p in self.plans):
+            return
+        for batch in self._meter.decode:
+            c = self._meter.compute(batch)
+            if c is not None:
+                try:
+                    _tune.save_compute(self._tuning["store_id"], batch, "cpu", c)
+                except (OSError, OffloadError) as e:  # a cache that cannot be written only costs a re-measure
+                    log.debug("offload: tuning cache not written: %s", e)
+
+    def predict(self, batch: int = 1) -> _tune.Prediction | None:
+        """Seconds per decode pass at ``batch`` rows, as the plan models them (``None``: nothing measured
+        to predict from; ``why_no_prediction`` says why). Compute comes from this run's decode passes when it has seen some, else the
+        tuning cache, else a kernel estimate."""
+        t = self._tuning
+        if not t or t.get("disk") is None:
+            return None
+        measured = self._meter.compute(batch)
+        return _tune.predict_plan(t, batch, measured)
+
+    @property
+    def why_no_prediction(self) -> str:
+        return self._tuning.get("why", "") if self._tuning else "prefetch was given: no model of the disk was consulted"
 
     def _restore_weights(self) -> None:
         """Give a plain module its streamed weights back, read from the store (their only copy now)."""
@@ -318,13 +371,13 @@ def _check_reused(store: Store, plans: Sequence[UnitPlan], fp: str, sources: Seq
                                      f"(checksum {rec.crc32:08x} vs {crc:08x}): delete the store or pass another store=")
 
 
-def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | None = None,
+def enable(model: nn.Module, prefetch: int | str = "auto", store: str | os.PathLike[str] | None = None,
            device: str | torch.device | None = None, *, cpu_memory: int | str | None = None,
            ram_tier: int | str | None = None, gpu_memory: int | str | None = None,
            gpu_tier: int | str | None = None, units: Sequence[str] | None = None, reader: str | Reader | None = None, io_threads: int = 8,
            verify: bool = True, trace: str | os.PathLike[str] | None = None, quantize: str | None = None,
            group_size: int | None = None, progress: bool = True, routed_experts: bool = True,
-           predict_experts: bool = False) -> Handle:
+           predict_experts: bool = False, tune: bool = True) -> Handle:
     """Stream a model's blocks from disk, prefetching the next ``prefetch`` blocks while one computes.
 
     Args:
@@ -333,6 +386,11 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
             built on the meta device (``init_empty_weights``) with ``store=``: its resident weights
             (embeddings, norms, head) are loaded from the store, its blocks streamed.
         prefetch: how many units are read ahead. Staging memory is ``(prefetch + 1) × largest unit``.
+            ``"auto"`` (the default) picks the shallowest depth whose predicted seconds per pass are
+            within 3% of the best the memory budget allows, from this disk's measured read rate
+            (measured once per disk, reader and unit size, a few seconds, cached) and the units'
+            compute (measured in earlier runs of this store, else estimated); a model streaming less
+            than 64 MiB per pass gets 2 without measuring. ``handle.prediction`` says what it predicted.
         store: the folder of per-unit files. Default: ``offload-store`` inside Accelerate's offload
             folder, else a temporary folder removed by ``disable``. An existing store is validated
             against the model and reused; a mismatch is an error, never a silent rewrite.
@@ -366,6 +424,8 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
             router picks for this layer's input (a guess: ``stats()`` reports predicted and used bytes).
             Off by default: on the random-weight models measured here (README, Mixtures of experts) only
             41% of the predicted bytes were used and it slowed decoding; measure it on a trained model.
+        tune: with ``prefetch="auto"``, measure the disk when no measurement is cached; ``False`` uses a
+            cached one or else depth 2 (``offload run --no-tune``).
 
     Returns:
         A :class:`Handle` (``stats()``, ``disable()``, context manager).
@@ -380,7 +440,9 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
     old = getattr(model, "_offload_handle", None)
     if old is not None and not old.closed:
         raise OffloadError("offload is already enabled on this model: call offload.disable(model) first")
-    StagingConfig(prefetch, 1, 1, io_threads)  # validates prefetch and io_threads before any work
+    if isinstance(prefetch, str) and prefetch != "auto":
+        raise ValueError(f"prefetch must be an integer >= 1 or 'auto', got {prefetch!r}")
+    StagingConfig(_tune.DEFAULT_PREFETCH if prefetch == "auto" else prefetch, 1, 1, io_threads)  # validated before any work
     if cpu_memory is not None and ram_tier is not None:
         raise ValueError("pass cpu_memory= (all RAM for weights) or ram_tier= (the RAM tier alone), not both")
     if gpu_memory is not None and gpu_tier is not None:
@@ -455,16 +517,33 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
         records = [st.by_name[p.name] for p in plans]
         plans, records, groups = _carve_experts(st, plans, records, routed_experts, quantization, devices)
 
-        # GPU tier (per device with a copy engine): units kept on the device, read from disk once.
         backends = {dev: _backend_for(dev) for dev in devices}
-        tiers = _gpu_tiers(model, plans, records, prefetch, gpu_memory, gpu_tier, backends, kind)
-        elsewhere = set().union(*tiers.values()) if tiers else set()
-        # RAM tier: a fixed set of units read once. The streamed weights about to be freed count as free.
         sizes = [r.data_bytes for r in records]
         streaming = plans + [UnitPlan(g.name, g.module, g.tensors, devices[0]) for g in groups]  # not resident
-        room, tier_size = _ram_room(model, streaming, kind, prefetch, [sizes[i] for i in range(len(sizes))
-                                                                       if i not in elsewhere], total_budget, tier_budget)
-        mp = plan_memory(sizes, prefetch, ram_room=room, ram_tier=tier_size, on_gpu=frozenset(elsewhere))
+
+        def placed(depth: int) -> tuple[dict[torch.device, set[int]], set[int], int | None, int | None, MemoryPlan]:
+            """The tiers at look-ahead ``depth``: GPU tier (per device with a copy engine: units kept on
+            the device, read once), then the RAM tier (units read once; the streamed weights about to be
+            freed count as free). A deeper ring leaves less for both."""
+            tiers = _gpu_tiers(model, plans, records, depth, gpu_memory, gpu_tier, backends, kind)
+            elsewhere = set().union(*tiers.values()) if tiers else set()
+            room, tier_size = _ram_room(model, streaming, kind, depth, [sizes[i] for i in range(len(sizes))
+                                                                        if i not in elsewhere], total_budget, tier_budget)
+            return tiers, elsewhere, room, tier_size, plan_memory(sizes, depth, ram_room=room, ram_tier=tier_size,
+                                                                  on_gpu=frozenset(elsewhere))
+
+        streams = bool(placed(_tune.DEFAULT_PREFETCH)[4].streamed)  # all in the tiers: no disk to plan for
+        tuning = _tuning_inputs(st, records, rd, devices, model, plans, measure=tune and prefetch == "auto" and streams,
+                                progress=progress)
+        if prefetch == "auto":
+            prefetch, prediction = _auto_depth(placed, tuning)
+        else:
+            prediction = None
+        tiers, elsewhere, room, tier_size, mp = placed(prefetch)
+        if prediction is None and tuning.get("disk") is not None:
+            tuning["plan"] = mp
+            prediction = _tune.predict_plan({**tuning, "prefetch": prefetch}, 1, None)
+        tuning.update(prefetch=prefetch, plan=mp)
         slots, slot_bytes = mp.host_ring
         config = StagingConfig(prefetch, slot_bytes, len(mp.streamed), io_threads)
         assert room is None or mp.bytes_of(mp.ram_tier) + config.ring_bytes <= room or not mp.ram_tier
@@ -516,6 +595,7 @@ def enable(model: nn.Module, prefetch: int = 2, store: str | os.PathLike[str] | 
                     list(stagers.values()) + ([estager] if estager is not None else []), accelerate_state,
                     restore, silenced, pinned, tracer, os.fspath(trace) if trace is not None else None)
     handle.experts = estager.cache if estager is not None else None
+    handle.prediction, handle._tuning = prediction, tuning
     if kind == "module" and any(d.type == "cuda" for d in devices):
         try:
             _move_resident(model, devices[0])  # everything not streamed computes where the units do
@@ -554,6 +634,55 @@ def _carve_experts(store: Store, plans: list[UnitPlan], records: list[UnitRecord
         out_records.append(r2)
         groups += gs
     return out_plans, out_records, groups
+
+
+def _tuning_inputs(st: Store, records: Sequence[UnitRecord], reader: Reader, devices: Sequence[torch.device],
+                   model: nn.Module, plans: Sequence[UnitPlan], *, measure: bool, progress: bool) -> dict[str, Any]:
+    """What ``tune`` needs to predict this model's passes: the disk profile (cached, or measured now when
+    ``measure`` and the units stream enough bytes for it to matter), the units' byte ranges and sizes,
+    the compute's kind and where it runs."""
+    reads = [[(st.path_of(r, e.file), e.offset, e.length) for e in r.reads] for r in records if r.reads]
+    q = st.quantization
+    kind = q["scheme"] if q else str(st.dtype or torch.float32).replace("torch.", "")
+    resident = sum(t.numel() * t.element_size() for t in _resident_tensors(model, plans))
+    out: dict[str, Any] = {"sizes": [r.data_bytes for r in records], "kind": kind, "resident_bytes": resident,
+                           "device": devices[0].type, "store_id": _tune.store_id(st, records), "disk": None}
+    if not reads or sum(out["sizes"]) < _tune.MIN_STREAMED_BYTES:
+        out["why"] = (f"the units total {format_bytes(sum(out['sizes']))} (< {format_bytes(_tune.MIN_STREAMED_BYTES)}): "
+                      f"too little for the depth to matter")
+        return out
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else log.info  # noqa: E731
+    try:
+        out["disk"] = _tune.disk_profile(reads, reader, measure=measure, say=say)
+    except OSError as e:  # measuring is an optimisation: a disk that cannot be measured plans as before
+        log.warning("offload: could not measure the disk (%s); prefetch=%d", e, _tune.DEFAULT_PREFETCH)
+        out["why"] = f"the disk could not be measured ({e})"
+    if out["disk"] is None and "why" not in out:
+        out["why"] = ("this disk was never measured (`offload tune MODEL` measures it; prefetch='auto' does when "
+                      "units stream)")
+    if out["disk"] is not None and devices[0].type == "cuda":
+        out["h2d_bps"] = _tune.h2d_rate(devices[0])
+    return out
+
+
+def _auto_depth(placed: Any, tuning: dict[str, Any]) -> tuple[int, _tune.Prediction | None]:
+    """The look-ahead depth for ``prefetch="auto"``: each depth the budget allows is placed (tiers and
+    ring) and its pass predicted; ``tune.choose_prefetch`` takes the shallowest near the best."""
+    if tuning.get("disk") is None:
+        return _tune.DEFAULT_PREFETCH, None
+    candidates, first_error = [], None
+    for depth in range(1, _tune.MAX_CONCURRENCY + 1):
+        try:
+            mp = placed(depth)[4]
+        except OffloadError as e:  # this ring does not fit the budget: deeper ones will not either
+            first_error = first_error or e
+            break
+        candidates.append((depth, mp))
+    if not candidates:
+        assert first_error is not None
+        raise first_error
+    best = _tune.choose_plan(tuning, candidates, batch=1)
+    return best.prefetch, best
 
 
 def _ram_room(model: nn.Module, plans: Sequence[UnitPlan], kind: str, prefetch: int, host_sizes: Sequence[int],
@@ -650,13 +779,13 @@ def _unload_resident(replaced: list[tuple[nn.Module, str, bool, torch.Tensor]]) 
         (m._parameters if is_param else m._buffers)[attr] = t
 
 
-def load(source: str | os.PathLike[str], prefetch: int = 2, *, cpu_memory: int | str | None = None,
+def load(source: str | os.PathLike[str], prefetch: int | str = "auto", *, cpu_memory: int | str | None = None,
          ram_tier: int | str | None = None, device: str | torch.device | None = None,
          gpu_memory: int | str | None = None, gpu_tier: int | str | None = None,
          dtype: torch.dtype | str | None = None, reader: str | Reader | None = None, io_threads: int = 8,
          verify: bool = True, trace: str | os.PathLike[str] | None = None, quantize: str | None = None,
          group_size: int = 64, progress: bool = True, rebuild: bool = False, routed_experts: bool = True,
-         predict_experts: bool = False) -> tuple[nn.Module, Handle]:
+         predict_experts: bool = False, tune: bool = True) -> tuple[nn.Module, Handle]:
     """Load a model bigger than RAM: build it on meta, load its resident weights, stream its blocks.
 
     ``source`` is a store (``offload convert``) or a Hugging Face folder, converted once into a cached
@@ -690,7 +819,7 @@ def load(source: str | os.PathLike[str], prefetch: int = 2, *, cpu_memory: int |
                     gpu_memory=gpu_memory, gpu_tier=gpu_tier, units=[u.name for u in st.units], reader=reader,
                     io_threads=io_threads, verify=verify, trace=trace, progress=progress,
                     quantize=qz["scheme"] if qz else None, group_size=qz.get("group_size") if qz else None,
-                    routed_experts=routed_experts, predict_experts=predict_experts)
+                    routed_experts=routed_experts, predict_experts=predict_experts, tune=tune)
     return model, handle
 
 

@@ -1,9 +1,9 @@
-"""The ``offload`` command: run, convert, info, bench-disk, bench, cache.
+"""The ``offload`` command: run, tune, convert, info, bench-disk, bench, cache, serve.
 
 User errors (a bad path, a damaged store, an invalid option) print one line and exit with code 2,
 before anything is converted, loaded or measured; a traceback means a bug.
 
-Layout: ``run.py`` (offload run), ``bench.py`` (offload bench), ``benchdisk.py`` (offload bench-disk),
+Layout: ``run.py`` (offload run and offload tune, a measured short run), ``bench.py`` (offload bench), ``benchdisk.py`` (offload bench-disk),
 ``cache.py`` (offload cache), ``models.py`` (the random-model zoo), ``options.py`` (argument types,
 one-line errors). Each command module imports ``options`` and ``models`` only, never another command.
 """
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     run.add_parser(sub)
+    run.add_tune_parser(sub)
 
     c = add_command(sub, "convert", "convert a checkpoint folder into a store of per-unit files",
                     "Convert a Hugging Face folder (safetensors shards) or an Accelerate offload folder into a store: "

@@ -32,11 +32,12 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
+from .._fileio import _files_under, evict  # noqa: F401  (evict: benchmarks import it from here)
 from .._memory import format_bytes
 from .models import DTYPES, meta_model, model_class, random_checkpoint, random_name
 from .options import (UsageError, add_command, at_least, byte_size, choice_list, default_device, device, int_list,
@@ -47,26 +48,6 @@ FIO_FILE_BYTES = 4 << 30  # fio's test file beside the model's files: its I/O fl
 DISK_FLOOR_MIN_BYTES = 64 << 20  # without fio: the readers' test file is the blocks' size, within these bounds
 READER_FLOORS = ("native-uring", "native-threads", "python-direct")  # the O_DIRECT readers enable() can use
 
-
-def _files_under(paths: Iterable[str]) -> list[str]:
-    out = []
-    for p in paths:
-        if os.path.isfile(p):
-            out.append(p)
-        elif os.path.isdir(p):
-            for root, _, files in os.walk(p):
-                out += [os.path.join(root, f) for f in files]
-    return out
-
-
-def evict(paths: Iterable[str]) -> None:
-    for f in _files_under(paths):
-        with contextlib.suppress(OSError):
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 class Decode(NamedTuple):

@@ -72,6 +72,14 @@ def at_least(minimum: int) -> Callable[[str], int]:
 positive_int = at_least(1)
 
 
+def depth(text: str) -> int | str:
+    """``auto`` or a whole number >= 1 (``--prefetch``)."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
+depth.__name__ = "'auto' or an integer >= 1"
+
+
 def int_list(minimum: int) -> Callable[[str], list[int]]:
     """Comma-separated whole numbers, each at least ``minimum``: ``1,2,4``."""
     one = at_least(minimum)

@@ -19,11 +19,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .. import tune
 from .._memory import available_memory, format_bytes
 from .models import (DTYPES, RANDOM_MODELS, config_for, dtype_tag, meta_model, random_checkpoint,
                      random_checkpoint_bytes, random_complete, random_name)
-from .options import (UsageError, add_command, byte_size, default_device, device, input_file, nonempty,
-                      output_file, positive_int, require, require_reader)
+from .options import (UsageError, add_command, at_least, byte_size, default_device, depth, device, input_file,
+                      nonempty, output_file, positive_int, require, require_reader)
 
 BYTES_FALLBACK = "bytes"  # no tokenizer: the prompt's UTF-8 bytes are the ids, ids are printed
 DEFAULT_PROMPT = "The quick brown fox"
@@ -629,10 +630,16 @@ def cmd_run(a: argparse.Namespace, work: Callable[..., int] | None = None) -> in
     if a.quantize and builds:
         require("torchao", "quant", f"--quantize {a.quantize}")
     draft = draft_plan(a, target)
-    check_budget(target, a.cpu_memory, a.prefetch, device, a.gpu_memory, draft)
+    auto = a.prefetch == "auto"
+    check_budget(target, a.cpu_memory, 1 if auto else a.prefetch, device, a.gpu_memory, draft)
     space = check_disk(target, a, builds, refuse=not a.dry_run)
-    print(plan_table(target, a.cpu_memory, a.prefetch, device, a.gpu_memory, draft, a.speculate),
-          file=sys.stderr if jobs is not None and not a.output else sys.stdout)  # stdout: the results' JSON lines
+    table_out = sys.stderr if jobs is not None and not a.output else sys.stdout  # stdout: the results' JSON lines
+    if not auto or a.dry_run:  # auto: the depth is chosen at load (the disk measured if it never was), table then
+        print(plan_table(target, a.cpu_memory, tune.DEFAULT_PREFETCH if auto else a.prefetch, device, a.gpu_memory,
+                         draft, a.speculate), file=table_out)
+        if auto:
+            print(f"prefetch auto: {tune.DEFAULT_PREFETCH} shown; the run picks the depth from this disk's measured "
+                  f"read rate (measured once per disk, a few seconds, cached) and prints its prediction", file=table_out)
     if a.dry_run:
         if space:
             _say(f"note: {space}")
@@ -666,7 +673,12 @@ def cmd_run(a: argparse.Namespace, work: Callable[..., int] | None = None) -> in
     elif draft:  # the default budget (free memory - 1 GiB) less the draft
         memory["cpu_memory"] = ram_room(None, draft)
     model, handle = offload.load(store, a.prefetch, device=device, **memory, trace=trace, reader=a.reader,
-                                 verify=not a.no_verify, progress=not a.quiet)
+                                 verify=not a.no_verify, progress=not a.quiet, tune=not a.no_tune)
+    if auto:
+        print(plan_table(target, a.cpu_memory, handle.stats().prefetch, device, a.gpu_memory, draft, a.speculate),
+              file=table_out)
+    pred = handle.predict(a.batch_size)
+    print(prediction_line(pred, handle.stats().prefetch, auto, a.batch_size, handle.why_no_prediction), file=table_out)
     try:
         rc = (work or _generate)(a, model, handle, tokenizer, torch.device(device))
     finally:
@@ -677,6 +689,17 @@ def cmd_run(a: argparse.Namespace, work: Callable[..., int] | None = None) -> in
         from ..trace import plot
         _say(f"timeline: {plot(trace, a.plot)}")
     return rc
+
+
+def prediction_line(pred: Any, depth: int, auto: bool, batch: int, why: str = "") -> str:
+    """The plan's forecast: seconds per decode pass, what bounds it, and where the numbers came from."""
+    how = "auto" if auto else "--prefetch"
+    if pred is None:
+        return f"prefetch {depth} ({how}); no prediction: {why or 'nothing measured'}"
+    floors = f"disk {pred.read_s:.3f} s, compute {pred.compute_s:.3f} s" + (f", PCIe {pred.copy_s:.3f} s"
+                                                                           if pred.copy_s else "")
+    return (f"prefetch {depth} ({how}): predicted {pred.s_per_pass:.3f} s/token at batch {batch}, {pred.bound}-bound "
+            f"(floors: {floors}); {pred.basis}")
 
 
 def _generate(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, device: torch.device) -> int:
@@ -712,6 +735,10 @@ def _generate(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, de
     print(f"{n} tokens x batch {a.batch_size}: {decode_s:.3f} s/token (decode), {format_bytes(s.bytes_read / max(n, 1))} "
           f"read/token, waited on I/O {s.wait_seconds / total:.0%} of {total:.1f} s, misses {s.misses}, "
           f"peak RSS {format_bytes(rss)}{gpu}")
+    pred = handle.prediction if spec is None else None  # speculation changes what a pass is
+    if pred is not None and s.s_per_pass:
+        print(f"measured {s.s_per_pass:.3f} s/pass (median decode pass) vs predicted {pred.s_per_pass:.3f} "
+              f"({s.s_per_pass / pred.s_per_pass - 1:+.0%}; {pred.bound}-bound)")
     if spec_stats is not None:
         print(spec_stats.summary())
     return 0
@@ -733,7 +760,11 @@ def add_model_options(r: Any) -> None:
                    help="where the model computes: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     r.add_argument("--trace", type=output_file, metavar="FILE",
                    help="write a Chrome/Perfetto trace of reads, copies, forwards and waits to FILE")
-    r.add_argument("--prefetch", type=positive_int, default=2, metavar="N", help="units read ahead while one computes")
+    r.add_argument("--prefetch", type=depth, default="auto", metavar="N",
+                   help="units read ahead while one computes (default: auto, chosen from this disk's measured rate "
+                        "and the units' compute; the plan prints the prediction)")
+    r.add_argument("--no-tune", action="store_true",
+                   help="with --prefetch auto, never measure the disk: use a cached measurement, else depth 2")
     r.add_argument("--dtype", choices=sorted(DTYPES),
                    help="dtype to run in (default: the checkpoint's own, from config.json or its weights; a store's "
                         "own; bf16 for --random)")
@@ -780,3 +811,52 @@ def add_parser(sub: Any) -> None:
                    help="tokens drafted per pass with --speculate (default: chosen each pass from the measured "
                         "draft and pass times and the acceptance)")
     r.set_defaults(fn=cmd_run)
+
+
+def _tune_work(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, device: torch.device) -> int:
+    """``offload tune``'s work: a short greedy generation at --batch-size, then measured vs predicted. The
+    decode compute it measures is cached when the handle is disabled, for every later plan of this store."""
+    before = handle.predict(a.batch_size)
+    ids = torch.tensor([[(17 * i + 3) % model.config.vocab_size for i in range(16)]] * a.batch_size, device=device)
+    handle.reset_stats()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
+                       min_new_tokens=a.max_new_tokens, do_sample=False)
+    s = handle.stats()
+    after = handle.predict(a.batch_size)
+    print(f"measured {s.s_per_pass:.3f} s per decode pass at batch {a.batch_size} (median of {a.max_new_tokens - 1}), "
+          f"prefetch {s.prefetch}")
+    if before is not None:
+        print(f"predicted before: {before.s_per_pass:.3f} s ({s.s_per_pass / before.s_per_pass - 1:+.0%}); {before.basis}")
+    if after is not None:
+        print(f"predicted now:    {after.s_per_pass:.3f} s ({s.s_per_pass / after.s_per_pass - 1:+.0%}), "
+              f"{after.bound}-bound; {after.basis}")
+    return 0
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    """Measure this disk afresh (the model's own files, read only), load with ``prefetch="auto"``, run a
+    few decode passes and cache their compute: later runs of this store plan from measurements."""
+    removed = tune.forget_disks()
+    if removed:
+        _say(f"offload tune: forgot {removed} cached disk measurement(s) of this machine")
+    a.prefetch, a.no_tune, a.prompt, a.prompts, a.output, a.speculate, a.plot = "auto", False, None, None, None, None, None
+    a.draft_tokens = None
+    t0 = time.perf_counter()
+    rc = cmd_run(a, work=_tune_work)
+    _say(f"offload tune: {time.perf_counter() - t0:.1f} s; measurements cached under {tune.cache_root()}")
+    return rc
+
+
+def add_tune_parser(sub: Any) -> None:
+    t = add_command(sub, "tune", "measure the disk and the model's compute once; later runs plan from them",
+                    "Measure this disk's read rate with the run's reader on the model's own files (read only, O_DIRECT), "
+                    "load the model with --prefetch auto, and time a few decode passes at --batch-size: the disk "
+                    "profile and the compute are cached (OFFLOAD_CACHE/tune) and every later `offload run`, "
+                    "offload.load and offload.enable with prefetch='auto' plans from them. Prints the depth chosen "
+                    "and predicted vs measured seconds per pass.")
+    add_model_options(t)
+    t.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="rows per pass to measure")
+    t.add_argument("--max-new-tokens", type=at_least(3), default=5, metavar="N",
+                   help="tokens to generate (all but the first are the decode passes measured)")
+    t.set_defaults(fn=cmd_tune)

@@ -1,0 +1,255 @@
+"""prefetch="auto": the pipeline model, the disk measurement and its cache, and what enable does with them.
+
+The model is checked against cases with a known answer (a disk-bound pass is bytes / rate, a
+compute-bound one the sum of compute, a disk that needs k reads in flight wants depth >= k-1). The
+disk measurement runs on tiny files with very short measuring windows; nothing here asserts a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import offload
+from offload import tune
+from offload.tune import DiskProfile, UnitCost, choose_prefetch, predict, simulate
+
+GB = 1e9
+
+
+def flat(rate: float):
+    return lambda k: rate
+
+
+def needs(k_full: int, rate: float):
+    """A disk that reaches ``rate`` only with ``k_full`` reads in flight (each read alone gets rate/k_full)."""
+    return lambda k: rate * min(k, k_full) / k_full
+
+
+def units(n: int, nbytes: int, compute: float, read=lambda i: True) -> list[UnitCost]:
+    return [UnitCost(nbytes, compute, read(i)) for i in range(n)]
+
+
+def test_disk_bound_pass_is_bytes_over_rate():
+    assert simulate(units(10, 100_000_000, 0.0), 2, flat(GB)) == pytest.approx(1.0, rel=0.02)
+    assert simulate(units(10, 100_000_000, 0.05), 2, flat(GB)) == pytest.approx(1.0, rel=0.02)
+
+
+def test_compute_bound_pass_is_the_sum_of_compute():
+    assert simulate(units(10, 100_000_000, 0.2), 2, flat(GB)) == pytest.approx(2.0, rel=0.01)
+
+
+def test_ram_tier_units_only_compute_and_reads_overlap_them():
+    # half the units in RAM: 0.5 GB to read at 1 GB/s while 10 x 50 ms compute: both 0.5 s, overlapped
+    mixed = units(10, 100_000_000, 0.05, read=lambda i: i % 2 == 0)
+    assert simulate(mixed, 2, flat(GB)) == pytest.approx(0.5, rel=0.02)
+    # the same units with the RAM tier clumped at the start: a depth-1 window cannot read ahead through it
+    clumped = units(10, 100_000_000, 0.05, read=lambda i: i >= 5)
+    assert simulate(clumped, 1, flat(GB)) > simulate(clumped, 4, flat(GB)) * 1.2
+
+
+def test_a_disk_that_needs_reads_in_flight_wants_depth():
+    u = units(12, 100_000_000, 0.01)
+    t = {d: simulate(u, d, needs(4, GB)) for d in (1, 2, 3, 4, 6)}
+    assert t[1] > t[2] > t[3]  # deeper is faster until the disk is saturated
+    assert t[1] == pytest.approx(2 * 1.2, rel=0.05)  # the awaited read and one ahead: half the rate
+    assert t[6] == pytest.approx(1.2, rel=0.05)  # at the disk's rate: 1.2 GB / 1 GB/s
+
+
+def test_copy_stage_bounds_a_cuda_pass_by_pcie():
+    u = [UnitCost(100_000_000, 0.0, False, True) for _ in range(10)]  # all in RAM, copied each pass
+    assert simulate(u, 2, flat(GB), h2d_bps=0.5 * GB) == pytest.approx(2.0, rel=0.02)
+    p = predict(u, 2, DiskProfile({}, {1: GB}, 1, 0, 0), h2d_bps=0.5 * GB)
+    assert p.bound == "pcie"
+
+
+def _profile(fn, levels=(1, 2, 3, 4, 6, 8)) -> DiskProfile:
+    return DiskProfile({}, {k: fn(k) for k in levels}, 100_000_000, 0.0, 0.0)
+
+
+def test_choice_is_the_shallowest_depth_near_the_best():
+    u = units(12, 100_000_000, 0.01)
+    p = choose_prefetch([(d, u) for d in range(1, 9)], _profile(needs(4, GB)))
+    assert p.prefetch in (3, 4)  # saturates the disk; 6 or 8 would only cost ring memory
+    assert p.bound == "disk"
+    # a disk that is as fast with one read in flight gets the shallowest ring
+    assert choose_prefetch([(d, u) for d in range(1, 9)], _profile(flat(GB))).prefetch == 1
+
+
+def test_an_overestimated_compute_does_not_pick_a_shallow_ring():
+    # Estimated compute 10x the read time: every depth looks equal, but if the estimate is wrong the
+    # shallow ring cannot keep the disk busy. Removing the compute-free check picks depth 1 here.
+    u = units(12, 100_000_000, 1.0)
+    p = choose_prefetch([(d, u) for d in range(1, 9)], _profile(needs(4, GB)))
+    assert p.prefetch >= 3
+    assert p.bound == "compute"
+
+
+# ------------------------------------------------------------------------------- measuring the disk
+
+@pytest.fixture
+def quick(monkeypatch, tmp_path):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tune, "POINT_SECONDS", 0.01)
+    monkeypatch.setattr(tune, "MIN_STREAMED_BYTES", 1 << 20)
+    calls = []
+    real = tune.measure_disk
+
+    def counted(*a, **k):
+        calls.append(1)
+        k["point_seconds"] = 0.01
+        return real(*a, **k)
+    monkeypatch.setattr(tune, "measure_disk", counted)
+    return calls
+
+
+def _files(tmp_path, n=4, size=1 << 20):
+    out = []
+    for i in range(n):
+        p = tmp_path / f"u{i}.bin"
+        p.write_bytes(os.urandom(size))
+        out.append([(str(p), 0, size)])
+    return out
+
+
+def test_disk_profile_is_measured_once_then_cached_and_files_are_untouched(quick, tmp_path):
+    from offload.io import get_reader
+    units_ = _files(tmp_path)
+    before = {r[0][0]: (os.stat(r[0][0]).st_mtime_ns, open(r[0][0], "rb").read()) for r in units_}
+    reader = get_reader("python")
+    a = tune.disk_profile(units_, reader)
+    assert a is not None and len(quick) == 1 and all(v > 0 for v in a.bps.values())
+    b = tune.disk_profile(units_, reader)
+    assert len(quick) == 1 and b.bps == a.bps  # from the cache
+    assert {r[0][0]: (os.stat(r[0][0]).st_mtime_ns, open(r[0][0], "rb").read()) for r in units_} == before
+    written = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert all(f.startswith(str(tmp_path / "cache" / "tune")) or f.endswith(".bin") for f in written)
+    assert tune.disk_profile(units_, reader, refresh=True) is not None and len(quick) == 2
+
+
+def test_a_profile_from_another_machine_is_not_trusted(quick, tmp_path, monkeypatch):
+    from offload.io import get_reader
+    units_ = _files(tmp_path)
+    reader = get_reader("python")
+    tune.disk_profile(units_, reader)
+    assert tune.disk_profile(units_, reader, measure=False) is not None
+    real = tune._machine
+    monkeypatch.setattr(tune, "_machine", lambda: {**real(), "machine_id": "another"})
+    assert tune.disk_profile(units_, reader, measure=False) is None  # same file name, other machine
+    # a damaged cache file is ignored, not an error
+    monkeypatch.setattr(tune, "_machine", real)
+    for d, _, fs in os.walk(tmp_path / "cache" / "tune"):
+        for f in fs:
+            with open(os.path.join(d, f), "w") as fh:
+                fh.write("{not json")
+    assert tune.disk_profile(units_, reader, measure=False) is None
+
+
+def test_a_full_disk_is_not_written_and_the_measurement_still_serves(quick, tmp_path, monkeypatch):
+    from offload import _memory
+    from offload.io import get_reader
+    monkeypatch.setattr(_memory, "free_disk_bytes", lambda path: (0, path))
+    prof = tune.disk_profile(_files(tmp_path), get_reader("python"))
+    assert prof is not None
+    assert not (tmp_path / "cache" / "tune").exists() or not os.listdir(tmp_path / "cache" / "tune")
+
+
+# ------------------------------------------------------------------------------------ through enable
+
+def _stack(seed=0, width=512, n=8):
+    torch.manual_seed(seed)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(n)]).eval()
+
+
+def test_enable_auto_measures_predicts_and_stays_exact(quick, tmp_path):
+    m = _stack()
+    x = torch.randn(3, 512)
+    with torch.no_grad():
+        want = m(x)
+    h = offload.enable(m, store=str(tmp_path / "s"), ram_tier=0, progress=False)
+    try:
+        assert len(quick) == 1
+        assert h.prediction is not None and h.stats().prefetch == h.prediction.prefetch
+        assert h.prediction.s_per_pass > 0 and h.prediction.bound in ("disk", "compute")
+        assert "disk" in h.prediction.basis and "estimated" in h.prediction.basis
+        with torch.no_grad():
+            assert torch.equal(m(x), want)
+        s = h.stats()
+        assert s.predicted_s_per_pass == h.prediction.s_per_pass and s.passes == 1 and s.compute_seconds > 0
+    finally:
+        h.disable()
+    # a second enable on the same disk and unit size reads the cached profile
+    h = offload.enable(_stack(), store=str(tmp_path / "s2"), ram_tier=0, progress=False)
+    h.disable()
+    assert len(quick) == 1
+
+
+def test_explicit_prefetch_wins_and_no_tune_never_measures(quick, tmp_path):
+    h = offload.enable(_stack(), prefetch=3, store=str(tmp_path / "a"), ram_tier=0, progress=False)
+    assert h.stats().prefetch == 3 and quick == []
+    h.disable()
+    h = offload.enable(_stack(), store=str(tmp_path / "b"), ram_tier=0, progress=False, tune=False)
+    assert h.stats().prefetch == tune.DEFAULT_PREFETCH and quick == [] and h.prediction is None
+    h.disable()
+    with pytest.raises(ValueError, match="'auto'"):
+        offload.enable(_stack(), prefetch="fast")
+
+
+def test_decode_compute_is_measured_saved_and_predicts_the_next_run(quick, tmp_path):
+    import transformers as tf
+    from tests.conftest import make_model
+    model = make_model("bloom")
+    monkey_min = 1  # the tiny model streams little: let it be tuned anyway
+    tune.MIN_STREAMED_BYTES, old = monkey_min, tune.MIN_STREAMED_BYTES
+    try:
+        h = offload.enable(model, store=str(tmp_path / "s"), ram_tier=0, progress=False)
+        ids = torch.tensor([[1, 2, 3, 4]])
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        meter = h._meter
+        assert 1 in meter.decode and meter.decode[1][0] == 3  # 4 tokens: 1 prefill + 3 decode passes
+        assert h.stats().passes == 4
+        p = h.predict(1)
+        assert p is not None and "measured in this run" in p.basis
+        h.disable()
+        h = offload.enable(make_model("bloom"), store=str(tmp_path / "s"), ram_tier=0, progress=False)
+        assert "earlier run" in h.predict(1).basis  # the saved decode compute
+        assert "estimated" in h.predict(2).basis  # no measurement at batch 2 yet
+        h.disable()
+    finally:
+        tune.MIN_STREAMED_BYTES = old
+    del tf
+
+
+def test_pass_meter_tells_decode_from_prefill():
+    class H:
+        compute_s = 0.0
+    hooks = [H(), H()]
+    m = tune.PassMeter(hooks, lambda: 0.0)
+    m.start((torch.zeros(2, 7, dtype=torch.long),), {})
+    m.end()
+    for _ in range(3):
+        m.start((), {"input_ids": torch.zeros(2, 1, dtype=torch.long)})
+        hooks[0].compute_s += 0.01
+        hooks[1].compute_s += 0.02
+        m.end()
+    assert list(m.decode) == [2] and m.decode[2][0] == 3 and len(m.seconds) == 4
+    c = m.compute(2)
+    assert c.unit_s == pytest.approx([0.01, 0.02])
+    assert m.compute(1) is None
+
+
+def test_cached_compute_belongs_to_its_store(quick):
+    tune.save_compute("store-a", 1, "cpu", tune.Compute([0.1, 0.2], 0.05, True))
+    assert tune.cached_compute("store-a", 1, "cpu", 2).unit_s == [0.1, 0.2]
+    assert tune.cached_compute("store-b", 1, "cpu", 2) is None
+    assert tune.cached_compute("store-a", 4, "cpu", 2) is None
+    assert tune.cached_compute("store-a", 1, "cpu", 3) is None  # other units: not this store's plan
+    path = tune._cache_file("compute", tune._compute_key("store-a", 1, "cpu"))
+    doc = json.load(open(path))
+    doc["key"]["store"] = "store-b"  # a file whose contents say it belongs elsewhere
+    json.dump(doc, open(path, "w"))
+    assert tune.cached_compute("store-a", 1, "cpu", 2) is None
