@@ -415,7 +415,11 @@ def test_in_place_change_of_a_streamed_weight_is_refused(tmp_path, no_thread_lea
             with torch.no_grad():
                 w *= 2
         model.requires_grad_(False)
+        inside = []
+        hk = model.blocks[1].lin.register_forward_pre_hook(lambda m, a: inside.append(m.weight.requires_grad))
         assert torch.equal(run(model, x), run(ref, x))
+        hk.remove()
+        assert inside == [False]  # the bound weight, inside its forward, has the flag too
         assert not model.blocks[1].lin.weight.requires_grad
 
 
