@@ -153,7 +153,7 @@ def convert(src: str | os.PathLike[str] | nn.Module, dst: str | os.PathLike[str]
     src = os.fspath(src)
     units_, resident, source = checkpoint_sources(src, cast, allow_pickle)
     if q:
-        from .runtime import build_on_meta
+        from .meta import build_on_meta
         meta = build_on_meta(src, cast or checkpoint_dtype(src) or torch.float32)
         if not quantize_sources(units_, module_policy(dict(meta.named_modules()), q["scheme"], group_size),
                                 q["scheme"], group_size):

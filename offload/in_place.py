@@ -77,7 +77,7 @@ def _as_the_model_names_them(src: str, dtype: torch.dtype, tensors: dict[str, tu
     per-expert tensors stacked into one 3-D tensor (``MergeModulelist(dim=0)``, then gate and up
     concatenated, ``Concatenate(dim=1)``) become one tensor of pieces, expert by expert. None for a
     conversion that is not a rearrangement of whole tensors (the checkpoint is then copied)."""
-    from .runtime import build_on_meta
+    from .meta import build_on_meta
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, rename_source_key

@@ -100,7 +100,7 @@ def model_class(config: Any) -> Any:
 
 def meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
     """The model of a config (or a folder's config.json): parameters on meta, (non-persistent) buffers real."""
-    from ..runtime import build_on_meta
+    from ..meta import build_on_meta
     return build_on_meta(config, dtype)
 
 

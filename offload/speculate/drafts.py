@@ -74,7 +74,7 @@ def _unit_tensors_of(target: Any, dtype: torch.dtype | None) -> tuple[nn.Module,
                 out.append((f"{uname}.{rel}", t.dtype, tuple(t.shape)))
         return target, out
     if isinstance(target, (str, os.PathLike)):
-        from ..runtime import build_on_meta
+        from ..meta import build_on_meta
         from ..manifest import MANIFEST
         from ..store import Store
         path = os.fspath(target)
@@ -96,7 +96,7 @@ def _unit_tensors_of(target: Any, dtype: torch.dtype | None) -> tuple[nn.Module,
         return build_on_meta(path, dt), [(f"{u.name}.{s.name}", s.dtype, tuple(s.shape)) for u in units
                                          for s in u.specs]
     if hasattr(target, "to_dict") and hasattr(target, "model_type"):  # a transformers config
-        from ..runtime import build_on_meta
+        from ..meta import build_on_meta
         model = build_on_meta(target, dtype or torch.float32)  # the library never imports the CLI
         return _unit_tensors_of(model, None)
     raise TypeError(f"draft_bytes: expected a Handle, a model, a store or checkpoint folder, or a transformers config; "
