@@ -183,3 +183,82 @@ def test_offload_run_folder_prints_the_greedy_tokens_of_the_model_in_memory(arch
     printed = next(line for line in out.splitlines() if line.strip() and line.split()[0].isdigit()
                    and len(line.split()) == 6)
     assert [int(x) for x in printed.split()] == want
+
+
+# Eviction order of each cache policy on tiny hand-written traces (one group, experts of 1 byte, a budget
+# of 2, evicting after each forward as done() does): each expected list was worked out by hand from the
+# policy's rule, and B alone tells the four apart, so a policy that ranks by the wrong rule (or keeps or
+# forgets history it should not) fails.
+A = [[1], [1], [2], [3], [2], [3]]  # 1 used twice early; then 2 and 3 alternate
+B = [[1], [1], [1], [2], [2], [3], [3]]  # 1 used often long ago, 2 twice, then 3 twice
+EVICTED = {
+    "lru": ([1], [1]),  # A: at [3] the least recent is 1; then 2 and 3 hit. B: at [3] 1 (last use t3)
+    "lfu": ([2, 3, 2], [3, 3]),  # in-cache counts, reset on eviction: 1 (count 2-3) outlives every newcomer
+    "lfu-aged": ([2, 3, 1], [3, 2]),  # history kept: B's 3 comes back with score 2 = 2's, and 2 is older
+    "lru2": ([2, 3, 1], [3, 1]),  # B: at the second [3] 1's second-to-last use (t2) is the oldest
+}
+
+
+@pytest.mark.parametrize("policy", sorted(EVICTED))
+def test_cache_policy_evicts_in_its_order(policy):
+    from offload.experts import POLICIES, ExpertCache, replay
+    assert set(POLICIES) == set(EVICTED)
+    for trace, want in zip((A, B), EVICTED[policy]):
+        hits, misses, evicted = replay([(0, t) for t in trace], 2, 1, policy)
+        assert [e for _, e in evicted] == want, (policy, trace)
+        assert hits + misses == len(trace) and misses == 2 + len(want)  # each miss stays (2 at the end) or went
+    # experts used alike go least recent first, for every policy
+    _, _, evicted = replay([(0, [1, 2, 3]), (0, [4])], 2, 1, policy)
+    assert [e for _, e in evicted] == [1, 2]
+    # groups are distinct keys: expert 1 of group 0 is not expert 1 of group 1
+    assert replay([(0, [1]), (1, [1])], 8, 1, policy)[:2] == (0, 2)
+    # pinned experts (a forward still using them) are skipped, the next in order goes
+    cache, dropped = ExpertCache(1, policy), []
+    for e in (1, 2, 3):
+        cache.admit((0, e), 1)
+
+    class Table:
+        def drop(self, e):
+            dropped.append(e)
+    assert cache.evict({0: Table()}, {(0, 1)}) == [(0, 2), (0, 3)] and dropped == [2, 3] and cache.used == 1
+
+
+def test_lfu_aged_halves_scores_every_period():
+    from offload.experts import _LFUAged
+    for period, first in ((2, ("a", 0)), (0, ("b", 0))):
+        p = _LFUAged(period)
+        p.insert(("a", 0))
+        for _ in range(3):
+            p.hit(("a", 0))  # a: 4 uses (t1-t4)
+        p.insert(("b", 0))
+        p.hit(("b", 0))
+        p.hit(("b", 0))  # b: 3 uses (t5-t7)
+        assert p.order()[0] == first  # aged every 2 uses: a's old uses fade (0.75 vs 2); not aged: 3 < 4
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru2"])
+def test_the_stager_follows_its_policy_as_replay_does(policy, tmp_path, monkeypatch, no_thread_leak):
+    """A real run with a cache smaller than the experts routed: outputs exact, and its hits, misses and
+    evictions are what ``replay`` of the routing it saw (counted by the test's own hook) gives."""
+    from offload import experts as X
+    monkeypatch.setattr(X, "_POLICY", policy)
+    model = make("qwen3_moe")
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    with offload.enable(model, prefetch=1, cpu_memory="16MiB", store=tmp_path / "s", progress=False,
+                        predict_experts=False) as h:
+        stager = next(st for st in h.stagers if hasattr(st, "tables"))
+        assert h.experts.policy.name == policy
+        h.experts.budget = 24 * stager.tables[0].group.expert_bytes  # a quarter of the 96 experts
+        group = {id(t.group.module): k for k, t in stager.tables.items()}
+        seen, hooks = count_routing(model)
+        with torch.no_grad():
+            for n in range(1, ids.shape[1] + 1):  # one token at a time, each a new routing
+                assert torch.equal(model(ids[:, :n]).logits, ref(ids[:, :n]).logits)
+        for x in hooks:
+            x.remove()
+        s = h.stats()
+        eb = {k: t.group.expert_bytes for k, t in stager.tables.items()}
+        hits, misses, evicted = X.replay([(group[id(m)], e) for m, e in seen], h.experts.budget, eb, policy)
+        assert evicted and (s.expert_hits, s.expert_misses) == (hits, misses)
+        assert h.experts.evictions == len(evicted)
