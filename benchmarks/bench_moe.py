@@ -8,8 +8,8 @@ One run, the same checkpoint folder for every row (a random Qwen3-30B-A3B-shaped
   ``ram_tier=0``; and the same within ``cpu_memory`` (its RAM tier holds some whole blocks);
 * (b) offload, routed experts, no expert cache (``ram_tier=0``: ``runtime.enable`` gives the cache
   what the RAM tier's size leaves, ``ram_tier - tier``, i.e. 0);
-* (c) offload, routed experts + LRU expert cache within ``cpu_memory`` (the cache gets what the
-  resident weights, the ring and the RAM tier leave). (b) and (c) run with and without prediction
+* (c) offload, routed experts + expert cache within ``cpu_memory`` (the cache gets what the
+  resident weights, the ring and the RAM tier leave), a row per ``--expert-policy``. (b) and (c) run with and without prediction
   (``enable(predict_experts=)``: layer i+1's router applied to layer i's input starts reading its
   experts while layer i computes) when the installed offload has it;
 * (d) Accelerate ``from_pretrained(device_map=every block on "disk", offload_folder=...)``.
@@ -26,6 +26,8 @@ offload folder) is evicted with ``posix_fadvise(DONTNEED)``; offload reads with 
 times exclude the prefill. bytes/token: offload's own count (``stats().bytes_read``) and the
 process's ``/proc/self/io`` ``read_bytes`` (what reached the disk, any reader, Accelerate included).
 Disk floor: bench-disk's best O_DIRECT reader on a test file of its own, just before each cold row.
+Expert reads: their bandwidth from the reader's own timing beside the disk's O_DIRECT bandwidth on the
+checkpoint's own shards with offload's reader, just before and just after each offload row (``--shard-floor``).
 
     python benchmarks/bench_moe.py --random qwen3-30b-a3b:6 --cpu-memory 4GiB --new-tokens 5 \\
         --workdir /root/bench-work --json bench-out/moe.json
@@ -49,12 +51,15 @@ from typing import Any
 import torch
 
 import offload
+import offload.experts
 from offload._memory import format_bytes, parse_bytes
 from offload.cli.bench import DiskFloor, _versions, decode_times, evict
 from offload.cli.models import DTYPES, model_class, random_checkpoint
 from offload.convert import cached_store
 from offload.errors import OffloadError
+from offload.experts import experts_modules
 from offload.plan import disk_device_map, find_units
+from offload.staging import HostBuffer
 from offload.runtime import build_on_meta
 from offload.store import Store
 
@@ -132,14 +137,23 @@ def uniform(model: torch.nn.Module, seed: int = 0) -> Any:
 
 
 class Counter:
-    """Routing seen per decode step (a hook on every router): distinct experts per layer."""
+    """Routing seen per forward (a pre-hook on every experts module, so it sees what the router hooks of a
+    row chose): distinct experts per layer since ``reset``, and the trace of every forward (``replay``)."""
 
     def __init__(self, model: torch.nn.Module):
         self.seen: list[set[int]] = []
+        self.trace: list[tuple[int, list[int]]] = []  # (layer, distinct routed experts) per experts forward
+        self.decode_from = 0  # the trace's first forward of the timed decode steps
         self.handles = []
-        for k, r in enumerate(routers(model)):
+        mods = [m for _, b in find_units(model) for _, m, _ in experts_modules(b)]
+        for k, m in enumerate(mods):
             self.seen.append(set())
-            self.handles.append(r.register_forward_hook(lambda m, a, o, k=k: self.seen[k].update(o[2].flatten().tolist())))
+            self.handles.append(m.register_forward_pre_hook(lambda mod, args, k=k: self.add(k, args[1])))
+
+    def add(self, k: int, index: torch.Tensor) -> None:
+        routed = sorted({int(e) for e in index.flatten().tolist()})
+        self.seen[k].update(routed)
+        self.trace.append((k, routed))
 
     def reset(self) -> None:
         for s in self.seen:
@@ -148,6 +162,32 @@ class Counter:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def shard_floor(paths: list[str], nbytes: int, buf: Any, seed: int) -> float:
+    """The disk's O_DIRECT bandwidth on the checkpoint's own shards with offload's reader at its defaults
+    (``io.get_reader()``: the native reader, 1 MiB requests, 16 in flight) into a huge-page buffer, after
+    evicting them: ``nbytes`` in reads of ``buf``'s size at page-aligned offsets chosen by ``seed``."""
+    import random
+    from offload.io import get_reader
+    rng = random.Random(seed)
+    reader = get_reader()
+    for f in paths:
+        evict([f])
+    done, seconds = 0, 0.0
+    while done < nbytes:
+        path = rng.choice(paths)
+        n = min(buf.nbytes, nbytes - done, os.path.getsize(path) // 4096 * 4096)
+        at = rng.randrange(0, os.path.getsize(path) - n + 1) // 4096 * 4096
+        h = reader.open(path)
+        try:
+            t0 = time.perf_counter()
+            reader.read(h, at, buf.view(0, n))
+            seconds += time.perf_counter() - t0
+        finally:
+            reader.close(h)
+        done += n
+    return done / seconds
 
 
 def main() -> int:
@@ -167,12 +207,24 @@ def main() -> int:
     p.add_argument("--no-disk-floor", action="store_true")
     p.add_argument("--experts-implementation", help="set on every model (e.g. eager); default: Transformers' own "
                    "(grouped_mm where it can dispatch, which on the CPU touches every expert's weights per call)")
+    p.add_argument("--expert-policy", default=None,
+                   help=f"comma-separated expert cache policies for the (c) rows, each a row of its own, from "
+                        f"{','.join(offload.experts.POLICIES)} (default: offload's, {offload.experts._POLICY})")
+    p.add_argument("--shard-floor", default="1GiB", help="before each cold offload row, read this much of the "
+                   "checkpoint's shards O_DIRECT with offload's reader into a huge-page buffer: the disk's bandwidth "
+                   "beside the expert reads' (0: off)")
+    p.add_argument("--prediction", default="both", choices=("both", "off", "on"),
+                   help="routed rows with and/or without enable(predict_experts=)")
     p.add_argument("--workdir", default=os.path.expanduser("~/bench-work"))
     p.add_argument("--json", help="write the report here (its folder must exist)")
     a = p.parse_args()
     order = a.runs.split(",")  # in this order; a name may repeat (e.g. memory first and last)
     if set(order) - set(ROWS):
         p.error(f"--runs: choose from {','.join(ROWS)}")
+    policies = a.expert_policy.split(",") if a.expert_policy else [offload.experts._POLICY]
+    if set(policies) - set(offload.experts.POLICIES):
+        p.error(f"--expert-policy: choose from {','.join(offload.experts.POLICIES)}")
+    shard_bytes = parse_bytes(a.shard_floor)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     dtype = DTYPES[a.dtype]
     budget = parse_bytes(a.cpu_memory)
@@ -185,6 +237,10 @@ def main() -> int:
     acc_dir = os.path.join(a.workdir, f"accelerate-offload-{tag}")
     cold_paths = [folder, acc_dir]
     disk = DiskFloor(None, a.workdir, 1 << 30, log, not a.no_disk_floor)
+    shards = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    floor_buf = HostBuffer(256 << 20) if shard_bytes else None  # huge pages where THP allows
+    if floor_buf is not None:
+        floor_buf.tensor.fill_(0)  # touched once, as the prefetcher's ring is
     meta = build_on_meta(folder, dtype)
     cfg = meta.config
     one_expert = 3 * cfg.moe_intermediate_size * cfg.hidden_size * dtype.itemsize
@@ -209,6 +265,8 @@ def main() -> int:
             model.set_experts_implementation(a.experts_implementation)
         extra["experts_implementation"] = model.config._experts_implementation
         floor = disk.measure() if cold else None
+        floors = cold and handle is not None and floor_buf is not None
+        shard_before = shard_floor(shards, shard_bytes, floor_buf, 2 * len(rows)) if floors else None
         io: dict[str, int] = {}
         count = Counter(model)
 
@@ -216,6 +274,7 @@ def main() -> int:
             if handle is not None:
                 handle.reset_stats()
             count.reset()
+            count.decode_from = len(count.trace)
             io["start"] = io_read_bytes()
             io["dev"] = device_read_bytes()
         ctx = (uniform(model) if skew == "uniform" else skewed(model, *skew) if skew else contextlib.nullcontext())
@@ -223,14 +282,24 @@ def main() -> int:
             d = decode_times(model, ids, a.new_tokens, cold_paths if cold else None, at_decode=at_decode)
         n = len(d.times)
         count.close()
+        shard_after = shard_floor(shards, shard_bytes, floor_buf, 2 * len(rows) + 1) if floors else None
+        # the disk drifts (and is shared): its bandwidth just before and just after the row; the row is compared
+        # with the better of the two (the conservative ratio)
+        shard_bps = max(shard_before, shard_after) if floors else None
+        if floors:
+            log(f"  disk O_DIRECT on the shards (offload's reader, huge pages): {shard_before / 1e9:.2f} GB/s before, "
+                f"{shard_after / 1e9:.2f} after")
         same = ref.setdefault(router, d.tokens) == d.tokens
         row = {"run": name, "router": router, "cache": "cold" if cold else "warm", "samples": d.times,
                "s_per_token_min": min(d.times), "s_per_token_median": statistics.median(d.times),
                "io_read_bytes_per_token": (io_read_bytes() - io["start"]) / n,
                "device_read_bytes_per_token": (device_read_bytes() - io["dev"]) / n, "same_tokens": same,
-               "distinct_experts_per_layer_decode": statistics.mean(len(s) for s in count.seen), **extra}
+               "distinct_experts_per_layer_decode": statistics.mean(len(s) for s in count.seen),
+               "routing_trace": count.trace, "routing_trace_decode_from": count.decode_from, **extra}
         if floor is not None:
             row["disk_bps"], row["disk_floor_by"] = floor
+        if shard_bps:
+            row.update(shard_bps=shard_bps, shard_bps_before=shard_before, shard_bps_after=shard_after)
         if handle is not None:
             s = handle.stats()
             hm = s.expert_hits + s.expert_misses
@@ -241,10 +310,21 @@ def main() -> int:
                        expert_predicted_bytes_per_token=getattr(s, "expert_predicted_bytes", 0) / n,
                        expert_predicted_used_bytes_per_token=getattr(s, "expert_predicted_used_bytes", 0) / n,
                        resident_units=s.resident_units, streamed_units=s.streamed_units, reader=s.reader)
+            cache = handle.experts
+            if cache is not None:
+                row.update(expert_policy=cache.policy.name, expert_evictions=cache.evictions,
+                           expert_huge_bytes=sum(t.huge_bytes for st in handle.stagers for t in
+                                                 getattr(st, "tables", {}).values()),
+                           expert_read_bytes_per_token=cache.read_bytes / n,
+                           expert_read_seconds_per_token=cache.read_seconds / n,
+                           expert_read_bps=cache.read_bytes / cache.read_seconds if cache.read_seconds else None)
+                if shard_bps and row["expert_read_bps"]:
+                    row["expert_read_vs_shard"] = row["expert_read_bps"] / shard_bps
         rows.append(row)
         log(f"  {name} [{router}]: {row['s_per_token_median']:.3f} s/token, read "
             f"{format_bytes(row.get('bytes_per_token', row['io_read_bytes_per_token']))}/token"
             + (f", expert hit rate {row['expert_hit_rate']:.2f}" if row.get("expert_hit_rate") is not None else "")
+            + (f", expert reads {row['expert_read_bps'] / 1e9:.2f} GB/s" if row.get("expert_read_bps") else "")
             + ("" if same else "  WARNING: tokens differ from the first row"))
 
     try:
@@ -261,7 +341,7 @@ def main() -> int:
             gc.collect()
 
         can_predict = "predict_experts" in inspect.signature(offload.enable).parameters
-        predicts = [False, True] if can_predict else [None]
+        predicts = ([False, True] if a.prediction == "both" else [a.prediction == "on"]) if can_predict else [None]
 
         def pkw(pr: bool | None) -> dict[str, Any]:
             return {} if pr is None else {"predict_experts": pr}
@@ -314,14 +394,19 @@ def main() -> int:
                     offload_row(f"(b) offload routed experts, no cache (ram_tier=0){PRED[pr]}", True, variants,
                                 ram_tier=0, **pkw(pr))
             elif run == "cached":
-                for pr in predicts:
-                    log(f"[c] routed experts + expert cache, cpu_memory={a.cpu_memory}{', prediction' if pr else ''}")
-                    offload_row(f"(c) offload routed + expert cache, cpu_memory={a.cpu_memory}{PRED[pr]}", True,
-                                variants, cpu_memory=budget, **pkw(pr))
+                for policy in policies:
+                    offload.experts._POLICY = policy  # the private knob: the policy new expert caches use
+                    for pr in predicts:
+                        log(f"[c] routed experts + expert cache ({policy}), cpu_memory={a.cpu_memory}"
+                            f"{', prediction' if pr else ''}")
+                        offload_row(f"(c) offload routed + expert cache ({policy}), cpu_memory={a.cpu_memory}"
+                                    f"{PRED[pr]}", True, variants, cpu_memory=budget, **pkw(pr))
             elif run == "accelerate":
                 accelerate_row()
     finally:
         disk.close()
+        if floor_buf is not None:
+            floor_buf.close()
     report = {"model": a.random, "dtype": a.dtype, "experts_implementation": a.experts_implementation or "default", "cpu_memory": budget, "new_tokens": a.new_tokens, "prompt_tokens": 16,
               "layers": len(blocks), "block_bytes": block_bytes, "expert_bytes": expert_bytes,
               "one_expert_bytes": one_expert, "top_k": cfg.num_experts_per_tok, "num_experts": cfg.num_experts,
@@ -333,6 +418,11 @@ def main() -> int:
                              "not implemented: each miss is read once the router has chosen"),
               "eviction": "posix_fadvise(DONTNEED) on the checkpoint's shards and Accelerate's offload folder before "
                           "every forward (not timed); offload reads with O_DIRECT",
+              "expert_read_timing": "expert read GB/s = bytes the routed (demand) expert reads brought in / the "
+                                    "reader's own time for them, per layer's batch from its first read's start to its "
+                                    "last read's end; beside it the disk's O_DIRECT GB/s on the same shards with "
+                                    "offload's reader (native, 1 MiB x 16, huge-page buffer), measured just before and "
+                                    "just after the row; the ratio uses the better of the two",
               "rows": rows, "skipped": skipped, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                         "python": sys.version.split()[0]},
               "versions": _versions(), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -352,13 +442,16 @@ def table(r: dict[str, Any]) -> str:
            "| run | router | cache | s/token min | s/token median | read/token (offload) | read/token (/proc/self/io) "
            "| disk read/token (/proc/diskstats, whole machine) "
            "| expert hit rate | predicted/token (used) | experts/layer routed in decode | disk GB/s | disk floor s "
-           "| same tokens |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| expert reads GB/s | disk O_DIRECT on the shards GB/s | expert reads / disk | same tokens |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         rd = x.get("bytes_per_token")
         floor_b = rd if rd is not None else x["io_read_bytes_per_token"]
         fl = floor_b / x["disk_bps"] if x.get("disk_bps") else None
         hr = x.get("expert_hit_rate")
+        ebw = f"{x['expert_read_bps'] / 1e9:.2f}" if x.get("expert_read_bps") else ""
+        sbw = f"{x['shard_bps'] / 1e9:.2f}" if x.get("shard_bps") else ""
+        ratio = f"{x['expert_read_vs_shard']:.2f}" if x.get("expert_read_vs_shard") else ""
         gbps = f"{x['disk_bps'] / 1e9:.2f}" if x.get("disk_bps") else ""
         pred = (f"{format_bytes(x['expert_predicted_bytes_per_token'])} "
                 f"({format_bytes(x['expert_predicted_used_bytes_per_token'])})"
@@ -369,7 +462,8 @@ def table(r: dict[str, Any]) -> str:
                    f"{'' if hr is None else f'{hr:.2f}'} | "
                    f"{pred} | {x['distinct_experts_per_layer_decode']:.1f} | "
                    f"{gbps} | "
-                   f"{'' if fl is None else f'{fl:.3f}'} | {x['same_tokens']} |")
+                   f"{'' if fl is None else f'{fl:.3f}'} | {ebw} | {sbw} | {ratio} | "
+                   f"{x['same_tokens']} |")
     out += [f"skipped: {x}" for x in r.get("skipped", [])]
     first = {}
     for x in r["rows"]:
