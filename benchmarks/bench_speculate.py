@@ -60,7 +60,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from offload.cli.bench import evict
     from offload.cli.models import DTYPES, random_checkpoint
     from offload.convert import cached_store
-    from offload.runtime import cache_dir
+    from offload.config import cache_dir
 
     tf.logging.set_verbosity_error()
     dtype = DTYPES[a.dtype]

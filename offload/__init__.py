@@ -11,7 +11,8 @@ from .convert import convert
 from .errors import (CheckpointError, ChecksumError, OffloadError, StoreError, StoreMismatchError,
                      UnitReadError)
 from . import speculate  # noqa: F401  (offload.speculate.generate: several tokens per streamed pass)
-from .runtime import Handle, Stats, disable, enable, load
+from .handle import Handle, Stats, disable
+from .runtime import enable, load
 
 __version__ = "0.1.0"
 __all__ = ["enable", "disable", "load", "convert", "speculate", "Handle", "Stats", "OffloadError", "StoreError", "ChecksumError",

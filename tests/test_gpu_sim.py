@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import offload
-import offload.runtime
+import offload.placement
 import offload.transfer
 from offload.config import StagingConfig
 from offload.io import PythonReader
@@ -102,7 +102,7 @@ def sim(monkeypatch):
             Sim.expected = {blk.name: blk.lin.weight.detach().clone() for blk in model.blocks}
             for blk in model.blocks:
                 blk.streamed = True
-        monkeypatch.setattr(offload.runtime, "_backend_for", lambda device: b)
+        monkeypatch.setattr(offload.placement, "_backend_for", lambda device: b)
         return b
     yield make
     Sim.backend, Sim.expected, Sim.act_per_token, Sim.kv_per_pass = None, {}, 0, 0
@@ -150,7 +150,7 @@ def test_deferred_kernels_catch_a_free_event_recorded_too_early(prefetch, tmp_pa
 def test_out_of_memory_in_a_forward_gives_gpu_tier_units_back(tmp_path, sim, monkeypatch, caplog, no_thread_leak):
     """Default GPU budget (free memory minus a margin) with the margin too small for a long prompt: the forward
     that runs out of memory gives GPU-tier units back (one log line) and the same call then succeeds."""
-    monkeypatch.setattr(offload.runtime, "GPU_MARGIN_BYTES", 4 * UNIT)
+    monkeypatch.setattr(offload.placement, "GPU_MARGIN_BYTES", 4 * UNIT)
     model = Stack(8)
     ref = copy.deepcopy(model)
     b = sim(model, free_bytes=16 * UNIT)  # ~12 units' room after the margin: all 8 kept
@@ -176,7 +176,7 @@ def test_a_growing_forward_is_measured_and_units_given_back_before_it_runs_out(t
                                                                                 no_thread_leak):
     """What a forward allocates (measured per pass: the peak above what enable left allocated) must stay free:
     a KV cache growing each pass takes it, and GPU-tier units go back before any allocation fails."""
-    monkeypatch.setattr(offload.runtime, "GPU_MARGIN_BYTES", 3 * UNIT)
+    monkeypatch.setattr(offload.placement, "GPU_MARGIN_BYTES", 3 * UNIT)
     model = Stack(8)
     ref = copy.deepcopy(model)
     b = sim(model, free_bytes=14 * UNIT)

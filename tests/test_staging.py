@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import offload
-import offload.runtime
+import offload.placement
 from offload.config import StagingConfig
 from offload.io import PythonReader
 from offload.prefetch import Prefetcher
@@ -95,7 +95,7 @@ def sim_gpu(monkeypatch):
             made.append(b)
             _SIM[:] = [b]
             return b
-        monkeypatch.setattr(offload.runtime, "_backend_for", backend_for)
+        monkeypatch.setattr(offload.placement, "_backend_for", backend_for)
     yield configure
     _SIM.clear()
     for b in made:

@@ -86,10 +86,10 @@ def test_trace_is_chrome_json_and_shows_reads_overlapping_forwards(tmp_path, no_
 
 
 def test_trace_on_simulated_gpu_has_copy_and_device_compute_tracks(tmp_path, monkeypatch, no_thread_leak):
-    import offload.runtime
+    import offload.placement
     from simgpu import SimBackend
     backend = SimBackend(copy_delay_s=0.001)
-    monkeypatch.setattr(offload.runtime, "_backend_for", lambda device: backend)
+    monkeypatch.setattr(offload.placement, "_backend_for", lambda device: backend)
     model = make_model("opt")
     inputs = inputs_for("opt")
     expected = forward_logits(copy.deepcopy(model), "opt", inputs)

@@ -261,7 +261,7 @@ def _round_up(n: int) -> str:
 def ram_room(cpu_memory: int | None, resident_bytes: int) -> int:
     """What ``--cpu-memory`` leaves for the RAM tier and the host ring together (``plan_memory``'s room).
     Without it: free memory (container limit included) minus 1 GiB, minus the resident weights."""
-    from ..runtime import DEFAULT_MARGIN_BYTES
+    from ..placement import DEFAULT_MARGIN_BYTES
     total = cpu_memory if cpu_memory is not None else max(0, available_memory() - DEFAULT_MARGIN_BYTES)
     return max(0, total - resident_bytes)
 
@@ -351,7 +351,7 @@ def _routed(t: Target) -> Any:
 
 
 def _free_gpu(device: str) -> int:
-    from ..runtime import DEFAULT_MARGIN_BYTES
+    from ..placement import DEFAULT_MARGIN_BYTES
     if not torch.cuda.is_available():
         return 0
     return max(0, int(torch.cuda.mem_get_info(torch.device(device))[0]) - 2 * DEFAULT_MARGIN_BYTES)

@@ -55,7 +55,7 @@ def _unit_tensors_of(target: Any, dtype: torch.dtype | None) -> tuple[nn.Module,
     tensor in a streamed unit) for a handle, an enabled or plain model, a store, a checkpoint folder or a
     transformers config."""
     from ..plan import find_units
-    from ..runtime import Handle
+    from ..handle import Handle
     if isinstance(target, Handle) or (isinstance(target, nn.Module) and _handle_of(target) is not None):
         handle = target if isinstance(target, Handle) else _handle_of(target)
         assert handle is not None

@@ -1,0 +1,293 @@
+"""What ``enable`` returns: the ``Handle`` (stats, trace, prediction, disable) and ``disable`` itself.
+
+A handle owns what ``enable`` built (the store, the prefetcher and its reader threads, the stagers,
+the hooks) and takes it down in one order, written once in ``Handle.disable``. Handles still open at
+interpreter exit are disabled then (their temporary stores removed).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import statistics
+import threading
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import tune as _tune
+from .errors import ChecksumError, OffloadError, StoreError
+from .hooks import QuantBinding, UnitHook
+from .install import unload_resident
+from .plan import UnitPlan
+from .prefetch import Prefetcher
+from .store import Store
+from .trace import Tracer
+from .transfer import Stager
+
+log = logging.getLogger("offload")
+
+_live_handles: weakref.WeakSet[Handle] = weakref.WeakSet()
+
+
+@dataclasses.dataclass
+class Stats:
+    """What the runtime did since ``enable`` (or ``reset_stats``): I/O, stalls and the memory plan."""
+    bytes_read: int
+    read_seconds: float
+    wait_seconds: float
+    units_loaded: int
+    hits: int
+    misses: int
+    resident_hits: int
+    units_in_flight: int
+    verified_units: int  # units whose checksum was checked on their first read
+    verify_seconds: float  # reader-thread time those checks took
+    streamed_units: int
+    resident_units: int
+    ring_bytes: int
+    resident_bytes: int
+    prefetch: int
+    reader: str
+    store: str
+    expert_hits: int = 0  # routed experts found in the expert cache (mixture-of-experts models)
+    expert_misses: int = 0  # routed experts read from disk
+    expert_bytes_read: int = 0  # of bytes_read, the routed experts' bytes
+    expert_cache_bytes: int = 0  # experts held now
+    expert_predicted_bytes: int = 0  # experts read ahead for the next layer (its router on this layer's input)
+    expert_predicted_used_bytes: int = 0  # of those, what the next layer did route to (the rest was wasted)
+    passes: int = 0  # top-level forwards since enable / reset_stats
+    s_per_pass: float = 0.0  # median seconds of the decode passes (one new position per row), else of all
+    compute_seconds: float = 0.0  # time inside the units' forwards with weights bound (waits excluded)
+    predicted_s_per_pass: float = 0.0  # what the plan predicted for a decode pass at batch 1 (0: no prediction)
+    predicted_bound: str = ""  # what bounds that prediction: disk, compute or pcie
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Handle:
+    """A model with offloading enabled. ``disable()`` (or leaving the ``with`` block) undoes it."""
+
+    def __init__(self, model: nn.Module, store: Store, prefetcher: Prefetcher, hooks: list[UnitHook],
+                 plans: list[UnitPlan], kind: str, temp_store: bool, stagers: list[Stager],
+                 accelerate_state: list[tuple[Any, bool, Any]], restore: dict[int, torch.Tensor],
+                 silenced: list[tuple[nn.Module, Any]] | None = None,
+                 pinned: list[tuple[nn.Module, str, bool, torch.Tensor]] | None = None,
+                 tracer: Tracer | None = None, trace_path: str | None = None):
+        self.model, self.store, self.prefetcher, self.hooks, self.plans = model, store, prefetcher, hooks, plans
+        self.kind, self.temp_store, self.stagers = kind, temp_store, stagers
+        self._accelerate_state = accelerate_state
+        self._silenced = silenced or []
+        self._restore = restore
+        self._pinned = pinned or []
+        self.tracer, self.trace_path = tracer, trace_path
+        self.experts: Any = None  # the expert cache, when routed experts are read on routing
+        self.prediction: _tune.Prediction | None = None  # set by enable when it planned the depth
+        self._tuning: dict[str, Any] = {}  # what a prediction at another batch size needs (enable fills it)
+        self._meter = _tune.PassMeter([h for h in hooks if isinstance(h, UnitHook)],
+                                     lambda: self.prefetcher.stats().wait_seconds)
+        self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
+                            model.register_forward_hook(self._root_post, always_call=True)]
+        self._lock = threading.Lock()
+        self._compute_at_reset = 0.0
+        self.closed = False
+
+    def _attach(self) -> None:
+        """Make this the model's handle (``disable(model)`` finds it), disabled at exit if still open."""
+        self.model._offload_handle = self  # type: ignore[assignment]
+        _live_handles.add(self)
+
+    def _root_pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        # A new top-level forward: any unit still bound was left by an interrupted forward
+        # (KeyboardInterrupt skips post-hooks). Unbind it so its staging buffer returns to the ring.
+        for h in self.hooks:
+            h.reset()
+        self._meter.start(args, kwargs)
+
+    def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._meter.end()
+
+    def stats(self) -> Stats:
+        s = self.prefetcher.stats() if not self.closed else None
+        resident = self.prefetcher.resident if not self.closed else {}
+        return Stats(
+            bytes_read=s.bytes_read if s else 0, read_seconds=s.read_seconds if s else 0.0,
+            wait_seconds=s.wait_seconds if s else 0.0, units_loaded=s.units_loaded if s else 0,
+            hits=s.hits if s else 0, misses=s.misses if s else 0, resident_hits=s.resident_hits if s else 0,
+            units_in_flight=s.units_in_flight if s else 0, verified_units=s.verified_units if s else 0,
+            verify_seconds=s.verify_seconds if s else 0.0,
+            streamed_units=len(self.prefetcher.units) - len(resident) - len(self.prefetcher.elsewhere),
+            resident_units=len(resident), ring_bytes=self.prefetcher.config.ring_bytes if not self.closed else 0,
+            resident_bytes=sum(b.nbytes for b in resident.values()),
+            prefetch=self.prefetcher.depth, reader=self.prefetcher.reader.name, store=self.store.path,
+            **({"expert_hits": self.experts.hits, "expert_misses": self.experts.misses,
+                "expert_bytes_read": self.experts.bytes_read, "expert_cache_bytes": self.experts.used,
+                "expert_predicted_bytes": self.experts.predicted_bytes,
+                "expert_predicted_used_bytes": self.experts.predicted_used_bytes}
+               if self.experts is not None else {}),
+            passes=len(self._meter.seconds), s_per_pass=statistics.median(self._meter.decode_seconds or self._meter.seconds or [0.0]),
+            compute_seconds=sum(h.compute_s for h in self._meter.hooks) - self._compute_at_reset,
+            predicted_s_per_pass=self.prediction.s_per_pass if self.prediction else 0.0,
+            predicted_bound=self.prediction.bound if self.prediction else "")
+
+    def reset_stats(self) -> None:
+        if not self.closed:
+            self.prefetcher.reset_stats()
+            if self.experts is not None:
+                self.experts.reset()
+            self._meter.reset()
+            self._compute_at_reset = sum(h.compute_s for h in self._meter.hooks)
+
+    def write_trace(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Write the trace recorded so far (``enable(trace=...)``) as Chrome trace JSON; returns the path."""
+        if self.tracer is None:
+            raise OffloadError("this handle records no trace: enable(model, trace='trace.json') to record one")
+        target = path if path is not None else self.trace_path
+        assert target is not None
+        return self.tracer.write(target)
+
+    def disable(self) -> None:
+        """Stop the reader threads, free the buffers, remove the hooks and restore the model. Idempotent.
+
+        NOTE (shutdown order, the only place it is written): hooks first, so no new forward can lease a
+        buffer; then bound units are unbound (their leases go back); then the stagers (CUDA: the copy
+        stream is synchronised, so no DMA still reads a host buffer); then the prefetcher (queued reads
+        are abandoned, reader threads finish their current read and are joined, so nothing writes into
+        a buffer; only then are ring and RAM-tier buffers freed); then the model's own state (Accelerate
+        hooks, the user's Parameters); last the temporary store.
+        """
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        errors: list[Exception] = []  # a failing step (a CUDA error, a damaged file) must not skip the rest
+
+        def step(fn: Any, *args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 - re-raised after the whole shutdown
+                errors.append(e)
+        for rh in self._root_hooks:
+            rh.remove()
+        for h in self.hooks:
+            h.remove()
+        self._save_compute()
+        for h in self.hooks:
+            step(h.reset)
+        for stager in self.stagers:
+            step(stager.close)
+        step(self.prefetcher.close)
+        step(self.store.save_checksums)  # read in place: what first reads recorded, checked by later runs
+        for hook, offload, weights_map in self._accelerate_state:
+            hook.offload, hook.weights_map = offload, weights_map
+        for module, hook in self._silenced:
+            module._hf_hook = hook
+        unload_resident(self._pinned)  # Accelerate's placeholders for the shared tensors
+        if self._restore:
+            step(self._restore_weights)  # a damaged unit: finish the shutdown, then say which weights are lost
+        for h in self.hooks:  # what the module held before (Accelerate's placeholders)
+            for b in h.bindings:
+                if id(b) not in self._restore:
+                    (b.owner._parameters if b.is_param else b.owner._buffers)[b.attr] = b.original
+        if getattr(self.model, "_offload_handle", None) is self:
+            del self.model._offload_handle
+        if self.temp_store:
+            shutil.rmtree(self.store.path, ignore_errors=True)
+        _live_handles.discard(self)
+        if self.tracer is not None and self.trace_path is not None:
+            step(self.tracer.write, self.trace_path)
+        if errors:
+            raise errors[0]
+
+    def _save_compute(self) -> None:
+        """Cache the decode compute measured in this run (per batch size), so the next plan of this store
+        predicts from it rather than from a kernel estimate. Host timing measures CPU compute only."""
+        if not self._tuning.get("store_id") or any(p.device.type != "cpu" for p in self.plans):
+            return
+        for batch in self._meter.decode:
+            c = self._meter.compute(batch)
+            if c is not None:
+                try:
+                    _tune.save_compute(self._tuning["store_id"], batch, "cpu", c)
+                except (OSError, OffloadError) as e:  # a cache that cannot be written only costs a re-measure
+                    log.debug("offload: tuning cache not written: %s", e)
+
+    def predict(self, batch: int = 1) -> _tune.Prediction | None:
+        """Seconds per decode pass at ``batch`` rows, as the plan models them (``None``: nothing measured
+        to predict from; ``why_no_prediction`` says why). Compute comes from this run's decode passes when it has seen some, else the
+        tuning cache, else a kernel estimate."""
+        t = self._tuning
+        if not t or t.get("disk") is None:
+            return None
+        measured = self._meter.compute(batch)
+        return _tune.predict_plan(t, batch, measured)
+
+    @property
+    def why_no_prediction(self) -> str:
+        return self._tuning.get("why", "") if self._tuning else "prefetch was given: no model of the disk was consulted"
+
+    def _restore_weights(self) -> None:
+        """Give a plain module its streamed weights back, read from the store (their only copy now)."""
+        damaged = []
+        for h in self.hooks:
+            rec = h.record
+            try:
+                data = self.store.read_verified(rec)
+            except (ChecksumError, StoreError, OSError):
+                damaged.append(f"{self.store.root if rec.extents else self.store.file_path(rec)} (unit {rec.name})")
+                for b in h.bindings:  # never hand back silently wrong weights: the Parameter stays empty
+                    b.owner._parameters[b.attr] = self._restore[id(b)]  # type: ignore[assignment]
+                continue
+            for b in h.bindings:
+                p = self._restore[id(b)]  # the user's own Parameter, back on the device it came from
+                if isinstance(b, QuantBinding):  # only the quantized values exist now
+                    b.bind(data)
+                    dense = b.weight.dequantize().to(p.device)
+                    b.unbind()  # (empties p: set it after)
+                    p.data = dense
+                    log.warning("offload: %s was streamed %s-quantized; disable() gives it back dequantized (the "
+                                "original values were freed at enable)", b.stand_in._offload_name, b.scheme)
+                else:
+                    p.data = data[b.offset:b.offset + b.nbytes].view(b.dtype).view(b.shape).clone().to(p.device)
+                b.owner._parameters[b.attr] = p  # type: ignore[assignment]
+        if damaged:
+            raise ChecksumError(f"the weights of {len(damaged)} unit(s) cannot be restored: {', '.join(damaged)} "
+                                f"failed the checksum recorded when they were written (damaged on disk since); "
+                                f"their parameters are left empty. Reload the model from its checkpoint")
+
+    close = disable
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.disable()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self.hooks)} units, prefetch={self.prefetcher.depth}"
+        return f"<offload.Handle {state} store={self.store.path!r}>"
+
+
+@atexit.register
+def _close_all() -> None:
+    for h in list(_live_handles):
+        with contextlib.suppress(Exception):
+            h.disable()
+
+
+def disable(target: nn.Module | Handle) -> None:
+    """Undo :func:`enable` on a model, or given its handle (no-op if it is not enabled)."""
+    if isinstance(target, Handle):
+        target.disable()
+        return
+    if not isinstance(target, nn.Module):
+        raise TypeError(f"offload.disable expects a model or the Handle enable returned, got {type(target).__name__}")
+    h = getattr(target, "_offload_handle", None)
+    if h is not None:
+        h.disable()
