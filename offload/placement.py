@@ -156,7 +156,9 @@ def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], rec
         return tiers, elsewhere, room, tier_size, plan_memory(sizes, depth, ram_room=room, ram_tier=tier_size,
                                                               on_gpu=frozenset(elsewhere))
 
-    streams = bool(placed(_tune.DEFAULT_PREFETCH)[4].streamed)  # all in the tiers: no disk to plan for
+    # The shallowest ring that will be tried first: a budget too small for it is refused here, naming the
+    # minimum at that depth; and if every unit fits the tiers there is no disk to plan for.
+    streams = bool(placed(1 if prefetch == "auto" else prefetch)[4].streamed)
     tuning = _tuning_inputs(st, records, reader, devices, model, plans, measure=tune and prefetch == "auto" and streams,
                             progress=progress)
     if prefetch == "auto":
@@ -207,8 +209,14 @@ def _tuning_inputs(st: Store, records: Sequence[UnitRecord], reader: Reader, dev
 def _auto_depth(placed: Callable[[int], Any], tuning: dict[str, Any]) -> tuple[int, _tune.Prediction | None]:
     """The look-ahead depth for ``prefetch="auto"``: each depth the budget allows is placed (tiers and
     ring) and its pass predicted; ``tune.choose_prefetch`` takes the shallowest near the best."""
-    if tuning.get("disk") is None:
-        return _tune.DEFAULT_PREFETCH, None
+    if tuning.get("disk") is None:  # nothing measured: the default depth, or the deepest below it the budget fits
+        for depth in range(_tune.DEFAULT_PREFETCH, 1, -1):
+            try:
+                placed(depth)
+                return depth, None
+            except OffloadError:
+                continue
+        return 1, None  # (depth 1 was placed before: it fits)
     candidates, first_error = [], None
     for depth in range(1, _tune.MAX_CONCURRENCY + 1):
         try:

@@ -637,9 +637,6 @@ def cmd_run(a: argparse.Namespace, work: Callable[..., int] | None = None) -> in
     if not auto or a.dry_run:  # auto: the depth is chosen at load (the disk measured if it never was), table then
         print(plan_table(target, a.cpu_memory, tune.DEFAULT_PREFETCH if auto else a.prefetch, device, a.gpu_memory,
                          draft, a.speculate), file=table_out)
-        if auto:
-            print(f"prefetch auto: {tune.DEFAULT_PREFETCH} shown; the run picks the depth from this disk's measured "
-                  f"read rate (measured once per disk, a few seconds, cached) and prints its prediction", file=table_out)
     if a.dry_run:
         if space:
             _say(f"note: {space}")
@@ -678,7 +675,7 @@ def cmd_run(a: argparse.Namespace, work: Callable[..., int] | None = None) -> in
         print(plan_table(target, a.cpu_memory, handle.stats().prefetch, device, a.gpu_memory, draft, a.speculate),
               file=table_out)
     pred = handle.predict(a.batch_size)
-    print(prediction_line(pred, handle.stats().prefetch, auto, a.batch_size, handle.why_no_prediction), file=table_out)
+    _say(prediction_line(pred, handle.stats().prefetch, auto, a.batch_size, handle.why_no_prediction))
     try:
         rc = (work or _generate)(a, model, handle, tokenizer, torch.device(device))
     finally:
