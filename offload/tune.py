@@ -191,8 +191,11 @@ def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = 
     """
     from .staging import HostBuffer
     t_all = time.perf_counter()
+    from ._memory import available_memory
     size = max(sum(n for _, _, n in u) for u in units)
-    cap = min(size, MEASURE_CAP_BYTES)
+    # the buffers (one per read in flight) stay within an eighth of free memory (a container's limit too)
+    room = max(16 << 20, available_memory() // 8) // max_concurrency // (2 << 20) * (2 << 20)
+    cap = max(4096, min(size, MEASURE_CAP_BYTES, room))
     plans = [_capped(u, cap) for u in units]
     plans = [p for p in plans if p]
     per_read = max(sum(n for _, _, n in p) for p in plans)
