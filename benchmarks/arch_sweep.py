@@ -228,7 +228,7 @@ def run_one(arch: str, build, work: str, timeout: int) -> dict[str, Any]:
         loaded, handle = offload.load(folder, ram_tier=0, progress=False)
         row["loaded_class"] = type(loaded).__name__
         row["streamed_units"] = handle.stats().streamed_units
-        row["in_place"] = bool(handle.store.units) and all(getattr(u, "extents", None) for u in handle.store.units)
+        row["in_place"] = bool(handle._store.units) and all(getattr(u, "extents", None) for u in handle._store.units)
         row["stage"] = "forward"
         with torch.no_grad():
             got = loaded(**inputs).logits

@@ -60,7 +60,7 @@ def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
 
 
 def engine_row(model: Any, handle: Any, store: str, n: int, length: int, new_tokens: int, log: Any) -> dict[str, Any]:
-    handle.prefetcher.wait_idle()
+    handle._prefetcher.wait_idle()
     handle.reset_stats()
     eng = ColdEngine(model, None, batch_size=n, store=store)
     for ids in prompts(n, length, model.config.vocab_size):

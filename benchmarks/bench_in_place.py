@@ -82,7 +82,7 @@ def decode_row(source: str, label: str, cold: list[str], new_tokens: int, **kw: 
         return {"route": label, "source": source, "load_s": load_s, "samples": d.times,
                 "s_per_token_median": statistics.median(d.times), "s_per_token_min": min(d.times),
                 "bytes_per_token": s.bytes_read / len(d.times), "wait_fraction": s.wait_seconds / sum(d.times),
-                "store": handle.store.path, "tokens": d.tokens, "reader": s.reader}
+                "store": s.store, "tokens": d.tokens, "reader": s.reader}
     finally:
         handle.disable()
         del model
@@ -111,7 +111,7 @@ def first_token(route: str, folder: str, cache: str, store: str | None) -> dict[
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
     total_s = time.perf_counter() - t0
-    path = handle.store.path
+    path = handle.stats().store
     handle.disable()
     del model
     gc.collect()
@@ -154,7 +154,7 @@ def disk_routes(name: str, dtype: str, workdir: str) -> list[dict[str, Any]]:
         except Exception as e:  # e.g. torchao missing for int8
             add(route, -1, f"not measured: {type(e).__name__}: {e}")
             continue
-        add(route, du(cache), f"the cached store ({handle.store.path})")
+        add(route, du(cache), f"the cached store ({handle.stats().store})")
         handle.disable()
         del model
         gc.collect()
@@ -178,7 +178,7 @@ def disk_routes(name: str, dtype: str, workdir: str) -> list[dict[str, Any]]:
     handle = offload.enable(model, ram_tier=0, progress=False)
     store_bytes = du(cache) + (du(off) - acc if os.path.isdir(off) else 0)
     add("offload.enable(model) on an Accelerate-dispatched model (blocks on disk)", store_bytes,
-        f"the store enable() wrote ({handle.store.path}); Accelerate's own offload folder: {acc} B")
+        f"the store enable() wrote ({handle.stats().store}); Accelerate's own offload folder: {acc} B")
     handle.disable()
     del model
     gc.collect()

@@ -310,10 +310,10 @@ def main() -> int:
                        expert_predicted_bytes_per_token=getattr(s, "expert_predicted_bytes", 0) / n,
                        expert_predicted_used_bytes_per_token=getattr(s, "expert_predicted_used_bytes", 0) / n,
                        resident_units=s.resident_units, streamed_units=s.streamed_units, reader=s.reader)
-            cache = handle.experts
+            cache = handle._experts
             if cache is not None:
                 row.update(expert_policy=cache.policy.name, expert_evictions=cache.evictions,
-                           expert_huge_bytes=sum(t.huge_bytes for st in handle.stagers for t in
+                           expert_huge_bytes=sum(t.huge_bytes for st in handle._stagers for t in
                                                  getattr(st, "tables", {}).values()),
                            expert_read_bytes_per_token=cache.read_bytes / n,
                            expert_read_seconds_per_token=cache.read_seconds / n,

@@ -109,7 +109,7 @@ def quality(folder: str, stores: dict[str, str], group: int, positions: int, log
         out["bf16 (unquantized)"] = err(base(ids).logits)
     for scheme in ("int8", "int4"):
         model, h = offload.load(stores[scheme], prefetch=2, ram_tier=0, progress=False)
-        blocks = [u.name for u in h.store.units]
+        blocks = [u.name for u in h._store.units]
         with h, torch.no_grad():
             out[f"offload {scheme}"] = err(model(ids).logits)
         del model

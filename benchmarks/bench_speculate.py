@@ -141,7 +141,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "speculative": {**st.as_dict(), "build_seconds": spec.build_seconds},
         "speedup": spec_tps / plain_tps,
         "draft_bytes": spec.draft_bytes, "draft_bytes_predicted": predicted,
-        "store_unit_bytes": sum(r.data_bytes for r in handle.store.units),
+        "store_unit_bytes": sum(r.data_bytes for r in handle._store.units),
         "agreement": {"sequences": a.agreement_seqs, "length": a.agreement_len, **(agree or {}),
                       "seconds": agree_s, "predicted": forecast},
         "model_speedup_at_measured_acceptance": model_speedup,

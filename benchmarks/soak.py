@@ -63,7 +63,7 @@ def main() -> int:
         with torch.no_grad():
             for _ in range(50):  # warm-up: allocator and caches settle
                 model(x)
-        h.prefetcher.wait_idle()
+        h._prefetcher.wait_idle()
         start, t0 = snapshot(), time.perf_counter()
         loads0 = h.stats().units_loaded
         mismatches = 0
@@ -71,7 +71,7 @@ def main() -> int:
             for i in range(a.forwards):
                 if not torch.equal(model(x).logits, expected):
                     mismatches += 1
-        h.prefetcher.wait_idle()
+        h._prefetcher.wait_idle()
         end = snapshot()
         loads = h.stats().units_loaded - loads0
         h.disable()

@@ -72,26 +72,32 @@ class Stats:
 
 
 class Handle:
-    """A model with offloading enabled. ``disable()`` (or leaving the ``with`` block) undoes it."""
+    """A model with offloading enabled. ``disable()`` (or leaving the ``with`` block) undoes it.
+
+    Public: ``stats()``, ``reset_stats()``, ``disable()`` / ``close()``, the context manager,
+    ``write_trace()``, ``predict()``, ``prediction``, ``why_no_prediction`` and ``closed``. What
+    ``enable`` built (the store, the prefetcher, the stagers, the hooks) is the handle's own.
+    """
 
     def __init__(self, model: nn.Module, store: Store, prefetcher: Prefetcher, hooks: list[UnitHook],
                  plans: list[UnitPlan], kind: str, temp_store: bool, stagers: list[Stager],
                  accelerate_state: list[tuple[Any, bool, Any]], restore: dict[int, torch.Tensor],
                  silenced: list[tuple[nn.Module, Any]] | None = None,
                  pinned: list[tuple[nn.Module, str, bool, torch.Tensor]] | None = None,
-                 tracer: Tracer | None = None, trace_path: str | None = None):
-        self.model, self.store, self.prefetcher, self.hooks, self.plans = model, store, prefetcher, hooks, plans
-        self.kind, self.temp_store, self.stagers = kind, temp_store, stagers
+                 tracer: Tracer | None = None, trace_path: str | None = None, *, experts: Any = None,
+                 prediction: _tune.Prediction | None = None, tuning: dict[str, Any] | None = None):
+        self._model, self._store, self._prefetcher, self._hooks, self._plans = model, store, prefetcher, hooks, plans
+        self._kind, self._temp_store, self._stagers = kind, temp_store, stagers
         self._accelerate_state = accelerate_state
         self._silenced = silenced or []
         self._restore = restore
         self._pinned = pinned or []
-        self.tracer, self.trace_path = tracer, trace_path
-        self.experts: Any = None  # the expert cache, when routed experts are read on routing
-        self.prediction: _tune.Prediction | None = None  # set by enable when it planned the depth
-        self._tuning: dict[str, Any] = {}  # what a prediction at another batch size needs (enable fills it)
+        self._tracer, self._trace_path = tracer, trace_path
+        self._experts = experts  # the expert cache, when routed experts are read on routing
+        self.prediction = prediction  # what enable predicted for a decode pass at batch 1 (None: nothing measured)
+        self._tuning = tuning or {}  # what a prediction at another batch size needs
         self._meter = _tune.PassMeter([h for h in hooks if isinstance(h, UnitHook)],
-                                     lambda: self.prefetcher.stats().wait_seconds)
+                                     lambda: self._prefetcher.stats().wait_seconds)
         self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                             model.register_forward_hook(self._root_post, always_call=True)]
         self._lock = threading.Lock()
@@ -100,13 +106,13 @@ class Handle:
 
     def _attach(self) -> None:
         """Make this the model's handle (``disable(model)`` finds it), disabled at exit if still open."""
-        self.model._offload_handle = self  # type: ignore[assignment]
+        self._model._offload_handle = self  # type: ignore[assignment]
         _live_handles.add(self)
 
     def _root_pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         # A new top-level forward: any unit still bound was left by an interrupted forward
         # (KeyboardInterrupt skips post-hooks). Unbind it so its staging buffer returns to the ring.
-        for h in self.hooks:
+        for h in self._hooks:
             h.reset()
         self._meter.start(args, kwargs)
 
@@ -114,23 +120,23 @@ class Handle:
         self._meter.end()
 
     def stats(self) -> Stats:
-        s = self.prefetcher.stats() if not self.closed else None
-        resident = self.prefetcher.resident if not self.closed else {}
+        s = self._prefetcher.stats() if not self.closed else None
+        resident = self._prefetcher.resident if not self.closed else {}
         return Stats(
             bytes_read=s.bytes_read if s else 0, read_seconds=s.read_seconds if s else 0.0,
             wait_seconds=s.wait_seconds if s else 0.0, units_loaded=s.units_loaded if s else 0,
             hits=s.hits if s else 0, misses=s.misses if s else 0, resident_hits=s.resident_hits if s else 0,
             units_in_flight=s.units_in_flight if s else 0, verified_units=s.verified_units if s else 0,
             verify_seconds=s.verify_seconds if s else 0.0,
-            streamed_units=len(self.prefetcher.units) - len(resident) - len(self.prefetcher.elsewhere),
-            resident_units=len(resident), ring_bytes=self.prefetcher.config.ring_bytes if not self.closed else 0,
+            streamed_units=len(self._prefetcher.units) - len(resident) - len(self._prefetcher.elsewhere),
+            resident_units=len(resident), ring_bytes=self._prefetcher.config.ring_bytes if not self.closed else 0,
             resident_bytes=sum(b.nbytes for b in resident.values()),
-            prefetch=self.prefetcher.depth, reader=self.prefetcher.reader.name, store=self.store.path,
-            **({"expert_hits": self.experts.hits, "expert_misses": self.experts.misses,
-                "expert_bytes_read": self.experts.bytes_read, "expert_cache_bytes": self.experts.used,
-                "expert_predicted_bytes": self.experts.predicted_bytes,
-                "expert_predicted_used_bytes": self.experts.predicted_used_bytes}
-               if self.experts is not None else {}),
+            prefetch=self._prefetcher.depth, reader=self._prefetcher.reader.name, store=self._store.path,
+            **({"expert_hits": self._experts.hits, "expert_misses": self._experts.misses,
+                "expert_bytes_read": self._experts.bytes_read, "expert_cache_bytes": self._experts.used,
+                "expert_predicted_bytes": self._experts.predicted_bytes,
+                "expert_predicted_used_bytes": self._experts.predicted_used_bytes}
+               if self._experts is not None else {}),
             passes=len(self._meter.seconds), s_per_pass=statistics.median(self._meter.decode_seconds or self._meter.seconds or [0.0]),
             compute_seconds=sum(h.compute_s for h in self._meter.hooks) - self._compute_at_reset,
             predicted_s_per_pass=self.prediction.s_per_pass if self.prediction else 0.0,
@@ -138,19 +144,19 @@ class Handle:
 
     def reset_stats(self) -> None:
         if not self.closed:
-            self.prefetcher.reset_stats()
-            if self.experts is not None:
-                self.experts.reset()
+            self._prefetcher.reset_stats()
+            if self._experts is not None:
+                self._experts.reset()
             self._meter.reset()
             self._compute_at_reset = sum(h.compute_s for h in self._meter.hooks)
 
     def write_trace(self, path: str | os.PathLike[str] | None = None) -> str:
         """Write the trace recorded so far (``enable(trace=...)``) as Chrome trace JSON; returns the path."""
-        if self.tracer is None:
+        if self._tracer is None:
             raise OffloadError("this handle records no trace: enable(model, trace='trace.json') to record one")
-        target = path if path is not None else self.trace_path
+        target = path if path is not None else self._trace_path
         assert target is not None
-        return self.tracer.write(target)
+        return self._tracer.write(target)
 
     def disable(self) -> None:
         """Stop the reader threads, free the buffers, remove the hooks and restore the model. Idempotent.
@@ -175,15 +181,15 @@ class Handle:
                 errors.append(e)
         for rh in self._root_hooks:
             rh.remove()
-        for h in self.hooks:
+        for h in self._hooks:
             h.remove()
         self._save_compute()
-        for h in self.hooks:
+        for h in self._hooks:
             step(h.reset)
-        for stager in self.stagers:
+        for stager in self._stagers:
             step(stager.close)
-        step(self.prefetcher.close)
-        step(self.store.save_checksums)  # read in place: what first reads recorded, checked by later runs
+        step(self._prefetcher.close)
+        step(self._store.save_checksums)  # read in place: what first reads recorded, checked by later runs
         for hook, offload, weights_map in self._accelerate_state:
             hook.offload, hook.weights_map = offload, weights_map
         for module, hook in self._silenced:
@@ -191,24 +197,24 @@ class Handle:
         unload_resident(self._pinned)  # Accelerate's placeholders for the shared tensors
         if self._restore:
             step(self._restore_weights)  # a damaged unit: finish the shutdown, then say which weights are lost
-        for h in self.hooks:  # what the module held before (Accelerate's placeholders)
+        for h in self._hooks:  # what the module held before (Accelerate's placeholders)
             for b in h.bindings:
                 if id(b) not in self._restore:
                     (b.owner._parameters if b.is_param else b.owner._buffers)[b.attr] = b.original
-        if getattr(self.model, "_offload_handle", None) is self:
-            del self.model._offload_handle
-        if self.temp_store:
-            shutil.rmtree(self.store.path, ignore_errors=True)
+        if getattr(self._model, "_offload_handle", None) is self:
+            del self._model._offload_handle
+        if self._temp_store:
+            shutil.rmtree(self._store.path, ignore_errors=True)
         _live_handles.discard(self)
-        if self.tracer is not None and self.trace_path is not None:
-            step(self.tracer.write, self.trace_path)
+        if self._tracer is not None and self._trace_path is not None:
+            step(self._tracer.write, self._trace_path)
         if errors:
             raise errors[0]
 
     def _save_compute(self) -> None:
         """Cache the decode compute measured in this run (per batch size), so the next plan of this store
         predicts from it rather than from a kernel estimate. Host timing measures CPU compute only."""
-        if not self._tuning.get("store_id") or any(p.device.type != "cpu" for p in self.plans):
+        if not self._tuning.get("store_id") or any(p.device.type != "cpu" for p in self._plans):
             return
         for batch in self._meter.decode:
             c = self._meter.compute(batch)
@@ -235,12 +241,12 @@ class Handle:
     def _restore_weights(self) -> None:
         """Give a plain module its streamed weights back, read from the store (their only copy now)."""
         damaged = []
-        for h in self.hooks:
+        for h in self._hooks:
             rec = h.record
             try:
-                data = self.store.read_verified(rec)
+                data = self._store.read_verified(rec)
             except (ChecksumError, StoreError, OSError):
-                damaged.append(f"{self.store.root if rec.extents else self.store.file_path(rec)} (unit {rec.name})")
+                damaged.append(f"{self._store.root if rec.extents else self._store.file_path(rec)} (unit {rec.name})")
                 for b in h.bindings:  # never hand back silently wrong weights: the Parameter stays empty
                     b.owner._parameters[b.attr] = self._restore[id(b)]  # type: ignore[assignment]
                 continue
@@ -270,8 +276,8 @@ class Handle:
         self.disable()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{len(self.hooks)} units, prefetch={self.prefetcher.depth}"
-        return f"<offload.Handle {state} store={self.store.path!r}>"
+        state = "closed" if self.closed else f"{len(self._hooks)} units, prefetch={self._prefetcher.depth}"
+        return f"<offload.Handle {state} store={self._store.path!r}>"
 
 
 @atexit.register

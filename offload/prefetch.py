@@ -28,7 +28,7 @@ With ``verify``, a unit's checksum is checked on the reader thread the first tim
 one), so a damaged file is a named error, not garbage.
 
 Threads: ``io_threads`` named reader threads, started here and stopped only by ``close`` (the
-shutdown order is in ``runtime.Handle.disable``).
+shutdown order is in ``handle.Handle.disable``).
 """
 from __future__ import annotations
 

@@ -277,9 +277,9 @@ def _install(model: nn.Module, built: _Built, st: Store, kind: str, plans_all: S
     handle = Handle(model, st, built.prefetcher, built.hooks, plans, kind, built.temp_store,
                     list(built.stagers.values()) + ([built.estager] if built.estager is not None else []),
                     accelerate_state, built.restore, silenced, built.pinned, built.tracer,
-                    os.fspath(trace) if trace is not None else None)
-    handle.experts = built.estager.cache if built.estager is not None else None
-    handle.prediction, handle._tuning = placement.prediction, placement.tuning
+                    os.fspath(trace) if trace is not None else None,
+                    experts=built.estager.cache if built.estager is not None else None,
+                    prediction=placement.prediction, tuning=placement.tuning)
     if kind == "module" and any(d.type == "cuda" for d in devices):
         try:
             move_resident(model, devices[0])  # everything not streamed computes where the units do

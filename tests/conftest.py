@@ -89,10 +89,10 @@ def greedy(model, inputs, n: int = 16) -> torch.Tensor:
 def greedy_counting(model, handle, ids, n: int) -> tuple[torch.Tensor, int]:
     """Greedy tokens and the bytes the handle read for them alone (reads left from before are drained)."""
     with torch.no_grad():
-        handle.prefetcher.wait_idle()
+        handle._prefetcher.wait_idle()
         handle.reset_stats()
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        handle.prefetcher.wait_idle()
+        handle._prefetcher.wait_idle()
     return out, handle.stats().bytes_read
 
 

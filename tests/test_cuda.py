@@ -26,7 +26,7 @@ def test_cuda_matches_model_on_gpu(arch, tmp_path, no_thread_leak):
     expected_tokens = greedy(model, inputs)
     # gpu_tier=0: no GPU tier, everything streams through the device ring
     with offload.enable(model, prefetch=2, ram_tier=0, gpu_tier=0, store=tmp_path / "s", progress=False) as h:
-        assert all(hk.stager.__class__.__name__ == "CudaStager" for hk in h.hooks)
+        assert all(hk.stager.__class__.__name__ == "CudaStager" for hk in h._hooks)
         assert torch.equal(forward_logits(model, arch, inputs), expected_logits)
         assert torch.equal(greedy(model, inputs), expected_tokens)
     with offload.enable(model, prefetch=1, ram_tier="1GiB", gpu_tier=0, store=tmp_path / "s", progress=False):
@@ -41,7 +41,7 @@ def test_gpu_tier_and_cpu_model_on_cuda(tmp_path, no_thread_leak):
     model.cpu()
     with offload.enable(model, prefetch=1, device="cuda", ram_tier=0, gpu_tier="1GiB", store=tmp_path / "s",
                         progress=False) as h:
-        assert h.hooks[0].stager.resident  # the small model fits: units stay on the GPU
+        assert h._hooks[0].stager.resident  # the small model fits: units stay on the GPU
         with torch.no_grad():
             assert torch.equal(model(**to_cuda(inputs)).logits, expected)
 
@@ -75,11 +75,11 @@ def test_gpu_memory_bound(tmp_path, no_thread_leak):
             for _ in range(3):
                 assert torch.equal(model(x), expected)
         torch.cuda.synchronize()
-        unit = max(hk.record.data_bytes for hk in h.hooks)
+        unit = max(hk.record.data_bytes for hk in h._hooks)
         activations = 3 * x.numel() * 4 * 4 * 4  # a few [4, 4d] fp32 temporaries
         assert torch.cuda.max_memory_allocated() - base <= activations + (1 << 20)
         # the ring itself was allocated once at enable: (prefetch+1) slots of the largest unit
-        assert h.hooks[0].stager.slot_bytes == unit and len(h.hooks[0].stager.slots) == prefetch + 1
+        assert h._hooks[0].stager.slot_bytes == unit and len(h._hooks[0].stager.slots) == prefetch + 1
 
 
 def test_steady_state_makes_no_host_sync(tmp_path, no_thread_leak):
@@ -89,7 +89,7 @@ def test_steady_state_makes_no_host_sync(tmp_path, no_thread_leak):
         with torch.no_grad():
             for _ in range(2):
                 model(x)  # warm-up: order learned, buffers touched
-            h.prefetcher.wait_idle()
+            h._prefetcher.wait_idle()
             torch.cuda.set_sync_debug_mode("error")
             try:
                 for _ in range(5):

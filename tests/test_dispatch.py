@@ -43,7 +43,7 @@ def test_device_map_auto_with_merged_disk_entries_streams_block_by_block(llama_f
     assert model.hf_device_map.get(expect_key) == "disk"  # the merged entry this test is about
     with caplog.at_level(logging.WARNING, logger="offload"):
         with offload.enable(model, prefetch=2, ram_tier=0, progress=False) as h:
-            names = [hk.record.name for hk in h.hooks]
+            names = [hk.record.name for hk in h._hooks]
             assert [f"model.layers.{i}" for i in range(4)] == [n for n in names if n.startswith("model.layers")]
             with torch.no_grad():
                 assert torch.equal(model(ids).logits, expected_logits)
@@ -53,7 +53,7 @@ def test_device_map_auto_with_merged_disk_entries_streams_block_by_block(llama_f
             assert s.streamed_units == len(names) and s.hits > 0
             # each step reads every streamed unit once: bytes = units x steps (the prefetch of the step
             # after the last one included at most once)
-            per_step = sum(e.length for hk in h.hooks for e in hk.record.reads)
+            per_step = sum(e.length for hk in h._hooks for e in hk.record.reads)
             assert per_step * 8 <= bytes_read <= per_step * 9
     assert "outside its unit" not in caplog.text
 
@@ -98,7 +98,7 @@ def test_module_shared_by_several_blocks_is_read_once_and_kept(tmp_path, caplog,
         with offload.enable(model, prefetch=1, ram_tier=0, progress=False) as h:
             shared_w = model.blocks[0].shared.weight
             assert shared_w.device.type == "cpu" and not isinstance(shared_w, offload.hooks.Offloaded)
-            assert all("shared" not in t.name for hk in h.hooks for t in hk.record.tensors)
+            assert all("shared" not in t.name for hk in h._hooks for t in hk.record.tensors)
             with torch.no_grad():
                 for _ in range(2):
                     assert torch.equal(model(x), expected)

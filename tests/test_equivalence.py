@@ -40,8 +40,8 @@ def test_transformers_dispatched_to_disk_matches_in_memory(arch, tmp_path, no_th
     dispatched = cls.from_pretrained(tmp_path / "ckpt", device_map=device_map, offload_folder=tmp_path / "off").eval()
     assert offload.plan.is_accelerate_offloaded(dispatched)
     with offload.enable(dispatched, prefetch=2, ram_tier=0, progress=False) as h:
-        assert sorted(hk.record.name for hk in h.hooks) == sorted(units)
-        assert h.store.path == str(tmp_path / "off" / "offload-store")
+        assert sorted(hk.record.name for hk in h._hooks) == sorted(units)
+        assert h.stats().store == str(tmp_path / "off" / "offload-store")
         assert torch.equal(forward_logits(dispatched, arch, inputs), expected_logits)
         assert torch.equal(greedy(dispatched, inputs), expected_tokens)
         assert h.stats().bytes_read > 0

@@ -48,12 +48,12 @@ def decode_step(model, h=None) -> tuple[list, torch.Tensor]:
     cache = tf.DynamicCache(config=model.config)
     nxt = model(IDS, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     if h is not None:
-        h.prefetcher.wait_idle()
+        h._prefetcher.wait_idle()
         h.reset_stats()
     seen, hooks = count_routing(model)
     logits = model(nxt, past_key_values=cache, use_cache=True).logits
     if h is not None:
-        h.prefetcher.wait_idle()
+        h._prefetcher.wait_idle()
     for x in hooks:
         x.remove()
     return seen, logits
@@ -75,7 +75,7 @@ def test_routed_experts_from_a_folder_are_exact_and_read_only_what_is_routed(arc
     ref = make(arch, tmp_path / arch)
     model, h = offload.load(tmp_path / arch, prefetch=1, ram_tier=0, progress=False, predict_experts=False)
     try:
-        assert h.experts is not None, "the experts modules were not found"
+        assert h._experts is not None, "the experts modules were not found"
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, ref(IDS).logits)
             assert torch.equal(model.generate(IDS, max_new_tokens=6, do_sample=False),
@@ -100,7 +100,7 @@ def test_in_memory_enable_is_exact_and_the_cache_serves_repeats(tmp_path, no_thr
         again = h.stats()
         assert first.expert_misses > 0 and again.expert_misses == first.expert_misses  # all from the cache
         # a store's expert tensors are one range each: every expert is read as whole pages (O_DIRECT)
-        tables = next(st for st in h.stagers if hasattr(st, "tables")).tables.values()
+        tables = next(st for st in h._stagers if hasattr(st, "tables")).tables.values()
         reads = [x for t in tables for rec in t.group.experts for x in rec.extents]
         assert reads and all(x.offset % 4096 == 0 and x.into % 4096 == 0 for x in reads)
         assert again.expert_hits > first.expert_hits and again.expert_cache_bytes > 0
@@ -116,7 +116,7 @@ def test_prefill_reads_each_routed_expert_once(tmp_path, no_thread_leak):
         seen, hooks = count_routing(model)
         with torch.no_grad():
             model(ids)
-        h.prefetcher.wait_idle()
+        h._prefetcher.wait_idle()
         assert h.stats().expert_misses == sum(len(e) for _, e in seen)
 
 
@@ -125,13 +125,13 @@ def test_whole_blocks_when_asked_or_when_routed_reads_cannot_serve(tmp_path, cap
     ref = copy.deepcopy(model)
     with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False,
                         routed_experts=False) as h:
-        assert h.experts is None
+        assert h._experts is None
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, ref(IDS).logits)
     pytest.importorskip("torchao")
     with caplog.at_level(logging.INFO, logger="offload"):
         with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "q", progress=False, quantize="int8") as h:
-            assert h.experts is None
+            assert h._experts is None
     assert any("reading whole blocks" in r.message for r in caplog.records)
 
 
@@ -162,7 +162,7 @@ def test_a_dispatched_moe_model_reads_routed_experts_where_accelerate_put_them(t
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map=block_device_map(ref, disk),
                                                     offload_folder=str(tmp_path / "off")).eval()
     with offload.enable(model, prefetch=1, ram_tier=0, progress=False) as h:
-        assert h.experts is not None and all(u.extents for u in h.store.units)
+        assert h._experts is not None and all(u.extents for u in h._store.units)
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, ref(IDS).logits)
             assert torch.equal(model.generate(IDS, max_new_tokens=4, do_sample=False),
@@ -247,9 +247,9 @@ def test_the_stager_follows_its_policy_as_replay_does(policy, tmp_path, monkeypa
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
     with offload.enable(model, prefetch=1, cpu_memory="16MiB", store=tmp_path / "s", progress=False,
                         predict_experts=False) as h:
-        stager = next(st for st in h.stagers if hasattr(st, "tables"))
-        assert h.experts.policy.name == policy
-        h.experts.budget = 24 * stager.tables[0].group.expert_bytes  # a quarter of the 96 experts
+        stager = next(st for st in h._stagers if hasattr(st, "tables"))
+        assert h._experts.policy.name == policy
+        h._experts.budget = 24 * stager.tables[0].group.expert_bytes  # a quarter of the 96 experts
         group = {id(t.group.module): k for k, t in stager.tables.items()}
         seen, hooks = count_routing(model)
         with torch.no_grad():
@@ -259,6 +259,6 @@ def test_the_stager_follows_its_policy_as_replay_does(policy, tmp_path, monkeypa
             x.remove()
         s = h.stats()
         eb = {k: t.group.expert_bytes for k, t in stager.tables.items()}
-        hits, misses, evicted = X.replay([(group[id(m)], e) for m, e in seen], h.experts.budget, eb, policy)
+        hits, misses, evicted = X.replay([(group[id(m)], e) for m, e in seen], h._experts.budget, eb, policy)
         assert evicted and (s.expert_hits, s.expert_misses) == (hits, misses)
-        assert h.experts.evictions == len(evicted)
+        assert h._experts.evictions == len(evicted)

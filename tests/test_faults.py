@@ -150,14 +150,14 @@ def test_keyboard_interrupt_then_disable_stops_reader_threads(built_store, no_th
         if calls["n"] == 5:
             raise KeyboardInterrupt
     # a forward hook that runs after the unit's pre-hook bound it and before its post-hook unbinds it
-    x = h.hooks[2].module.register_forward_hook(interrupt, prepend=True)
+    x = h._hooks[2].module.register_forward_hook(interrupt, prepend=True)
     with pytest.raises(KeyboardInterrupt):
         greedy(model, inputs, n=8)
     x.remove()
-    assert h.hooks[2].bound and h.prefetcher.ring.holders() == 1  # left behind by the interrupt
+    assert h._hooks[2].bound and h._prefetcher.ring.holders() == 1  # left behind by the interrupt
     assert torch.equal(forward_logits(model, "bloom", inputs), expected)
-    assert not any(hk.bound for hk in h.hooks) and h.prefetcher.ring.holders() == 0
-    threads = h.prefetcher._workers._threads
+    assert not any(hk.bound for hk in h._hooks) and h._prefetcher.ring.holders() == 0
+    threads = h._prefetcher._workers._threads
     assert threads and all(t.is_alive() for t in threads)  # a fixed pool for the handle's life
     h.disable()
     assert not any(t.is_alive() for t in threads), "disable() returned before its reader threads exited"

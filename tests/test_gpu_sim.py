@@ -157,7 +157,7 @@ def test_out_of_memory_in_a_forward_gives_gpu_tier_units_back(tmp_path, sim, mon
     Sim.act_per_token = 64
     short, long = torch.randn(4, D), torch.randn(1280, D)  # 256 B vs 10 units of activations per block (8 free)
     with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
-        stager = h.hooks[0].stager
+        stager = h._hooks[0].stager
         assert len(stager.resident) == 8
         assert torch.equal(run(model, short), run(ref, short))
         with caplog.at_level(logging.WARNING, logger="offload"):
@@ -184,10 +184,10 @@ def test_a_growing_forward_is_measured_and_units_given_back_before_it_runs_out(t
     x = torch.randn(16, D)
     with caplog.at_level(logging.WARNING, logger="offload"):
         with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
-            kept = len(h.hooks[0].stager.resident)
+            kept = len(h._hooks[0].stager.resident)
             for _ in range(10):  # 5 units' worth of "KV cache" by the end: never an out-of-memory error
                 assert torch.equal(run(model, x), run(ref, x))
-            assert len(h.hooks[0].stager.resident) < kept
+            assert len(h._hooks[0].stager.resident) < kept
     assert any("a forward needs" in r.getMessage() for r in caplog.records)
 
 
@@ -204,7 +204,7 @@ def test_graph_capture_is_refused_with_a_clear_error(tmp_path, sim, no_thread_le
         with pytest.raises(offload.OffloadError, match="capturing a graph"):
             run(model, x)
         b.capture = False
-        assert torch.equal(run(model, x), run(ref, x)) and h.prefetcher.ring.holders() == 0
+        assert torch.equal(run(model, x), run(ref, x)) and h._prefetcher.ring.holders() == 0
 
 
 # ------------------------------------------------------------------------------ 4: a CUDA error on a reader thread
@@ -280,10 +280,10 @@ def test_only_the_host_ring_is_page_locked_beyond_the_cap(tmp_path, sim, monkeyp
     b = sim(model)
     monkeypatch.setattr(offload.transfer, "PIN_FRACTION", 0.0)  # no room for the RAM tier under the cap
     with offload.enable(model, prefetch=1, ram_tier=3 * UNIT, gpu_tier=0, store=tmp_path / "s", progress=False) as h:
-        assert len(h.prefetcher.resident) == 3
-        ring = h.prefetcher.ring.buffers()
+        assert h.stats().resident_units == 3
+        ring = h._prefetcher.ring.buffers()
         assert b.registered == len(ring) and all(buf.registered for buf in ring)
-        assert not any(buf.registered for buf in h.prefetcher.resident.values())
+        assert not any(buf.registered for buf in h._prefetcher.resident.values())
         assert torch.equal(run(model, x), run(ref, x))
 
 
@@ -395,7 +395,7 @@ def test_gpu_tier_fills_from_page_locked_buffers_with_disk_and_copies_overlapped
             spans.append((t0, time.perf_counter()))
     with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=6 * UNIT, store=tmp_path / "s", reader=Slow(),
                         progress=False) as h:
-        assert len(h.hooks[0].stager.resident) == 6
+        assert len(h._hooks[0].stager.resident) == 6
         assert b.pageable_copies == 0, "the GPU tier was copied from pageable memory"
         assert any(r0 < c1 and c0 < r1 for r0, r1 in spans for c0, c1 in b.copy_spans), \
             "no read overlapped a copy: the tier was filled one unit at a time"

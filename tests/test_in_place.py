@@ -56,7 +56,7 @@ def test_a_sharded_checkpoint_with_a_block_across_two_shards(tmp_path, no_thread
     assert len(shards) > 2
     model, h = offload.load(tmp_path / "b", ram_tier=0, progress=False)
     try:
-        assert any(len({e.file for e in u.extents}) == 2 for u in h.store.units), "no block spans two shards"
+        assert any(len({e.file for e in u.extents}) == 2 for u in h._store.units), "no block spans two shards"
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, ref(IDS).logits)
     finally:
@@ -114,7 +114,7 @@ def test_a_changed_shard_rebuilds_the_index_and_a_damaged_byte_is_a_named_error(
     assert "source files changed: model.safetensors" in capfd.readouterr().err
     # a damaged byte that keeps size and mtime: the checksum recorded on the first read catches it
     st = os.stat(shard)
-    unit = h.store.units[2]
+    unit = h._store.units[2]
     with open(shard, "r+b") as f:
         f.seek(unit.extents[0].offset + unit.extents[0].length // 2)
         byte = f.read(1)
@@ -157,7 +157,7 @@ def test_a_dispatched_model_is_read_where_accelerate_put_it(route, tmp_path, no_
     before = folder_bytes(tmp_path / "off")
     offloaded = sum(p.numel() * p.element_size() for n in disk for p in ref.get_submodule(n).parameters())
     with offload.enable(model, prefetch=1, ram_tier=0, progress=False) as h:
-        assert all(u.extents for u in h.store.units), "the offloaded weights were copied into a store"
+        assert all(u.extents for u in h._store.units), "the offloaded weights were copied into a store"
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, ref(IDS).logits)
         written = folder_bytes(tmp_path / "off") - before

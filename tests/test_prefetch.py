@@ -44,7 +44,7 @@ def test_next_unit_read_is_issued_before_current_forward_returns(tmp_path, no_th
     expected = forward_logits(model, "bloom", inputs)
     reader = RecordingReader()
     with offload.enable(model, prefetch=2, ram_tier=0, store=tmp_path / "s", reader=reader, progress=False) as h:
-        paths = [h.store.file_path(hk.record) for hk in h.hooks]
+        paths = [h._store.file_path(hk.record) for hk in h._hooks]
         overlapped: list[bool] = []
 
         def check(i):
@@ -54,7 +54,7 @@ def test_next_unit_read_is_issued_before_current_forward_returns(tmp_path, no_th
                 overlapped.append(reader.event(nxt).wait(timeout=10))
             return hook
 
-        handles = [hk.module.register_forward_hook(check(i), prepend=True) for i, hk in enumerate(h.hooks)]
+        handles = [hk.module.register_forward_hook(check(i), prepend=True) for i, hk in enumerate(h._hooks)]
         assert torch.equal(forward_logits(model, "bloom", inputs), expected)
         for x in handles:
             x.remove()
@@ -76,7 +76,7 @@ def test_memory_bound_during_generation(tmp_path, prefetch, no_thread_leak, monk
     inputs = inputs_for("bloom")
     expected = greedy(model, inputs)
     with offload.enable(model, prefetch=prefetch, ram_tier=0, store=tmp_path / "s", progress=False) as h:
-        unit_modules = [hk.module for hk in h.hooks]
+        unit_modules = [hk.module for hk in h._hooks]
         seen_buffers, seen_bound = [], []
 
         def probe(module, args):
@@ -92,7 +92,7 @@ def test_memory_bound_during_generation(tmp_path, prefetch, no_thread_leak, monk
         assert max(seen_bound) == 1
         stats = h.stats()
         assert stats.resident_bytes == 0
-        assert stats.ring_bytes == (prefetch + 1) * max(hk.record.data_bytes for hk in h.hooks)
+        assert stats.ring_bytes == (prefetch + 1) * max(hk.record.data_bytes for hk in h._hooks)
         # between forwards no streamed parameter holds storage
         with torch._C.DisableTorchFunctionSubclass():  # the stand-in's own tensor: meta, no memory
             assert all(isinstance(p, Offloaded) and p.device.type == "meta" for m in unit_modules for p in m.parameters())
@@ -107,13 +107,13 @@ def test_ram_tier_reads_fewer_bytes_by_exactly_the_resident_units(tmp_path, no_t
     def bytes_per_pass(tier):
         with offload.enable(model, prefetch=1, ram_tier=tier, store=store, progress=False) as h:
             assert torch.equal(forward_logits(model, "bloom", inputs), expected)  # warm-up pass
-            h.prefetcher.wait_idle()
+            h._prefetcher.wait_idle()
             h.reset_stats()
             for _ in range(3):
                 assert torch.equal(forward_logits(model, "bloom", inputs), expected)
-            h.prefetcher.wait_idle()
+            h._prefetcher.wait_idle()
             s = h.stats()
-            resident = sum(hk.record.data_bytes for i, hk in enumerate(h.hooks) if i in h.prefetcher.resident)
+            resident = sum(hk.record.data_bytes for i, hk in enumerate(h._hooks) if i in h._prefetcher.resident)
             assert s.misses == 0
             return s.bytes_read / 3, resident, s
 
@@ -121,8 +121,8 @@ def test_ram_tier_reads_fewer_bytes_by_exactly_the_resident_units(tmp_path, no_t
     full, none_resident, s0 = bytes_per_pass(0)
     assert none_resident == 0
     with offload.enable(model, prefetch=1, ram_tier=0, store=store, progress=False) as h:
-        unit = h.hooks[0].record.data_bytes
-        assert full == sum(hk.record.data_bytes for hk in h.hooks)
+        unit = h._hooks[0].record.data_bytes
+        assert full == sum(hk.record.data_bytes for hk in h._hooks)
     tier, resident, s1 = bytes_per_pass(3 * unit)
     assert s1.resident_units == 3 and resident == 3 * unit
     assert full - tier == resident

@@ -255,7 +255,7 @@ def test_fresh_bound_parameter_starts_with_the_originals_requires_grad(tmp_path)
     model = torch.nn.Sequential(*[WeightAtX() for _ in range(4)])
     model = dispatch_model(model, device_map=disk_device_map(model, ["1", "2", "3"]), offload_dir=str(tmp_path / "o"))
     with offload.enable(model, prefetch=1, ram_tier=0, progress=False) as h:
-        params = [b for hk in h.hooks for b in hk.bindings if b.is_param]
+        params = [b for hk in h._hooks for b in hk.bindings if b.is_param]
         assert params and all(b.live.requires_grad == b.original.requires_grad for b in params)
 
 

@@ -145,15 +145,15 @@ def test_self_draft_is_counted_before_it_is_built_and_shares_the_resident_weight
     from offload import quant
     model, handle = target["model"], target["handle"]
     predicted = S.draft_bytes(handle, scheme)
-    assert predicted == S.draft_bytes(model, scheme) == S.draft_bytes(handle.store.path, scheme)
+    assert predicted == S.draft_bytes(model, scheme) == S.draft_bytes(handle.stats().store, scheme)
     assert predicted == S.draft_bytes(model.config, scheme, dtype=torch.float32)  # what `run --random` has
     reads = []
     real = S.drafts._read_unit  # build_self_draft looks it up in offload.speculate.drafts
     monkeypatch.setattr(S.drafts, "_read_unit", lambda store, rec: reads.append(rec.name) or real(store, rec))
     draft = S.build_self_draft(model, scheme, handle=handle)
-    assert sorted(reads) == sorted(u.name for u in handle.store.units)  # each unit read once
+    assert sorted(reads) == sorted(u.name for u in handle._store.units)  # each unit read once
     assert S._own_bytes(draft, model) == predicted
-    streamed = sum(u.tensor_bytes for u in handle.store.units)
+    streamed = sum(u.tensor_bytes for u in handle._store.units)
     assert 0 < predicted < streamed * (0.5 if scheme == "int8" else 0.3)
     # embeddings, head, final norm: the target's tensors, not copies
     assert draft.get_input_embeddings().weight is model.get_input_embeddings().weight
@@ -170,7 +170,7 @@ def test_self_draft_with_its_own_quantized_head(target):
     assert spec.draft.get_output_embeddings().weight is not head
     assert spec.draft.get_input_embeddings().weight is model.get_input_embeddings().weight
     assert spec.draft_bytes == S.draft_bytes(handle, "int8", quantize_head=True) > S.draft_bytes(handle, "int8")
-    assert S.draft_bytes(handle.store.path, "int8", quantize_head=True) == spec.draft_bytes
+    assert S.draft_bytes(handle.stats().store, "int8", quantize_head=True) == spec.draft_bytes
     for ids, ref in target["refs"][:2]:
         out, st = spec.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW)
         assert torch.equal(out, ref)
@@ -197,7 +197,7 @@ def test_quantized_target(tmp_path, silence_transformers):
         refs = [(_prompt(s), _greedy(model, _prompt(s))) for s in range(2)]
         for mode in ("int8", "int4", "ngram"):
             spec = S.Speculator(model, mode, draft_tokens=3)
-            assert spec.draft_bytes == S.draft_bytes(handle, mode) == S.draft_bytes(handle.store.path, mode)
+            assert spec.draft_bytes == S.draft_bytes(handle, mode) == S.draft_bytes(handle.stats().store, mode)
             for ids, ref in refs:
                 out, st = spec.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW)
                 assert torch.equal(out, ref), mode

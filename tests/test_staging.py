@@ -209,12 +209,12 @@ def test_reader_threads_are_fixed_for_the_handles_life(tmp_path, monkeypatch, no
     x = torch.randn(2, D)
     expected = run(copy.deepcopy(model), x)
     with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", io_threads=3, progress=False) as h:
-        threads = list(h.prefetcher._workers._threads)
+        threads = list(h._prefetcher._workers._threads)
         assert len(threads) == 3
         assert torch.equal(run(model, x), expected)
-        h.prefetcher.wait_idle()
+        h._prefetcher.wait_idle()
         # idle now: every thread is parked on the condition, none has exited
-        assert h.prefetcher._workers.alive() == threads
+        assert h._prefetcher._workers.alive() == threads
         assert torch.equal(run(model, x), expected)
     assert not any(t.is_alive() for t in threads)
 
@@ -245,12 +245,12 @@ def test_call_orders_are_exact_bounded_and_never_spin(name, prefetch, gpu, tmp_p
     def body():
         with offload.enable(model, prefetch=prefetch, ram_tier=0, gpu_tier=0, store=tmp_path / "s",
                             progress=False) as h:
-            assert isinstance(h.hooks[0].stager, CudaStager) == (gpu == "simgpu")
-            slots = len(h.prefetcher.ring.slots)
+            assert isinstance(h._hooks[0].stager, CudaStager) == (gpu == "simgpu")
+            slots = len(h._prefetcher.ring.slots)
             for order in orders:
                 assert torch.equal(run(model, x, order), run(ref, x, order)), order
-                assert h.prefetcher.ring.holders() == 0 and not any(hk.bound for hk in h.hooks)
-                assert len(h.prefetcher.ring.slots) == slots == prefetch + 1
+                assert h._prefetcher.ring.holders() == 0 and not any(hk.bound for hk in h._hooks)
+                assert len(h._prefetcher.ring.slots) == slots == prefetch + 1
             assert count_claims["claims"] <= 3 * count_claims["acquires"]
     no_hang(body)
 
@@ -268,7 +268,7 @@ def test_reentrant_unit_is_bound_once_and_never_read_outside(gpu, tmp_path, capl
         with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=0, store=tmp_path / "s", progress=False) as h:
             for _ in range(3):
                 assert torch.equal(run(model, x), run(ref, x))
-            assert h.prefetcher.ring.holders() == 0
+            assert h._prefetcher.ring.holders() == 0
     assert "outside its unit" not in caplog.text
 
 
@@ -314,14 +314,14 @@ def test_simulated_gpu_exact_without_deadlock(prefetch, units, tier, delays, tmp
     def body():
         with offload.enable(model, prefetch=prefetch, ram_tier=0, gpu_memory=gpu_memory, store=tmp_path / "s",
                             progress=False) as h:
-            stager = h.hooks[0].stager
-            assert isinstance(stager, CudaStager) and all(hk.record.data_bytes == unit_bytes for hk in h.hooks)
+            stager = h._hooks[0].stager
+            assert isinstance(stager, CudaStager) and all(hk.record.data_bytes == unit_bytes for hk in h._hooks)
             # a budget that would hold every unit is better spent keeping them all than on a ring (plan_memory)
             fits = min(prefetch + 1, units) + (units // 2 if tier else 0) >= units
             assert len(stager.resident) == (units if fits else units // 2 if tier else 0)
             for _ in range(3):
                 assert torch.equal(run(model, x), run(ref, x))
-            assert h.prefetcher.ring.holders() == 0
+            assert h._prefetcher.ring.holders() == 0
             assert len(stager.slots) == min(prefetch + 1, units - len(stager.resident))
             if len(stager.resident) < units:
                 assert _SIM[0].copies > 0
@@ -360,13 +360,13 @@ def test_interrupted_forward_is_unbound_by_the_next_forward(tmp_path, no_thread_
     with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
         def stop(module, args, output):
             raise KeyboardInterrupt
-        hk = h.hooks[2].module.register_forward_hook(stop, prepend=True)
+        hk = h._hooks[2].module.register_forward_hook(stop, prepend=True)
         with pytest.raises(KeyboardInterrupt):
             run(model, x)
         hk.remove()
-        assert h.hooks[2].bound and h.prefetcher.ring.holders() == 1
+        assert h._hooks[2].bound and h._prefetcher.ring.holders() == 1
         assert torch.equal(run(model, x), run(ref, x))
-        assert not h.hooks[2].bound and h.prefetcher.ring.holders() == 0
+        assert not h._hooks[2].bound and h._prefetcher.ring.holders() == 0
 
 
 class FlakyReader(PythonReader):
@@ -394,7 +394,7 @@ def test_a_failed_read_is_forgotten_and_retried(tmp_path, prefetch, no_thread_le
                         progress=False) as h:
         with pytest.raises(offload.UnitReadError, match=f"unit blocks.2 from .*{victim} failed: .*Input/output error"):
             run(model, x)
-        assert h.prefetcher.ring.holders() == 0
+        assert h._prefetcher.ring.holders() == 0
         assert torch.equal(run(model, x), run(ref, x))  # the next forward reads it again
 
 
@@ -447,7 +447,7 @@ def test_bound_parameters_keep_requires_grad_on_a_dispatched_model(tmp_path, no_
     model = dispatch_model(model, device_map=dm, offload_dir=str(tmp_path / "off"))
     with offload.enable(model, prefetch=1, ram_tier=0, progress=False) as h:
         seen = []
-        probe = h.hooks[0].module.register_forward_pre_hook(lambda m, a: seen.append(m.w.requires_grad), prepend=False)
+        probe = h._hooks[0].module.register_forward_pre_hook(lambda m, a: seen.append(m.w.requires_grad), prepend=False)
         with torch.no_grad():
             assert torch.equal(model(x), ref(x))
         probe.remove()
@@ -462,4 +462,4 @@ def test_gpu_memory_below_resident_plus_ring_names_the_minimum(tmp_path, sim_gpu
     with pytest.raises(offload.OffloadError, match=rf"gpu_memory=.* the minimum is {minimum / 1024:.2f} KiB"):
         offload.enable(model, prefetch=1, ram_tier=0, gpu_memory=minimum - 1, store=tmp_path / "s", progress=False)
     with offload.enable(model, prefetch=1, ram_tier=0, gpu_memory=minimum, store=tmp_path / "s", progress=False) as h:
-        assert not h.hooks[0].stager.resident and len(h.hooks[0].stager.slots) == 2
+        assert not h._hooks[0].stager.resident and len(h._hooks[0].stager.slots) == 2

@@ -41,7 +41,7 @@ def test_trace_is_chrome_json_and_shows_reads_overlapping_forwards(tmp_path, no_
     trace = tmp_path / "trace.json"
     h = offload.enable(model, prefetch=2, ram_tier=0, store=tmp_path / "s", reader=reader, trace=trace,
                        progress=False)
-    paths = [h.store.file_path(hk.record) for hk in h.hooks]
+    paths = [h._store.file_path(hk.record) for hk in h._hooks]
     n = len(paths)
     reader.events(paths[0])[1].set()  # the first unit's read has no forward to overlap
 
@@ -56,8 +56,8 @@ def test_trace_is_chrome_json_and_shows_reads_overlapping_forwards(tmp_path, no_
             if i + 1 < n:
                 assert reader.events(paths[i + 1])[0].wait(30)
         return hook
-    extra = [hk.module.register_forward_pre_hook(opened(i)) for i, hk in enumerate(h.hooks)]
-    extra += [hk.module.register_forward_hook(held(i), prepend=True) for i, hk in enumerate(h.hooks)]
+    extra = [hk.module.register_forward_pre_hook(opened(i)) for i, hk in enumerate(h._hooks)]
+    extra += [hk.module.register_forward_hook(held(i), prepend=True) for i, hk in enumerate(h._hooks)]
     assert torch.equal(forward_logits(model, "bloom", inputs), expected)
     for x in extra:
         x.remove()
@@ -77,7 +77,7 @@ def test_trace_is_chrome_json_and_shows_reads_overlapping_forwards(tmp_path, no_
         if e["cat"] == "read":
             assert tracks[e["tid"]].startswith("offload-io")
             reads.setdefault(e["name"].split(" ", 1)[1], []).append(e)
-    names = [hk.record.name for hk in h.hooks]
+    names = [hk.record.name for hk in h._hooks]
     assert set(forwards) == set(names)
     for a, b in zip(names, names[1:]):
         f = forwards[a]

@@ -184,8 +184,8 @@ def _gpu_tier_bytes(handle: Any) -> int:
     s = handle.stats()
     if hasattr(s, "gpu_tier_bytes"):
         return int(s.gpu_tier_bytes)
-    kept = handle.prefetcher.elsewhere
-    return sum(h.record.data_bytes for i, h in enumerate(handle.hooks) if i in kept)
+    kept = handle._prefetcher.elsewhere
+    return sum(h.record.data_bytes for i, h in enumerate(handle._hooks) if i in kept)
 
 
 def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: list[int], prefetches: list[int],

@@ -59,10 +59,10 @@ def _unit_tensors_of(target: Any, dtype: torch.dtype | None) -> tuple[nn.Module,
     if isinstance(target, Handle) or (isinstance(target, nn.Module) and _handle_of(target) is not None):
         handle = target if isinstance(target, Handle) else _handle_of(target)
         assert handle is not None
-        model = handle.model
+        model = handle._model
         names = {id(m): n for n, m in model.named_modules()}
         out = []
-        for h in handle.hooks:
+        for h in handle._hooks:
             for b in h.bindings:
                 n = names[id(b.owner)]
                 out.append((f"{n}.{b.attr}" if n else b.attr, b.dtype, tuple(b.shape)))
@@ -230,15 +230,15 @@ def build_self_draft(model: nn.Module, scheme: str, *, handle: Any = None, group
         raise OffloadError("a self-draft is built for decoder-only models")
     handle = handle if handle is not None else _handle_of(model)
     device = _device_of(model)
-    float_dtype = next((b.dtype for h in handle.hooks for b in h.bindings if b.dtype.is_floating_point),
+    float_dtype = next((b.dtype for h in handle._hooks for b in h.bindings if b.dtype.is_floating_point),
                        torch.float32) if handle is not None else _float_dtype(model)
 
     # Per unit: how to load its bytes once, and for each tensor (target module, attr, is_param, view(bytes)).
     units: list[tuple[Callable[[], Any], list[tuple[nn.Module, str, bool, Callable[[Any], torch.Tensor]]]]] = []
     if handle is not None:
-        for h in handle.hooks:
+        for h in handle._hooks:
             def loader(rec: Any = h.record) -> Any:
-                return _read_unit(handle.store, rec)
+                return _read_unit(handle._store, rec)
             entries = []
             for b in h.bindings:
                 def view(data: Any, b: Any = b) -> torch.Tensor:
