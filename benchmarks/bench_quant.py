@@ -3,8 +3,8 @@
 Per variant and batch size: decode time per token streamed cold (``ram_tier=0``, the store's files
 evicted before every forward, eviction untimed), the same quantized model with every unit in RAM
 (its compute floor, warm), and bytes read per token from ``stats()``; the I/O floor is bytes per token
-over this disk's O_DIRECT bandwidth measured in the same run (bench-disk's python reader on the store's
-largest unit file, cold). Then quality, teacher-forced on random sequences: max and RMS logits error
+over this disk's O_DIRECT bandwidth measured in the same run (the runtime's reader on the store's own
+unit files at 1..8 in flight, the best: ``offload.tune.measure_disk``). Then quality, teacher-forced on random sequences: max and RMS logits error
 vs the fp32 model, next to torchao's own int8 / int4 weight-only quantization of the same weights
 (same group size), and top-1 agreement with fp32.
 
@@ -19,13 +19,12 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Any
 
 import torch
 
 import offload
-from offload.cli.bench import decode_times, evict
+from offload.cli.bench import decode_times
 from offload.cli.models import random_checkpoint
 from offload.config import cache_dir
 from offload.convert import cached_store
@@ -36,24 +35,16 @@ VARIANTS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8
             "int4": (torch.bfloat16, "int4")}
 
 
-def disk_bps(path: str) -> float:
-    """O_DIRECT read bandwidth of one file, cold (the python reader, 8 MiB requests, 4 threads)."""
-    from concurrent.futures import ThreadPoolExecutor
-    from offload.io import PythonReader
-    from offload.staging import HostBuffer
-    size = os.path.getsize(path) // 4096 * 4096
-    evict([path])
-    r = PythonReader()
-    h = r.open(path)
-    buf = HostBuffer(size)
-    chunk = 8 << 20
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(4) as ex:
-        list(ex.map(lambda off: r.read(h, off, buf.view(off, min(chunk, size - off))), range(0, size, chunk)))
-    dt = time.perf_counter() - t0
-    r.close(h)
-    buf.close()
-    return size / dt
+def disk_bps(st: offload.store.Store) -> float:
+    """The disk's best O_DIRECT rate on this store's own unit files, with the reader the runtime uses at
+    1..8 units in flight (``offload.tune.measure_disk``, what prefetch="auto" plans from): the floor is
+    then what this reader can do, never less than the runtime itself reached (the python reader with 4
+    threads, measured before, read 0.44-1.65 GB/s where the runtime read 2.3)."""
+    from offload.io import get_reader
+    from offload.tune import measure_disk
+    units = [[(st.path_of(u, e.file), e.offset, e.length) for e in u.reads] for u in st.units]
+    bps, _, _ = measure_disk(units, get_reader())
+    return max(bps.values())
 
 
 def streamed_rows(name: str, store: str, batch_sizes: list[int], new_tokens: int, prompt: torch.Tensor,
@@ -61,16 +52,15 @@ def streamed_rows(name: str, store: str, batch_sizes: list[int], new_tokens: int
     rows = []
     st = offload.store.Store.open(store)
     unit_bytes = sum(u.data_bytes for u in st.units)
-    largest = max(st.units, key=lambda u: u.data_bytes)
     for cache in ("cold", "warm"):
-        model, h = offload.load(store, prefetch=2, ram_tier=0 if cache == "cold" else unit_bytes, progress=False)
+        model, h = offload.load(store, ram_tier=0 if cache == "cold" else unit_bytes, progress=False)  # prefetch auto
         try:
             for bs in batch_sizes:
                 ids = prompt.repeat(bs, 1)
                 h.reset_stats()
                 times, tokens = decode_times(model, ids, new_tokens, [store] if cache == "cold" else None)
                 s = h.stats()
-                bps = disk_bps(st.file_path(largest)) if cache == "cold" else None
+                bps = disk_bps(st) if cache == "cold" else None
                 per_token = s.bytes_read / new_tokens  # generate runs new_tokens forwards, each streams every unit
                 row = {"variant": name, "cache": cache, "batch_size": bs, "s_per_token_median": statistics.median(times),
                        "s_per_token_min": min(times), "samples": times, "bytes_per_token": per_token,

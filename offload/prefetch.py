@@ -248,6 +248,7 @@ class Prefetcher:
         self.config = config
         self.depth = config.prefetch
         self.resident = dict(resident or {})
+        self._pinned: dict[int, Lease] = {}  # a RAM-tier lease has nothing to give back: one per unit, reused
         self.elsewhere = set(elsewhere or ())  # units kept by another tier (GPU memory): never read here
         self.verify = verify
         self._verified: set[int] = set()
@@ -272,7 +273,7 @@ class Prefetcher:
                 self._check_open()
                 self._visit(i)
                 self._stats.resident_hits += 1
-            return Lease.pinned(i, self.resident[i].tensor[:unit.data_bytes])
+            return self._pinned_lease(i)
         while True:
             with self._lock:
                 self._check_open()
@@ -321,13 +322,19 @@ class Prefetcher:
             _raise_failed(load)
         return lease
 
+    def _pinned_lease(self, i: int) -> Lease:
+        lease = self._pinned.get(i)
+        if lease is None:
+            lease = self._pinned[i] = Lease.pinned(i, self.resident[i].tensor[:self.units[i].data_bytes])
+        return lease
+
     def try_acquire(self, i: int) -> Lease | None:
         """Unit i's bytes if its read already finished cleanly; never blocks, never reads (CUDA copy-ahead)."""
         with self._lock:
             if self.closed:
                 return None
             if i in self.resident:
-                return Lease.pinned(i, self.resident[i].tensor[:self.units[i].data_bytes])
+                return self._pinned_lease(i)
             slot = self.ring.find(i)
             if slot is None or slot.load is None or slot.reading() or slot.load.error is not None:
                 return None
