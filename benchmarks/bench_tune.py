@@ -6,8 +6,9 @@ own reader on the model's own files; a short cold generation whose decode comput
 fresh ``offload.load(prefetch="auto")`` that plans from those measurements: its prediction is taken
 before the measured decode starts. Measured: median seconds per decode token, cold (every file of the
 store and checkpoint evicted before each forward, untimed). Floors: bytes read per token over fio's best
-O_DIRECT rate on the same disk (hugetlbfs buffers when a mount is there or can be made; measured before
-and after the rows, the better taken) and the same store with every unit in RAM (the compute floor, warm).
+O_DIRECT rate on the same disk (hugetlbfs buffers when a mount is there or can be made; measured right
+before and right after each row, the better of the two: this shared disk drifts by 20% within minutes)
+and the same store with every unit in RAM (the compute floor, warm).
 
     python benchmarks/bench_tune.py --random bloom-1b7 --json bench-out/tune.json
 """
@@ -132,36 +133,40 @@ def main() -> int:
     shard = max(glob.glob(os.path.join(folder, "*.safetensors")), key=os.path.getsize)
     removed = tune.forget_disks()
     log(f"forgot {removed} cached disk profile(s): this run measures the disk afresh")
-    fio0, fio_kind = fio_bps(shard)
-    log(f"fio ({fio_kind}) {fio0 / 1e9:.2f} GB/s")
-    rows = []
-    for v in variants:
-        log(f"[{v}]")
-        r = row(v, stores[v], folder, a.new_tokens, {"ram_tier": 0})
-        r["in_ram_s"] = in_ram_step(stores[v], a.new_tokens)
-        rows.append(r)
+    jobs = [(v, {"ram_tier": 0}) for v in variants]
     if a.cpu_memory and "fp32" in stores:
-        log(f"[fp32 --cpu-memory {a.cpu_memory}]")
-        r = row("fp32", stores["fp32"], folder, a.new_tokens, {"cpu_memory": a.cpu_memory})
-        r["in_ram_s"] = next((x["in_ram_s"] for x in rows if x["variant"] == "fp32"), None)
+        jobs.append(("fp32", {"cpu_memory": a.cpu_memory}))
+    rows = []
+    in_ram: dict[str, float] = {}
+    fio_before, fio_kind = fio_bps(shard)
+    for v, memory in jobs:
+        log(f"[{v} {memory}] fio before {fio_before / 1e9:.2f} GB/s")
+        r = row(v, stores[v], folder, a.new_tokens, memory)
+        fio_after = fio_bps(shard)[0]
+        r["fio_bps"] = max(fio_before, fio_after)
+        r["fio_samples"] = [fio_before, fio_after]
+        log(f"  fio after {fio_after / 1e9:.2f} GB/s")
+        if v not in in_ram:
+            in_ram[v] = in_ram_step(stores[v], a.new_tokens)
+        r["in_ram_s"] = in_ram[v]
         rows.append(r)
-    fio1, _ = fio_bps(shard)
-    fio = max(fio0, fio1)
-    log(f"fio ({fio_kind}) again {fio1 / 1e9:.2f} GB/s; floor rate {fio / 1e9:.2f} GB/s")
-    print(f"| variant | memory | prefetch (auto) | predicted s/token | measured | measured / predicted | bound | "
-          f"I/O floor (fio {fio / 1e9:.2f} GB/s) | in-RAM step | cold / max(floors) | MiB/token | tune s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        fio_before = fio_after
+    print("| variant | memory | prefetch (auto) | predicted s/token | measured | measured / predicted | bound | "
+          "fio GB/s (before, after) | I/O floor | in-RAM step | cold / max(floors) | MiB/token | tune s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        fio = r["fio_bps"]
         r["io_floor_s"] = r["bytes_per_token"] / fio
         floor = max(r["io_floor_s"], r["in_ram_s"] or 0)
         r["over_floor"] = r["measured_s"] / floor
         mem = "every block streamed" if r["memory"].get("ram_tier") == 0 else f"--cpu-memory {r['memory']['cpu_memory']}"
+        fs = "/".join(f"{x / 1e9:.2f}" for x in r["fio_samples"])
         print(f"| {r['variant']} | {mem} | {r['prefetch']} | {r['predicted_s']:.3f} | {r['measured_s']:.3f} | "
-              f"{r['measured_over_predicted']:.2f} | {r['bound']} | {r['io_floor_s']:.3f} | {r['in_ram_s']:.3f} | "
+              f"{r['measured_over_predicted']:.2f} | {r['bound']} | {fs} | {r['io_floor_s']:.3f} | {r['in_ram_s']:.3f} | "
               f"{r['over_floor']:.2f} | {r['bytes_per_token'] / 2**20:.0f} | {r['tune_s']:.1f} |")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": a.random, "fio_bps": [fio0, fio1], "fio_kind": fio_kind, "rows": rows}, f, indent=1)
+            json.dump({"model": a.random, "fio_kind": fio_kind, "rows": rows}, f, indent=1)
     return 0
 
 

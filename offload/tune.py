@@ -31,6 +31,7 @@ import logging
 import os
 import platform
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,18 +66,24 @@ class DiskProfile:
     measured_at: float
 
     def rate(self, k: int) -> float:
-        """Aggregate rate with ``k`` reads in flight (beyond what was measured: the deepest measured)."""
+        """Aggregate rate with ``k`` reads in flight, for planning: the best measured at ``k`` or fewer
+        (a deeper queue can always hold back to fewer, and on a shared disk a dip at one depth is
+        mostly noise), interpolated between the levels measured; beyond them, the deepest."""
         if k <= 0:
             return 0.0
-        ks = sorted(self.bps)
-        if k in self.bps:
-            return self.bps[k]
+        env, best = {}, 0.0
+        for x in sorted(self.bps):
+            best = max(best, self.bps[x])
+            env[x] = best
+        ks = sorted(env)
+        if k in env:
+            return env[k]
         lo = max((x for x in ks if x < k), default=ks[0])
         hi = min((x for x in ks if x > k), default=None)
         if hi is None:
-            return self.bps[lo]
+            return env[lo]
         f = (k - lo) / (hi - lo)
-        return self.bps[lo] + f * (self.bps[hi] - self.bps[lo])
+        return env[lo] + f * (env[hi] - env[lo])
 
     @property
     def peak(self) -> float:
@@ -181,12 +188,12 @@ def _capped(reads: Reads, cap: int) -> list[tuple[str, int, int]]:
 
 
 def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = MAX_CONCURRENCY,
-                 point_seconds: float = POINT_SECONDS, rounds: int = 2) -> tuple[dict[int, float], int, float]:
+                 point_seconds: float = POINT_SECONDS, rounds: int = 3) -> tuple[dict[int, float], int, float]:
     """Aggregate read rate of ``units`` (each a list of byte ranges) with 1..``max_concurrency`` read at once.
 
     Reads cycle through the units, so no range is read twice in a row; the page cache is evicted first
     and the readers use O_DIRECT where the filesystem allows it. Concurrency levels alternate up then
-    down over ``rounds`` and each level's rate is the mean of its rounds (a shared disk drifts).
+    down over ``rounds`` and each level's rate is the median of its rounds (a shared disk drifts).
     Returns (rate per level, bytes per read, seconds spent).
     """
     from .staging import HostBuffer
@@ -250,7 +257,7 @@ def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = 
             reader.close(h)
         for b in bufs:
             b.close()
-    return {k: sum(v) / len(v) for k, v in got.items() if v}, per_read, time.perf_counter() - t_all
+    return {k: statistics.median(v) for k, v in got.items() if v}, per_read, time.perf_counter() - t_all
 
 
 def disk_profile(units: Sequence[Reads], reader: Any, *, measure: bool = True, refresh: bool = False,
@@ -513,7 +520,11 @@ def choose_prefetch(candidates: Sequence[tuple[int, Sequence[UnitCost]]], disk: 
             for d, units in candidates]
     best, best_free = min(p.s_per_pass for p in preds), min(free)
     score = [max(p.s_per_pass / best if best else 1.0, f / best_free if best_free else 1.0) for p, f in zip(preds, free)]
-    ok = [i for i, x in enumerate(score) if x <= GOOD_ENOUGH]
+    # Preference: the default depth and up, shallowest first; shallower than the default only when every
+    # deeper ring is worse by more than the margin (a budget it squeezes): a flat profile is often a
+    # noisy one, and one more slot costs only memory the budget did not need.
+    order = sorted(range(len(preds)), key=lambda i: (preds[i].prefetch < DEFAULT_PREFETCH, preds[i].prefetch))
+    ok = [i for i in order if score[i] <= GOOD_ENOUGH]
     return preds[ok[0] if ok else min(range(len(preds)), key=score.__getitem__)]
 
 

@@ -75,8 +75,11 @@ def test_choice_is_the_shallowest_depth_near_the_best():
     p = choose_prefetch([(d, u) for d in range(1, 9)], _profile(needs(4, GB)))
     assert p.prefetch in (3, 4)  # saturates the disk; 6 or 8 would only cost ring memory
     assert p.bound == "disk"
-    # a disk that is as fast with one read in flight gets the shallowest ring
-    assert choose_prefetch([(d, u) for d in range(1, 9)], _profile(flat(GB))).prefetch == 1
+    # a disk as fast with one read in flight as with eight gets the default ring, not deeper
+    assert choose_prefetch([(d, u) for d in range(1, 9)], _profile(flat(GB))).prefetch == tune.DEFAULT_PREFETCH
+    # and depth 1 when a deeper ring costs the RAM tier more than it gains (here: 4 units streamed more)
+    squeezed = [(1, units(12, 100_000_000, 0.01, read=lambda i: i >= 8))] + [(d, u) for d in range(2, 9)]
+    assert choose_prefetch(squeezed, _profile(flat(GB))).prefetch == 1
 
 
 def test_an_overestimated_compute_does_not_pick_a_shallow_ring():
@@ -253,3 +256,10 @@ def test_cached_compute_belongs_to_its_store(quick):
     doc["key"]["store"] = "store-b"  # a file whose contents say it belongs elsewhere
     json.dump(doc, open(path, "w"))
     assert tune.cached_compute("store-a", 1, "cpu", 2) is None
+
+
+def test_a_dip_in_the_measured_rate_does_not_make_a_deeper_ring_look_slower():
+    p = DiskProfile({}, {1: 1.9 * GB, 2: 1.7 * GB, 3: 1.8 * GB, 4: 2.0 * GB}, 1, 0, 0)
+    assert [p.rate(k) for k in (1, 2, 3, 4, 8)] == [1.9 * GB, 1.9 * GB, 1.9 * GB, 2.0 * GB, 2.0 * GB]
+    u = units(12, 100_000_000, 0.01)
+    assert choose_prefetch([(d, u) for d in range(1, 9)], p).prefetch >= tune.DEFAULT_PREFETCH
