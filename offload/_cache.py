@@ -246,36 +246,3 @@ def remove(root: str, e: Entry) -> None:
         os.unlink(where)
     else:
         shutil.rmtree(where)  # removes links inside as links, never following them
-
-
-def damaged_fix(store_path: str) -> str:
-    """What to do about a damaged store at ``store_path``: a cached store is rebuilt from its checkpoint
-    folder (``--rebuild`` / ``rebuild=True``); a store of the user's own is converted again."""
-    import shlex
-
-    from .config import cache_dir
-    root = os.path.realpath(cache_dir())
-    if os.path.dirname(os.path.realpath(store_path)) != os.path.join(root, "stores"):
-        return "re-run `offload convert` (or restore the file)"
-    folder, flags, kwargs = "", "", ""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        from .manifest import MANIFEST
-        with open(os.path.join(store_path, MANIFEST)) as f:
-            manifest = json.load(f)
-        folder = str(manifest.get("source", {}).get("path") or "")
-        dtype, q = manifest.get("source", {}).get("dtype"), manifest.get("quantization")
-        if manifest.get("source", {}).get("layout") != "in-place" and dtype:  # a copy: name the one to rebuild
-            tag = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)  # --dtype's spelling
-            flags, kwargs = f" --dtype {tag}", f", dtype={dtype!r}"
-        if isinstance(q, dict) and q.get("scheme"):
-            flags, kwargs = flags + f" --quantize {q['scheme']}", kwargs + f", quantize={q['scheme']!r}"
-    if not folder:
-        return f"it is a cached store: remove it (`offload cache clean --all`, or delete {store_path})"
-    random = os.path.join(root, "random")
-    if os.path.dirname(os.path.realpath(folder)) == random:  # the CLI's --random NAME (folder NAME-DTYPE)
-        name = os.path.basename(folder).rsplit("-", 1)[0]
-        cli = f"offload run --random {name}{flags} --rebuild"
-    else:
-        cli = f"offload run {shlex.quote(folder)}{flags} --rebuild"
-    return (f"it is the cached store of {folder}: rebuild it with `{cli}` (Python: offload.load({folder!r}{kwargs}, "
-            f"rebuild=True))")

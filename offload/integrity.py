@@ -4,20 +4,24 @@ One concept: what offload checks before it believes a file. A unit's bytes again
 its manifest recorded (``check_chunks``, one rule for the reader threads, ``info --verify`` and the
 resident file), a safetensors header parsed without trusting its declared size, and the name, size,
 mtime and header hash of each checkpoint file a store was made from (``file_provenance``,
-``fingerprint``), which decide whether a cached store is still current.
+``fingerprint``), which decide whether a cached store is still current; and, when a check fails, what
+to do about it (``damaged_fix``: rebuild a cached store, convert a user's own again).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shlex
 import struct
 import zlib
 from collections.abc import Iterable
 from typing import Any
 
+from .config import cache_dir
 from .errors import StoreError
-from .manifest import MAX_HEADER_BYTES, UnitRecord
+from .manifest import MANIFEST, MAX_HEADER_BYTES, UnitRecord
 
 try:  # hardware CRC-32C (SSE4.2 / ARMv8 CRC): ~2x zlib's CRC-32 here, GIL released on large buffers
     import crc32c as _crc32c
@@ -93,3 +97,32 @@ def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
     if not isinstance(header, dict):
         raise StoreError(f"{path}: safetensors header is not a JSON object: re-run `offload convert`")
     return header, 8 + n
+
+
+def damaged_fix(store_path: str) -> str:
+    """What to do about a damaged store at ``store_path``: a cached store is rebuilt from its checkpoint
+    folder (``--rebuild`` / ``rebuild=True``); a store of the user's own is converted again."""
+    root = os.path.realpath(cache_dir())
+    if os.path.dirname(os.path.realpath(store_path)) != os.path.join(root, "stores"):
+        return "re-run `offload convert` (or restore the file)"
+    folder, flags, kwargs = "", "", ""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open(os.path.join(store_path, MANIFEST)) as f:
+            manifest = json.load(f)
+        folder = str(manifest.get("source", {}).get("path") or "")
+        dtype, q = manifest.get("source", {}).get("dtype"), manifest.get("quantization")
+        if manifest.get("source", {}).get("layout") != "in-place" and dtype:  # a copy: name the one to rebuild
+            tag = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)  # --dtype's spelling
+            flags, kwargs = f" --dtype {tag}", f", dtype={dtype!r}"
+        if isinstance(q, dict) and q.get("scheme"):
+            flags, kwargs = flags + f" --quantize {q['scheme']}", kwargs + f", quantize={q['scheme']!r}"
+    if not folder:
+        return f"it is a cached store: remove it (`offload cache clean --all`, or delete {store_path})"
+    random = os.path.join(root, "random")
+    if os.path.dirname(os.path.realpath(folder)) == random:  # the CLI's --random NAME (folder NAME-DTYPE)
+        name = os.path.basename(folder).rsplit("-", 1)[0]
+        cli = f"offload run --random {name}{flags} --rebuild"
+    else:
+        cli = f"offload run {shlex.quote(folder)}{flags} --rebuild"
+    return (f"it is the cached store of {folder}: rebuild it with `{cli}` (Python: offload.load({folder!r}{kwargs}, "
+            f"rebuild=True))")

@@ -43,7 +43,7 @@ from typing import Any
 
 from .config import StagingConfig
 from .errors import ChecksumError, OffloadError, UnitReadError
-from .integrity import check_chunks
+from .integrity import check_chunks, damaged_fix
 from .io import Reader
 from .manifest import UnitRecord
 from .staging import Fence, HostBuffer, HostRing, Lease, Slot, wait_fence
@@ -472,8 +472,7 @@ class Prefetcher:
                     f"although size, mtime and header did not change. Restore the checkpoint file; if you changed "
                     f"it on purpose, rebuild the index (`offload run ... --rebuild`, offload.load(..., rebuild=True))")
             elif not ok:
-                from ._cache import damaged_fix
-                load.error = ChecksumError(f"{load.path}: unit {load.unit.name} is damaged ({detail}): "
+                    load.error = ChecksumError(f"{load.path}: unit {load.unit.name} is damaged ({detail}): "
                                            f"{damaged_fix(self.store.path)}")
             else:
                 self._verified.add(load.unit.name)

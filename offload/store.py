@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .errors import ChecksumError, StoreError, StoreMismatchError
-from .integrity import _crc32c, check_chunks, crc32c_update, read_safetensors_header
+from .integrity import _crc32c, check_chunks, crc32c_update, damaged_fix, read_safetensors_header
 from .manifest import (CHECKSUMS, FORMAT, IN_PROGRESS, MANIFEST, MAX_HEADER_BYTES, VERSION, UnitRecord, _parse_unit,
                        main_float_dtype)
 from .manifest import Extent, TensorRecord  # noqa: F401  (hooks and experts import the records from here)
@@ -328,7 +328,6 @@ class Store:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 os.close(fd)
         if not ok:
-            from ._cache import damaged_fix
             raise ChecksumError(f"layer file {path} (unit {unit.name}) fails its checksum ({detail}): the data is "
                                 f"corrupted; {damaged_fix(self.path)}")
 
