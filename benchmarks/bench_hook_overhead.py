@@ -2,7 +2,9 @@
 
 A stack of N 64-wide blocks (4 parameters each) runs plain and with ``offload.enable`` (every unit in
 the RAM tier, so each forward is bind + compute + unbind and nothing is read); the difference divided by
-N is the per-unit cost of the pre/post hooks, the lease and the bindings. Alternated runs, medians.
+N is the per-unit cost of the pre/post hooks, the lease and the bindings. A third stack with an empty
+pre-hook and an empty ``always_call`` forward hook per block measures PyTorch's hooked-call path alone
+(what any module-hook design pays). Alternated runs, medians.
 
     python benchmarks/bench_hook_overhead.py --units 24 --repeats 7 --json overhead.json
 """
@@ -53,20 +55,28 @@ def main() -> None:
     plain = nn.Sequential(*[Block(a.width) for _ in range(a.units)])
     streamed = nn.Sequential(*[Block(a.width) for _ in range(a.units)])
     streamed.load_state_dict(plain.state_dict())
+    hooked = nn.Sequential(*[Block(a.width) for _ in range(a.units)])  # PyTorch's hook path alone, for scale
+    for b in hooked:
+        b.register_forward_pre_hook(lambda m, args: None)
+        b.register_forward_hook(lambda m, args, out: None, always_call=True)
     x = torch.randn(2, a.width)
-    rows = {"plain": [], "offload": []}
+    rows = {"plain": [], "empty hooks": [], "offload": []}
     with offload.enable(streamed, prefetch=2, store=tempfile.mkdtemp(prefix="overhead-") + "/s", progress=False) as h:
         assert h.stats().resident_units == a.units, "every unit should be in the RAM tier (no I/O)"
         for _ in range(a.repeats):  # alternated
             rows["plain"].append(per_forward(plain, x, a.forwards))
+            rows["empty hooks"].append(per_forward(hooked, x, a.forwards))
             rows["offload"].append(per_forward(streamed, x, a.forwards))
     plain_s, off_s = statistics.median(rows["plain"]), statistics.median(rows["offload"])
+    hooks_s = statistics.median(rows["empty hooks"])
     out = {"units": a.units, "width": a.width, "plain_us_per_forward": plain_s * 1e6,
            "offload_us_per_forward": off_s * 1e6, "overhead_us_per_unit": (off_s - plain_s) / a.units * 1e6,
-           "ratio": off_s / plain_s, "runs": {k: [v * 1e6 for v in vs] for k, vs in rows.items()}}
-    print(f"| units | plain µs/forward | offload µs/forward | ratio | overhead µs/unit |\n|---|---|---|---|---|\n"
+           "ratio": off_s / plain_s, "empty_hooks_us_per_unit": (hooks_s - plain_s) / a.units * 1e6,
+           "runs": {k: [v * 1e6 for v in vs] for k, vs in rows.items()}}
+    print(f"| units | plain µs/forward | offload µs/forward | ratio | overhead µs/unit | of which PyTorch's hook path "
+          f"(empty hooks) µs/unit |\n|---|---|---|---|---|---|\n"
           f"| {a.units} | {out['plain_us_per_forward']:.0f} | {out['offload_us_per_forward']:.0f} | "
-          f"{out['ratio']:.2f} | {out['overhead_us_per_unit']:.1f} |")
+          f"{out['ratio']:.2f} | {out['overhead_us_per_unit']:.1f} | {out['empty_hooks_us_per_unit']:.1f} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
