@@ -4,7 +4,7 @@ Per variant and batch size: decode time per token streamed cold (``ram_tier=0``,
 evicted before every forward, eviction untimed), the same quantized model with every unit in RAM
 (its compute floor, warm), and bytes read per token from ``stats()``; the I/O floor is bytes per token
 over this disk's O_DIRECT bandwidth measured in the same run (the runtime's reader on the store's own
-unit files at 1..8 in flight, the best: ``offload.tune.measure_disk``). Then quality, teacher-forced on random sequences: max and RMS logits error
+unit files at 1..8 in flight, the best: ``offload.measure.measure_disk``). Then quality, teacher-forced on random sequences: max and RMS logits error
 vs the fp32 model, next to torchao's own int8 / int4 weight-only quantization of the same weights
 (same group size), and top-1 agreement with fp32.
 
@@ -37,11 +37,11 @@ VARIANTS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8
 
 def disk_bps(st: offload.store.Store) -> float:
     """The disk's best O_DIRECT rate on this store's own unit files, with the reader the runtime uses at
-    1..8 units in flight (``offload.tune.measure_disk``, what prefetch="auto" plans from): the floor is
+    1..8 units in flight (``offload.measure.measure_disk``, what prefetch="auto" plans from): the floor is
     then what this reader can do, never less than the runtime itself reached (the python reader with 4
     threads, measured before, read 0.44-1.65 GB/s where the runtime read 2.3)."""
     from offload.io import get_reader
-    from offload.tune import measure_disk
+    from offload.measure import measure_disk
     units = [[(st.path_of(u, e.file), e.offset, e.length) for e in u.reads] for u in st.units]
     bps, _, _ = measure_disk(units, get_reader())
     return max(bps.values())

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 import offload
-from offload import tune
+from offload import measure
 from offload.cli.bench import decode_times
 from offload.cli.benchdisk import hugetlbfs_dir, run_fio
 from offload.cli.models import random_checkpoint
@@ -131,7 +131,7 @@ def main() -> int:
     variants = a.variants.split(",")
     stores = {v: cached_store(folder, VARIANTS[v][0], quantize=VARIANTS[v][1], progress=False) for v in variants}
     shard = max(glob.glob(os.path.join(folder, "*.safetensors")), key=os.path.getsize)
-    removed = tune.forget_disks()
+    removed = measure.forget_disks()
     log(f"forgot {removed} cached disk profile(s): this run measures the disk afresh")
     jobs = [(v, {"ram_tier": 0}) for v in variants]
     if a.cpu_memory and "fp32" in stores:

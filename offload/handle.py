@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import measure as _measure
 from . import tune as _tune
 from .errors import ChecksumError, OffloadError, StoreError
 from .hooks import QuantBinding, UnitHook
@@ -96,7 +97,7 @@ class Handle:
         self._experts = experts  # the expert cache, when routed experts are read on routing
         self.prediction = prediction  # what enable predicted for a decode pass at batch 1 (None: nothing measured)
         self._tuning = tuning or {}  # what a prediction at another batch size needs
-        self._meter = _tune.PassMeter([h for h in hooks if isinstance(h, UnitHook)],
+        self._meter = _measure.PassMeter([h for h in hooks if isinstance(h, UnitHook)],
                                      lambda: self._prefetcher.stats().wait_seconds)
         self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                             model.register_forward_hook(self._root_post, always_call=True)]
@@ -220,7 +221,7 @@ class Handle:
             c = self._meter.compute(batch)
             if c is not None:
                 try:
-                    _tune.save_compute(self._tuning["store_id"], batch, "cpu", c)
+                    _measure.save_compute(self._tuning["store_id"], batch, "cpu", c)
                 except (OSError, OffloadError) as e:  # a cache that cannot be written only costs a re-measure
                     log.debug("offload: tuning cache not written: %s", e)
 

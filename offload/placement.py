@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import measure as _measure
 from . import tune as _tune
 from .budget import MemoryPlan, min_room, plan_memory
 from .config import StagingConfig
@@ -194,7 +195,7 @@ def _tuning_inputs(st: Store, records: Sequence[UnitRecord], reader: Reader, dev
         return out
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else log.info  # noqa: E731
     try:
-        out["disk"] = _tune.disk_profile(reads, reader, measure=measure, say=say)
+        out["disk"] = _measure.disk_profile(reads, reader, measure=measure, say=say)
     except OSError as e:  # measuring is an optimisation: a disk that cannot be measured plans as before
         log.warning("offload: could not measure the disk (%s); prefetch=%d", e, _tune.DEFAULT_PREFETCH)
         out["why"] = f"the disk could not be measured ({e})"
@@ -202,7 +203,7 @@ def _tuning_inputs(st: Store, records: Sequence[UnitRecord], reader: Reader, dev
         out["why"] = ("this disk was never measured (`offload tune MODEL` measures it; prefetch='auto' does when "
                       "units stream)")
     if out["disk"] is not None and devices[0].type == "cuda":
-        out["h2d_bps"] = _tune.h2d_rate(devices[0])
+        out["h2d_bps"] = _measure.h2d_rate(devices[0])
     return out
 
 

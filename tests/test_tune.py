@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import offload
-from offload import tune
+from offload import measure, tune
 from offload.tune import DiskProfile, UnitCost, choose_prefetch, predict, simulate
 
 GB = 1e9
@@ -96,16 +96,16 @@ def test_an_overestimated_compute_does_not_pick_a_shallow_ring():
 @pytest.fixture
 def quick(monkeypatch, tmp_path):
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(tune, "POINT_SECONDS", 0.01)
+    monkeypatch.setattr(measure, "POINT_SECONDS", 0.01)
     monkeypatch.setattr(tune, "MIN_STREAMED_BYTES", 1 << 20)
     calls = []
-    real = tune.measure_disk
+    real = measure.measure_disk
 
     def counted(*a, **k):
         calls.append(1)
         k["point_seconds"] = 0.01
         return real(*a, **k)
-    monkeypatch.setattr(tune, "measure_disk", counted)
+    monkeypatch.setattr(measure, "measure_disk", counted)
     return calls
 
 
@@ -123,39 +123,39 @@ def test_disk_profile_is_measured_once_then_cached_and_files_are_untouched(quick
     units_ = _files(tmp_path)
     before = {r[0][0]: (os.stat(r[0][0]).st_mtime_ns, open(r[0][0], "rb").read()) for r in units_}
     reader = get_reader("python")
-    a = tune.disk_profile(units_, reader)
+    a = measure.disk_profile(units_, reader)
     assert a is not None and len(quick) == 1 and all(v > 0 for v in a.bps.values())
-    b = tune.disk_profile(units_, reader)
+    b = measure.disk_profile(units_, reader)
     assert len(quick) == 1 and b.bps == a.bps  # from the cache
     assert {r[0][0]: (os.stat(r[0][0]).st_mtime_ns, open(r[0][0], "rb").read()) for r in units_} == before
     written = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
     assert all(f.startswith(str(tmp_path / "cache" / "tune")) or f.endswith(".bin") for f in written)
-    assert tune.disk_profile(units_, reader, refresh=True) is not None and len(quick) == 2
+    assert measure.disk_profile(units_, reader, refresh=True) is not None and len(quick) == 2
 
 
 def test_a_profile_from_another_machine_is_not_trusted(quick, tmp_path, monkeypatch):
     from offload.io import get_reader
     units_ = _files(tmp_path)
     reader = get_reader("python")
-    tune.disk_profile(units_, reader)
-    assert tune.disk_profile(units_, reader, measure=False) is not None
-    real = tune._machine
-    monkeypatch.setattr(tune, "_machine", lambda: {**real(), "machine_id": "another"})
-    assert tune.disk_profile(units_, reader, measure=False) is None  # same file name, other machine
+    measure.disk_profile(units_, reader)
+    assert measure.disk_profile(units_, reader, measure=False) is not None
+    real = measure._machine
+    monkeypatch.setattr(measure, "_machine", lambda: {**real(), "machine_id": "another"})
+    assert measure.disk_profile(units_, reader, measure=False) is None  # same file name, other machine
     # a damaged cache file is ignored, not an error
-    monkeypatch.setattr(tune, "_machine", real)
+    monkeypatch.setattr(measure, "_machine", real)
     for d, _, fs in os.walk(tmp_path / "cache" / "tune"):
         for f in fs:
             with open(os.path.join(d, f), "w") as fh:
                 fh.write("{not json")
-    assert tune.disk_profile(units_, reader, measure=False) is None
+    assert measure.disk_profile(units_, reader, measure=False) is None
 
 
 def test_a_full_disk_is_not_written_and_the_measurement_still_serves(quick, tmp_path, monkeypatch):
     from offload import _memory
     from offload.io import get_reader
     monkeypatch.setattr(_memory, "free_disk_bytes", lambda path: (0, path))
-    prof = tune.disk_profile(_files(tmp_path), get_reader("python"))
+    prof = measure.disk_profile(_files(tmp_path), get_reader("python"))
     assert prof is not None
     assert not (tmp_path / "cache" / "tune").exists() or not os.listdir(tmp_path / "cache" / "tune")
 
@@ -231,7 +231,7 @@ def test_pass_meter_tells_decode_from_prefill():
     class H:
         compute_s = 0.0
     hooks = [H(), H()]
-    m = tune.PassMeter(hooks, lambda: 0.0)
+    m = measure.PassMeter(hooks, lambda: 0.0)
     m.start((torch.zeros(2, 7, dtype=torch.long),), {})
     m.end()
     for _ in range(3):
@@ -246,16 +246,16 @@ def test_pass_meter_tells_decode_from_prefill():
 
 
 def test_cached_compute_belongs_to_its_store(quick):
-    tune.save_compute("store-a", 1, "cpu", tune.Compute([0.1, 0.2], 0.05, True))
-    assert tune.cached_compute("store-a", 1, "cpu", 2).unit_s == [0.1, 0.2]
-    assert tune.cached_compute("store-b", 1, "cpu", 2) is None
-    assert tune.cached_compute("store-a", 4, "cpu", 2) is None
-    assert tune.cached_compute("store-a", 1, "cpu", 3) is None  # other units: not this store's plan
-    path = tune._cache_file("compute", tune._compute_key("store-a", 1, "cpu"))
+    measure.save_compute("store-a", 1, "cpu", measure.Compute([0.1, 0.2], 0.05, True))
+    assert measure.cached_compute("store-a", 1, "cpu", 2).unit_s == [0.1, 0.2]
+    assert measure.cached_compute("store-b", 1, "cpu", 2) is None
+    assert measure.cached_compute("store-a", 4, "cpu", 2) is None
+    assert measure.cached_compute("store-a", 1, "cpu", 3) is None  # other units: not this store's plan
+    path = measure._cache_file("compute", measure._compute_key("store-a", 1, "cpu"))
     doc = json.load(open(path))
     doc["key"]["store"] = "store-b"  # a file whose contents say it belongs elsewhere
     json.dump(doc, open(path, "w"))
-    assert tune.cached_compute("store-a", 1, "cpu", 2) is None
+    assert measure.cached_compute("store-a", 1, "cpu", 2) is None
 
 
 def test_a_dip_in_the_measured_rate_does_not_make_a_deeper_ring_look_slower():

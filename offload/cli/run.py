@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .. import tune
+from .. import measure, tune
 from .._memory import available_memory, format_bytes
 from .models import (DTYPES, RANDOM_MODELS, config_for, dtype_tag, meta_model, random_checkpoint,
                      random_checkpoint_bytes, random_complete, random_name)
@@ -834,14 +834,14 @@ def _tune_work(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, d
 def cmd_tune(a: argparse.Namespace) -> int:
     """Measure this disk afresh (the model's own files, read only), load with ``prefetch="auto"``, run a
     few decode passes and cache their compute: later runs of this store plan from measurements."""
-    removed = tune.forget_disks()
+    removed = measure.forget_disks()
     if removed:
         _say(f"offload tune: forgot {removed} cached disk measurement(s) of this machine")
     a.prefetch, a.no_tune, a.prompt, a.prompts, a.output, a.speculate, a.plot = "auto", False, None, None, None, None, None
     a.draft_tokens = None
     t0 = time.perf_counter()
     rc = cmd_run(a, work=_tune_work)
-    _say(f"offload tune: {time.perf_counter() - t0:.1f} s; measurements cached under {tune.cache_root()}")
+    _say(f"offload tune: {time.perf_counter() - t0:.1f} s; measurements cached under {measure.cache_root()}")
     return rc
 
 

@@ -1,0 +1,427 @@
+"""What the planner plans from, measured on this machine: the disk's read rate per depth, a unit's
+compute, and the host-to-device rate; each cached with where it was measured, and trusted only there.
+
+Why a module of its own: measuring touches the outside world (the model's files, read only; the cache
+folder, written atomically after a free-space check; the clock), while ``tune.py``'s model is pure
+arithmetic on the numbers measured here, testable with made-up ones.
+
+  * ``DiskProfile`` / ``disk_profile``: aggregate read rate with 1, 2, 3 ... units read at once, with the
+    run's own reader on the model's own files (page cache evicted first), once per (machine,
+    filesystem, reader, unit size), cached under ``<cache>/tune/``. A cached profile is used only
+    when every field of where it was measured matches (``_disk_key``).
+  * compute: ``PassMeter`` splits each top-level forward into unit compute (the hooks' time with
+    weights bound), waits and the rest; decode passes are summed per batch size; ``save_compute`` /
+    ``cached_compute`` keep them per store, batch, threads and device. Before any run,
+    ``estimate_compute`` times a linear kernel of the store's dtype or quantization.
+  * ``h2d_rate``: pinned host-to-device copies on a CUDA device, once per process.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ._fileio import evict
+from .config import cache_dir
+from .errors import OffloadError
+
+log = logging.getLogger("offload")
+
+VERSION = 1
+MAX_CONCURRENCY = 8  # unit reads in flight measured (and the deepest look-ahead the planner tries)
+MEASURE_CAP_BYTES = 128 << 20  # a read longer than this measures no differently; caps the buffers
+POINT_SECONDS = 0.5  # time spent per concurrency level per round
+
+# ---------------------------------------------------------------------------------------------- disk
+
+@dataclasses.dataclass
+class DiskProfile:
+    """Aggregate bytes/s with ``k`` unit reads of ``read_bytes`` each in flight, as measured."""
+    key: dict[str, Any]
+    bps: dict[int, float]
+    read_bytes: int
+    seconds: float
+    measured_at: float
+
+    def rate(self, k: int) -> float:
+        """Aggregate rate with ``k`` reads in flight, for planning: the best measured at ``k`` or fewer
+        (a deeper queue can always hold back to fewer, and on a shared disk a dip at one depth is
+        mostly noise), interpolated between the levels measured; beyond them, the deepest."""
+        if k <= 0:
+            return 0.0
+        env, best = {}, 0.0
+        for x in sorted(self.bps):
+            best = max(best, self.bps[x])
+            env[x] = best
+        ks = sorted(env)
+        if k in env:
+            return env[k]
+        lo = max((x for x in ks if x < k), default=ks[0])
+        hi = min((x for x in ks if x > k), default=None)
+        if hi is None:
+            return env[lo]
+        f = (k - lo) / (hi - lo)
+        return env[lo] + f * (env[hi] - env[lo])
+
+    @property
+    def peak(self) -> float:
+        return max(self.bps.values())
+
+    def as_json(self) -> dict[str, Any]:
+        return {"version": VERSION, "key": self.key, "bps": {str(k): v for k, v in self.bps.items()},
+                "read_bytes": self.read_bytes, "seconds": self.seconds, "measured_at": self.measured_at}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DiskProfile:
+        return cls(d["key"], {int(k): float(v) for k, v in d["bps"].items()}, int(d["read_bytes"]),
+                   float(d["seconds"]), float(d["measured_at"]))
+
+
+def _machine() -> dict[str, str]:
+    mid = ""
+    with contextlib.suppress(OSError):
+        with open("/etc/machine-id") as f:
+            mid = f.read().strip()
+    return {"host": socket.gethostname(), "machine_id": mid, "cpu": platform.processor() or platform.machine(),
+            "cores": str(os.cpu_count())}
+
+
+def _mount_of(path: str) -> tuple[str, str, str]:
+    """(mount point, filesystem type, source device) of ``path``, from /proc/self/mountinfo."""
+    best = ("/", "?", "?")
+    real = os.path.realpath(path)
+    with contextlib.suppress(OSError):
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                sep = parts.index("-")
+                mnt = parts[4]
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                    best = (mnt, parts[sep + 1], parts[sep + 2])
+    return best
+
+
+def _disk_key(path: str, reader: str, read_bytes: int) -> dict[str, Any]:
+    """Where a disk profile was measured; a cached one is used only when all of it matches."""
+    st = os.stat(path)
+    mnt, fstype, source = _mount_of(path)
+    return {**_machine(), "dev": f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", "mount": mnt, "fstype": fstype,
+            "source": source, "reader": reader, "read_bytes": read_bytes}
+
+
+def cache_root() -> str:
+    return os.path.join(cache_dir(), "tune")
+
+
+def _cache_file(kind: str, key: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_root(), f"{kind}-{h}.json")
+
+
+def forget_disks() -> int:
+    """Remove this cache's disk profiles (``offload tune`` measures afresh); nothing else is touched."""
+    n = 0
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(cache_root()):
+            if name.startswith("disk-") and name.endswith(".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(cache_root(), name))
+                    n += 1
+    return n
+
+
+def _read_cached(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or d.get("version") != VERSION or d.get("key") != key:
+        return None  # another machine's, another disk's, or an older format: never trusted
+    return d
+
+
+def _write_cached(path: str, doc: dict[str, Any]) -> None:
+    """Atomic, and only after checking there is room: a tune cache must never fill a disk."""
+    from ._memory import ensure_free_space
+    from .writer import write_atomic
+    data = json.dumps(doc, indent=1).encode()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ensure_free_space(os.path.dirname(path), len(data) + (1 << 20), f"the tuning cache file {path}")
+    write_atomic(path, data)
+
+
+Reads = Sequence[tuple[str, int, int]]  # (path, offset, length): one unit's byte ranges
+
+
+def _capped(reads: Reads, cap: int) -> list[tuple[str, int, int]]:
+    out, left = [], cap
+    for path, off, n in reads:
+        if left <= 0:
+            break
+        take = min(n, left) // 4096 * 4096 or min(n, left)
+        out.append((path, off, take))
+        left -= take
+    return out
+
+
+def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = MAX_CONCURRENCY,
+                 point_seconds: float = POINT_SECONDS, rounds: int = 3) -> tuple[dict[int, float], int, float]:
+    """Aggregate read rate of ``units`` (each a list of byte ranges) with 1..``max_concurrency`` read at once.
+
+    Reads cycle through the units, so no range is read twice in a row; the page cache is evicted first
+    and the readers use O_DIRECT where the filesystem allows it. Concurrency levels alternate up then
+    down over ``rounds`` and each level's rate is the median of its rounds (a shared disk drifts).
+    Returns (rate per level, bytes per read, seconds spent).
+    """
+    from .staging import HostBuffer
+    t_all = time.perf_counter()
+    from ._memory import available_memory
+    size = max(sum(n for _, _, n in u) for u in units)
+    # the buffers (one per read in flight) stay within an eighth of free memory (a container's limit too)
+    room = max(16 << 20, available_memory() // 8) // max_concurrency // (2 << 20) * (2 << 20)
+    cap = max(4096, min(size, MEASURE_CAP_BYTES, room))
+    plans = [_capped(u, cap) for u in units]
+    plans = [p for p in plans if p]
+    per_read = max(sum(n for _, _, n in p) for p in plans)
+    paths = sorted({path for p in plans for path, _, _ in p})
+    handles = {p: reader.open(p) for p in paths}
+    bufs = [HostBuffer(per_read) for _ in range(max_concurrency)]
+    step = getattr(reader, "task_bytes", None)
+    levels = [k for k in (1, 2, 3, 4, 6, 8) if k <= max_concurrency]
+    got: dict[int, list[float]] = {k: [] for k in levels}
+    cursor = [0]
+    lock = threading.Lock()
+
+    def one(buf: Any) -> int:
+        with lock:
+            p = plans[cursor[0] % len(plans)]
+            cursor[0] += 1
+        into = 0
+        for path, off, n in p:
+            for o in range(0, n, step or n):
+                m = min(step or n, n - o)
+                reader.read(handles[path], off + o, buf.view(into + o, m))
+            into += n
+        return into
+
+    try:
+        evict(paths)
+        order = [k for r in range(rounds) for k in (levels if r % 2 == 0 else levels[::-1])]
+        for k in order:
+            done = [0] * k
+            stop = time.perf_counter() + point_seconds
+            errors: list[BaseException] = []
+
+            def worker(i: int) -> None:
+                try:
+                    while time.perf_counter() < stop or done[i] == 0:
+                        done[i] += one(bufs[i])
+                except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller
+                    errors.append(e)
+
+            t0 = time.perf_counter()
+            ts = [threading.Thread(target=worker, args=(i,), name=f"offload-tune-{i}") for i in range(k)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            if errors:
+                raise errors[0]
+            got[k].append(sum(done) / (time.perf_counter() - t0))
+            evict(paths)
+    finally:
+        for h in handles.values():
+            reader.close(h)
+        for b in bufs:
+            b.close()
+    return {k: statistics.median(v) for k, v in got.items() if v}, per_read, time.perf_counter() - t_all
+
+
+def disk_profile(units: Sequence[Reads], reader: Any, *, measure: bool = True, refresh: bool = False,
+                 say: Callable[[str], None] | None = None) -> DiskProfile | None:
+    """The cached profile of the disk holding ``units`` for this reader and read size, measured now if
+    there is none (and ``measure``), or again with ``refresh``. ``None``: nothing cached, not measured."""
+    if not units:
+        return None
+    size = max(sum(n for _, _, n in u) for u in units)
+    read_bytes = min(size, MEASURE_CAP_BYTES)
+    bucket = 1 << max(0, (read_bytes - 1).bit_length())  # profiles are shared by units of similar size
+    key = _disk_key(units[0][0][0], getattr(reader, "name", type(reader).__name__), bucket)
+    path = _cache_file("disk", key)
+    if not refresh:
+        d = _read_cached(path, key)
+        if d is not None:
+            return DiskProfile.from_json(d)
+    if not measure:
+        return None
+    if say:
+        say(f"offload: measuring this disk's read rate with {key['reader']} on the model's own files "
+            f"(once per disk; cached in {os.path.dirname(path)}; --no-tune skips)")
+    bps, per_read, secs = measure_disk(units, reader)
+    prof = DiskProfile(key, bps, per_read, secs, time.time())
+    try:
+        _write_cached(path, prof.as_json())
+    except (OSError, OffloadError) as e:  # not cached: measured again next time, nothing else lost
+        log.warning("offload: the disk measurement could not be cached (%s)", e)
+    if say:
+        say("offload: disk " + ", ".join(f"{k} in flight {v / 1e9:.2f} GB/s" for k, v in sorted(bps.items()))
+            + f" ({secs:.1f} s)")
+    return prof
+
+
+# ------------------------------------------------------------------------------------------- compute
+
+def _compute_key(store_id: str, batch: int, device: str) -> dict[str, Any]:
+    return {**_machine(), "store": store_id, "batch": batch, "threads": torch.get_num_threads(), "device": device}
+
+
+@dataclasses.dataclass
+class Compute:
+    """Seconds per unit and per pass outside the units (embeddings, head, sampling) in a decode pass."""
+    unit_s: list[float]
+    other_s: float
+    measured: bool  # False: estimated from a kernel benchmark, before any run
+
+    def as_json(self) -> dict[str, Any]:
+        return {"unit_s": self.unit_s, "other_s": self.other_s}
+
+
+def cached_compute(store_id: str, batch: int, device: str, n_units: int) -> Compute | None:
+    key = _compute_key(store_id, batch, device)
+    d = _read_cached(_cache_file("compute", key), key)
+    if d is None or len(d.get("unit_s", ())) != n_units:
+        return None
+    return Compute([float(x) for x in d["unit_s"]], float(d["other_s"]), True)
+
+
+def save_compute(store_id: str, batch: int, device: str, compute: Compute) -> None:
+    key = _compute_key(store_id, batch, device)
+    _write_cached(_cache_file("compute", key), {"version": VERSION, "key": key, **compute.as_json()})
+
+
+_kernel_cache: dict[tuple[str, int, int], float] = {}
+
+
+def seconds_per_byte(kind: str, batch: int) -> float:
+    """Time per weight byte of a decode-shaped linear layer (``kind``: a float dtype name or int8/int4),
+    on this machine now. A block's decode compute is mostly such layers, so unit bytes x this is a fair
+    first estimate; the hooks' measurement replaces it after the first run."""
+    k = (kind, batch, torch.get_num_threads())
+    if k in _kernel_cache:
+        return _kernel_cache[k]
+    n = kk = 4096  # 16-64 MB of weights: large enough that per-call overhead does not dominate
+    act = torch.bfloat16 if kind in ("int8", "int4") else getattr(torch, kind)
+    w = torch.randn(n, kk, dtype=torch.float32).to(act)
+    x = torch.randn(batch, kk, dtype=torch.float32).to(act)
+    nbytes = w.numel() * w.element_size()
+    if kind in ("int8", "int4"):
+        from .quant import QuantizedWeight
+        w = QuantizedWeight.from_float(w, kind, 64)
+        nbytes = n * kk if kind == "int8" else n * kk // 2
+    fn = torch.nn.functional.linear
+    with torch.no_grad():
+        for _ in range(3):
+            fn(x, w)
+        reps, t0 = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - t0 < 0.3:
+            fn(x, w)
+            reps += 1
+    spb = (time.perf_counter() - t0) / reps / nbytes
+    _kernel_cache[k] = spb
+    return spb
+
+
+def estimate_compute(unit_bytes: Sequence[int], resident_bytes: int, kind: str, batch: int) -> Compute:
+    spb = seconds_per_byte(kind, batch)
+    return Compute([b * spb for b in unit_bytes], resident_bytes * spb, False)
+
+
+_h2d: dict[str, float] = {}
+
+
+def h2d_rate(device: torch.device) -> float:
+    """Pinned host -> device copy rate on this device (256 MiB, best of 3), measured once per process."""
+    name = str(device)
+    if name not in _h2d:
+        src = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
+        dst = torch.empty_like(src, device=device)
+        best = 0.0
+        for _ in range(3):
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            best = max(best, src.numel() / (time.perf_counter() - t0))
+        _h2d[name] = best
+        del src, dst
+    return _h2d[name]
+
+
+# ------------------------------------------------------------------------------ measured in the run
+
+def _batch_and_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """(rows, new positions) of a top-level forward: a decoder's ids when there are two (encoder-decoder)."""
+    for name in ("decoder_input_ids", "input_ids", "decoder_inputs_embeds", "inputs_embeds"):
+        t = kwargs.get(name)
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return int(t.shape[0]), int(t.shape[1])
+    t = args[0] if args else None
+    if isinstance(t, torch.Tensor) and t.dim() >= 2:
+        return int(t.shape[0]), int(t.shape[1])
+    return None
+
+
+class PassMeter:
+    """Times each top-level forward and splits it into unit compute (the hooks' ``compute_s``), waits
+    for reads (the prefetcher's) and the rest. Decode passes (one new position per row) are summed per
+    batch size: that is the compute a prediction needs, measured where it runs."""
+
+    def __init__(self, hooks: Sequence[Any], waited: Callable[[], float]):
+        self.hooks, self.waited = hooks, waited
+        self._open: tuple[float, tuple[int, int] | None, list[float], float] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.decode: dict[int, tuple[int, list[float], float]] = {}  # batch -> (passes, unit seconds, other)
+        self.seconds: list[float] = []  # every pass since reset, in order (capped)
+        self.decode_seconds: list[float] = []
+
+    def start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._open = (time.perf_counter(), _batch_and_length(args, kwargs), [h.compute_s for h in self.hooks],
+                      self.waited())
+
+    def end(self) -> None:
+        if self._open is None:
+            return
+        t0, shape, c0, w0 = self._open
+        self._open = None
+        dt = time.perf_counter() - t0
+        if len(self.seconds) < 100_000:
+            self.seconds.append(dt)
+        if shape is None or shape[1] != 1:
+            return  # a prefill, or a forward we cannot classify: not a decode step
+        units = [h.compute_s - c for h, c in zip(self.hooks, c0)]
+        other = max(0.0, dt - sum(units) - (self.waited() - w0))
+        self.decode_seconds.append(dt)
+        n, acc, oth = self.decode.get(shape[0], (0, [0.0] * len(units), 0.0))
+        self.decode[shape[0]] = (n + 1, [a + u for a, u in zip(acc, units)], oth + other)
+
+    def compute(self, batch: int) -> Compute | None:
+        """Mean decode compute at ``batch`` rows, once at least two decode passes were seen."""
+        n, acc, oth = self.decode.get(batch, (0, [], 0.0))
+        if n < 2:
+            return None
+        return Compute([a / n for a in acc], oth / n, True)
