@@ -232,7 +232,7 @@ class Handle:
         t = self._tuning
         if not t or t.get("disk") is None:
             return None
-        measured = self._meter.compute(batch)
+        measured = self._meter.compute(batch) if t.get("device") == "cpu" else None  # host clocks time CPU work only
         return _tune.predict_plan(t, batch, measured)
 
     @property
