@@ -59,6 +59,7 @@ def ensure_hugetlbfs() -> str | None:
             with open("/proc/sys/vm/nr_hugepages", "w") as f:
                 f.write("64")
         subprocess.run(["mount", "-t", "hugetlbfs", "none", mnt], check=True, capture_output=True)
+        log(f"mounted hugetlbfs at {mnt} (vm.nr_hugepages >= 64) for fio's buffers; `umount {mnt}` removes it")
     except (OSError, subprocess.CalledProcessError, ValueError) as e:
         log(f"no hugetlbfs for fio ({e}); fio's buffers are 4 KiB pages")
     return hugetlbfs_dir()
