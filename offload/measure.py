@@ -54,7 +54,6 @@ class DiskProfile:
     read_bytes: int
     seconds: float
     measured_at: float
-    scale: float = 1.0  # a spot check now / what the profile says at that depth (``spot_checked``); not cached
 
     def rate(self, k: int) -> float:
         """Aggregate rate with ``k`` reads in flight, for planning: the best measured at ``k`` or fewer
@@ -68,17 +67,17 @@ class DiskProfile:
             env[x] = best
         ks = sorted(env)
         if k in env:
-            return env[k] * self.scale
+            return env[k]
         lo = max((x for x in ks if x < k), default=ks[0])
         hi = min((x for x in ks if x > k), default=None)
         if hi is None:
-            return env[lo] * self.scale
+            return env[lo]
         f = (k - lo) / (hi - lo)
-        return (env[lo] + f * (env[hi] - env[lo])) * self.scale
+        return env[lo] + f * (env[hi] - env[lo])
 
     @property
     def peak(self) -> float:
-        return max(self.bps.values()) * self.scale
+        return max(self.bps.values())
 
     def as_json(self) -> dict[str, Any]:
         return {"version": VERSION, "key": self.key, "bps": {str(k): v for k, v in self.bps.items()},
@@ -179,8 +178,7 @@ def _capped(reads: Reads, cap: int) -> list[tuple[str, int, int]]:
 
 
 def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = MAX_CONCURRENCY,
-                 point_seconds: float = POINT_SECONDS, rounds: int = 3,
-                 levels: Sequence[int] | None = None) -> tuple[dict[int, float], int, float]:
+                 point_seconds: float = POINT_SECONDS, rounds: int = 3) -> tuple[dict[int, float], int, float]:
     """Aggregate read rate of ``units`` (each a list of byte ranges) with 1..``max_concurrency`` read at once.
 
     Reads cycle through the units, so no range is read twice in a row; the page cache is evicted first
@@ -202,7 +200,7 @@ def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = 
     handles = {p: reader.open(p) for p in paths}
     bufs = [HostBuffer(per_read) for _ in range(max_concurrency)]
     step = getattr(reader, "task_bytes", None)
-    levels = list(levels) if levels else [k for k in (1, 2, 3, 4, 6, 8) if k <= max_concurrency]
+    levels = [k for k in (1, 2, 3, 4, 6, 8) if k <= max_concurrency]
     got: dict[int, list[float]] = {k: [] for k in levels}
     cursor = [0]
     lock = threading.Lock()
@@ -254,9 +252,8 @@ def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = 
 
 def disk_profile(units: Sequence[Reads], reader: Any, *, measure: bool = True, refresh: bool = False,
                  say: Callable[[str], None] | None = None) -> DiskProfile | None:
-    """The cached profile of the disk holding ``units`` for this reader and read size (with ``measure``,
-    spot-checked against the disk now: ``spot_checked``), measured now if there is none (and ``measure``),
-    or again with ``refresh``. ``None``: nothing cached, not measured."""
+    """The cached profile of the disk holding ``units`` for this reader and read size, measured now if
+    there is none (and ``measure``), or again with ``refresh``. ``None``: nothing cached, not measured."""
     if not units:
         return None
     size = max(sum(n for _, _, n in u) for u in units)
@@ -267,8 +264,7 @@ def disk_profile(units: Sequence[Reads], reader: Any, *, measure: bool = True, r
     if not refresh:
         d = _read_cached(path, key)
         if d is not None:
-            prof = DiskProfile.from_json(d)
-            return spot_checked(prof, units, reader) if measure else prof
+            return DiskProfile.from_json(d)
     if not measure:
         return None
     if say:
@@ -284,23 +280,6 @@ def disk_profile(units: Sequence[Reads], reader: Any, *, measure: bool = True, r
         say("offload: disk " + ", ".join(f"{k} in flight {v / 1e9:.2f} GB/s" for k, v in sorted(bps.items()))
             + f" ({secs:.1f} s)")
     return prof
-
-
-SPOT_IN_FLIGHT = 3  # the spot check's depth: the default look-ahead's (2 ahead + the one awaited)
-SPOT_SECONDS = 0.3
-SPOT_TOLERANCE = 0.05  # a spot check within 5% of the profile leaves it as measured
-
-
-def spot_checked(prof: DiskProfile, units: Sequence[Reads], reader: Any) -> DiskProfile:
-    """``prof`` scaled to the disk as it is now: a shared disk drifts by 20-30% within minutes (seen here:
-    1.4-2.3 GB/s in an hour), and a prediction from a profile taken earlier carries that error. One level
-    is re-read for ``SPOT_SECONDS`` (read only); the profile's shape (rate per depth) is kept, its level
-    scaled. The cached profile itself is not changed."""
-    bps, _, _ = measure_disk(units, reader, max_concurrency=SPOT_IN_FLIGHT, point_seconds=SPOT_SECONDS, rounds=1,
-                             levels=(SPOT_IN_FLIGHT,))
-    now, then = bps[SPOT_IN_FLIGHT], prof.rate(SPOT_IN_FLIGHT)
-    scale = now / then if then > 0 else 1.0
-    return prof if abs(scale - 1.0) <= SPOT_TOLERANCE else dataclasses.replace(prof, scale=scale)
 
 
 # ------------------------------------------------------------------------------------------- compute

@@ -234,8 +234,7 @@ def _costs(t: dict[str, Any], mp: Any, compute: Compute) -> list[UnitCost]:
 def _basis(t: dict[str, Any], compute_basis: str) -> str:
     d: DiskProfile = t["disk"]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.measured_at))
-    spot = f", x{d.scale:.2f} by a spot check now" if d.scale != 1.0 else ""
-    return f"disk {d.peak / 1e9:.2f} GB/s at best ({d.key['reader']}, measured {when}{spot}); {compute_basis}"
+    return f"disk {d.peak / 1e9:.2f} GB/s at best ({d.key['reader']}, measured {when}); {compute_basis}"
 
 
 def choose_plan(t: dict[str, Any], candidates: Sequence[tuple[int, Any]], batch: int = 1) -> Prediction:

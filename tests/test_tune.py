@@ -102,8 +102,7 @@ def quick(monkeypatch, tmp_path):
     real = measure.measure_disk
 
     def counted(*a, **k):
-        if k.get("levels") is None:  # a full measurement (not a spot check)
-            calls.append(1)
+        calls.append(1)
         k["point_seconds"] = 0.01
         return real(*a, **k)
     monkeypatch.setattr(measure, "measure_disk", counted)
@@ -264,23 +263,3 @@ def test_a_dip_in_the_measured_rate_does_not_make_a_deeper_ring_look_slower():
     assert [p.rate(k) for k in (1, 2, 3, 4, 8)] == [1.9 * GB, 1.9 * GB, 1.9 * GB, 2.0 * GB, 2.0 * GB]
     u = units(12, 100_000_000, 0.01)
     assert choose_prefetch([(d, u) for d in range(1, 9)], p).prefetch >= tune.DEFAULT_PREFETCH
-
-
-def test_a_cached_profile_is_scaled_to_the_disk_as_it_is_now(quick, tmp_path, monkeypatch):
-    """The disk drifts; a prediction from a profile taken an hour ago carries that drift. A short spot
-    check at one depth rescales the profile for this run; the cache keeps what was measured."""
-    from offload.io import get_reader
-    units_ = _files(tmp_path)
-    reader = get_reader("python")
-    measure.disk_profile(units_, reader)
-    path = next(os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "cache" / "tune") for f in fs)
-    doc = json.load(open(path))
-    doc["bps"] = {k: 10 * GB for k in doc["bps"]}  # "measured" when the disk gave 10 GB/s
-    json.dump(doc, open(path, "w"))
-    monkeypatch.setattr(measure, "measure_disk", lambda *a, **k: ({measure.SPOT_IN_FLIGHT: 2.5 * GB}, 1, 0.0))
-    prof = measure.disk_profile(units_, reader)
-    assert prof.scale == pytest.approx(0.25) and prof.rate(8) == pytest.approx(2.5 * GB) and prof.peak == pytest.approx(2.5 * GB)
-    assert json.load(open(path))["bps"] == doc["bps"]  # the cache is not rewritten by a spot check
-    assert measure.disk_profile(units_, reader, measure=False).scale == 1.0  # tune=False: no read at all
-    monkeypatch.setattr(measure, "measure_disk", lambda *a, **k: ({measure.SPOT_IN_FLIGHT: 9.8 * GB}, 1, 0.0))
-    assert measure.disk_profile(units_, reader).scale == 1.0  # within the tolerance: as measured
