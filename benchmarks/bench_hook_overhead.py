@@ -62,7 +62,7 @@ def main() -> None:
     x = torch.randn(2, a.width)
     rows = {"plain": [], "empty hooks": [], "offload": []}
     with offload.enable(streamed, prefetch=2, store=tempfile.mkdtemp(prefix="overhead-") + "/s", progress=False) as h:
-        assert h.stats().resident_units == a.units, "every unit should be in the RAM tier (no I/O)"
+        assert h.stats().ram_tier_units == a.units, "every unit should be in the RAM tier (no I/O)"
         for _ in range(a.repeats):  # alternated
             rows["plain"].append(per_forward(plain, x, a.forwards))
             rows["empty hooks"].append(per_forward(hooked, x, a.forwards))

@@ -309,7 +309,7 @@ def main() -> int:
                        expert_hit_rate=s.expert_hits / hm if hm else None, expert_cache_bytes=s.expert_cache_bytes,
                        expert_predicted_bytes_per_token=getattr(s, "expert_predicted_bytes", 0) / n,
                        expert_predicted_used_bytes_per_token=getattr(s, "expert_predicted_used_bytes", 0) / n,
-                       resident_units=s.resident_units, streamed_units=s.streamed_units, reader=s.reader)
+                       ram_tier_units=s.ram_tier_units, streamed_units=s.streamed_units, reader=s.reader)
             cache = handle._experts
             if cache is not None:
                 row.update(expert_policy=cache.policy.name, expert_evictions=cache.evictions,

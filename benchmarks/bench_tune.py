@@ -102,7 +102,7 @@ def row(name: str, store: str, folder: str, new_tokens: int, memory: dict[str, A
     out = {"variant": name, "memory": memory, "prefetch": s.prefetch, "predicted_s": pred.s_per_pass,
            "bound": pred.bound, "basis": pred.basis, "measured_s": measured, "samples": times,
            "measured_over_predicted": measured / pred.s_per_pass, "bytes_per_token": per_token,
-           "streamed_units": s.streamed_units, "resident_units": s.resident_units, "tune_s": tune_s,
+           "streamed_units": s.streamed_units, "ram_tier_units": s.ram_tier_units, "tune_s": tune_s,
            "predicted_read_s": pred.read_s, "predicted_compute_s": pred.compute_s}
     log(f"  {name} {memory or ''}: prefetch {s.prefetch}, predicted {pred.s_per_pass:.3f} s, measured {measured:.3f} s "
         f"({measured / pred.s_per_pass - 1:+.1%}), {per_token / 2**20:.0f} MiB/token, {pred.bound}-bound, tune {tune_s:.1f} s")

@@ -336,7 +336,7 @@ class ExpertCache:
     """Which experts are in the tables, within ``budget`` bytes; ``policy`` (``POLICIES``, default
     ``_POLICY``) says which go first.
 
-    Experts a forward is using are pinned until its ``done``. Eviction gives the pages back
+    Experts a forward is using are held (``in_use``) until its ``done``. Eviction gives the pages back
     (``MADV_DONTNEED`` on the whole pages of each slice), so resident memory follows the budget.
     """
 
@@ -374,7 +374,7 @@ class ExpertCache:
         self.used += nbytes
         self.policy.insert(key)
 
-    def evict(self, tables: dict[int, Any], pinned: set[Key]) -> list[Key]:
+    def evict(self, tables: dict[int, Any], in_use: set[Key]) -> list[Key]:
         """Drop unpinned experts in the policy's order until the cache is within its budget; returns them."""
         out: list[Key] = []
         with self.lock:
@@ -383,7 +383,7 @@ class ExpertCache:
             for key in self.policy.order():
                 if self.used <= self.budget:
                     break
-                if key in pinned:
+                if key in in_use:
                     continue
                 self.used -= self.sizes.pop(key)
                 self.policy.remove(key)
@@ -398,7 +398,7 @@ def replay(trace: Sequence[tuple[int, Sequence[int]]], budget: int, expert_bytes
     """Hits, misses and the evicted keys in order of an ``ExpertCache`` of ``budget`` bytes and ``policy``
     over a routing trace (``(group, routed experts)`` per experts forward, in forward order), as
     ``ExpertsStager.want`` and ``done`` drive it without prediction: the routed experts found cached are
-    hits, the others are read and admitted, then, the forward done (its experts no longer pinned), the
+    hits, the others are read and admitted, then, the forward done (its experts no longer in use), the
     cache evicts down to its budget. Fast and deterministic: for comparing policies on recorded traces."""
     cache = ExpertCache(budget, policy)
     size = (lambda k: expert_bytes) if isinstance(expert_bytes, int) else expert_bytes.__getitem__
@@ -477,7 +477,7 @@ class ExpertsStager:
     def __init__(self, prefetcher: Any, groups: Sequence[ExpertsGroup], cache: ExpertCache):
         self.prefetcher, self.cache = prefetcher, cache
         self.tables = {k: ExpertsTable(g) for k, g in enumerate(groups)}
-        self.pinned: set[tuple[int, int]] = set()
+        self.in_use: set[tuple[int, int]] = set()
         self.inflight: dict[tuple[int, int], Any] = {}  # predicted reads not yet wanted
         self.predict_ahead = True
 
@@ -488,7 +488,7 @@ class ExpertsStager:
         missing, waits = [], []
         with self.cache.lock:
             for e in experts:
-                self.pinned.add((k, e))
+                self.in_use.add((k, e))
                 if e in table.present:
                     self.cache.hit((k, e))
                 elif (k, e) in self.inflight:
@@ -545,8 +545,8 @@ class ExpertsStager:
         return self.tables[k].buffer.tensor
 
     def done(self, k: int) -> None:
-        self.pinned = {p for p in self.pinned if p[0] != k}
-        self.cache.evict(self.tables, self.pinned)
+        self.in_use = {p for p in self.in_use if p[0] != k}
+        self.cache.evict(self.tables, self.in_use)
 
     def close(self) -> None:
         for load in self.inflight.values():  # the prefetcher is closed first: these completed or were abandoned

@@ -45,14 +45,14 @@ class Stats:
     units_loaded: int
     hits: int
     misses: int
-    resident_hits: int
+    ram_tier_hits: int
     units_in_flight: int
     verified_units: int  # units whose checksum was checked on their first read
     verify_seconds: float  # reader-thread time those checks took
     streamed_units: int
-    resident_units: int
+    ram_tier_units: int
     ring_bytes: int
-    resident_bytes: int
+    ram_tier_bytes: int
     prefetch: int
     reader: str
     store: str
@@ -84,7 +84,7 @@ class Handle:
                  plans: list[UnitPlan], kind: str, temp_store: bool, stagers: list[Stager],
                  accelerate_state: list[tuple[Any, bool, Any]], restore: dict[int, torch.Tensor],
                  silenced: list[tuple[nn.Module, Any]] | None = None,
-                 pinned: list[tuple[nn.Module, str, bool, torch.Tensor]] | None = None,
+                 shared: list[tuple[nn.Module, str, bool, torch.Tensor]] | None = None,
                  tracer: Tracer | None = None, trace_path: str | None = None, *, experts: Any = None,
                  prediction: _tune.Prediction | None = None, tuning: dict[str, Any] | None = None):
         self._model, self._store, self._prefetcher, self._hooks, self._plans = model, store, prefetcher, hooks, plans
@@ -92,7 +92,7 @@ class Handle:
         self._accelerate_state = accelerate_state
         self._silenced = silenced or []
         self._restore = restore
-        self._pinned = pinned or []
+        self._shared = shared or []
         self._tracer, self._trace_path = tracer, trace_path
         self._experts = experts  # the expert cache, when routed experts are read on routing
         self.prediction = prediction  # what enable predicted for a decode pass at batch 1 (None: nothing measured)
@@ -122,16 +122,16 @@ class Handle:
 
     def stats(self) -> Stats:
         s = self._prefetcher.stats() if not self.closed else None
-        resident = self._prefetcher.resident if not self.closed else {}
+        tier = self._prefetcher.ram_tier if not self.closed else {}
         return Stats(
             bytes_read=s.bytes_read if s else 0, read_seconds=s.read_seconds if s else 0.0,
             wait_seconds=s.wait_seconds if s else 0.0, units_loaded=s.units_loaded if s else 0,
-            hits=s.hits if s else 0, misses=s.misses if s else 0, resident_hits=s.resident_hits if s else 0,
+            hits=s.hits if s else 0, misses=s.misses if s else 0, ram_tier_hits=s.ram_tier_hits if s else 0,
             units_in_flight=s.units_in_flight if s else 0, verified_units=s.verified_units if s else 0,
             verify_seconds=s.verify_seconds if s else 0.0,
-            streamed_units=len(self._prefetcher.units) - len(resident) - len(self._prefetcher.elsewhere),
-            resident_units=len(resident), ring_bytes=self._prefetcher.config.ring_bytes if not self.closed else 0,
-            resident_bytes=sum(b.nbytes for b in resident.values()),
+            streamed_units=len(self._prefetcher.units) - len(tier) - len(self._prefetcher.elsewhere),
+            ram_tier_units=len(tier), ring_bytes=self._prefetcher.config.ring_bytes if not self.closed else 0,
+            ram_tier_bytes=sum(b.nbytes for b in tier.values()),
             prefetch=self._prefetcher.depth, reader=self._prefetcher.reader.name, store=self._store.path,
             **({"expert_hits": self._experts.hits, "expert_misses": self._experts.misses,
                 "expert_bytes_read": self._experts.bytes_read, "expert_cache_bytes": self._experts.used,
@@ -195,7 +195,7 @@ class Handle:
             hook.offload, hook.weights_map = offload, weights_map
         for module, hook in self._silenced:
             module._hf_hook = hook
-        unload_resident(self._pinned)  # Accelerate's placeholders for the shared tensors
+        unload_resident(self._shared)  # Accelerate's placeholders for the shared tensors
         if self._restore:
             step(self._restore_weights)  # a damaged unit: finish the shutdown, then say which weights are lost
         for h in self._hooks:  # what the module held before (Accelerate's placeholders)

@@ -2,7 +2,7 @@
 
 Before the point of no return, each step records what it replaced so a failed ``enable`` puts it back:
 the resident weights of a model built on meta, loaded from the store (``load_resident_from_store``),
-and tensors shared by several units, read once and kept where they compute (``pin_shared``);
+and tensors shared by several units, read once and kept where they compute (``keep_shared``);
 ``unload_resident`` undoes both. Then each streamed tensor gets its ``Binding`` (``bindings``: the
 stand-in a module holds between forwards, the view bound during its unit's forward) and Accelerate's
 device-alignment hooks inside the units are silenced while offload is enabled.
@@ -77,12 +77,12 @@ def load_resident_from_store(model: nn.Module, plans: Sequence[UnitPlan], store:
     return replaced
 
 
-def pin_shared(plans: Sequence[UnitPlan], replaced: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> None:
-    """Tensors reachable from several units (``UnitPlan.pinned``): read once, kept where they compute.
+def keep_shared(plans: Sequence[UnitPlan], replaced: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> None:
+    """Tensors reachable from several units (``UnitPlan.shared``): read once, kept where they compute.
 
     Each replacement is appended to ``replaced`` as it happens, so a failure part way can be undone."""
     for p in plans:
-        for t in p.pinned:
+        for t in p.shared:
             table = t.owner._parameters if t.is_param else t.owner._buffers
             original = table[t.attr]
             assert original is not None

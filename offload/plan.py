@@ -41,7 +41,7 @@ class UnitPlan:
     tensors: list[StreamedTensor]
     device: torch.device
     hooks: list[Any] = dataclasses.field(default_factory=list)  # Accelerate hooks taken over
-    pinned: list[StreamedTensor] = dataclasses.field(default_factory=list)  # shared with other units: kept resident
+    shared: list[StreamedTensor] = dataclasses.field(default_factory=list)  # shared with other units: kept resident
 
     @property
     def nbytes(self) -> int:
@@ -207,8 +207,8 @@ def plan_accelerate(model: nn.Module) -> list[UnitPlan]:
     norm) fall back to their map entry, or to their own module when that entry contains blocks.
 
     A module reachable from two units (a shared block called inside two hybrid blocks) would be
-    streamed with one of them and read from disk on every use by the other: its tensors are pinned
-    instead, read once and kept on the device (``UnitPlan.pinned``).
+    streamed with one of them and read from disk on every use by the other: its tensors are kept resident (``shared``)
+    instead, read once and kept on the device (``UnitPlan.shared``).
     """
     device_map = getattr(model, "hf_device_map", None) or {}
     keys = sorted((k for k in device_map if k), key=len, reverse=True)
@@ -261,9 +261,9 @@ def plan_accelerate(model: nn.Module) -> list[UnitPlan]:
                     wm = h.weights_map
                     fetch = (lambda wm=wm, key=key: wm[key])
                     st = StreamedTensor(sm, an, rel, is_param, t.dtype, tuple(t.shape), fetch, _source_id(wm, key))
-                    (plan.pinned if len(owners) > 1 else plan.tensors).append(st)
+                    (plan.shared if len(owners) > 1 else plan.tensors).append(st)
     order = {n: i for i, n in enumerate(modules)}
-    return sorted((p for p in units.values() if p.tensors or p.pinned), key=lambda p: order[p.name])
+    return sorted((p for p in units.values() if p.tensors or p.shared), key=lambda p: order[p.name])
 
 
 def disk_device_map(model: nn.Module, disk_units: Sequence[str], rest: str | int | torch.device = "cpu",

@@ -229,7 +229,7 @@ class PrefetchStats:
     units_loaded: int = 0  # completed unit reads
     hits: int = 0  # a forward found its unit staged or already being read
     misses: int = 0  # a forward found its unit not requested: read on demand
-    resident_hits: int = 0  # forwards served from the RAM tier
+    ram_tier_hits: int = 0  # forwards served from the RAM tier
     units_in_flight: int = 0  # reads in progress now
     verified_units: int = 0  # units whose CRC32 was checked after their first read
     verify_seconds: float = 0.0  # reader-thread time spent on those checks
@@ -239,7 +239,7 @@ class Prefetcher:
     """Stage streamed units into the host ring ahead of their forward; the RAM tier is read once."""
 
     def __init__(self, store: Store, units: Sequence[UnitRecord], reader: Reader, config: StagingConfig,
-                 resident: dict[int, HostBuffer] | None = None, elsewhere: set[int] | None = None,
+                 ram_tier: dict[int, HostBuffer] | None = None, elsewhere: set[int] | None = None,
                  verify: bool = False, tracer: Tracer | None = None):
         self.store = store
         self.tracer = tracer
@@ -247,8 +247,8 @@ class Prefetcher:
         self.reader = reader
         self.config = config
         self.depth = config.prefetch
-        self.resident = dict(resident or {})
-        self._pinned: dict[int, Lease] = {}  # a RAM-tier lease has nothing to give back: one per unit, reused
+        self.ram_tier = dict(ram_tier or {})
+        self._tier_leases: dict[int, Lease] = {}  # a RAM-tier lease has nothing to give back: one per unit, reused
         self.elsewhere = set(elsewhere or ())  # units kept by another tier (GPU memory): never read here
         self.verify = verify
         self._verified: set[int] = set()
@@ -268,12 +268,12 @@ class Prefetcher:
     def acquire(self, i: int) -> Lease:
         """Unit i's bytes, once read, leased to the caller; then keep i+1..i+N requested."""
         unit = self.units[i]
-        if i in self.resident:
+        if i in self.ram_tier:
             with self._lock:
                 self._check_open()
                 self._visit(i)
-                self._stats.resident_hits += 1
-            return self._pinned_lease(i)
+                self._stats.ram_tier_hits += 1
+            return self._tier_lease(i)
         while True:
             with self._lock:
                 self._check_open()
@@ -322,10 +322,10 @@ class Prefetcher:
             _raise_failed(load)
         return lease
 
-    def _pinned_lease(self, i: int) -> Lease:
-        lease = self._pinned.get(i)
+    def _tier_lease(self, i: int) -> Lease:
+        lease = self._tier_leases.get(i)
         if lease is None:
-            lease = self._pinned[i] = Lease.pinned(i, self.resident[i].tensor[:self.units[i].data_bytes])
+            lease = self._tier_leases[i] = Lease.outside_ring(i, self.ram_tier[i].tensor[:self.units[i].data_bytes])
         return lease
 
     def try_acquire(self, i: int) -> Lease | None:
@@ -333,8 +333,8 @@ class Prefetcher:
         with self._lock:
             if self.closed:
                 return None
-            if i in self.resident:
-                return self._pinned_lease(i)
+            if i in self.ram_tier:
+                return self._tier_lease(i)
             slot = self.ring.find(i)
             if slot is None or slot.load is None or slot.reading() or slot.load.error is not None:
                 return None
@@ -345,14 +345,14 @@ class Prefetcher:
         with self._lock:
             self._check_open()
             self._visit(i)
-            if i in self.resident or i in self.elsewhere:
-                self._stats.resident_hits += 1
+            if i in self.ram_tier or i in self.elsewhere:
+                self._stats.ram_tier_hits += 1
             self._schedule(i)
 
-    def window(self, i: int, include_resident: bool = False) -> list[int]:
+    def window(self, i: int, include_ram_tier: bool = False) -> list[int]:
         """The streamed units expected after i, nearest first, at most ``prefetch`` of them.
 
-        ``include_resident`` also counts RAM-tier units (the CUDA stager copies those ahead too).
+        ``include_ram_tier`` also counts RAM-tier units (the CUDA stager copies those ahead too).
         """
         out: list[int] = []
         j = i
@@ -360,7 +360,7 @@ class Prefetcher:
             j = self._succ[j]
             if j == i:
                 break
-            if (include_resident or j not in self.resident) and j not in self.elsewhere and j not in out:
+            if (include_ram_tier or j not in self.ram_tier) and j not in self.elsewhere and j not in out:
                 out.append(j)
                 if len(out) == self.depth:
                     break
@@ -527,9 +527,9 @@ class Prefetcher:
             if load.error is not None:
                 _raise_failed(load)
 
-    def load_resident(self, progress: Callable[[int], None] | None = None) -> None:
+    def load_ram_tier(self, progress: Callable[[int], None] | None = None) -> None:
         """Read every RAM-tier unit once, in parallel, on the same reader threads."""
-        self.read_into(self.resident, progress)
+        self.read_into(self.ram_tier, progress)
 
     # ------------------------------------------------------------------ stats, shutdown
 
@@ -555,7 +555,7 @@ class Prefetcher:
 
     def host_buffers(self) -> list[HostBuffer]:
         """Every host buffer this prefetcher reads into (ring and RAM tier), e.g. to register with CUDA."""
-        return self.ring.buffers() + list(self.resident.values())
+        return self.ring.buffers() + list(self.ram_tier.values())
 
     def close(self) -> None:
         """Stop the reader threads (joined: no write into a buffer after this), then free the buffers."""
@@ -568,6 +568,6 @@ class Prefetcher:
                     s.load.cancelled = True
         self._workers.close()
         self.ring.close()
-        for b in self.resident.values():
+        for b in self.ram_tier.values():
             b.close()
-        self.resident = {}
+        self.ram_tier = {}

@@ -2,7 +2,7 @@
 
 enable, in named steps: plan the units (what streams, where it computes: ``plan``) → the store
 (reused after checks, or written: ``model_store``) → the resident weights of a model built on meta,
-loaded from the store, and tensors shared by units pinned (``install``) → place the units in the GPU
+loaded from the store, and tensors shared by units kept resident (``install``) → place the units in the GPU
 tier, the RAM tier or the ring, at the chosen depth (``placement``) → build the prefetcher (ring, RAM
 tier, reader threads), a stager per device (CPU in place, CUDA slots) and the hooks → point of no
 return: free the streamed weights and install the hooks. A failure before that point undoes what was
@@ -29,7 +29,7 @@ from .errors import OffloadError, StoreError, StoreMismatchError
 from .experts import ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager, carve, experts_modules
 from .handle import Handle
 from .hooks import UnitHook
-from .install import bindings, load_resident_from_store, pin_shared, silence_inner_accelerate_hooks, unload_resident
+from .install import bindings, load_resident_from_store, keep_shared, silence_inner_accelerate_hooks, unload_resident
 from .io import Reader, get_reader
 from .manifest import MANIFEST, UnitRecord
 from .meta import build_on_meta
@@ -137,7 +137,7 @@ def enable(model: nn.Module, prefetch: int | str = "auto", store: str | os.PathL
         st, quantization = open_store(path, model, plans, kind, fp, quantization, group_size,  # 2. the store
                                       progress=progress)
         built.loaded = load_resident_from_store(model, plans, st, devices[0], verify) if kind == "module" else []
-        pin_shared(plans_all, built.pinned)
+        keep_shared(plans_all, built.shared)
         records = [st.by_name[p.name] for p in plans]
         plans, records, groups = _carve_experts(st, plans, records, routed_experts, quantization, devices)
         streaming = plans + [UnitPlan(g.name, g.module, g.tensors, devices[0]) for g in groups]  # not resident
@@ -160,7 +160,7 @@ class _Built:
     temp_store: bool  # the store was made for this handle: removed by undo and by disable
     tracer: Tracer | None
     loaded: Replaced = dataclasses.field(default_factory=list)  # resident weights loaded from the store
-    pinned: Replaced = dataclasses.field(default_factory=list)  # tensors shared by units, read once
+    shared: Replaced = dataclasses.field(default_factory=list)  # tensors shared by units, read once
     prefetcher: Prefetcher | None = None
     stagers: dict[torch.device, Stager] = dataclasses.field(default_factory=dict)
     estager: ExpertsStager | None = None  # the stager of the routed experts
@@ -173,7 +173,7 @@ class _Built:
                 stager.close()
         if self.prefetcher is not None:
             self.prefetcher.close()
-        unload_resident(self.loaded + self.pinned)
+        unload_resident(self.loaded + self.shared)
         if self.temp_store:
             shutil.rmtree(self.store_path, ignore_errors=True)
 
@@ -241,7 +241,7 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
         from .writer import _progress
         bar = _progress(sum(b.nbytes for b in resident.values()), "offload: loading RAM tier", progress)
         try:
-            prefetcher.load_resident(bar.update)
+            prefetcher.load_ram_tier(bar.update)
         finally:
             bar.close()
     built.stagers = _make_stagers(plans, records, prefetcher, placement.gpu_tiers, placement.backends, tracer)
@@ -276,7 +276,7 @@ def _install(model: nn.Module, built: _Built, st: Store, kind: str, plans_all: S
     silenced = silence_inner_accelerate_hooks(plans) if kind == "accelerate" else []
     handle = Handle(model, st, built.prefetcher, built.hooks, plans, kind, built.temp_store,
                     list(built.stagers.values()) + ([built.estager] if built.estager is not None else []),
-                    accelerate_state, built.restore, silenced, built.pinned, built.tracer,
+                    accelerate_state, built.restore, silenced, built.shared, built.tracer,
                     os.fspath(trace) if trace is not None else None,
                     experts=built.estager.cache if built.estager is not None else None,
                     prediction=placement.prediction, tuning=placement.tuning)
@@ -287,7 +287,7 @@ def _install(model: nn.Module, built: _Built, st: Store, kind: str, plans_all: S
             handle.disable()
             raise
     handle._attach()
-    records, resident, config = built.prefetcher.units, built.prefetcher.resident, placement.config
+    records, resident, config = built.prefetcher.units, built.prefetcher.ram_tier, placement.config
     log.info("offload: %d units (%s) from %s; %d in RAM (%s), %d on the GPU, %d streamed, ring %d x %s, reader %s",
              len(records), format_bytes(sum(r.data_bytes for r in records)), st.path, len(resident),
              format_bytes(sum(b.nbytes for b in resident.values())), len(placement.elsewhere),

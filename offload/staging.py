@@ -154,7 +154,7 @@ class Lease:
         self.ring._return(self.slot, after)
 
     @classmethod
-    def pinned(cls, unit: int, tensor: torch.Tensor) -> Lease:
+    def outside_ring(cls, unit: int, tensor: torch.Tensor) -> Lease:
         """A lease on a buffer outside the ring (the RAM tier): nothing to give back."""
         return cls(None, None, unit, tensor)
 

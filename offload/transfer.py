@@ -205,20 +205,20 @@ class CudaStager:
     """A ring of ``prefetch + 1`` device slots (plus a GPU tier) fed by one copy stream."""
 
     def __init__(self, backend: Any, prefetcher: Prefetcher, records: Sequence[UnitRecord], indices: Sequence[int],
-                 gpu_resident: Sequence[int] = (), tracer: Tracer | None = None):
+                 gpu_tier_units: Sequence[int] = (), tracer: Tracer | None = None):
         self.backend = backend
         self.tracer = tracer
         self.device = backend.device
         self.prefetcher = prefetcher
         self.records = list(records)
         self.indices = set(indices)
-        self.gpu_resident = set(gpu_resident)
-        streamed = [self.records[i].data_bytes for i in indices if i not in self.gpu_resident]
+        self.gpu_tier_units = set(gpu_tier_units)
+        streamed = [self.records[i].data_bytes for i in indices if i not in self.gpu_tier_units]
         self.slot_bytes = max(streamed, default=0)
         n = min(prefetcher.config.prefetch + 1, len(streamed))
         self.copy_stream = backend.stream()
         self.slots = [_DeviceSlot(backend.empty(self.slot_bytes), backend.event(), backend.event()) for _ in range(n)]
-        self.resident: dict[int, torch.Tensor] = {}
+        self.gpu_tier: dict[int, torch.Tensor] = {}
         self.pinned_bytes = self._register(prefetcher)
         self._static: int | None = None  # device bytes allocated once the GPU tier is loaded (before any forward)
         self._done_calls = 0
@@ -236,7 +236,7 @@ class CudaStager:
         the total stays under ``PIN_FRACTION`` of physical memory. A refusal is one log line: that buffer
         is copied from pageable memory. Returns the bytes registered."""
         import psutil
-        ring, tier = prefetcher.ring.buffers(), list(prefetcher.resident.values())
+        ring, tier = prefetcher.ring.buffers(), list(prefetcher.ram_tier.values())
         cap = max(sum(b.nbytes for b in ring), int(PIN_FRACTION * psutil.virtual_memory().total))
         pinned, refused, skipped = 0, [], 0
         for k, buf in enumerate(ring + tier):
@@ -261,7 +261,7 @@ class CudaStager:
 
         Two page-locked staging buffers alternate: unit k+1 is read from disk while unit k crosses PCIe
         (a buffer is reused only after its copy's event), so the fill costs max(disk, PCIe), not the sum."""
-        order = sorted(self.gpu_resident)
+        order = sorted(self.gpu_tier_units)
         if order:
             n_max = max(self.records[i].data_bytes for i in order)
             bufs = [HostBuffer(n_max) for _ in range(min(2, len(order)))]
@@ -280,7 +280,7 @@ class CudaStager:
                     self.backend.copy(self.copy_stream, t, bufs[b].tensor[:n])
                     fences[b] = self.backend.event()
                     fences[b].record(self.copy_stream)
-                    self.resident[i] = t
+                    self.gpu_tier[i] = t
             finally:
                 with contextlib.suppress(Exception):
                     self.copy_stream.synchronize()  # nothing may still read the buffers closed below
@@ -295,7 +295,7 @@ class CudaStager:
         free for the next one; when it is not (the KV cache grew, another process allocated), give back
         GPU-tier units."""
         self._done_calls += 1
-        if self._static is None or self._done_calls % max(1, len(self.indices)) or not self.resident:
+        if self._static is None or self._done_calls % max(1, len(self.indices)) or not self.gpu_tier:
             return
         need = max(0, self.backend.peak() - self._static)
         short = need - self.backend.free_bytes()
@@ -307,25 +307,25 @@ class CudaStager:
         """An exception is leaving unit ``unit``'s forward: out of memory gives GPU-tier units back, so the
         call succeeds when repeated."""
         err = sys.exc_info()[1]
-        if err is None or not self.resident or id(err) == self._oom_seen or not _is_oom(err):
+        if err is None or not self.gpu_tier or id(err) == self._oom_seen or not _is_oom(err):
             return
         self._oom_seen = id(err)  # once per error: a forward run inside the caller's `except` sees it too
         m = re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]?i?B)", str(err))
         tried = parse_bytes(m.group(1).replace(" ", "")) if m else 0
         # what the failed allocation lacked, with a quarter more; unknown: half the tier
         want = (max(0, tried - self.backend.free_bytes()) * 5 // 4 if tried
-                else sum(self.records[i].data_bytes for i in self.resident) // 2)
+                else sum(self.records[i].data_bytes for i in self.gpu_tier) // 2)
         self._give_back(max(1, want), f"out of memory in {self.records[unit].name}")
 
     def _give_back(self, nbytes: int, why: str) -> None:
         """Move GPU-tier units (the last in order first) to streaming until ``nbytes`` are freed; one log line."""
         ring = self.prefetcher.ring
         if self.slots and ring.slots:  # the rings exist: units that fit their slots can stream
-            movable = [i for i in sorted(self.resident, reverse=True)
+            movable = [i for i in sorted(self.gpu_tier, reverse=True)
                        if self.records[i].data_bytes <= min(self.slot_bytes, ring.slot_bytes)]
             new_ring = 0
         else:  # every unit was kept: streaming needs both rings, sized for the largest unit
-            movable = sorted(self.resident, reverse=True)
+            movable = sorted(self.gpu_tier, reverse=True)
             new_ring = (self.prefetcher.config.prefetch + 1) * max(self.records[i].data_bytes for i in movable)
         freed, moved = 0, []
         for i in movable:
@@ -333,8 +333,8 @@ class CudaStager:
                 break
             with self.prefetcher.ring.lock:
                 self.prefetcher.elsewhere.discard(i)
-            self.gpu_resident.discard(i)
-            del self.resident[i]
+            self.gpu_tier_units.discard(i)
+            del self.gpu_tier[i]
             freed += self.records[i].data_bytes
             moved.append(i)
         if not moved:
@@ -345,8 +345,8 @@ class CudaStager:
         if new_ring:
             self._make_rings(max(self.records[i].data_bytes for i in moved))
         log.warning("offload: %s: gave back %d GPU-tier units (%s) to streaming; the GPU tier is now %d units (%s)",
-                    why, len(moved), format_bytes(freed), len(self.resident),
-                    format_bytes(sum(self.records[i].data_bytes for i in self.resident)))
+                    why, len(moved), format_bytes(freed), len(self.gpu_tier),
+                    format_bytes(sum(self.records[i].data_bytes for i in self.gpu_tier)))
 
     def _make_rings(self, size: int) -> None:
         """The host ring and the device slots, made when units first have to stream (all were kept)."""
@@ -372,9 +372,9 @@ class CudaStager:
                 f"unit {self.records[unit].name} is streamed, and the current CUDA stream is capturing a graph "
                 f"(CUDA graphs, torch.compile(mode='reduce-overhead'), a static-cache generate): a replay would "
                 f"reuse device slots that later copies overwrite. Run streamed models without graph capture")
-        if unit in self.resident:
+        if unit in self.gpu_tier:
             self.prefetcher.advance(unit)
-            return self.resident[unit]
+            return self.gpu_tier[unit]
         slot = self._slot_of(unit)
         if slot is None:
             slot = self._claim(unit)  # before the lease: a refusal here must not strand a host buffer
@@ -392,7 +392,7 @@ class CudaStager:
     def done(self, unit: int) -> None:
         self._on_error(unit)
         self._watch_memory()
-        if unit in self.resident:
+        if unit in self.gpu_tier:
             return
         slot = self._slot_of(unit)
         if slot is not None and slot.in_use:
@@ -431,8 +431,8 @@ class CudaStager:
         return event
 
     def _copy_ahead(self, unit: int) -> None:
-        window = [j for j in self.prefetcher.window(unit, include_resident=True)
-                  if j not in self.resident and j in self.indices]
+        window = [j for j in self.prefetcher.window(unit, include_ram_tier=True)
+                  if j not in self.gpu_tier and j in self.indices]
         keep = set(window) | {unit}
         for j in window:
             if self._slot_of(j) is not None:
@@ -446,7 +446,7 @@ class CudaStager:
             self._copy(min(free, key=lambda s: s.unit is not None), j, lease)
 
     def _claim(self, unit: int) -> _DeviceSlot:
-        window = self.prefetcher.window(unit, include_resident=True)
+        window = self.prefetcher.window(unit, include_ram_tier=True)
         candidates = [s for s in self.slots if not s.in_use]
         if not candidates:
             raise OffloadError(f"unit {self.records[unit].name} needs a device slot but all {len(self.slots)} are "
@@ -469,11 +469,11 @@ class CudaStager:
     def close(self) -> None:
         """Wait for every copy (host buffers may be freed right after) and every forward (kernels may still read
         the slots), then drop the device memory."""
-        if self.slots or self.resident:
+        if self.slots or self.gpu_tier:
             self.copy_stream.synchronize()
             self.backend.current_stream().synchronize()
         self.slots = []
-        self.resident = {}
+        self.gpu_tier = {}
 
 
 def _is_oom(err: BaseException) -> bool:

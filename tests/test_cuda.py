@@ -41,7 +41,7 @@ def test_gpu_tier_and_cpu_model_on_cuda(tmp_path, no_thread_leak):
     model.cpu()
     with offload.enable(model, prefetch=1, device="cuda", ram_tier=0, gpu_tier="1GiB", store=tmp_path / "s",
                         progress=False) as h:
-        assert h._hooks[0].stager.resident  # the small model fits: units stay on the GPU
+        assert h._hooks[0].stager.gpu_tier  # the small model fits: units stay on the GPU
         with torch.no_grad():
             assert torch.equal(model(**to_cuda(inputs)).logits, expected)
 

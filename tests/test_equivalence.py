@@ -19,7 +19,7 @@ def test_plain_module_matches_in_memory(arch, prefetch, tmp_path, no_thread_leak
         assert torch.equal(forward_logits(model, arch, inputs), expected_logits)
         assert torch.equal(greedy(model, inputs), expected_tokens)
         stats = h.stats()
-        assert stats.streamed_units >= 4 and stats.resident_units == 0
+        assert stats.streamed_units >= 4 and stats.ram_tier_units == 0
         assert stats.bytes_read > 0
     # disable gives the module its weights back
     assert torch.equal(forward_logits(model, arch, inputs), expected_logits)

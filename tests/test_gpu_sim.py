@@ -158,14 +158,14 @@ def test_out_of_memory_in_a_forward_gives_gpu_tier_units_back(tmp_path, sim, mon
     short, long = torch.randn(4, D), torch.randn(1280, D)  # 256 B vs 10 units of activations per block (8 free)
     with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
         stager = h._hooks[0].stager
-        assert len(stager.resident) == 8
+        assert len(stager.gpu_tier) == 8
         assert torch.equal(run(model, short), run(ref, short))
         with caplog.at_level(logging.WARNING, logger="offload"):
             with pytest.raises(torch.OutOfMemoryError):
                 run(model, long)
         lines = [r.getMessage() for r in caplog.records if "gave back" in r.getMessage()]
         assert len(lines) == 1 and "out of memory in blocks." in lines[0], lines
-        assert 0 < len(stager.resident) < 8 and stager.gave_back
+        assert 0 < len(stager.gpu_tier) < 8 and stager.gave_back
         assert torch.equal(run(model, long), run(ref, long))  # the call again: it fits now
         assert torch.equal(run(model, short), run(ref, short))
         b.compute.synchronize()
@@ -184,10 +184,10 @@ def test_a_growing_forward_is_measured_and_units_given_back_before_it_runs_out(t
     x = torch.randn(16, D)
     with caplog.at_level(logging.WARNING, logger="offload"):
         with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
-            kept = len(h._hooks[0].stager.resident)
+            kept = len(h._hooks[0].stager.gpu_tier)
             for _ in range(10):  # 5 units' worth of "KV cache" by the end: never an out-of-memory error
                 assert torch.equal(run(model, x), run(ref, x))
-            assert len(h._hooks[0].stager.resident) < kept
+            assert len(h._hooks[0].stager.gpu_tier) < kept
     assert any("a forward needs" in r.getMessage() for r in caplog.records)
 
 
@@ -280,10 +280,10 @@ def test_only_the_host_ring_is_page_locked_beyond_the_cap(tmp_path, sim, monkeyp
     b = sim(model)
     monkeypatch.setattr(offload.transfer, "PIN_FRACTION", 0.0)  # no room for the RAM tier under the cap
     with offload.enable(model, prefetch=1, ram_tier=3 * UNIT, gpu_tier=0, store=tmp_path / "s", progress=False) as h:
-        assert h.stats().resident_units == 3
+        assert h.stats().ram_tier_units == 3
         ring = h._prefetcher.ring.buffers()
         assert b.registered == len(ring) and all(buf.registered for buf in ring)
-        assert not any(buf.registered for buf in h._prefetcher.resident.values())
+        assert not any(buf.registered for buf in h._prefetcher.ram_tier.values())
         assert torch.equal(run(model, x), run(ref, x))
 
 
@@ -395,7 +395,7 @@ def test_gpu_tier_fills_from_page_locked_buffers_with_disk_and_copies_overlapped
             spans.append((t0, time.perf_counter()))
     with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=6 * UNIT, store=tmp_path / "s", reader=Slow(),
                         progress=False) as h:
-        assert len(h._hooks[0].stager.resident) == 6
+        assert len(h._hooks[0].stager.gpu_tier) == 6
         assert b.pageable_copies == 0, "the GPU tier was copied from pageable memory"
         assert any(r0 < c1 and c0 < r1 for r0, r1 in spans for c0, c1 in b.copy_spans), \
             "no read overlapped a copy: the tier was filled one unit at a time"

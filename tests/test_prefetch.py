@@ -91,14 +91,14 @@ def test_memory_bound_during_generation(tmp_path, prefetch, no_thread_leak, monk
         assert max(seen_buffers) <= prefetch + 1
         assert max(seen_bound) == 1
         stats = h.stats()
-        assert stats.resident_bytes == 0
+        assert stats.ram_tier_bytes == 0
         assert stats.ring_bytes == (prefetch + 1) * max(hk.record.data_bytes for hk in h._hooks)
         # between forwards no streamed parameter holds storage
         with torch._C.DisableTorchFunctionSubclass():  # the stand-in's own tensor: meta, no memory
             assert all(isinstance(p, Offloaded) and p.device.type == "meta" for m in unit_modules for p in m.parameters())
 
 
-def test_ram_tier_reads_fewer_bytes_by_exactly_the_resident_units(tmp_path, no_thread_leak):
+def test_ram_tier_reads_fewer_bytes_by_exactly_the_ram_tier_units(tmp_path, no_thread_leak):
     model = bloom(8)
     inputs = inputs_for("bloom")
     expected = forward_logits(model, "bloom", inputs)
@@ -113,7 +113,7 @@ def test_ram_tier_reads_fewer_bytes_by_exactly_the_resident_units(tmp_path, no_t
                 assert torch.equal(forward_logits(model, "bloom", inputs), expected)
             h._prefetcher.wait_idle()
             s = h.stats()
-            resident = sum(hk.record.data_bytes for i, hk in enumerate(h._hooks) if i in h._prefetcher.resident)
+            resident = sum(hk.record.data_bytes for i, hk in enumerate(h._hooks) if i in h._prefetcher.ram_tier)
             assert s.misses == 0
             return s.bytes_read / 3, resident, s
 
@@ -124,9 +124,9 @@ def test_ram_tier_reads_fewer_bytes_by_exactly_the_resident_units(tmp_path, no_t
         unit = h._hooks[0].record.data_bytes
         assert full == sum(hk.record.data_bytes for hk in h._hooks)
     tier, resident, s1 = bytes_per_pass(3 * unit)
-    assert s1.resident_units == 3 and resident == 3 * unit
+    assert s1.ram_tier_units == 3 and resident == 3 * unit
     assert full - tier == resident
-    assert s1.resident_hits == 3 * 3
+    assert s1.ram_tier_hits == 3 * 3
 
 
 def test_encoder_decoder_order_is_learned(tmp_path, no_thread_leak):

@@ -318,12 +318,12 @@ def test_simulated_gpu_exact_without_deadlock(prefetch, units, tier, delays, tmp
             assert isinstance(stager, CudaStager) and all(hk.record.data_bytes == unit_bytes for hk in h._hooks)
             # a budget that would hold every unit is better spent keeping them all than on a ring (plan_memory)
             fits = min(prefetch + 1, units) + (units // 2 if tier else 0) >= units
-            assert len(stager.resident) == (units if fits else units // 2 if tier else 0)
+            assert len(stager.gpu_tier) == (units if fits else units // 2 if tier else 0)
             for _ in range(3):
                 assert torch.equal(run(model, x), run(ref, x))
             assert h._prefetcher.ring.holders() == 0
-            assert len(stager.slots) == min(prefetch + 1, units - len(stager.resident))
-            if len(stager.resident) < units:
+            assert len(stager.slots) == min(prefetch + 1, units - len(stager.gpu_tier))
+            if len(stager.gpu_tier) < units:
                 assert _SIM[0].copies > 0
             assert count_claims["claims"] <= 3 * max(1, count_claims["acquires"])
     no_hang(body)
@@ -462,4 +462,4 @@ def test_gpu_memory_below_resident_plus_ring_names_the_minimum(tmp_path, sim_gpu
     with pytest.raises(offload.OffloadError, match=rf"gpu_memory=.* the minimum is {minimum / 1024:.2f} KiB"):
         offload.enable(model, prefetch=1, ram_tier=0, gpu_memory=minimum - 1, store=tmp_path / "s", progress=False)
     with offload.enable(model, prefetch=1, ram_tier=0, gpu_memory=minimum, store=tmp_path / "s", progress=False) as h:
-        assert not h._hooks[0].stager.resident and len(h._hooks[0].stager.slots) == 2
+        assert not h._hooks[0].stager.gpu_tier and len(h._hooks[0].stager.slots) == 2

@@ -254,7 +254,7 @@ def test_the_ring_is_sized_for_the_units_that_stream_after_the_tier_is_chosen(tm
     budget = resident + 2 * sizes["big.0"] + 3 * sizes["small.0"]  # big ones in RAM + a ring of small slots
     x = torch.randn(3, 128)
     with offload.enable(model, prefetch=2, cpu_memory=budget, units=names, store=tmp_path / "s", progress=False) as h:
-        tier = {h._prefetcher.units[i].name for i in h._prefetcher.resident}
+        tier = {h._prefetcher.units[i].name for i in h._prefetcher.ram_tier}
         assert tier == {"big.0", "big.1"}
         assert h._prefetcher.config.slot_bytes == sizes["small.0"] and h._prefetcher.config.ring_slots == 3
         with torch.no_grad():
@@ -275,7 +275,7 @@ def test_the_cli_plan_is_what_load_allocates(tmp_path, no_thread_leak):
                                                                       r.stdout, re.M)}
     model, h = offload.load(store.path, 1, cpu_memory=budget, progress=False)
     try:
-        assert row["RAM tier (read once)"] == h.stats().resident_units == 1
+        assert row["RAM tier (read once)"] == h.stats().ram_tier_units == 1
         assert row["host staging ring (prefetch 1 + 1)"] == h._prefetcher.config.ring_slots == 2
     finally:
         h.disable()

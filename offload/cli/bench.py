@@ -267,7 +267,7 @@ def run_bench(checkpoint: str, workdir: str, dtype: torch.dtype, batch_sizes: li
         if handle is not None:
             s = handle.stats()  # decode forwards only: reset when the prefill ended
             row.update(bytes_per_token=s.bytes_read / len(d.times), wait_fraction=s.wait_seconds / sum(d.times),
-                       misses=s.misses, resident_units=s.resident_units, streamed_units=s.streamed_units,
+                       misses=s.misses, ram_tier_units=s.ram_tier_units, streamed_units=s.streamed_units,
                        prefetch=s.prefetch, reader=s.reader, predicted_s_per_token=s.predicted_s_per_pass or None,
                        predicted_bound=s.predicted_bound or None)
         rows.append(row)
