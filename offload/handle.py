@@ -102,7 +102,6 @@ class Handle:
         self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                             model.register_forward_hook(self._root_post, always_call=True)]
         self._lock = threading.Lock()
-        self._compute_at_reset = 0.0
         self.closed = False
 
     def _attach(self) -> None:
@@ -138,8 +137,8 @@ class Handle:
                 "expert_predicted_bytes": self._experts.predicted_bytes,
                 "expert_predicted_used_bytes": self._experts.predicted_used_bytes}
                if self._experts is not None else {}),
-            passes=len(self._meter.seconds), s_per_pass=statistics.median(self._meter.decode_seconds or self._meter.seconds or [0.0]),
-            compute_seconds=sum(h.compute_s for h in self._meter.hooks) - self._compute_at_reset,
+            passes=self._meter.passes, s_per_pass=statistics.median(self._meter.decode_seconds or self._meter.seconds or [0.0]),
+            compute_seconds=self._meter.compute_seconds,
             predicted_s_per_pass=self.prediction.s_per_pass if self.prediction else 0.0,
             predicted_bound=self.prediction.bound if self.prediction else "")
 
@@ -149,7 +148,6 @@ class Handle:
             if self._experts is not None:
                 self._experts.reset()
             self._meter.reset()
-            self._compute_at_reset = sum(h.compute_s for h in self._meter.hooks)
 
     def write_trace(self, path: str | os.PathLike[str] | None = None) -> str:
         """Write the trace recorded so far (``enable(trace=...)``) as Chrome trace JSON; returns the path."""

@@ -36,6 +36,7 @@ import torch
 from ._fileio import evict
 from .config import cache_dir
 from .errors import OffloadError
+from .ranges import page_down
 
 log = logging.getLogger("offload")
 
@@ -171,7 +172,7 @@ def _capped(reads: Reads, cap: int) -> list[tuple[str, int, int]]:
     for path, off, n in reads:
         if left <= 0:
             break
-        take = min(n, left) // 4096 * 4096 or min(n, left)
+        take = page_down(min(n, left)) or min(n, left)
         out.append((path, off, take))
         left -= take
     return out
@@ -186,9 +187,9 @@ def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = 
     down over ``rounds`` and each level's rate is the median of its rounds (a shared disk drifts).
     Returns (rate per level, bytes per read, seconds spent).
     """
+    from ._memory import available_memory
     from .staging import HostBuffer
     t_all = time.perf_counter()
-    from ._memory import available_memory
     size = max(sum(n for _, _, n in u) for u in units)
     # the buffers (one per read in flight) stay within an eighth of free memory (a container's limit too)
     room = max(16 << 20, available_memory() // 8) // max_concurrency // (2 << 20) * (2 << 20)
@@ -293,7 +294,6 @@ class Compute:
     """Seconds per unit and per pass outside the units (embeddings, head, sampling) in a decode pass."""
     unit_s: list[float]
     other_s: float
-    measured: bool  # False: estimated from a kernel benchmark, before any run
 
     def as_json(self) -> dict[str, Any]:
         return {"unit_s": self.unit_s, "other_s": self.other_s}
@@ -304,7 +304,7 @@ def cached_compute(store_id: str, batch: int, device: str, n_units: int) -> Comp
     d = _read_cached(_cache_file("compute", key), key)
     if d is None or len(d.get("unit_s", ())) != n_units:
         return None
-    return Compute([float(x) for x in d["unit_s"]], float(d["other_s"]), True)
+    return Compute([float(x) for x in d["unit_s"]], float(d["other_s"]))
 
 
 def save_compute(store_id: str, batch: int, device: str, compute: Compute) -> None:
@@ -346,7 +346,7 @@ def seconds_per_byte(kind: str, batch: int) -> float:
 
 def estimate_compute(unit_bytes: Sequence[int], resident_bytes: int, kind: str, batch: int) -> Compute:
     spb = seconds_per_byte(kind, batch)
-    return Compute([b * spb for b in unit_bytes], resident_bytes * spb, False)
+    return Compute([b * spb for b in unit_bytes], resident_bytes * spb)
 
 
 _h2d: dict[str, float] = {}
@@ -384,6 +384,9 @@ def _batch_and_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[in
     return None
 
 
+_KEEP = 100_000  # pass times kept for the median: a server's memory must not grow with its uptime
+
+
 class PassMeter:
     """Times each top-level forward and splits it into unit compute (the hooks' ``compute_s``), waits
     for reads (the prefetcher's) and the rest. Decode passes (one new position per row) are summed per
@@ -396,8 +399,15 @@ class PassMeter:
 
     def reset(self) -> None:
         self.decode: dict[int, tuple[int, list[float], float]] = {}  # batch -> (passes, unit seconds, other)
-        self.seconds: list[float] = []  # every pass since reset, in order (capped)
-        self.decode_seconds: list[float] = []
+        self.passes = 0  # top-level forwards since reset
+        self.seconds: list[float] = []  # their times, in order (the first _KEEP)
+        self.decode_seconds: list[float] = []  # the decode passes' (the first _KEEP)
+        self._compute0 = sum(h.compute_s for h in self.hooks)
+
+    @property
+    def compute_seconds(self) -> float:
+        """Time inside the units' forwards since reset (waits excluded)."""
+        return sum(h.compute_s for h in self.hooks) - self._compute0
 
     def start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._open = (time.perf_counter(), _batch_and_length(args, kwargs), [h.compute_s for h in self.hooks],
@@ -409,13 +419,15 @@ class PassMeter:
         t0, shape, c0, w0 = self._open
         self._open = None
         dt = time.perf_counter() - t0
-        if len(self.seconds) < 100_000:
+        self.passes += 1
+        if len(self.seconds) < _KEEP:
             self.seconds.append(dt)
         if shape is None or shape[1] != 1:
             return  # a prefill, or a forward we cannot classify: not a decode step
         units = [h.compute_s - c for h, c in zip(self.hooks, c0)]
         other = max(0.0, dt - sum(units) - (self.waited() - w0))
-        self.decode_seconds.append(dt)
+        if len(self.decode_seconds) < _KEEP:
+            self.decode_seconds.append(dt)
         n, acc, oth = self.decode.get(shape[0], (0, [0.0] * len(units), 0.0))
         self.decode[shape[0]] = (n + 1, [a + u for a, u in zip(acc, units)], oth + other)
 
@@ -424,4 +436,4 @@ class PassMeter:
         n, acc, oth = self.decode.get(batch, (0, [], 0.0))
         if n < 2:
             return None
-        return Compute([a / n for a in acc], oth / n, True)
+        return Compute([a / n for a in acc], oth / n)

@@ -145,17 +145,21 @@ def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], rec
     ``cpu_memory`` and ``ram_tier`` are in bytes; ``gpu_memory`` and ``gpu_tier`` as ``enable`` takes them."""
     backends = {dev: _backend_for(dev) for dev in devices}
     sizes = [r.data_bytes for r in records]
+    done: dict[int, tuple[dict[torch.device, set[int]], set[int], int | None, int | None, MemoryPlan]] = {}
 
     def placed(depth: int) -> tuple[dict[torch.device, set[int]], set[int], int | None, int | None, MemoryPlan]:
         """The tiers at look-ahead ``depth``: GPU tier (per device with a copy engine: units kept on
         the device, read once), then the RAM tier (units read once; the streamed weights about to be
-        freed count as free). A deeper ring leaves less for both."""
-        tiers = _gpu_tiers(model, plans, records, depth, gpu_memory, gpu_tier, backends, kind)
-        elsewhere = set().union(*tiers.values()) if tiers else set()
-        room, tier_size = _ram_room(model, streaming, kind, depth, [sizes[i] for i in range(len(sizes))
-                                                                    if i not in elsewhere], cpu_memory, ram_tier)
-        return tiers, elsewhere, room, tier_size, plan_memory(sizes, depth, ram_room=room, ram_tier=tier_size,
-                                                              on_gpu=frozenset(elsewhere))
+        freed count as free). A deeper ring leaves less for both. Each depth is placed once: the plan
+        chosen is the plan that was evaluated (free memory is read once per depth, not again)."""
+        if depth not in done:
+            tiers = _gpu_tiers(model, plans, records, depth, gpu_memory, gpu_tier, backends, kind)
+            elsewhere = set().union(*tiers.values()) if tiers else set()
+            room, tier_size = _ram_room(model, streaming, kind, depth, [sizes[i] for i in range(len(sizes))
+                                                                        if i not in elsewhere], cpu_memory, ram_tier)
+            done[depth] = tiers, elsewhere, room, tier_size, plan_memory(sizes, depth, ram_room=room, ram_tier=tier_size,
+                                                                         on_gpu=frozenset(elsewhere))
+        return done[depth]
 
     # The shallowest ring that will be tried first: a budget too small for it is refused here, naming the
     # minimum at that depth; and if every unit fits the tiers there is no disk to plan for.
@@ -168,10 +172,9 @@ def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], rec
         prediction = None
     assert isinstance(prefetch, int)
     tiers, elsewhere, room, tier_size, mp = placed(prefetch)
-    if prediction is None and tuning.get("disk") is not None:
-        tuning["plan"] = mp
-        prediction = _tune.predict_plan({**tuning, "prefetch": prefetch}, 1, None)
     tuning.update(prefetch=prefetch, plan=mp)
+    if prediction is None and tuning.get("disk") is not None:  # a depth given: predicted all the same
+        prediction = _tune.predict_plan(tuning, 1, None)
     slots, slot_bytes = mp.host_ring
     config = StagingConfig(prefetch, slot_bytes, len(mp.streamed), io_threads)
     assert room is None or mp.bytes_of(mp.ram_tier) + config.ring_bytes <= room or not mp.ram_tier
@@ -209,7 +212,8 @@ def _tuning_inputs(st: Store, records: Sequence[UnitRecord], reader: Reader, dev
 
 def _auto_depth(placed: Callable[[int], Any], tuning: dict[str, Any]) -> tuple[int, _tune.Prediction | None]:
     """The look-ahead depth for ``prefetch="auto"``: each depth the budget allows is placed (tiers and
-    ring) and its pass predicted; ``tune.choose_prefetch`` takes the shallowest near the best."""
+    ring) and its pass predicted; ``tune.choose_prefetch`` takes the shallowest near the best. Depth 1
+    was placed before this is called (it fits the budget, else that raised)."""
     if tuning.get("disk") is None:  # nothing measured: the default depth, or the deepest below it the budget fits
         for depth in range(_tune.DEFAULT_PREFETCH, 1, -1):
             try:
@@ -217,18 +221,13 @@ def _auto_depth(placed: Callable[[int], Any], tuning: dict[str, Any]) -> tuple[i
                 return depth, None
             except OffloadError:
                 continue
-        return 1, None  # (depth 1 was placed before: it fits)
-    candidates, first_error = [], None
+        return 1, None
+    candidates = []
     for depth in range(1, _tune.MAX_CONCURRENCY + 1):
         try:
-            mp = placed(depth)[4]
-        except OffloadError as e:  # this ring does not fit the budget: deeper ones will not either
-            first_error = first_error or e
+            candidates.append((depth, placed(depth)[4]))
+        except OffloadError:  # this ring does not fit the budget: deeper ones will not either
             break
-        candidates.append((depth, mp))
-    if not candidates:
-        assert first_error is not None
-        raise first_error
     best = _tune.choose_plan(tuning, candidates, batch=1)
     return best.prefetch, best
 

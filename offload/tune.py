@@ -113,7 +113,6 @@ def simulate(units: Sequence[UnitCost], prefetch: int, rate: Callable[[int], flo
             t = deadline
 
     copy_free = 0.0
-    copy_end: dict[int, float] = {}
     compute_end: dict[int, float] = {}
     pass_start = [0.0] * (total + 1)
     for g, u in enumerate(seq):
@@ -134,7 +133,6 @@ def simulate(units: Sequence[UnitCost], prefetch: int, rate: Callable[[int], flo
             slot_free = compute_end.get(_slot_owner(seq, g, prefetch), 0.0)
             c0 = max(ready, copy_free, slot_free)
             copy_free = c0 + u.nbytes / h2d_bps
-            copy_end[g] = copy_free
             ready = copy_free
         run_until(max(ready, t))
         run_until(t + u.compute_s)
@@ -219,7 +217,7 @@ def _compute_for(t: dict[str, Any], batch: int, measured: Compute | None) -> tup
     if cached is not None:
         return cached, f"compute measured in an earlier run of this store at batch {batch}"
     if t["device"] != "cpu":
-        return Compute([0.0] * n, 0.0, False), "GPU compute not modelled (bounded by disk and PCIe)"
+        return Compute([0.0] * n, 0.0), "GPU compute not modelled (bounded by disk and PCIe)"
     return (estimate_compute(t["sizes"], t["resident_bytes"], t["kind"], batch),
             f"compute estimated from a {t['kind']} linear kernel at batch {batch}")
 

@@ -246,7 +246,7 @@ def test_pass_meter_tells_decode_from_prefill():
 
 
 def test_cached_compute_belongs_to_its_store(quick):
-    measure.save_compute("store-a", 1, "cpu", measure.Compute([0.1, 0.2], 0.05, True))
+    measure.save_compute("store-a", 1, "cpu", measure.Compute([0.1, 0.2], 0.05))
     assert measure.cached_compute("store-a", 1, "cpu", 2).unit_s == [0.1, 0.2]
     assert measure.cached_compute("store-b", 1, "cpu", 2) is None
     assert measure.cached_compute("store-a", 4, "cpu", 2) is None
@@ -263,3 +263,16 @@ def test_a_dip_in_the_measured_rate_does_not_make_a_deeper_ring_look_slower():
     assert [p.rate(k) for k in (1, 2, 3, 4, 8)] == [1.9 * GB, 1.9 * GB, 1.9 * GB, 2.0 * GB, 2.0 * GB]
     u = units(12, 100_000_000, 0.01)
     assert choose_prefetch([(d, u) for d in range(1, 9)], p).prefetch >= tune.DEFAULT_PREFETCH
+
+
+def test_pass_meter_counts_every_pass_but_keeps_a_bounded_record(monkeypatch):
+    """A server runs for days: the pass count keeps counting, the times kept for the median do not grow."""
+    monkeypatch.setattr(measure, "_KEEP", 3)
+
+    class H:
+        compute_s = 0.0
+    m = measure.PassMeter([H()], lambda: 0.0)
+    for _ in range(5):
+        m.start((), {"input_ids": torch.zeros(1, 1, dtype=torch.long)})
+        m.end()
+    assert m.passes == 5 and len(m.seconds) == 3 and len(m.decode_seconds) == 3 and m.decode[1][0] == 5
