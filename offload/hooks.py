@@ -240,6 +240,7 @@ class UnitHook:
                  tracer: Tracer | None = None):
         self.index, self.module, self.record, self.bindings = index, module, record, bindings
         self.stager, self.tracer = stager, tracer
+        self._keep = getattr(stager, "host_buffers_only", False)  # views into its buffers may be kept (Binding)
         self._t_bound = 0.0
         self.compute_s = 0.0  # time inside the unit's forward, weights bound (no wait): what tune.py models
         self.depth = 0  # forwards of this unit in progress (>1: it called itself)
@@ -263,10 +264,9 @@ class UnitHook:
             self.depth += 1
             return
         data = self.stager.stage(self.index)
-        keep = getattr(self.stager, "host_buffers_only", False)
         try:
             for b in self.bindings:
-                b.bind(data, keep)
+                b.bind(data, self._keep)
         except BaseException:
             for b in self.bindings:
                 b.unbind()
