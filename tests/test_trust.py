@@ -342,3 +342,21 @@ def test_no_import_cycle_deferred_imports_included():
     for m in sorted(graph):
         if m not in seen:
             visit(m)
+
+
+def test_an_install_ships_every_subpackage():
+    """``pip install .`` (not editable) ships what pyproject names: a listed ``packages`` missed
+    ``offload.quant`` and ``offload.speculate`` once they became folders, so a wheel failed on import."""
+    import tomllib
+
+    from setuptools import find_packages
+    root = os.path.dirname(os.path.dirname(offload.__file__))
+    cfg = tomllib.load(open(os.path.join(root, "pyproject.toml"), "rb")).get("tool", {}).get("setuptools", {})
+    if "packages" in cfg and isinstance(cfg["packages"], list):
+        shipped = set(cfg["packages"])
+    else:
+        find = cfg.get("packages", {}).get("find", {})
+        shipped = set(find_packages(root, include=find.get("include", ["*"]), exclude=find.get("exclude", ())))
+    folders = {os.path.relpath(dp, root).replace(os.sep, ".") for dp, _, fs in os.walk(os.path.dirname(offload.__file__))
+               if "__init__.py" in fs}
+    assert folders and folders <= shipped, sorted(folders - shipped)
