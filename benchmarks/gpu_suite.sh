@@ -9,6 +9,8 @@
 #
 #   bash benchmarks/gpu_suite.sh                                    # cuda, bloom-7b1, 540 s in all
 #   bash benchmarks/gpu_suite.sh --plan                             # print the parts and budgets only
+#   bash benchmarks/gpu_suite.sh --parts install,prepare,tests,h2d,disk --budget 400   # then, machine warm:
+#   bash benchmarks/gpu_suite.sh --parts install,bench --budget 560  # two device commands under 10 min each
 #   bash benchmarks/gpu_suite.sh --device cpu --model tiny-bloom \
 #        --venv /tmp/gpu-suite-venv --torch torch==2.13.0           # the dry run (CPU, fresh venv)
 #
@@ -16,7 +18,9 @@
 # default bloom-7b1); --new-tokens N (4); --gpu-memory BYTES (4GiB); --budget SECONDS (whole suite,
 # default 540: a 600 s device command with room to spare); --python PY (use this interpreter, install
 # only what it lacks); --venv DIR (create or reuse a venv there and install into it); --torch SPEC
-# (default torch==2.9.1: PyPI's default Linux wheel, CUDA 12.8); --plan (print and exit).
+# (default torch==2.9.1: PyPI's default Linux wheel, CUDA 12.8); --parts P[,P...] (which of install, prepare,
+# tests, h2d, disk, bench to run; default all; install always runs, quickly when nothing is missing);
+# --plan (print and exit).
 # Without --python/--venv: python3 if it already has torch (with CUDA for --device cuda) and the other
 # packages, else a venv in the offload cache. Wheels in .whl/ (git-ignored) are offered to pip too
 # (a machine without PyPI). Results: $OUT when set, else ./gpu-suite-out. Big files go to the
@@ -34,6 +38,7 @@ PY=""
 VENV=""
 TORCH_SPEC="torch==2.9.1"
 PLAN_ONLY=0
+PARTS=install,prepare,tests,h2d,disk,bench
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
@@ -45,7 +50,8 @@ while [ $# -gt 0 ]; do
         --venv) VENV="$2"; shift 2 ;;
         --torch) TORCH_SPEC="$2"; shift 2 ;;
         --plan) PLAN_ONLY=1; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        --parts) PARTS="install,$2"; shift 2 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -74,8 +80,10 @@ else
     INSTALL="$PY as it is (missing packages from PyPI or .whl/), then pip install -e . (the native reader)"
     T_INSTALL=60
 fi
-if [ $CUDA = 1 ]; then T_PREPARE=120 T_TESTS=120 T_H2D=40 T_DISK=40 DISK_SIZE=1GiB
+if [ $CUDA = 1 ]; then T_PREPARE=120 T_TESTS=120 T_H2D=30 T_DISK=30 DISK_SIZE=1GiB
 else T_PREPARE=60 T_TESTS=300 T_H2D=0 T_DISK=30 DISK_SIZE=64MiB; fi  # a 2-core CPU runs the tests slowly
+want() { case ",$PARTS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+for p in prepare tests h2d disk; do want $p || eval "T_${p^^}=0"; done
 T_BENCH=$((BUDGET - T_INSTALL - T_PREPARE - T_TESTS - T_H2D - T_DISK))
 [ $T_BENCH -ge 60 ] || T_BENCH=60
 
@@ -88,13 +96,14 @@ results in $RESULTS (rows appended as measured: bench-rows.jsonl, bench-rows.md,
 parts, each stopped at its limit (SIGINT, then SIGKILL 20 s later); a part that ends early leaves its time to the bench:
   1. install   ${T_INSTALL} s  $INSTALL
   2. prepare   ${T_PREPARE} s  the random $MODEL fp16 checkpoint in the cache (kept: built once per machine)
-  3. tests     ${T_TESTS} s  pytest tests/test_cuda.py tests/test_gpu_sim.py tests/test_staging.py tests/test_trace.py
+  3. tests     ${T_TESTS} s  pytest tests/test_cuda.py tests/test_cuda_routes.py tests/test_gpu_sim.py tests/test_staging.py tests/test_trace.py
   4. h2d       ${T_H2D} s  benchmarks/bench_h2d.py --size 1GiB (registered ring slot vs pin_memory tensor.to)$([ $CUDA = 1 ] || echo ': skipped on cpu')
   5. disk      ${T_DISK} s  offload bench-disk on the cache's disk, $DISK_SIZE, 1 repeat
   6. bench     the rest (${T_BENCH} s if every part uses all of its time; at least 60)
-               offload bench --random $MODEL --dtype fp16 --device $DEVICE --gpu-memory $GPU_MEMORY
-               rows: in GPU memory, Accelerate GPU + CPU, Accelerate GPU + disk (warm, cold), offload
-               prefetch 1/2/4 cold and with the RAM tier, one trace (prefetch 2 cold)
+               offload bench --random $MODEL --dtype fp16 --device $DEVICE --gpu-memory $GPU_MEMORY, in two:
+               3/5 of it: in GPU memory, offload prefetch 2/4 cold and with the RAM tier, one trace (prefetch 2 cold);
+               the rest: Accelerate GPU + CPU, Accelerate GPU + disk (warm, cold)
+parts asked for: $PARTS (a part not asked for gets 0 s)
 EOF
 [ $PLAN_ONLY = 1 ] && exit 0
 
@@ -128,6 +137,10 @@ install() {
         PY="$VENV/bin/python"
         "$PY" -m pip install -q --disable-pip-version-check "${FIND[@]}" "$TORCH_SPEC" "${PACKAGES[@]}" setuptools wheel
     else
+        for w in .whl/*.whl; do  # carried wheels first, without an index: a machine without PyPI
+            [ -f "$w" ] && { "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps "$w" \
+                             || echo "could not install $w here"; }
+        done
         missing=$("$PY" - "${PACKAGES[@]}" <<'EOF'
 import importlib.util, sys
 print(" ".join(p for p in sys.argv[1:] if importlib.util.find_spec(p) is None))
@@ -174,7 +187,7 @@ mkdir -p "$CACHE"
 df -h "$CACHE" | tail -1 | awk '{print "cache disk: " $4 " free (bloom-7b1 needs ~35 GB: checkpoint 14 GB, store 14 GB, test files 8 GiB)"}'
 
 step "2. prepare: the random $MODEL fp16 checkpoint (reused when complete)"
-part prepare "$T_PREPARE" "$PY" -c "
+want prepare && part prepare "$T_PREPARE" "$PY" -c "
 import os, sys, torch
 from offload.config import cache_dir
 from offload.cli.models import random_checkpoint
@@ -182,11 +195,13 @@ print(random_checkpoint(sys.argv[1], torch.float16, os.path.join(cache_dir(), 'r
 " "$MODEL"
 
 step "3. tests: CUDA (skipped without a GPU) and simulated GPU"
-part tests "$T_TESTS" "$PY" -m pytest -q -p no:randomly -p no:cacheprovider tests/test_cuda.py tests/test_gpu_sim.py \
-    tests/test_staging.py tests/test_trace.py --junitxml="$RESULTS/tests.xml"
+want tests && part tests "$T_TESTS" "$PY" -m pytest -q -p no:randomly -p no:cacheprovider --tb=short -rfEs \
+    tests/test_cuda.py tests/test_cuda_routes.py tests/test_gpu_sim.py tests/test_staging.py tests/test_trace.py \
+    --junitxml="$RESULTS/tests.xml"
 
 step "4. host -> device copies (benchmarks/bench_h2d.py)"
-if [ $CUDA = 1 ]; then
+if ! want h2d; then :
+elif [ $CUDA = 1 ]; then
     part h2d "$T_H2D" "$PY" benchmarks/bench_h2d.py --size 1GiB --device "$DEVICE" --json "$RESULTS/h2d.json" \
         --jsonl "$RESULTS/h2d-rows.jsonl" > "$RESULTS/h2d.md"
     cat "$RESULTS/h2d.md"
@@ -195,21 +210,38 @@ else
 fi
 
 step "5. disk: offload bench-disk on the cache's disk ($CACHE)"
-part bench-disk "$T_DISK" "$PY" -m offload bench-disk "$CACHE" --size "$DISK_SIZE" --repeats 1 \
+want disk && part bench-disk "$T_DISK" "$PY" -m offload bench-disk "$CACHE" --size "$DISK_SIZE" --repeats 1 \
     --json "$RESULTS/disk.json" > "$RESULTS/disk.md"
-cat "$RESULTS/disk.md"
+[ -f "$RESULTS/disk.md" ] && cat "$RESULTS/disk.md"
 
+if want bench; then
 T=$(left 60)
 step "6. bench: $MODEL fp16 on $DEVICE, --gpu-memory $GPU_MEMORY ($T s left)"
-BENCH=("$PY" -m offload bench --random "$MODEL" --dtype fp16 --device "$DEVICE" --gpu-memory "$GPU_MEMORY"
-       --runs memory,accelerate,offload --prefetch 1,2,4 --batch-sizes 1 --new-tokens "$NEW_TOKENS"
-       --json "$RESULTS/bench.json" --jsonl "$RESULTS/bench-rows.jsonl" --trace "$RESULTS/trace.json")
-echo "${BENCH[*]}" > "$RESULTS/bench-command.txt"
-part bench "$T" "${BENCH[@]}" > "$RESULTS/bench-table.md"
+# this runtime's rows (and the model on the GPU, the compute floor) first, Accelerate's after: a part cut by
+# its limit keeps the rows that matter most; the table is made from both reports
+COMMON=(--random "$MODEL" --dtype fp16 --device "$DEVICE" --gpu-memory "$GPU_MEMORY" --batch-sizes 1
+        --new-tokens "$NEW_TOKENS" --jsonl "$RESULTS/bench-rows.jsonl")
+OURS=("$PY" -m offload bench "${COMMON[@]}" --runs memory,offload --prefetch 2,4 --json "$RESULTS/bench-offload.json"
+      --trace "$RESULTS/trace.json")
+THEIRS=("$PY" -m offload bench "${COMMON[@]}" --runs accelerate --json "$RESULTS/bench-accelerate.json")
+printf '%s\n' "${OURS[*]}" "${THEIRS[*]}" > "$RESULTS/bench-command.txt"
+part bench "$(( T * 3 / 5 ))" "${OURS[@]}"
+part bench-accelerate "$(left 30)" "${THEIRS[@]}"
+"$PY" - "$RESULTS" <<'EOF2' > "$RESULTS/bench-table.md"
+import json, os, sys
+from offload.cli.bench import summarize
+reports = [json.load(open(p)) for p in (os.path.join(sys.argv[1], f"bench-{w}.json") for w in ("offload", "accelerate"))
+           if os.path.exists(p)]
+if reports:
+    merged = dict(reports[0])
+    merged["rows"] = [r for rep in reports for r in rep["rows"]]
+    print(summarize(merged))
+EOF2
 cat "$RESULTS/bench-table.md"
 if [ -f "$RESULTS/trace.json" ]; then
     "$PY" -c "import sys; from offload.trace import plot; print('timeline:', plot(sys.argv[1], sys.argv[2]))" \
         "$RESULTS/trace.json" "$RESULTS/trace.png" 2>/dev/null || echo "no trace.png: matplotlib is not installed"
+fi
 fi
 
 step "done in $((SECONDS - START)) s; results in $RESULTS"
