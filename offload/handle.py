@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import statistics
 import threading
 import weakref
 from typing import Any
@@ -97,8 +96,9 @@ class Handle:
         self._experts = experts  # the expert cache, when routed experts are read on routing
         self.prediction = prediction  # what enable predicted for a decode pass at batch 1 (None: nothing measured)
         self._tuning = tuning or {}  # what a prediction at another batch size needs
+        clock = next((st.backend for st in (stagers or []) if hasattr(st, "backend")), None)
         self._meter = _measure.PassMeter([h for h in hooks if isinstance(h, UnitHook)],
-                                     lambda: self._prefetcher.stats().wait_seconds)
+                                         lambda: self._prefetcher.stats().wait_seconds, clock)
         self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                             model.register_forward_hook(self._root_post, always_call=True)]
         self._lock = threading.Lock()
@@ -137,7 +137,7 @@ class Handle:
                 "expert_predicted_bytes": self._experts.predicted_bytes,
                 "expert_predicted_used_bytes": self._experts.predicted_used_bytes}
                if self._experts is not None else {}),
-            passes=self._meter.passes, s_per_pass=statistics.median(self._meter.decode_seconds or self._meter.seconds or [0.0]),
+            passes=self._meter.passes, s_per_pass=self._meter.s_per_pass(),
             compute_seconds=self._meter.compute_seconds,
             predicted_s_per_pass=self.prediction.s_per_pass if self.prediction else 0.0,
             predicted_bound=self.prediction.bound if self.prediction else "")

@@ -239,7 +239,7 @@ def test_pass_meter_tells_decode_from_prefill():
         hooks[0].compute_s += 0.01
         hooks[1].compute_s += 0.02
         m.end()
-    assert list(m.decode) == [2] and m.decode[2][0] == 3 and len(m.seconds) == 4
+    assert list(m.decode) == [2] and m.decode[2][0] == 3 and len(m._seconds) == 4
     c = m.compute(2)
     assert c.unit_s == pytest.approx([0.01, 0.02])
     assert m.compute(1) is None
@@ -275,4 +275,4 @@ def test_pass_meter_counts_every_pass_but_keeps_a_bounded_record(monkeypatch):
     for _ in range(5):
         m.start((), {"input_ids": torch.zeros(1, 1, dtype=torch.long)})
         m.end()
-    assert m.passes == 5 and len(m.seconds) == 3 and len(m.decode_seconds) == 3 and m.decode[1][0] == 5
+    assert m.passes == 5 and len(m._seconds) == 3 and len(m._decode_seconds) == 3 and m.decode[1][0] == 5
