@@ -281,6 +281,7 @@ def main() -> int:
         with ctx:
             d = decode_times(model, ids, a.new_tokens, cold_paths if cold else None, at_decode=at_decode)
         n = len(d.times)
+        io_bytes, dev_bytes = io_read_bytes() - io["start"], device_read_bytes() - io["dev"]  # before the floor's reads
         count.close()
         shard_after = shard_floor(shards, shard_bytes, floor_buf, 2 * len(rows) + 1) if floors else None
         # the disk drifts (and is shared): its bandwidth just before and just after the row; the row is compared
@@ -292,8 +293,7 @@ def main() -> int:
         same = ref.setdefault(router, d.tokens) == d.tokens
         row = {"run": name, "router": router, "cache": "cold" if cold else "warm", "samples": d.times,
                "s_per_token_min": min(d.times), "s_per_token_median": statistics.median(d.times),
-               "io_read_bytes_per_token": (io_read_bytes() - io["start"]) / n,
-               "device_read_bytes_per_token": (device_read_bytes() - io["dev"]) / n, "same_tokens": same,
+               "io_read_bytes_per_token": io_bytes / n, "device_read_bytes_per_token": dev_bytes / n, "same_tokens": same,
                "distinct_experts_per_layer_decode": statistics.mean(len(s) for s in count.seen),
                "routing_trace": count.trace, "routing_trace_decode_from": count.decode_from, **extra}
         if floor is not None:

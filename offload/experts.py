@@ -9,8 +9,10 @@ the experts in ``top_k_index``. So, generically (no per-architecture code):
   what is left, ``ranges.plan_extents``);
 * each experts module gets a *table*: one zero-filled anonymous mapping holding its tensors at full
   shape, of which only the experts read so far are backed by memory. Expert ``e`` of a tensor is the
-  contiguous slice ``[e]``, so its bytes are one range of the store's unit file, or the pieces of the
-  checkpoint's per-expert tensors (read in place), read straight into that slice;
+  slice ``[e]``, one range of the store's unit file or the checkpoint's fused tensor, or the pieces of
+  the checkpoint's per-expert tensors (read in place), read straight into the table. A slice of whole
+  pages gets a region of its own (``Slab``: the module sees a strided ``[E, ...]`` view), so no page
+  is shared with a neighbour and big slices sit on huge pages;
 * a forward pre-hook reads the routed experts that are not in the table (all at once, on the
   prefetcher's reader threads, ahead of queued prefetches), then binds the tables; the experts the
   forward does not route to are never read, and it never reads them (their pages stay unbacked);
@@ -95,12 +97,48 @@ def _merged(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     return out
 
 
+def _extents(unit: UnitRecord, t: TensorRecord, lo: int, hi: int, into: int) -> list[Extent]:
+    """Bytes ``[lo, hi)`` of tensor ``t`` read exactly (no widening: pieces, buffered) to ``into`` onwards."""
+    out = []
+    for f, o, k in _file_ranges(unit, t, lo, hi):
+        out.append(Extent(f, o, k, into))
+        into += k
+    return out
+
+
 def _widened(file: str, offset: int, n: int, into: int, size: int) -> list[Extent]:
     """Read ``n`` bytes at ``offset`` into ``into`` as whole pages (O_DIRECT, ``ranges.page_reads``): the
     page before and after land in the bytes around ``into``, which hold the same file bytes (a
     neighbouring expert) or room left for them. ``into`` and ``offset`` share their offset within a page."""
     start = page_down(offset)
     return page_reads(file, start, page_up(offset + n), size, into - (offset - start))
+
+
+@dataclasses.dataclass(frozen=True)
+class Slab:
+    """Where one experts tensor lives in its table: expert ``e``'s slice is ``n`` bytes at
+    ``base + e * stride``.
+
+    When each slice is a whole number of pages in one range of a file (``own`` > 0), every expert has a
+    region of its own, ``own`` bytes from ``base - lead`` (``lead``: the file offset's place within its
+    page, so the O_DIRECT read of whole pages starts exactly at the region), with room after it up to
+    ``stride``: no page is shared with a neighbour, so an evicted expert's pages all go back, and a
+    region of 2 MiB or more starts on a 2 MiB boundary, its whole 2 MiB pages advised as huge pages.
+    Over 4 KiB pages an O_DIRECT read faults in and pins 512 pages per 2 MiB; over a huge page one:
+    reading 6 MiB experts at random this VM gave 1.0-1.1 GB/s into fresh 4 KiB pages and 1.6-1.7 into
+    huge pages (``own == 0``: the slices are packed, ``stride == n``, as in the checkpoint)."""
+    base: int
+    stride: int
+    n: int
+    lead: int = 0
+    own: int = 0
+
+    def region(self, e: int) -> tuple[int, int]:
+        """Expert ``e``'s own bytes ``[a, b)`` (``own`` > 0), else the whole pages inside its slice."""
+        if self.own:
+            a = self.base - self.lead + e * self.stride
+            return a, a + self.own
+        return page_up(self.base + e * self.n), page_down(self.base + (e + 1) * self.n)
 
 
 @dataclasses.dataclass
@@ -111,14 +149,15 @@ class ExpertsGroup:
     module: nn.Module
     count: int
     tensors: list[StreamedTensor]
-    table: UnitRecord  # tensors at their table offsets; extents: every expert (disable's restore, stray uses)
-    experts: list[UnitRecord]  # expert e's slices of every tensor, read into the table
-    slices: list[tuple[int, int]]  # per tensor: (table offset, bytes of one expert)
+    table: UnitRecord  # the tensors packed, as in the checkpoint; extents: every expert (restore, stray uses)
+    experts: list[UnitRecord]  # expert e's slices of every tensor, read into the table buffer (``slabs``)
+    slabs: list[Slab]  # per tensor: where its experts live in the table buffer
+    buffer_bytes: int  # the table buffer's size
     router: torch.Tensor | None = None  # a resident copy of the block's router weight [E, H], for prediction
 
     @property
     def expert_bytes(self) -> int:
-        return sum(n for _, n in self.slices)
+        return sum(s.n for s in self.slabs)
 
 
 def carve(store: Store, plan: UnitPlan, rec: UnitRecord) -> tuple[UnitPlan, UnitRecord, list[ExpertsGroup]]:
@@ -136,36 +175,53 @@ def carve(store: Store, plan: UnitPlan, rec: UnitRecord) -> tuple[UnitPlan, Unit
     out: list[ExpertsGroup] = []
     for key, tensors in groups.items():
         name, module, count = owners[key]
-        layout, at, per_expert, whole = [], 0, [], []
-        for t in tensors:
+        layout, at, whole = [], 0, []
+        for t in tensors:  # the packed table: the checkpoint's layout (disable's restore and stray uses)
             r = by_name[t.rel]
             ranges = _merged(_file_ranges(rec, r, 0, r.nbytes))
-            # One range in the file: place the tensor in the table at the file's offset within a page, with
-            # a page of room each side, so each expert's slice is read O_DIRECT, widened to whole pages.
+            # One range in the file: place the tensor at the file's offset within a page, with a page of
+            # room each side, so it is read O_DIRECT, widened to whole pages.
             at = page_up(at) + PAGE + (ranges[0][1] % PAGE if len(ranges) == 1 else 0)
             layout.append(TensorRecord(r.name, r.dtype, r.shape, at, r.nbytes))
-            per_expert.append((at, r.nbytes // count))
             whole.append(ranges[0] if len(ranges) == 1 else None)
             at += r.nbytes + PAGE
+        table_reads = []
+        for r, one in zip(layout, whole):
+            if one is not None:
+                table_reads += _widened(one[0], one[1], r.nbytes, r.offset, sizes[one[0]])
+            else:
+                table_reads += _extents(rec, by_name[r.name], 0, r.nbytes, r.offset)
+        slabs, end = [], 0
+        for r, one in zip(layout, whole):  # the routed table: each expert in a region of its own
+            n = r.nbytes // count
+            if one is not None and n % PAGE == 0:
+                lead = one[1] % PAGE
+                own = page_up(lead + n)
+                stride = -(-own // HUGE_PAGE) * HUGE_PAGE if own >= HUGE_PAGE else own
+                start = -(-end // HUGE_PAGE) * HUGE_PAGE if own >= HUGE_PAGE else page_up(end)
+                slabs.append(Slab(start + lead, stride, n, lead, own))
+                end = start + count * stride
+            else:  # pieces, or slices that are not whole pages: packed as in the file
+                start = page_up(end) + PAGE + (one[1] % PAGE if one is not None else 0)
+                slabs.append(Slab(start, n, n))
+                end = start + r.nbytes + PAGE
         experts = []
         for e in range(count):
             reads = []
-            for t, (offset, n), one in zip(tensors, per_expert, whole):
-                into = offset + e * n
+            for r, slab, one in zip(layout, slabs, whole):
+                into = slab.base + e * slab.stride
                 if one is not None:
-                    reads += _widened(one[0], one[1] + e * n, n, into, sizes[one[0]])
-                    continue
-                for f, o, k in _file_ranges(rec, by_name[t.rel], e * n, (e + 1) * n):
-                    reads.append(Extent(f, o, k, into))
-                    into += k
-            experts.append(UnitRecord(f"{plan.name}.{name}[{e}]", reads[0].file, 0, 0, at, None, (), None, (),
+                    reads += _widened(one[0], one[1] + e * slab.n, slab.n, into, sizes[one[0]])
+                else:
+                    reads += _extents(rec, by_name[r.name], e * slab.n, (e + 1) * slab.n, into)
+            experts.append(UnitRecord(f"{plan.name}.{name}[{e}]", reads[0].file, 0, 0, end, None, (), None, (),
                                       tuple(reads)))  # type: ignore[arg-type]
-        table = UnitRecord(f"{plan.name}.{name}", experts[0].file, 0, 0, at, None, tuple(layout), None, (),
-                           tuple(x for ex in experts for x in ex.extents))  # type: ignore[arg-type]
+        table = UnitRecord(f"{plan.name}.{name}", table_reads[0].file, 0, 0, at, None, tuple(layout), None, (),
+                           tuple(table_reads))  # type: ignore[arg-type]
         router = next((by_name[t.rel] for t in plan.tensors if t.is_param and id(t.owner) != key
                        and len(t.shape) == 2 and t.shape[0] == count and t.rel in by_name), None)
         weight = store.read_tensor(rec, router.name) if router is not None else None
-        out.append(ExpertsGroup(f"{plan.name}.{name}", module, count, tensors, table, experts, per_expert, weight))
+        out.append(ExpertsGroup(f"{plan.name}.{name}", module, count, tensors, table, experts, slabs, end, weight))
     left = {t.rel for t in rest}
     kept = [SourceTensor(r.name, r.dtype, r.shape, tuple(_file_ranges(rec, r, 0, r.nbytes)))
             for r in rec.tensors if r.name in left]
@@ -328,8 +384,8 @@ POLICIES: dict[str, type[_Policy]] = {p.name: p for p in (_LRU, _LFU, _LFUAged, 
 # plain LFU was worst.
 # Private knob for benchmarks: set it before enable().
 _POLICY = "lfu-aged"
-# Huge pages inside each expert's slices of its table (ExpertsTable._advise_huge); off: 4 KiB pages only.
-_HUGE_INSIDE_SLICES = True
+# Huge pages inside each expert's own bytes in its table (ExpertsTable._advise_huge); off: 4 KiB pages only.
+_HUGE_PAGES = True
 
 
 class ExpertCache:
@@ -429,44 +485,78 @@ class ExpertsTable:
 
     def __init__(self, group: ExpertsGroup):
         self.group = group
-        self.buffer = HostBuffer(group.table.data_bytes, huge=False)
+        # 2 MiB-aligned (HostBuffer's huge placement) so each slab's regions fall on huge-page boundaries;
+        # which pages are huge is then chosen per expert (_advise_huge), never the whole table
+        self.buffer = HostBuffer(group.buffer_bytes, huge=True)
         self.present: set[int] = set()
-        self.huge_bytes = self._advise_huge() if _HUGE_INSIDE_SLICES else 0
+        self.huge_bytes = self._advise_huge() if _HUGE_PAGES else 0
+
+    def _madvise(self, advice: int, a: int, b: int) -> None:
+        assert self.buffer._mm is not None
+        self.buffer._mm.madvise(advice, self.buffer._pad + a, b - a)
 
     def _advise_huge(self) -> int:
-        """Advise transparent huge pages on every 2 MiB page that lies wholly inside one expert's slice of a
-        tensor, and nowhere else: an O_DIRECT read pins its destination page by page, and over 4 KiB pages a
-        1 MiB request is 256 segments, more than this VM's disk takes in one request (254), so it is split;
-        over a huge page it is one segment. A huge page inside a slice is backed only when that expert is
-        read and freed whole when it is evicted, so resident memory stays what the cache counts; the edges
-        of each slice (shared with a neighbour's widened read) stay on 4 KiB pages. Returns the bytes advised."""
-        mm = self.buffer._mm
-        if mm is None or not hasattr(mmap, "MADV_HUGEPAGE"):
+        """Advise transparent huge pages on every 2 MiB page that lies wholly inside one expert's own bytes
+        (``Slab.region``), and nowhere else: a huge page is backed only when that expert is read and freed
+        whole when it is evicted, so resident memory stays what the cache counts; a region's tail (and,
+        for packed slabs, the edges a neighbour's widened read shares) stays on 4 KiB pages. Returns the
+        bytes advised."""
+        if self.buffer._mm is None or not hasattr(mmap, "MADV_HUGEPAGE") or not self.buffer.huge:
             return 0
-        base = self.buffer.address - self.buffer._pad  # the mapping's start (page aligned)
         done = 0
-        for offset, n in self.group.slices:
-            for e in range(self.group.count):
-                lo, hi = self.buffer._pad + offset + e * n, self.buffer._pad + offset + (e + 1) * n
-                a = -(-(base + lo) // HUGE_PAGE) * HUGE_PAGE - base
-                b = (base + hi) // HUGE_PAGE * HUGE_PAGE - base
-                if b > a:
-                    try:
-                        mm.madvise(mmap.MADV_HUGEPAGE, a, b - a)
-                    except OSError:  # THP compiled out: 4 KiB pages still work
-                        return done
-                    done += b - a
+        try:
+            self._madvise(mmap.MADV_NOHUGEPAGE, 0, self.buffer.nbytes // HUGE_PAGE * HUGE_PAGE)
+            for slab in self.group.slabs:
+                for e in range(self.group.count):
+                    lo, hi = slab.region(e)
+                    a, b = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
+                    if b > a:
+                        self._madvise(mmap.MADV_HUGEPAGE, a, b)
+                        done += b - a
+        except OSError:  # THP compiled out: 4 KiB pages still work
+            return done
         return done
 
     def drop(self, e: int) -> None:
+        """Give expert ``e``'s pages back: its whole region (or the whole pages inside a packed slice, whose
+        edges a neighbour shares)."""
         self.present.discard(e)
-        mm = self.buffer._mm
-        if mm is None:
+        if self.buffer._mm is None:
             return
-        for offset, n in self.group.slices:  # whole pages inside the slice only (neighbours share the edges)
-            a, b = page_up(offset + e * n), page_down(offset + (e + 1) * n)
+        for slab in self.group.slabs:
+            a, b = slab.region(e)
             if b > a:
-                mm.madvise(mmap.MADV_DONTNEED, self.buffer._pad + a, b - a)
+                self._madvise(mmap.MADV_DONTNEED, a, b)
+
+
+class ExpertBinding(Binding):
+    """An experts tensor bound to its table: ``[E, ...]`` with expert ``e`` at ``base + e * stride``
+    (``Slab``), a strided view; ``offset``/``nbytes`` stay the packed table's (disable's restore)."""
+
+    slab: Slab
+
+    @classmethod
+    def of(cls, b: Binding, slab: Slab) -> ExpertBinding:
+        out = cls(**{f.name: getattr(b, f.name) for f in dataclasses.fields(b) if f.init})
+        out.slab = slab
+        return out
+
+    def view_in(self, data: torch.Tensor, keep: bool) -> torch.Tensor:
+        key = data.data_ptr()
+        view = self.views.get(key) if keep else None
+        if view is None:
+            size = self.dtype.itemsize
+            slab = self.slab
+            assert slab.base % size == 0 and slab.stride % size == 0, (slab, self.dtype)
+            inner = [1]
+            for d in reversed(self.shape[1:]):
+                inner.insert(0, inner[0] * d)
+            typed = data.view(self.dtype)
+            view = typed.as_strided(self.shape, (slab.stride // size, *inner[1:]),
+                                    typed.storage_offset() + slab.base // size)
+            if keep:
+                self.views[key] = view
+        return view
 
 
 class ExpertsStager:

@@ -26,7 +26,7 @@ from . import tune as _tune
 from .config import StagingConfig
 from .convert import quantization_of
 from .errors import OffloadError, StoreError, StoreMismatchError
-from .experts import ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager, carve, experts_modules
+from .experts import ExpertBinding, ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager, carve, experts_modules
 from .handle import Handle
 from .hooks import UnitHook
 from .install import bindings, load_resident_from_store, keep_shared, silence_inner_accelerate_hooks, unload_resident
@@ -256,7 +256,12 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
         estager.predict_ahead = predict_experts
         for k, g in enumerate(groups):
             gplan = UnitPlan(g.name, g.module, g.tensors, devices[0])
-            built.hooks.append(ExpertsHook(k, g, bindings(gplan, g.table, built.restore, st), estager))
+            bs = []
+            for b, slab in zip(bindings(gplan, g.table, built.restore, st), g.slabs):  # strided views of the table
+                bs.append(ExpertBinding.of(b, slab))
+                if id(b) in built.restore:
+                    built.restore[id(bs[-1])] = built.restore.pop(id(b))
+            built.hooks.append(ExpertsHook(k, g, bs, estager))
 
 
 def _install(model: nn.Module, built: _Built, st: Store, kind: str, plans_all: Sequence[UnitPlan],

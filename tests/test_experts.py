@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 import transformers as tf
+from safetensors.torch import save_file
 
 import offload
 from conftest import moe_config
@@ -262,3 +263,39 @@ def test_the_stager_follows_its_policy_as_replay_does(policy, tmp_path, monkeypa
         hits, misses, evicted = X.replay([(group[id(m)], e) for m, e in seen], h._experts.budget, eb, policy)
         assert evicted and (s.expert_hits, s.expert_misses) == (hits, misses)
         assert h._experts.evictions == len(evicted)
+
+
+def test_each_expert_owns_its_pages_and_big_ones_are_on_huge_pages(tmp_path, no_thread_leak):
+    """An expert's slices of 2 MiB or more get regions of their own on 2 MiB boundaries, whatever the
+    tensor's offset in the checkpoint (read in place: not page aligned), so their O_DIRECT reads land on
+    huge pages and no page is shared with a neighbour (an eviction gives back exactly one expert)."""
+    from offload.staging import HUGE_PAGE
+    cfg = moe_config("qwen3_moe", layers=2, hidden=1024)  # gate_up 4 MiB, down 2 MiB per expert (fp32)
+    cfg.num_experts = 4
+    torch.manual_seed(0)
+    m = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    # the fused [E, ...] tensors as they are in memory (offload's random checkpoints; save_pretrained writes
+    # one tensor per expert, which are read as pieces)
+    (tmp_path / "m").mkdir()
+    m.config.save_pretrained(tmp_path / "m")
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "m" / "model.safetensors"),
+              metadata={"format": "pt"})
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    model, h = offload.load(tmp_path / "m", prefetch=1, ram_tier=0, progress=False, predict_experts=False)
+    with h:
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+        tables = [t for st in h._stagers if hasattr(st, "tables") for t in st.tables.values()]
+        assert tables
+        for t in tables:
+            g = t.group
+            regions = sorted(s.region(e) for s in g.slabs for e in range(g.count))
+            assert all(a % 4096 == 0 and b > a for a, b in regions)
+            assert all(b <= c for (_, b), (c, _) in zip(regions, regions[1:])), "two experts share a page"
+            for e, rec in enumerate(g.experts):  # every read of expert e lands in its own regions
+                own = [s.region(e) for s in g.slabs]
+                assert all(any(a <= x.into and x.into + x.length <= b for a, b in own) for x in rec.extents)
+            big = [s for s in g.slabs if s.n >= HUGE_PAGE]
+            assert big and all((s.base - s.lead) % HUGE_PAGE == 0 and s.stride % HUGE_PAGE == 0 for s in big)
+            if t.buffer.huge:  # transparent huge pages available: each big slice's whole 2 MiB pages advised
+                assert t.huge_bytes >= g.count * sum(s.n // HUGE_PAGE * HUGE_PAGE for s in big)
