@@ -23,8 +23,9 @@ the experts in ``top_k_index``. So, generically (no per-architecture code):
 Each expert is read through the prefetcher as a small unit of its own (``UnitRecord`` with extents),
 so its checksum is recorded on the first read and checked on later ones, and its bytes count in
 ``stats().bytes_read``. Prefill reads each routed expert once per forward whatever the prompt length.
-A module this cannot serve (quantized units, CUDA devices for now) streams with its block, with one
-log line saying why.
+On a GPU the routed experts are then copied from the host tables to one device table (``DeviceTable``)
+that the experts modules use in turn. A module this cannot serve (quantized units) streams with its
+block, with one log line saying why.
 """
 from __future__ import annotations
 
@@ -559,22 +560,71 @@ class ExpertBinding(Binding):
         return view
 
 
+class DeviceTable:
+    """On a GPU, the routed experts of the experts module computing now: one table on the device in the
+    packed layout (the largest module's size), which every experts module there uses in turn.
+
+    The host tables stay what they are on the CPU (read on routing, the expert cache); a forward copies
+    only its routed experts' slices into this table on a copy stream, after the previous user's kernels
+    are done with it (``free``, recorded on the compute stream), and the compute stream waits for the
+    copies (``ready``): the same ordering as the device slot ring (``transfer.CudaStager``), without host
+    synchronisation. The experts that are not routed hold stale bytes that the forward never reads (it
+    indexes only routed experts; a grouped kernel multiplies no row by them). Its bytes count against
+    ``gpu_memory`` (``placement``). The host pages may be evicted once the copies are issued: they are
+    pageable, and a copy from pageable memory has read its source when it returns."""
+
+    def __init__(self, backend: Any, nbytes: int):
+        self.backend = backend
+        self.data = backend.empty(nbytes)
+        self.stream = backend.stream()
+        self.free: Any = None  # recorded on the compute stream after the last forward that read ``data``
+        self.bytes_copied = 0
+
+    def fill(self, table: ExpertsTable, experts: Sequence[int]) -> torch.Tensor:
+        b = self.backend
+        if self.free is not None:
+            self.stream.wait_event(self.free)
+        host = table.buffer.tensor
+        for r, slab in zip(table.group.table.tensors, table.group.slabs):
+            for e in experts:
+                src = slab.base + e * slab.stride
+                b.copy(self.stream, self.data[r.offset + e * slab.n:r.offset + (e + 1) * slab.n], host[src:src + slab.n])
+        self.bytes_copied += len(experts) * table.group.expert_bytes
+        ready = b.event()
+        ready.record(self.stream)
+        b.current_stream().wait_event(ready)
+        return self.data
+
+    def done(self) -> None:
+        self.free = self.backend.event()
+        self.free.record(self.backend.current_stream())
+
+    def close(self) -> None:
+        self.stream.synchronize()
+        self.backend.current_stream().synchronize()  # no kernel still reads the table when it is freed
+        self.data = None
+
+
 class ExpertsStager:
-    """``stage``/``done`` for experts modules, like a unit's stager: the routed experts read, the table bound."""
+    """``stage``/``done`` for experts modules, like a unit's stager: the routed experts read, the table bound
+    (on a GPU: copied to the ``DeviceTable`` and that bound)."""
 
-    host_buffers_only = True  # the tables live as long as the handle
+    host_buffers_only = True  # the tables (and the device table) live as long as the handle
 
-    def __init__(self, prefetcher: Any, groups: Sequence[ExpertsGroup], cache: ExpertCache):
-        self.prefetcher, self.cache = prefetcher, cache
+    def __init__(self, prefetcher: Any, groups: Sequence[ExpertsGroup], cache: ExpertCache,
+                 device: DeviceTable | None = None):
+        self.prefetcher, self.cache, self.device = prefetcher, cache, device
         self.tables = {k: ExpertsTable(g) for k, g in enumerate(groups)}
         self.in_use: set[tuple[int, int]] = set()
         self.inflight: dict[tuple[int, int], Any] = {}  # predicted reads not yet wanted
+        self.routed: dict[int, list[int]] = {}  # per group, the experts its current forward routes to
         self.predict_ahead = True
 
     def want(self, k: int, experts: Sequence[int]) -> None:
         """Experts ``experts`` of group ``k`` in its table: cached, predicted (wait for that read), or read now."""
         table = self.tables[k]
         eb = table.group.expert_bytes
+        self.routed[k] = list(experts)
         missing, waits = [], []
         with self.cache.lock:
             for e in experts:
@@ -618,6 +668,8 @@ class ExpertsStager:
         router = table.group.router
         if hidden.shape[-1] != router.shape[-1]:
             return
+        if router.device != hidden.device:  # on a GPU: the router's copy moves there once
+            router = table.group.router = router.to(hidden.device)
         with torch.no_grad():
             scores = hidden.reshape(-1, hidden.shape[-1]).to(router.dtype) @ router.T
             guess = torch.unique(scores.topk(min(per_token, router.shape[0]), dim=-1).indices).tolist()
@@ -632,13 +684,19 @@ class ExpertsStager:
             self.cache.bytes_read += len(todo) * table.group.expert_bytes
 
     def stage(self, k: int) -> torch.Tensor:
+        if self.device is not None:
+            return self.device.fill(self.tables[k], self.routed.get(k, range(self.tables[k].group.count)))
         return self.tables[k].buffer.tensor
 
     def done(self, k: int) -> None:
+        if self.device is not None:
+            self.device.done()
         self.in_use = {p for p in self.in_use if p[0] != k}
         self.cache.evict(self.tables, self.in_use)
 
     def close(self) -> None:
+        if self.device is not None:
+            self.device.close()
         for load in self.inflight.values():  # the prefetcher is closed first: these completed or were abandoned
             load.done.wait(1)
         self.inflight = {}

@@ -59,9 +59,10 @@ GPU_MARGIN_BYTES = 2 << 30
 
 def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[UnitRecord], prefetch: int,
                gpu_memory: int | str | None, gpu_tier: int | str | None, backends: dict[torch.device, Any],
-               kind: str) -> dict[torch.device, set[int]]:
+               kind: str, gpu_extra: int = 0) -> dict[torch.device, set[int]]:
     """Per device with a copy engine, the units kept on it: what ``gpu_memory`` leaves after the resident
-    weights computing there and the device slot ring (too little for those two is an error)."""
+    weights computing there, the device slot ring and ``gpu_extra`` (the routed experts' device table)
+    (too little for those is an error)."""
     tiers: dict[torch.device, set[int]] = {}
     for dev, backend in backends.items():
         if backend is None:
@@ -72,14 +73,15 @@ def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[Un
         room = None
         if gpu_memory is not None:
             total = parse_bytes(gpu_memory)
-            if total < there + coming + ring:
+            if total < there + coming + ring + gpu_extra:
                 raise OffloadError(
                     f"gpu_memory={format_bytes(total)} cannot hold the resident weights on {dev} "
-                    f"({format_bytes(there + coming)}) and the device slot ring ({format_bytes(ring)}): the minimum "
-                    f"is {format_bytes(there + coming + ring)} (or lower prefetch=)")
-            room = total - there - coming
+                    f"({format_bytes(there + coming)}) and the device slot ring ({format_bytes(ring)}"
+                    + (f", with the routed experts' table {format_bytes(gpu_extra)}" if gpu_extra else "") + "): the minimum "
+                    f"is {format_bytes(there + coming + ring + gpu_extra)} (or lower prefetch=)")
+            room = total - there - coming - gpu_extra
         elif gpu_tier is None:  # free memory, minus what is still to move there and room for activations/KV cache
-            room = backend.free_bytes() - coming - GPU_MARGIN_BYTES
+            room = backend.free_bytes() - coming - GPU_MARGIN_BYTES - gpu_extra
         mp = plan_memory([r.data_bytes for r in records], prefetch, ram_tier=0, gpu_units=idx, gpu_room=room,
                          gpu_tier=parse_bytes(gpu_tier) if gpu_tier is not None else None)
         tiers[dev] = set(mp.gpu_tier)
@@ -139,7 +141,7 @@ class Placement:
 def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], records: Sequence[UnitRecord],
           streaming: Sequence[UnitPlan], devices: Sequence[torch.device], reader: Reader, prefetch: int | str, *,
           io_threads: int, cpu_memory: int | None, ram_tier: int | None, gpu_memory: int | str | None,
-          gpu_tier: int | str | None, tune: bool, progress: bool) -> Placement:
+          gpu_tier: int | str | None, tune: bool, progress: bool, gpu_extra: int = 0) -> Placement:
     """The tiers, the ring and its depth for the units ``plans`` (``records`` in the store ``st``);
     ``streaming`` is every plan whose weights are not resident (the units and the routed experts).
     ``cpu_memory`` and ``ram_tier`` are in bytes; ``gpu_memory`` and ``gpu_tier`` as ``enable`` takes them."""
@@ -153,7 +155,7 @@ def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], rec
         freed count as free). A deeper ring leaves less for both. Each depth is placed once: the plan
         chosen is the plan that was evaluated (free memory is read once per depth, not again)."""
         if depth not in done:
-            tiers = _gpu_tiers(model, plans, records, depth, gpu_memory, gpu_tier, backends, kind)
+            tiers = _gpu_tiers(model, plans, records, depth, gpu_memory, gpu_tier, backends, kind, gpu_extra)
             elsewhere = set().union(*tiers.values()) if tiers else set()
             room, tier_size = _ram_room(model, streaming, kind, depth, [sizes[i] for i in range(len(sizes))
                                                                         if i not in elsewhere], cpu_memory, ram_tier)

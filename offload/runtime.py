@@ -26,7 +26,8 @@ from . import tune as _tune
 from .config import StagingConfig
 from .convert import quantization_of
 from .errors import OffloadError, StoreError, StoreMismatchError
-from .experts import ExpertBinding, ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager, carve, experts_modules
+from .experts import (DeviceTable, ExpertBinding, ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager, carve,
+                      experts_modules)
 from .handle import Handle
 from .hooks import UnitHook
 from .install import bindings, load_resident_from_store, keep_shared, silence_inner_accelerate_hooks, unload_resident
@@ -143,7 +144,8 @@ def enable(model: nn.Module, prefetch: int | str = "auto", store: str | os.PathL
         streaming = plans + [UnitPlan(g.name, g.module, g.tensors, devices[0]) for g in groups]  # not resident
         placement = place(model, kind, st, plans, records, streaming, devices, rd, prefetch,  # 3. tiers, ring, depth
                           io_threads=io_threads, cpu_memory=total_budget, ram_tier=tier_budget,
-                          gpu_memory=gpu_memory, gpu_tier=gpu_tier, tune=tune, progress=progress)
+                          gpu_memory=gpu_memory, gpu_tier=gpu_tier, tune=tune, progress=progress,
+                          gpu_extra=max((g.table.data_bytes for g in groups), default=0))
         _build(built, st, plans, records, groups, devices, placement, rd, verify=verify, progress=progress,
                predict_experts=predict_experts)  # 4. prefetcher, stagers, hooks
     except BaseException:
@@ -214,10 +216,10 @@ def _carve_experts(store: Store, plans: list[UnitPlan], records: list[UnitRecord
     if not found:
         return plans, records, []
     why = ("the units are quantized" if quantization else
-           "the units compute on CUDA" if any(d.type != "cpu" for d in devices) else None)
+           "the model computes on several devices" if len(set(devices)) > 1 else None)
     if why is not None:
-        log.info("offload: reading whole blocks, every expert included (%s: routed experts are read on the CPU "
-                 "path of unquantized models for now)", why)
+        log.info("offload: reading whole blocks, every expert included (%s: routed experts are read for "
+                 "unquantized models on one device, for now)", why)
         return plans, records, []
     out_plans, out_records, groups = [], [], []
     for p, r in zip(plans, records):
@@ -252,15 +254,19 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
         built.hooks.append(UnitHook(i, p.module, rec, bindings(p, rec, built.restore, st), built.stagers[p.device],
                                     tracer))
     if groups:  # what the RAM tier and the ring leave holds read experts
-        estager = built.estager = ExpertsStager(prefetcher, groups, ExpertCache(max(0, placement.expert_room)))
+        backend = placement.backends.get(devices[0])  # a GPU: the routed experts are copied to a device table
+        device = DeviceTable(backend, max(g.table.data_bytes for g in groups)) if backend is not None else None
+        estager = built.estager = ExpertsStager(prefetcher, groups, ExpertCache(max(0, placement.expert_room)),
+                                                device)
         estager.predict_ahead = predict_experts
         for k, g in enumerate(groups):
             gplan = UnitPlan(g.name, g.module, g.tensors, devices[0])
-            bs = []
-            for b, slab in zip(bindings(gplan, g.table, built.restore, st), g.slabs):  # strided views of the table
-                bs.append(ExpertBinding.of(b, slab))
-                if id(b) in built.restore:
-                    built.restore[id(bs[-1])] = built.restore.pop(id(b))
+            bs = bindings(gplan, g.table, built.restore, st)  # a device table is packed: plain views
+            if device is None:  # the host table: strided views of each expert's region
+                for i, slab in enumerate(g.slabs):
+                    old, bs[i] = bs[i], ExpertBinding.of(bs[i], slab)
+                    if id(old) in built.restore:
+                        built.restore[id(bs[i])] = built.restore.pop(id(old))
             built.hooks.append(ExpertsHook(k, g, bs, estager))
 
 

@@ -91,3 +91,20 @@ def test_run_trace_on_the_cpu(tmp_path):
     events = json.loads(trace.read_text())["traceEvents"]
     cats = {e["cat"] for e in events if e["ph"] == "X"}
     assert {"read", "forward"} <= cats
+
+
+def test_plan_table_counts_the_routed_experts_device_table(monkeypatch):
+    """6 blocks of 100 MiB of which 80 MiB are routed experts: 20 MiB stream per block, and on a GPU one
+    layer's experts (80 MiB) sit in the device table, before the GPU tier takes what is left."""
+    from offload.cli import run as run_cli
+    from offload.experts import RoutedPlan
+    monkeypatch.setattr(run_cli, "_routed", lambda t: RoutedPlan([80 * MiB] * 6, [10 * MiB] * 6, 2))
+    t = Target("store", "/x", torch.float16, [100 * MiB] * 6, 50 * MiB, "x")
+    gpu = 50 * MiB + 3 * 20 * MiB + 80 * MiB + 20 * MiB  # resident + device ring + table + one unit
+    table = plan_table(t, cpu_memory=1 << 30, prefetch=2, device="cuda:0", gpu_memory=gpu)
+    row = {x[:36].strip(): x[36:].split() for x in table.splitlines()}
+    assert row["experts' device table (one layer)"] == ["GPU", "80.00", "MiB", "1"]
+    assert row["GPU tier (copied once)"] == ["GPU", "20.00", "MiB", "1"]
+    with pytest.raises(UsageError, match="routed experts' device table 80.00 MiB"):
+        check_budget(t, None, 2, device="cuda:0", gpu_memory=gpu - 21 * MiB)
+    check_budget(t, None, 2, device="cuda:0", gpu_memory=gpu - 20 * MiB)  # the GPU tier may be empty

@@ -429,6 +429,49 @@ def test_a_pass_on_the_gpu_is_timed_by_the_gpu_not_by_the_host(tmp_path, sim, no
         assert h.stats().s_per_pass >= 2 * 0.1  # both kernels, not the host's time to queue them
 
 
+def _moe(layers: int = 3):
+    import transformers as tf
+    from conftest import moe_config
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(moe_config("qwen3_moe", layers=layers, hidden=128)).eval()
+
+
+def test_routed_experts_on_a_gpu_copy_only_the_routed_ones(tmp_path, sim, no_thread_leak):
+    """On a GPU the experts are read on routing into the host tables as on the CPU, then only the routed
+    ones are copied (late: the copy engine is slower than the host) to one device table; the logits are
+    the model's, and the bytes copied are the routed experts', counted by the test's own hook."""
+    from offload.experts import experts_modules
+    model = _moe()
+    ref = copy.deepcopy(model)
+    ids = torch.tensor([[3, 17, 42, 9, 120, 77, 5, 61]])
+    b = sim(None, copy_delay_s=0.002)
+    seen: list[int] = []
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=0, store=tmp_path / "s", progress=False,
+                        predict_experts=False) as h:
+        stager = next(st for st in h._stagers if hasattr(st, "tables"))
+        assert stager.device is not None  # the routed path, not whole blocks
+        for m in model.modules():
+            if any(name == "" for name, _, _ in experts_modules(m)):
+                m.register_forward_pre_hook(lambda mod, args: seen.append(
+                    len({int(x) for x in args[1].flatten().tolist()}) * sum(
+                        p.numel() * p.element_size() // mod.num_experts for p in mod.parameters(recurse=False))))
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+            assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False),
+                               ref.generate(ids, max_new_tokens=4, do_sample=False))
+        assert seen and stager.device.bytes_copied == sum(seen)
+        table = max(t.group.table.data_bytes for t in stager.tables.values())
+        assert stager.device.data.numel() == table  # one table on the device, whatever the layer count
+    assert b.pageable_copies > 0
+
+
+def test_gpu_memory_counts_the_routed_experts_device_table(tmp_path, sim, no_thread_leak):
+    model = _moe()
+    sim(None)
+    with pytest.raises(offload.errors.OffloadError, match="routed experts' table"):
+        offload.enable(model, prefetch=1, ram_tier=0, gpu_memory="1MiB", store=tmp_path / "s", progress=False)
+
+
 # ------------------------------------------------------------------------------ 1: the suite
 
 

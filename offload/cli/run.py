@@ -228,8 +228,9 @@ def check_budget(t: Target, cpu_memory: int | None, prefetch: int, device: str =
     where the resident weights are. Below the part that cannot be left out (resident + ring + draft),
     nothing can run: say the minimum."""
     from ..budget import min_room
-    sizes, _ = unit_sizes(t, device)
+    sizes, experts = unit_sizes(t, device)
     ring = min_room(sizes, prefetch)  # what enable requires, from the same function
+    table = _device_table(experts) if device != "cpu" else 0
     slots = f"{min(prefetch + 1, len(sizes))} x the largest unit {format_bytes(max(sizes, default=0))}"
     more = ", or a smaller --prefetch" if prefetch > 1 else ""
     with_draft = f" + the --speculate draft {format_bytes(draft)}" if draft else ""
@@ -241,12 +242,18 @@ def check_budget(t: Target, cpu_memory: int | None, prefetch: int, device: str =
                 f"{with_draft}")
         raise UsageError(f"--cpu-memory {format_bytes(cpu_memory)} is below the {format_bytes(host_need)} this model "
                          f"needs at --prefetch {prefetch}: {what}; pass --cpu-memory {_round_up(host_need)} or more{more}")
-    gpu_need = t.resident_bytes + ring + draft
+    gpu_need = t.resident_bytes + ring + draft + table
     if on_gpu and gpu_memory is not None and gpu_memory < gpu_need:
+        with_table = f" + the routed experts' device table {format_bytes(table)}" if table else ""
         raise UsageError(f"--gpu-memory {format_bytes(gpu_memory)} is below the {format_bytes(gpu_need)} this model "
                          f"needs on {device} at --prefetch {prefetch}: resident weights {format_bytes(t.resident_bytes)} "
-                         f"+ device slot ring {format_bytes(ring)} ({slots}){with_draft}; pass --gpu-memory "
+                         f"+ device slot ring {format_bytes(ring)} ({slots}){with_draft}{with_table}; pass --gpu-memory "
                          f"{_round_up(gpu_need)} or more{more}")
+
+
+def _device_table(experts: Any) -> int:
+    """GPU bytes of the routed experts' device table (``experts.DeviceTable``): one layer's experts."""
+    return max(experts.unit_expert_bytes, default=0) if experts is not None else 0
 
 
 def _round_up(n: int) -> str:
@@ -276,8 +283,10 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
     on_gpu = device != "cpu"
     sizes, experts = unit_sizes(t, device)
     gpu_room = None
+    table = _device_table(experts) if on_gpu else 0
     if on_gpu:
-        gpu_room = max(0, (gpu_memory if gpu_memory is not None else _free_gpu(device)) - t.resident_bytes - draft)
+        gpu_room = max(0, (gpu_memory if gpu_memory is not None else _free_gpu(device)) - t.resident_bytes - draft
+                       - table)
     host_resident = 0 if on_gpu else t.resident_bytes + draft
     mp = plan_memory(sizes, prefetch, ram_room=ram_room(cpu_memory, host_resident), gpu_room=gpu_room)
     gpu_tier, ram_tier, streamed = mp.gpu_tier, mp.ram_tier, mp.streamed
@@ -289,6 +298,8 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
         rows += [("resident (embeddings, norms, head)", "GPU", t.resident_bytes, 1 if t.resident_bytes else 0),
                  ("GPU tier (copied once)", "GPU", sum(sizes[i] for i in gpu_tier), len(gpu_tier)),
                  (f"device slot ring (prefetch {prefetch} + 1)", "GPU", dslots * dslot_bytes, dslots)]
+        if table:
+            rows.append(("experts' device table (one layer)", "GPU", table, 1))
     else:
         rows.append(("resident (embeddings, norms, head)", "RAM", t.resident_bytes, 1 if t.resident_bytes else 0))
     rows += [("RAM tier (read once)", "RAM", sum(sizes[i] for i in ram_tier), len(ram_tier)),
@@ -328,8 +339,8 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
 
 def unit_sizes(t: Target, device: str) -> tuple[list[int], Any]:
     """The bytes each unit streams, and the routed-experts plan: a mixture-of-experts block streams without
-    its experts (read on routing) where ``enable`` does that (the CPU, unquantized), else whole."""
-    experts = _routed(t) if device == "cpu" and not t.quant else None
+    its experts (read on routing) where ``enable`` does that (unquantized units), else whole."""
+    experts = _routed(t) if not t.quant else None
     if experts is None:
         return t.unit_bytes, None
     return [b - e for b, e in zip(t.unit_bytes, experts.unit_expert_bytes)], experts
