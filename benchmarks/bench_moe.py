@@ -215,6 +215,9 @@ def main() -> int:
                    "beside the expert reads' (0: off)")
     p.add_argument("--prediction", default="both", choices=("both", "off", "on"),
                    help="routed rows with and/or without enable(predict_experts=)")
+    p.add_argument("--per-expert", action="store_true",
+                   help="read a copy saved by save_pretrained (one tensor per expert, as hub checkpoints ship) "
+                        "instead of the fused [E, ...] tensors")
     p.add_argument("--workdir", default=os.path.expanduser("~/bench-work"))
     p.add_argument("--json", help="write the report here (its folder must exist)")
     a = p.parse_args()
@@ -230,6 +233,16 @@ def main() -> int:
     budget = parse_bytes(a.cpu_memory)
     tag = a.random.replace(":", "-")
     folder = random_checkpoint(a.random, dtype, os.path.join(a.workdir, "random", f"{tag}-{a.dtype}"))
+    if a.per_expert:  # the same weights as Transformers' save_pretrained writes them: one tensor per expert
+        per = folder + "-per-expert"
+        if not os.path.exists(os.path.join(per, "config.json")):
+            log(f"writing {per} (save_pretrained: one tensor per expert, as hub checkpoints ship)")
+            import transformers as tf
+            m = model_class(tf.AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype)
+            m.save_pretrained(per + ".partial")
+            del m
+            os.replace(per + ".partial", per)
+        folder, tag = per, tag + "-per-expert"
     os.environ["OFFLOAD_CACHE"] = os.path.join(a.workdir, "cache-moe")
     store = cached_store(folder, dtype)  # an index of the folder's shards (read in place)
     st = Store.open(store)

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from ._fileio import PAGE, address_of, short_read
+from .staging import BOUNCE_MIN_BYTES, read_bounced
 
 try:
     from . import _ol_native as _ext  # type: ignore[attr-defined]
@@ -69,18 +70,30 @@ class NativeReader:
         if n == 0:
             return
         addr = address_of(dest)
-        fd = h.fd
         if h.direct and (offset % PAGE or addr % PAGE):
-            if h.buffered_fd < 0:
-                h.buffered_fd = os.open(h.path, os.O_RDONLY | os.O_CLOEXEC)
-            fd = h.buffered_fd
+            if n >= BOUNCE_MIN_BYTES:  # O_DIRECT all the same, through a bounce page
+                read_bounced(lambda a, k, o: self._read(h, h.fd, a, k, o),
+                             lambda o, v: self._read(h, self._buffered(h), address_of(v), len(v), o, evict=True),
+                             offset, dest, os.fstat(h.fd).st_size)
+                return
+            self._read(h, self._buffered(h), addr, n, offset, evict=True)
+            return
+        self._read(h, h.fd, addr, n, offset, evict=not h.direct)
+
+    @staticmethod
+    def _buffered(h: _Handle) -> int:
+        if h.buffered_fd < 0:
+            h.buffered_fd = os.open(h.path, os.O_RDONLY | os.O_CLOEXEC)
+        return h.buffered_fd
+
+    def _read(self, h: _Handle, fd: int, addr: int, n: int, offset: int, evict: bool = False) -> None:
         assert _ext is not None
         rc, valid = _ext.read(fd, addr, n, offset, self.chunk_bytes, self.depth, ENGINES[self.engine])
         if rc == _ext.SHORT:
             raise short_read(h.path, offset, n, valid)
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc), h.path)
-        if not h.direct or fd != h.fd:
+        if evict:  # a buffered read: leave no page behind (a later cold pass must not find it)
             try:
                 os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
             except OSError:

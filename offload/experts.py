@@ -177,21 +177,16 @@ def carve(store: Store, plan: UnitPlan, rec: UnitRecord) -> tuple[UnitPlan, Unit
     for key, tensors in groups.items():
         name, module, count = owners[key]
         layout, at, whole = [], 0, []
-        for t in tensors:  # the packed table: the checkpoint's layout (disable's restore and stray uses)
+        for t in tensors:  # the packed table (disable's restore, stray uses, a GPU's device table)
             r = by_name[t.rel]
             ranges = _merged(_file_ranges(rec, r, 0, r.nbytes))
-            # One range in the file: place the tensor at the file's offset within a page, with a page of
-            # room each side, so it is read O_DIRECT, widened to whole pages.
-            at = page_up(at) + PAGE + (ranges[0][1] % PAGE if len(ranges) == 1 else 0)
+            # each tensor on a page of its own: aligned for any kernel (grouped_mm on CUDA needs 16 bytes);
+            # read exactly, and where the file offset is not page aligned the reader bounces it (O_DIRECT)
+            at = page_up(at)
             layout.append(TensorRecord(r.name, r.dtype, r.shape, at, r.nbytes))
             whole.append(ranges[0] if len(ranges) == 1 else None)
-            at += r.nbytes + PAGE
-        table_reads = []
-        for r, one in zip(layout, whole):
-            if one is not None:
-                table_reads += _widened(one[0], one[1], r.nbytes, r.offset, sizes[one[0]])
-            else:
-                table_reads += _extents(rec, by_name[r.name], 0, r.nbytes, r.offset)
+            at += r.nbytes
+        table_reads = [x for r in layout for x in _extents(rec, by_name[r.name], 0, r.nbytes, r.offset)]
         slabs, end = [], 0
         for r, one in zip(layout, whole):  # the routed table: each expert in a region of its own
             n = r.nbytes // count
@@ -567,17 +562,17 @@ class DeviceTable:
     The host tables stay what they are on the CPU (read on routing, the expert cache); a forward copies
     only its routed experts' slices into this table on a copy stream, after the previous user's kernels
     are done with it (``free``, recorded on the compute stream), and the compute stream waits for the
-    copies (``ready``): the same ordering as the device slot ring (``transfer.CudaStager``), without host
-    synchronisation. The experts that are not routed hold stale bytes that the forward never reads (it
-    indexes only routed experts; a grouped kernel multiplies no row by them). Its bytes count against
-    ``gpu_memory`` (``placement``). The host pages may be evicted once the copies are issued: they are
-    pageable, and a copy from pageable memory has read its source when it returns."""
+    copies (``ready``): the same ordering as the device slot ring (``transfer.CudaStager``). The experts
+    that are not routed hold stale bytes that the forward never reads (it indexes only routed experts; a
+    grouped kernel multiplies no row by them). Its bytes count against ``gpu_memory`` (``placement``).
+    Each tensor sits on a page of its own (``carve``), aligned as ``grouped_mm`` on CUDA requires."""
 
     def __init__(self, backend: Any, nbytes: int):
         self.backend = backend
         self.data = backend.empty(nbytes)
         self.stream = backend.stream()
         self.free: Any = None  # recorded on the compute stream after the last forward that read ``data``
+        self.ready: Any = None  # recorded on the copy stream after the last forward's copies
         self.bytes_copied = 0
 
     def fill(self, table: ExpertsTable, experts: Sequence[int]) -> torch.Tensor:
@@ -590,19 +585,27 @@ class DeviceTable:
                 src = slab.base + e * slab.stride
                 b.copy(self.stream, self.data[r.offset + e * slab.n:r.offset + (e + 1) * slab.n], host[src:src + slab.n])
         self.bytes_copied += len(experts) * table.group.expert_bytes
-        ready = b.event()
-        ready.record(self.stream)
-        b.current_stream().wait_event(ready)
+        self.ready = b.event()
+        self.ready.record(self.stream)
+        b.current_stream().wait_event(self.ready)
         return self.data
 
     def done(self) -> None:
+        """After the forward: the next fill waits for its kernels; and the copies have read their source
+        before the cache may give its pages back (from pageable memory CUDA may or may not have staged
+        them when the copy call returned: not promised, so waited for; a no-op when it did)."""
         self.free = self.backend.event()
         self.free.record(self.backend.current_stream())
+        if self.ready is not None:
+            self.ready.synchronize()
 
     def close(self) -> None:
-        self.stream.synchronize()
-        self.backend.current_stream().synchronize()  # no kernel still reads the table when it is freed
-        self.data = None
+        try:
+            self.stream.synchronize()
+            if self.free is not None:  # the last forward's kernels no longer read the table
+                self.free.synchronize()
+        finally:
+            self.data = None
 
 
 class ExpertsStager:
@@ -695,8 +698,13 @@ class ExpertsStager:
         self.cache.evict(self.tables, self.in_use)
 
     def close(self) -> None:
-        if self.device is not None:
-            self.device.close()
+        try:
+            if self.device is not None:
+                self.device.close()
+        finally:
+            self._close_tables()
+
+    def _close_tables(self) -> None:
         for load in self.inflight.values():  # the prefetcher is closed first: these completed or were abandoned
             load.done.wait(1)
         self.inflight = {}

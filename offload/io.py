@@ -16,6 +16,7 @@ Backends
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import mmap
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._fileio import PAGE, address_of, short_read
+from .staging import BOUNCE_MIN_BYTES, read_bounced
 
 log = logging.getLogger("offload")
 
@@ -69,6 +71,13 @@ class PythonReader:
 
     def read(self, h: _PyHandle, offset: int, dest: memoryview) -> None:
         want = len(dest)
+        if h.direct and want >= BOUNCE_MIN_BYTES and (offset % PAGE or address_of(dest) % PAGE):
+            # O_DIRECT all the same, through a bounce page (staging.read_bounced); the aligned calls below
+            # take the direct branch, the unaligned tail the buffered one
+            def direct(address: int, n: int, at: int) -> None:
+                self.read(h, at, memoryview((ctypes.c_char * n).from_address(address)).cast("B"))
+            read_bounced(direct, lambda at, v: self.read(h, at, v), offset, dest, os.fstat(h.fd).st_size)
+            return
         done = 0
         direct = h.direct and offset % PAGE == 0 and want % PAGE == 0 and (want == 0 or address_of(dest) % PAGE == 0)
         fd = h.fd

@@ -88,6 +88,23 @@ def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[Un
     return tiers
 
 
+def blocks_fit_on_gpu(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[UnitRecord],
+                      device: torch.device, kind: str, gpu_memory: int | str | None, gpu_tier: int | str | None) -> bool:
+    """Whether every unit, whole, fits the GPU tier on ``device`` (a device with a copy engine): then a
+    mixture of experts keeps its experts in its blocks on the GPU and reads nothing per token, where
+    routed reads would copy the routed experts from host memory on every forward."""
+    backend = _backend_for(device)
+    if backend is None:
+        return False
+    blocks = sum(r.data_bytes for r in records)
+    if gpu_tier is not None:
+        return parse_bytes(gpu_tier) >= blocks
+    there, coming = _resident_on(model, plans, device, moving=kind == "module")
+    room = (parse_bytes(gpu_memory) - there - coming if gpu_memory is not None
+            else backend.free_bytes() - coming - GPU_MARGIN_BYTES)
+    return room >= blocks + min_room([r.data_bytes for r in records], 1)
+
+
 def _resident_tensors(model: nn.Module, plans: Sequence[UnitPlan]) -> list[torch.Tensor]:
     """The model's weights that do not stream (parameters and buffers with storage), each once."""
     streamed = {id(t.owner._parameters.get(t.attr)) for p in plans for t in p.tensors if t.is_param}

@@ -35,7 +35,7 @@ from .io import Reader, get_reader
 from .manifest import MANIFEST, UnitRecord
 from .meta import build_on_meta
 from .model_store import open_store, source_fingerprint, store_folder
-from .placement import Placement, move_resident, normalize_device, place
+from .placement import Placement, blocks_fit_on_gpu, move_resident, normalize_device, place
 from .plan import UnitPlan, find_units, is_accelerate_offloaded, plan_accelerate, plan_plain
 from .prefetch import Prefetcher
 from .staging import HostBuffer
@@ -140,12 +140,13 @@ def enable(model: nn.Module, prefetch: int | str = "auto", store: str | os.PathL
         built.loaded = load_resident_from_store(model, plans, st, devices[0], verify) if kind == "module" else []
         keep_shared(plans_all, built.shared)
         records = [st.by_name[p.name] for p in plans]
-        plans, records, groups = _carve_experts(st, plans, records, routed_experts, quantization, devices)
+        fits = blocks_fit_on_gpu(model, plans, records, devices[0], kind, gpu_memory, gpu_tier) if routed_experts else False
+        plans, records, groups = _carve_experts(st, plans, records, routed_experts, quantization, devices, fits)
         streaming = plans + [UnitPlan(g.name, g.module, g.tensors, devices[0]) for g in groups]  # not resident
         placement = place(model, kind, st, plans, records, streaming, devices, rd, prefetch,  # 3. tiers, ring, depth
                           io_threads=io_threads, cpu_memory=total_budget, ram_tier=tier_budget,
                           gpu_memory=gpu_memory, gpu_tier=gpu_tier, tune=tune, progress=progress,
-                          gpu_extra=max((g.table.data_bytes for g in groups), default=0))
+                          gpu_extra=_experts_on_device(groups))
         _build(built, st, plans, records, groups, devices, placement, rd, verify=verify, progress=progress,
                predict_experts=predict_experts)  # 4. prefetcher, stagers, hooks
     except BaseException:
@@ -206,7 +207,7 @@ def _plan_units(model: nn.Module, device: str | torch.device | None, units: Sequ
 
 
 def _carve_experts(store: Store, plans: list[UnitPlan], records: list[UnitRecord], routed: bool,
-                   quantization: dict[str, Any] | None, devices: Sequence[torch.device]
+                   quantization: dict[str, Any] | None, devices: Sequence[torch.device], fits_on_gpu: bool = False
                    ) -> tuple[list[UnitPlan], list[UnitRecord], list[ExpertsGroup]]:
     """Blocks with routed experts stream without them; each experts module reads what it is routed
     (``experts.py``). Where that cannot serve yet, whole blocks stream, and one log line says why."""
@@ -215,11 +216,13 @@ def _carve_experts(store: Store, plans: list[UnitPlan], records: list[UnitRecord
     found = [p for p in plans if experts_modules(p.module)]
     if not found:
         return plans, records, []
-    why = ("the units are quantized" if quantization else
-           "the model computes on several devices" if len(set(devices)) > 1 else None)
+    why = ("the units are quantized: routed experts are read for unquantized models only, for now"
+           if quantization else
+           "the model computes on several devices: routed experts are read on one device only, for now"
+           if len(set(devices)) > 1 else
+           "every block fits in the GPU tier, so nothing is read per token" if fits_on_gpu else None)
     if why is not None:
-        log.info("offload: reading whole blocks, every expert included (%s: routed experts are read for "
-                 "unquantized models on one device, for now)", why)
+        log.info("offload: reading whole blocks, every expert included (%s)", why)
         return plans, records, []
     out_plans, out_records, groups = [], [], []
     for p, r in zip(plans, records):
@@ -228,6 +231,13 @@ def _carve_experts(store: Store, plans: list[UnitPlan], records: list[UnitRecord
         out_records.append(r2)
         groups += gs
     return out_plans, out_records, groups
+
+
+def _experts_on_device(groups: Sequence[ExpertsGroup]) -> int:
+    """GPU bytes routed experts take on a GPU: the device table (the largest experts module) and the routers'
+    copies that prediction multiplies by."""
+    routers = sum(g.router.numel() * g.router.element_size() for g in groups if g.router is not None)
+    return max((g.table.data_bytes for g in groups), default=0) + routers
 
 
 def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequence[UnitRecord],
@@ -246,6 +256,13 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
             prefetcher.load_ram_tier(bar.update)
         finally:
             bar.close()
+    backend = placement.backends.get(devices[0]) if groups else None
+    device = None
+    if backend is not None:  # a GPU: the routed experts are copied to a device table, allocated before the GPU
+        device = DeviceTable(backend, max(g.table.data_bytes for g in groups))  # tier so the stagers' base has it
+        for g in groups:  # the routers' copies for prediction live there too (counted in gpu_extra)
+            if g.router is not None:
+                g.router = g.router.to(backend.device)
     built.stagers = _make_stagers(plans, records, prefetcher, placement.gpu_tiers, placement.backends, tracer)
     for stager in built.stagers.values():
         if isinstance(stager, CudaStager):
@@ -254,8 +271,6 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
         built.hooks.append(UnitHook(i, p.module, rec, bindings(p, rec, built.restore, st), built.stagers[p.device],
                                     tracer))
     if groups:  # what the RAM tier and the ring leave holds read experts
-        backend = placement.backends.get(devices[0])  # a GPU: the routed experts are copied to a device table
-        device = DeviceTable(backend, max(g.table.data_bytes for g in groups)) if backend is not None else None
         estager = built.estager = ExpertsStager(prefetcher, groups, ExpertCache(max(0, placement.expert_room)),
                                                 device)
         estager.predict_ahead = predict_experts

@@ -472,6 +472,62 @@ def test_gpu_memory_counts_the_routed_experts_device_table(tmp_path, sim, no_thr
         offload.enable(model, prefetch=1, ram_tier=0, gpu_memory="1MiB", store=tmp_path / "s", progress=False)
 
 
+def test_routed_experts_on_a_gpu_from_a_folder_are_aligned_and_exact(tmp_path, sim, no_thread_leak):
+    """A folder read in place puts experts tensors at any 8-byte offset (GPT-OSS's at 8 mod 16); the device
+    table holds each tensor on a page of its own, as CUDA's grouped_mm requires (16 bytes)."""
+    import transformers as tf
+    from conftest import moe_config
+    from offload.experts import experts_modules
+    arch = "gpt_oss" if hasattr(tf, "GptOssConfig") else "qwen3_moe"
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(moe_config(arch, layers=2, hidden=128)).eval().save_pretrained(tmp_path / "m")
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    sim(None)
+    model, h = offload.load(tmp_path / "m", prefetch=1, ram_tier=0, gpu_tier=0, progress=False)
+    ptrs: list[int] = []
+    with h:
+        assert next(st for st in h._stagers if hasattr(st, "tables")).device is not None
+        for m in model.modules():
+            if any(name == "" for name, _, _ in experts_modules(m)):
+                m.register_forward_pre_hook(lambda mod, args: ptrs.extend(  # after offload's: bound
+                    p.data_ptr() for p in mod.parameters(recurse=False)))
+        ids = torch.tensor([[3, 17, 42, 9, 120, 77, 5, 61]])
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert ptrs and all(p and p % 16 == 0 for p in ptrs)
+
+
+def test_the_device_table_is_not_taken_for_a_growing_forward(tmp_path, sim, no_thread_leak):
+    """The device table is allocated before the GPU tier is loaded, so the stager's base includes it: a pass
+    that fits gives no GPU-tier unit back (it used to count the whole table as the forward's growth)."""
+    model = _moe(4)
+    blocks = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+    tier = blocks - 1  # whole blocks do not fit (so routed experts), every block without its experts does
+    probe = sim(None)
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=tier, store=tmp_path / "s", progress=False):
+        used = probe.allocated()
+    b = sim(None, free_bytes=used + (512 << 10))
+    ids = torch.tensor([[3, 17, 42, 9]])
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=tier, store=tmp_path / "s", progress=False) as h:
+        stager = h._hooks[0].stager
+        assert next(st for st in h._stagers if hasattr(st, "tables")).device is not None
+        assert len(stager.gpu_tier) == 4
+        with torch.no_grad():
+            model(ids)
+            model(ids)
+        assert stager.gave_back == []
+    assert b.free_bytes() > 0
+
+
+def test_moe_blocks_that_fit_the_gpu_stay_whole_there(tmp_path, sim, caplog, no_thread_leak):
+    model = _moe()
+    sim(None)  # plenty of free memory
+    with caplog.at_level(logging.INFO, logger="offload"):
+        with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
+            assert h._experts is None and len(h._hooks[0].stager.gpu_tier) == len(h._hooks)
+    assert any("fits in the GPU tier" in r.getMessage() for r in caplog.records)
+
+
 # ------------------------------------------------------------------------------ 1: the suite
 
 

@@ -1,6 +1,7 @@
 """Readers return exactly the bytes a plain read returns, and fail clearly."""
 from __future__ import annotations
 
+import os
 import random
 import sys
 
@@ -139,6 +140,43 @@ def test_unaligned_buffer_and_offset(data_file, reader):
             assert bytes(buf.view(start, n)) == payload[off:off + n]
     finally:
         reader.close(h)
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("io") / "big.bin"
+    payload = random.Random(1).randbytes(5 * (1 << 20) + 1234)  # over two bounce windows, an unaligned tail
+    path.write_bytes(payload)
+    return str(path), payload
+
+
+DIRECT = [(r, i) for r, i in zip(READERS, IDS) if getattr(r, "direct", False) and not isinstance(r, MmapReader)]
+
+
+@pytest.mark.parametrize("reader", [r for r, _ in DIRECT], ids=[i for _, i in DIRECT])
+def test_big_unaligned_reads_go_direct_through_a_bounce_page(big_file, reader, monkeypatch):
+    """A big read whose offset or buffer is not page aligned (a checkpoint's per-expert tensor) is read
+    O_DIRECT through a bounce page, not through the page cache, and still exactly: across bounce
+    windows, from either misalignment, and up to the file's partial last page (buffered)."""
+    import offload.io
+    path, payload = big_file
+    buffered: list[int] = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (buffered.append(n), real(fd, off, n, advice)))
+    buf = HostBuffer(len(payload) + 8192)
+    h = reader.open(path)
+    try:
+        for off, start, n in [(2216, 0, 3 << 20), (4096, 424, 2 << 20), (1, 4096, (2 << 20) + 5)]:
+            reader.read(h, off, buf.view(start, n))
+            assert bytes(buf.view(start, n)) == payload[off:off + n]
+        assert buffered == [] and getattr(h, "buffered_fd", -1) == -1  # no byte through the page cache
+        off = len(payload) - (3 << 20) - 7  # to the end: the partial last page alone is buffered
+        reader.read(h, off, buf.view(13, len(payload) - off))
+        assert bytes(buf.view(13, len(payload) - off)) == payload[off:]
+        assert buffered and max(buffered) < 4096
+    finally:
+        reader.close(h)
+    assert offload.io.BOUNCE_MIN_BYTES <= 64 << 10
 
 
 @pytest.mark.parametrize("reader", READERS, ids=IDS)
