@@ -276,3 +276,17 @@ def test_pass_meter_counts_every_pass_but_keeps_a_bounded_record(monkeypatch):
         m.start((), {"input_ids": torch.zeros(1, 1, dtype=torch.long)})
         m.end()
     assert m.passes == 5 and len(m._seconds) == 3 and len(m._decode_seconds) == 3 and m.decode[1][0] == 5
+
+
+@pytest.mark.parametrize("extra", [["--prefetch", "3"], ["--no-tune"]])
+def test_offload_tune_refuses_the_options_it_would_ignore(extra, tmp_path):
+    """``offload tune`` measures and picks the depth itself: a --prefetch N or --no-tune given to it is a
+    one-line error (exit 2) before any work, not silently dropped."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "offload.cli", "tune", "--random", "tiny-bloom", *extra],
+                       capture_output=True, text=True, env={**os.environ, "OFFLOAD_CACHE": str(tmp_path / "c")})
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "do not apply" in lines[0], r.stderr
+    assert not (tmp_path / "c" / "random").exists()  # nothing built

@@ -845,6 +845,9 @@ def _tune_work(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, d
 def cmd_tune(a: argparse.Namespace) -> int:
     """Measure this disk afresh (the model's own files, read only), load with ``prefetch="auto"``, run a
     few decode passes and cache their compute: later runs of this store plan from measurements."""
+    if a.prefetch != "auto" or a.no_tune:  # it measures, and plans the depth itself
+        raise UsageError("offload tune measures the disk and picks the depth itself: --prefetch N and --no-tune "
+                         "do not apply (use them with offload run)")
     removed = measure.forget_disks()
     if removed:
         _say(f"offload tune: forgot {removed} cached disk measurement(s) of this machine")
