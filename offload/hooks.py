@@ -11,6 +11,9 @@ Binding swaps objects in ``module._parameters`` / ``_buffers`` rather than repla
 directly inside the unit (``self.dense.weight``) sees the real tensor. Between forwards a streamed
 tensor is an ``Offloaded`` stand-in: no storage, the right shape, dtype and device, and a use from
 outside the unit (a parent reading ``self.blocks[0].weight``) reads the real values from the store.
+The module always holds the stand-in between forwards; the Parameter object bound during them (the
+user's own) is emptied, except in a CPU unit of the RAM tier, whose buffer is its own for the handle's
+life: there it keeps its view until ``disable``, so the next forward only puts it back (issue 17).
 """
 from __future__ import annotations
 
@@ -169,6 +172,10 @@ class Binding:
     # unit is bound from one of a few fixed buffers (ring slots, its RAM-tier buffer, device slots), so
     # the slicing and two views are built once per buffer, not once per forward.
     views: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    # The view ``live.data`` holds now (None: the shared empty tensor). A unit whose buffer is its own for
+    # the handle's life (the RAM tier) keeps it across forwards (``unbind(keep_data=True)``), so its next
+    # bind skips the ``.data`` swap and back, two thirds of a binding's cost (0.8 of 1.2 us in a loop).
+    held: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)
 
     def view_in(self, data: torch.Tensor, keep: bool) -> torch.Tensor:
         """``keep``: ``data`` lives as long as the handle (host ring slots, the RAM tier, expert tables), so
@@ -187,21 +194,33 @@ class Binding:
     def bind(self, data: torch.Tensor, keep: bool = False) -> None:
         view = self.view_in(data, keep)
         if self.is_param:
-            assert self.live is not None
-            self.live.data = view
-            if self.live.requires_grad != self.stand_in._offload_grad:  # requires_grad_() between forwards
-                self.live.requires_grad_(self.stand_in._offload_grad)
-            self.owner._parameters[self.attr] = self.live  # type: ignore[assignment]
+            live = self.live
+            assert live is not None
+            if view is not self.held:
+                live.data = view
+                self.held = view
+            if live.requires_grad != self.stand_in._offload_grad:  # requires_grad_() between forwards
+                live.requires_grad_(self.stand_in._offload_grad)
+            self.owner._parameters[self.attr] = live  # type: ignore[assignment]
         else:
             self.owner._buffers[self.attr] = view
 
-    def unbind(self) -> None:
+    def unbind(self, keep_data: bool = False) -> None:
+        """The module holds the stand-in again. ``keep_data``: the user's Parameter keeps pointing at the
+        bound view (only for a buffer that is the unit's own for the handle's life; a ring slot is the next
+        unit's, so a Parameter left on it would alias that unit's bytes)."""
         if self.is_param:
             self.owner._parameters[self.attr] = self.stand_in  # type: ignore[assignment]
-            assert self.live is not None
-            self.live.data = _empty(self.dtype, self.live.device)
+            if not keep_data:
+                self.release()
         else:
             self.owner._buffers[self.attr] = self.stand_in
+
+    def release(self) -> None:
+        """The Parameter holds no bytes (the shared empty tensor)."""
+        if self.live is not None:
+            self.live.data = _empty(self.dtype, self.live.device)
+        self.held = None
 
 
 @dataclasses.dataclass
@@ -225,7 +244,7 @@ class QuantBinding(Binding):
             self.weight.rebind(views, layout=self.layout)
         self.owner._parameters[self.attr] = self.weight
 
-    def unbind(self) -> None:
+    def unbind(self, keep_data: bool = False) -> None:  # always released: the weight re-points each forward
         self.owner._parameters[self.attr] = self.stand_in  # type: ignore[assignment]
         if self.live is not None:  # the user's float Parameter keeps no storage (as an unquantized one)
             self.live.data = _empty(self.dtype, self.live.device)
@@ -233,14 +252,42 @@ class QuantBinding(Binding):
             self.weight.release()  # a reference kept past the forward raises instead of reading a reused buffer
 
 
+def _owns_buffer(stager: Any, index: int) -> bool:
+    """Whether every forward of unit ``index`` computes from the same buffer, owned by the prefetcher's RAM
+    tier for the handle's life (a CPU unit in the RAM tier). Its Parameters may then keep their views
+    between forwards: no ring slot is aliased, and ``remove`` drops them before the tier is freed. A CUDA
+    stager's slots and GPU tier can be freed or reused, and an experts table's contents are evicted, so
+    those are not."""
+    from .transfer import CpuStager
+    return type(stager) is CpuStager and index in stager.prefetcher.ram_tier
+
+
 class UnitHook:
-    """The pre/post pair for one unit, registered with ``register_forward_pre_hook``/``register_forward_hook``."""
+    """The pre/post pair for one unit, registered with ``register_forward_pre_hook``/``register_forward_hook``.
+
+    Module hooks, not a wrapper of ``module.forward``, although PyTorch's hooked-call path is about 2 us
+    of a unit's cost (README, issue 17): with hooks, a pre-hook a user registers after ``enable`` sees
+    the bound weights, a ``KeyboardInterrupt`` (which ``always_call`` does not catch) leaves the unit
+    bound until the root pre-hook's ``reset`` (tests/test_staging.py asserts that state), and
+    ``disable`` never has to put back a ``forward`` that Accelerate or the user may have wrapped since.
+    A RAM-tier unit on the CPU then costs ``stage``/``done`` and two table writes per tensor (``_kept``).
+    """
 
     def __init__(self, index: int, module: nn.Module, record: UnitRecord, bindings: list[Binding], stager: Any,
                  tracer: Tracer | None = None):
         self.index, self.module, self.record, self.bindings = index, module, record, bindings
         self.stager, self.tracer = stager, tracer
         self._keep = getattr(stager, "host_buffers_only", False)  # views into its buffers may be kept (Binding)
+        self._own = _owns_buffer(stager, index)  # its Parameters keep their views between forwards (Binding.held)
+        # An own buffer with plain bindings: after the first bind, a forward only writes each tensor's
+        # (module table, name) entry, the live Parameter (or the buffer's view) in and the stand-in back,
+        # with no call per tensor. ``_kept`` lists those entries while the Parameters hold views of
+        # ``_kept_data`` (None: bind in full). The tables are the modules' own dicts, looked up at the full
+        # bind: were one replaced meanwhile, the unit would compute from stand-ins, read from the store.
+        self._fast = self._own and all(type(b) is Binding for b in bindings)
+        self._kept: list[tuple[dict[str, Any], str, torch.Tensor, Offloaded, torch.Tensor | None]] | None = None
+        self._kept_data: torch.Tensor | None = None
+        self._kept_at = 0
         self._t_bound = 0.0
         self.compute_s = 0.0  # time inside the unit's forward, weights bound (no wait): what tune.py models
         self.depth = 0  # forwards of this unit in progress (>1: it called itself)
@@ -255,9 +302,16 @@ class UnitHook:
                         self.module.register_forward_hook(self.post, always_call=True)]
 
     def remove(self) -> None:
+        """Take the hooks out, and the views kept into the handle's buffers with them, so that freeing the
+        ring and the RAM tier (``disable``) frees their memory even while this object lives on."""
         for h in self.handles:
             h.remove()
         self.handles = []
+        self._kept = self._kept_data = None
+        for b in self.bindings:
+            if b.held is not None:
+                b.release()
+            b.views.clear()
 
     def pre(self, module: nn.Module, args: Any) -> None:
         if self.depth:  # re-entered (a unit calling itself): the outer call's binding serves
@@ -265,9 +319,23 @@ class UnitHook:
             return
         data = self.stager.stage(self.index)
         try:
-            for b in self.bindings:
-                b.bind(data, self._keep)
+            kept = self._kept
+            if kept is not None and (data is self._kept_data or data.data_ptr() == self._kept_at):
+                for table, attr, value, stand_in, live in kept:  # the Parameters still hold their views
+                    if live is not None and live.requires_grad != stand_in._offload_grad:  # requires_grad_()
+                        live.requires_grad_(stand_in._offload_grad)
+                    table[attr] = value
+            else:
+                keep = self._keep
+                for b in self.bindings:
+                    b.bind(data, keep)
+                if self._fast:
+                    self._kept = [(b.owner._parameters, b.attr, b.live, b.stand_in, b.live) if b.is_param else
+                                  (b.owner._buffers, b.attr, b.view_in(data, keep), b.stand_in, None)
+                                  for b in self.bindings]
+                    self._kept_data, self._kept_at = data, data.data_ptr()
         except BaseException:
+            self._kept = self._kept_data = None
             for b in self.bindings:
                 b.unbind()
             self.stager.done(self.index)
@@ -293,6 +361,12 @@ class UnitHook:
             self._unbind()
 
     def _unbind(self) -> None:
-        for b in self.bindings:
-            b.unbind()
+        kept = self._kept
+        if kept is not None:
+            for table, attr, _, stand_in, _ in kept:
+                table[attr] = stand_in
+        else:
+            own = self._own
+            for b in self.bindings:
+                b.unbind(own)
         self.stager.done(self.index)
