@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass
 
 from ._fileio import PAGE, address_of, short_read
 from .staging import BOUNCE_MIN_BYTES, read_bounced
+
+_buffered_lock = threading.Lock()
 
 try:
     from . import _ol_native as _ext  # type: ignore[attr-defined]
@@ -83,7 +86,9 @@ class NativeReader:
     @staticmethod
     def _buffered(h: _Handle) -> int:
         if h.buffered_fd < 0:
-            h.buffered_fd = os.open(h.path, os.O_RDONLY | os.O_CLOEXEC)
+            with _buffered_lock:  # a handle is shared by the prefetcher's reader threads
+                if h.buffered_fd < 0:
+                    h.buffered_fd = os.open(h.path, os.O_RDONLY | os.O_CLOEXEC)
         return h.buffered_fd
 
     def _read(self, h: _Handle, fd: int, addr: int, n: int, offset: int, evict: bool = False) -> None:

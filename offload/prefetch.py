@@ -52,6 +52,7 @@ from .trace import COMPUTE_TRACK, Tracer
 
 _POLL_S = 0.1  # how often a blocked wait re-checks that the prefetcher is still open
 _ids = itertools.count()
+_MAX_OPEN = 256  # files a prefetcher keeps open for its life (the rest are opened per read)
 
 
 class _Task:
@@ -89,8 +90,10 @@ class _Load:
     """One unit being read into one buffer. Completes exactly once, error included."""
 
     def __init__(self, unit: UnitRecord, paths: dict[str, str], buffer: HostBuffer, reader: Reader,
-                 on_finish: Callable[[_Load], None], tracer: Tracer | None = None):
+                 on_finish: Callable[[_Load], None], tracer: Tracer | None = None,
+                 opener: Callable[[str], tuple[Any, bool]] | None = None):
         self.unit, self.paths, self.buffer, self.reader = unit, paths, buffer, reader
+        self.opener = opener or (lambda path: (reader.open(path), True))  # -> (handle, this load owns it)
         self.path = next(iter(paths.values()))  # named in errors (a unit read in place may span shards)
         self.on_finish, self.tracer = on_finish, tracer
         self.bytes_done = 0
@@ -100,13 +103,17 @@ class _Load:
         self.t_start = 0.0
         self.t_end = 0.0
         self.handles: dict[str, Any] = {}
+        self._owned: list[Any] = []  # handles this load opened itself (the prefetcher's are shared)
         self._lock = threading.Lock()
         self._pending = 0
 
     def open(self) -> None:
         """Open every file the unit reads (one for a store's unit; the shards it spans, read in place)."""
         for file, path in self.paths.items():
-            self.handles[file] = self.reader.open(path)
+            h, owned = self.opener(path)
+            self.handles[file] = h
+            if owned:
+                self._owned.append(h)
 
     def tasks(self) -> list[_Task]:
         out = []
@@ -124,9 +131,10 @@ class _Load:
         return [self.buffer.view(e.into, e.length) for e in self.unit.reads]
 
     def close_files(self) -> None:
-        for h in self.handles.values():
+        for h in self._owned:
             with contextlib.suppress(OSError):
                 self.reader.close(h)
+        self._owned = []
         self.handles = {}
 
     def task_done(self, error: BaseException | None, nbytes: int = 0) -> None:
@@ -261,6 +269,17 @@ class Prefetcher:
         self.closed = False
         self._stats = PrefetchStats()
         threads = config.io_threads if reader.task_bytes else min(config.io_threads, config.ring_slots + 1)
+        # Every file the units read, opened once for the handle's life: a cached store swapped out by a rebuild
+        # in another process (renamed, then removed) stays readable through these descriptors, so this handle
+        # keeps reading the bytes its manifest describes, never a new store's files under the old layout.
+        self._files: dict[str, Any] = {}
+        self._files_lock = threading.Lock()
+        try:
+            for unit in self.units:
+                for e in unit.reads:
+                    self._open(self.store.path_of(unit, e.file))
+        except OSError:  # a missing file fails the load that needs it (named there), not the construction
+            pass
         self._workers = _Workers(max(1, threads), f"offload-io-{next(_ids)}")
 
     # ------------------------------------------------------------------ the schedule
@@ -419,9 +438,17 @@ class Prefetcher:
         victim.reserved_for = None
         return victim, None
 
+    def _open(self, path: str) -> tuple[Any, bool]:
+        """The shared handle of ``path`` (opened now if need be), or a load's own past ``_MAX_OPEN`` files."""
+        with self._files_lock:
+            h = self._files.get(path)
+            if h is None and len(self._files) < _MAX_OPEN and not self.closed:
+                h = self._files[path] = self.reader.open(path)
+        return (h, False) if h is not None else (self.reader.open(path), True)
+
     def _new_load(self, unit: UnitRecord, buffer: HostBuffer) -> _Load:
         paths = {e.file: self.store.path_of(unit, e.file) for e in unit.reads}
-        return _Load(unit, paths, buffer, self.reader, self._finished, self.tracer)
+        return _Load(unit, paths, buffer, self.reader, self._finished, self.tracer, self._open)
 
     def _start(self, i: int, slot: Slot, urgent: bool) -> None:
         load = self._new_load(self.units[i], slot.buffer)
@@ -567,7 +594,13 @@ class Prefetcher:
                 if s.load is not None:
                     s.load.cancelled = True
         self._workers.close()
+        with self._files_lock:
+            files, self._files = list(self._files.values()), {}
+        for h in files:  # no reader thread is left to use them
+            with contextlib.suppress(OSError):
+                self.reader.close(h)
         self.ring.close()
+        self._tier_leases = {}  # their views would keep the RAM tier's memory for as long as the handle lives
         for b in self.ram_tier.values():
             b.close()
         self.ram_tier = {}

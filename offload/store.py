@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import zlib
 from collections.abc import Iterator, Sequence
@@ -23,6 +24,9 @@ from .integrity import _crc32c, check_chunks, crc32c_update, damaged_fix, read_s
 from .manifest import (CHECKSUMS, FORMAT, IN_PROGRESS, MANIFEST, MAX_HEADER_BYTES, VERSION, UnitRecord, _parse_unit,
                        main_float_dtype)
 from .manifest import Extent, TensorRecord  # noqa: F401  (hooks and experts import the records from here)
+
+log = logging.getLogger("offload")
+
 
 def assemble(unit: UnitRecord, buf: torch.Tensor) -> None:
     """Copy the pieces of fused tensors into place, after a unit's reads (``TensorRecord.pieces``)."""
@@ -59,6 +63,7 @@ class Store:
         # name -> (crc32, crc32c). Loaded from CHECKSUMS; new ones are saved by ``save_checksums``.
         self.recorded: dict[str, tuple[int, int | None]] = {}
         self._new_checksums = False
+        self._identity = _identity(path)  # the folder this manifest came from (a rebuild swaps in another)
 
     @property
     def root(self) -> str:
@@ -99,6 +104,10 @@ class Store:
     def save_checksums(self) -> None:
         """Merge the checksums recorded in this process into CHECKSUMS (atomic; a later process checks them)."""
         if not self._new_checksums:
+            return
+        if _identity(self.path) != self._identity:  # rebuilt and swapped since it was opened: not our folder
+            log.info("offload: %s was replaced since this process opened it; its checksums are not written there",
+                     self.path)
             return
         path = os.path.join(self.path, CHECKSUMS)
         try:
@@ -352,3 +361,12 @@ class Store:
                     raise StoreMismatchError(
                         f"store {self.path}, unit {name}, tensor {tname}: store has {got[tname][0]} {list(got[tname][1])}, "
                         f"model has {dtype} {list(shape)}. Use another store folder or delete this one")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The folder's (device, inode): a store renamed away and replaced by a rebuild has another."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

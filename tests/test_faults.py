@@ -1,7 +1,9 @@
 """Damaged stores and failing reads: a clear error naming the file, never a hang, no thread left behind."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -48,18 +50,14 @@ def test_longer_unit_file_fails_at_enable(built_store, no_thread_leak):
         offload.enable(model, ram_tier=0, store=store, progress=False)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "unlink"])
-def test_damage_after_enable_raises_in_forward_naming_the_file(built_store, damage, no_thread_leak):
+def test_damage_after_enable_raises_in_forward_naming_the_file(built_store, no_thread_leak):
     model, store = built_store
     inputs = inputs_for("bloom")
     fds_before = open_fds()
     h = offload.enable(model, prefetch=1, ram_tier=0, store=store, progress=False)
     victim = unit_files(store)[2]
     saved = victim.read_bytes()
-    if damage == "truncate":
-        os.truncate(victim, 4096 + 100)
-    else:
-        victim.unlink()
+    os.truncate(victim, 4096 + 100)
     with pytest.raises(offload.UnitReadError, match=f"unit transformer.h.2 from .*{victim.name}"):
         forward_logits(model, "bloom", inputs)
     # documented: the handle stays usable; once the file is back, the next forward reads it again
@@ -69,6 +67,56 @@ def test_damage_after_enable_raises_in_forward_naming_the_file(built_store, dama
     h.disable()
     assert offload_threads() == []
     assert open_fds() <= fds_before
+
+
+def test_a_cached_store_rebuilt_under_a_running_handle_is_not_read_by_it(tmp_path, no_thread_leak):
+    """A rebuild of a cached store (another process, after the folder's weights changed) renames the old
+    store away, moves the new one to its path and removes the old: the running handle keeps reading the
+    files it opened at load, so it computes with the weights it loaded, never new files under its old
+    manifest (its checksums are checked on a unit's first read only)."""
+    import transformers as tf
+    from offload.convert import cached_store
+    folder = tmp_path / "m"
+    make_model("bloom").save_pretrained(folder)
+    ids = inputs_for("bloom")["input_ids"]
+    with torch.no_grad():
+        want = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)(ids).logits
+    fds_before = open_fds()
+    model, h = offload.load(folder, dtype=torch.bfloat16, prefetch=1, ram_tier=0, progress=False)  # a cast: a copy
+    with h, torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+        make_model("bloom", seed=1).save_pretrained(folder)  # new weights, same shapes
+        cached_store(str(folder), torch.bfloat16, progress=False)  # stale: rebuilt and swapped in
+        for _ in range(2):
+            assert torch.equal(model(ids).logits, want)
+    assert open_fds() <= fds_before
+
+
+def test_a_handle_never_writes_its_checksums_into_a_store_rebuilt_since(tmp_path, no_thread_leak):
+    """A folder read in place: a handle records its units' checksums on their first reads and saves them
+    at disable. If the folder's weights changed and its index was rebuilt meanwhile, those checksums
+    describe the old bytes and the old source: merged into the new index's file under the old source's
+    fingerprint, they made later loads discard the new index's own checksums. A handle writes only into
+    the folder it opened."""
+    import transformers as tf
+    from offload.convert import cached_store
+    folder = tmp_path / "m"
+    make_model("bloom").save_pretrained(folder)
+    ids = inputs_for("bloom")["input_ids"]
+    model, h = offload.load(folder, prefetch=1, ram_tier=0, progress=False)  # fp32 in fp32: read in place
+    with torch.no_grad():
+        model(ids)  # first reads: checksums recorded
+    make_model("bloom", seed=1).save_pretrained(folder)
+    new = cached_store(str(folder), progress=False)  # stale: a new index swapped in
+    h.disable()
+    sums = os.path.join(new, "checksums.json")
+    if os.path.exists(sums):  # only the new index's own checksums may be there
+        assert json.load(open(sums))["fingerprint"] == offload.store.Store.open(new).source["fingerprint"]
+    with torch.no_grad():
+        want = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(ids).logits
+    model, h = offload.load(folder, prefetch=1, ram_tier=0, progress=False)
+    with h, torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
 
 
 def test_disable_twice_and_enable_twice(tmp_path, no_thread_leak):

@@ -201,14 +201,21 @@ def test_a_stale_read_is_cancelled_and_its_slot_reads_the_new_window(tmp_path):
 
 # mutation 15 -----------------------------------------------------------------------------------------------
 class _Counting(_Gated):
+    """Counts the loads of ``watched`` a prefetcher starts (each load takes its files' handles when it
+    starts, under the prefetcher's lock: ``Prefetcher._open``)."""
+
     def __init__(self, victim: str, watched: str):
         super().__init__(victim)
         self.watched, self.opened = watched, 0
 
-    def open(self, path):
-        if path.endswith(self.watched):
-            self.opened += 1
-        return super().open(path)
+    def watch(self, pf):
+        real = pf._open
+
+        def counting(path):
+            if path.endswith(self.watched):
+                self.opened += 1
+            return real(path)
+        pf._open = counting
 
 
 def test_a_slot_taken_from_a_running_read_stays_reserved_for_the_demand(tmp_path):
@@ -219,6 +226,7 @@ def test_a_slot_taken_from_a_running_read_stays_reserved_for_the_demand(tmp_path
     reader = _Counting(store.units[1].file, store.units[3].file)
     cfg = StagingConfig(prefetch=1, slot_bytes=max(u.data_bytes for u in store.units), streamed_units=4)
     pf = Prefetcher(store, store.units, reader, cfg)
+    reader.watch(pf)
     out: dict = {}
     try:
         held = pf.acquire(0)  # slot A leased (a forward still running); reads 1 into slot B (blocked)
