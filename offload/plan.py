@@ -159,11 +159,21 @@ def plan_plain(model: nn.Module, units: list[tuple[str, nn.Module]], device: tor
 
 
 def _align_hooks(module: nn.Module) -> list[Any]:
-    hook = getattr(module, "_hf_hook", None)
-    if hook is None:
-        return []
-    hooks = list(getattr(hook, "hooks", [hook]))  # SequentialHook holds several
-    return [h for h in hooks if type(h).__name__ == "AlignDevicesHook" and hasattr(h, "weights_map")]
+    """Every AlignDevicesHook on ``module``. A SequentialHook holds several, and may hold SequentialHooks:
+    a module shared by four blocks gets one hook per block, nested three deep. Flattening one level
+    missed three of them, which kept loading the shared weights while offload was enabled and left
+    entries in Accelerate's tied-weights cache that served wrong tensors after ``disable``."""
+    out: list[Any] = []
+    todo = [getattr(module, "_hf_hook", None)]
+    while todo:
+        h = todo.pop(0)
+        if h is None:
+            continue
+        if hasattr(h, "hooks"):
+            todo[:0] = list(h.hooks)
+        elif type(h).__name__ == "AlignDevicesHook" and hasattr(h, "weights_map"):
+            out.append(h)
+    return out
 
 
 def is_accelerate_offloaded(model: nn.Module) -> bool:

@@ -96,6 +96,12 @@ def test_module_shared_by_several_blocks_is_read_once_and_kept(tmp_path, caplog,
                            offload_dir=str(tmp_path / "off"))
     with caplog.at_level(logging.WARNING, logger="offload"):
         with offload.enable(model, prefetch=1, ram_tier=0, progress=False) as h:
+            hooks, todo = [], [model.blocks[0].shared._hf_hook]  # one per block, SequentialHooks nested
+            while todo:
+                hk = todo.pop()
+                todo += list(getattr(hk, "hooks", []))
+                hooks += [] if hasattr(hk, "hooks") else [hk]
+            assert len(hooks) == 4 and not any(hk.offload for hk in hooks)  # none loads weights meanwhile
             shared_w = model.blocks[0].shared.weight
             assert shared_w.device.type == "cpu" and not isinstance(shared_w, offload.hooks.Offloaded)
             assert all("shared" not in t.name for hk in h._hooks for t in hk.record.tensors)
