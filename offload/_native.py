@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 
 from ._fileio import PAGE, address_of, short_read
-from .staging import BOUNCE_MIN_BYTES, read_bounced
+from .staging import bounces, read_bounced
 
 _buffered_lock = threading.Lock()
 
@@ -74,7 +74,7 @@ class NativeReader:
             return
         addr = address_of(dest)
         if h.direct and (offset % PAGE or addr % PAGE):
-            if n >= BOUNCE_MIN_BYTES:  # O_DIRECT all the same, through a bounce page
+            if bounces(offset, dest, h.fd):  # O_DIRECT all the same, through a bounce page
                 read_bounced(lambda a, k, o: self._read(h, h.fd, a, k, o),
                              lambda o, v: self._read(h, self._buffered(h), address_of(v), len(v), o, evict=True),
                              offset, dest, os.fstat(h.fd).st_size)

@@ -476,6 +476,29 @@ def replay(trace: Sequence[tuple[int, Sequence[int]]], budget: int, expert_bytes
     return cache.hits, cache.misses, evicted
 
 
+def _mappings_allow(more: int) -> bool:
+    """Whether this process may split its memory into ``more`` further mappings and stay under half the
+    kernel's limit (``vm.max_map_count``, 65530 by default): a DeepSeek-V3-sized model's expert tables
+    advised per expert would take ~59k. Past it, the tables stay on 4 KiB pages (one log line)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            now = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return False
+    if now + more <= limit // 2:
+        return True
+    if not _said_mappings:
+        _said_mappings.append(True)
+        log.info("offload: expert tables stay on 4 KiB pages from here on: huge pages per expert would take %d more "
+                 "memory mappings, over half of vm.max_map_count (%d; %d in use)", more, limit, now)
+    return False
+
+
+_said_mappings: list[bool] = []
+
+
 class ExpertsTable:
     """The table of one experts module and which experts it holds."""
 
@@ -485,7 +508,7 @@ class ExpertsTable:
         # which pages are huge is then chosen per expert (_advise_huge), never the whole table
         self.buffer = HostBuffer(group.buffer_bytes, huge=True)
         self.present: set[int] = set()
-        self.huge_bytes = self._advise_huge() if _HUGE_PAGES else 0
+        self.huge_bytes = self._advise_huge()
 
     def _madvise(self, advice: int, a: int, b: int) -> None:
         assert self.buffer._mm is not None
@@ -499,19 +522,28 @@ class ExpertsTable:
         bytes advised."""
         if self.buffer._mm is None or not hasattr(mmap, "MADV_HUGEPAGE") or not self.buffer.huge:
             return 0
-        done = 0
+        ranges = []
+        for slab in self.group.slabs:
+            for e in range(self.group.count):
+                lo, hi = slab.region(e)
+                a, b = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
+                if b > a:
+                    ranges.append((a, b))
         try:
+            # HostBuffer advised the whole table; pages shared by experts must not be huge (an eviction
+            # would split them), so off everywhere first, then on per region
             self._madvise(mmap.MADV_NOHUGEPAGE, 0, self.buffer.nbytes // HUGE_PAGE * HUGE_PAGE)
-            for slab in self.group.slabs:
-                for e in range(self.group.count):
-                    lo, hi = slab.region(e)
-                    a, b = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
-                    if b > a:
-                        self._madvise(mmap.MADV_HUGEPAGE, a, b)
-                        done += b - a
-        except OSError:  # THP compiled out: 4 KiB pages still work
+            # each advised range is a mapping of its own: past the kernel's limit on a process's mappings
+            # (vm.max_map_count) every later mmap (malloc's large blocks, torch's) fails, so stay well under
+            if not _HUGE_PAGES or not _mappings_allow(2 * len(ranges)):
+                return 0
+            done = 0
+            for a, b in ranges:
+                self._madvise(mmap.MADV_HUGEPAGE, a, b)
+                done += b - a
             return done
-        return done
+        except OSError:  # THP compiled out: 4 KiB pages still work
+            return 0
 
     def drop(self, e: int) -> None:
         """Give expert ``e``'s pages back: its whole region (or the whole pages inside a packed slice, whose

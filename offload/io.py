@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._fileio import PAGE, address_of, short_read
-from .staging import BOUNCE_MIN_BYTES, read_bounced
+from .staging import BOUNCE_MIN_BYTES, bounces, read_bounced
 
 log = logging.getLogger("offload")
 
@@ -71,7 +71,8 @@ class PythonReader:
 
     def read(self, h: _PyHandle, offset: int, dest: memoryview) -> None:
         want = len(dest)
-        if h.direct and want >= BOUNCE_MIN_BYTES and (offset % PAGE or address_of(dest) % PAGE):
+        if (h.direct and want >= BOUNCE_MIN_BYTES and (offset % PAGE or address_of(dest) % PAGE)
+                and bounces(offset, dest, h.fd)):
             # O_DIRECT all the same, through a bounce page (staging.read_bounced); the aligned calls below
             # take the direct branch, the unaligned tail the buffered one
             def direct(address: int, n: int, at: int) -> None:

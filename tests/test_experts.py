@@ -299,3 +299,35 @@ def test_each_expert_owns_its_pages_and_big_ones_are_on_huge_pages(tmp_path, no_
             assert big and all((s.base - s.lead) % HUGE_PAGE == 0 and s.stride % HUGE_PAGE == 0 for s in big)
             if t.buffer.huge:  # transparent huge pages available: each big slice's whole 2 MiB pages advised
                 assert t.huge_bytes >= g.count * sum(s.n // HUGE_PAGE * HUGE_PAGE for s in big)
+
+
+def _table_vm_flags(buffer) -> set[str]:
+    """The VmFlags of the mappings that hold ``buffer`` (from /proc/self/smaps)."""
+    lo, hi = buffer.address, buffer.address + buffer.nbytes
+    flags, inside = set(), False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            a, b = (int(x, 16) for x in head.split("-"))
+            inside = a < hi and lo < b
+        elif inside and line.startswith("VmFlags:"):
+            flags |= set(line.split()[1:])
+    return flags
+
+
+def test_the_huge_pages_knob_off_means_no_huge_pages_and_the_mapping_budget_holds(tmp_path, monkeypatch, caplog,
+                                                                                no_thread_leak):
+    """HostBuffer advises a whole 2 MiB-aligned buffer huge; with the knob off nothing in an expert table may
+    stay advised. And advice per expert stops short of half the kernel's mapping limit."""
+    from offload import experts as E
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(moe_config("qwen3_moe", layers=2, hidden=256)).eval()  # 2 MiB+ tables
+    monkeypatch.setattr(E, "_HUGE_PAGES", False)
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
+        tables = [t for st in h._stagers if hasattr(st, "tables") for t in st.tables.values()]
+        assert tables and all(t.huge_bytes == 0 for t in tables)
+        if tables[0].buffer.huge:  # (THP compiled out: there is nothing to advise)
+            assert all("hg" not in _table_vm_flags(t.buffer) for t in tables)
+    assert E._mappings_allow(1)
+    with caplog.at_level(logging.INFO, logger="offload"):
+        assert not E._mappings_allow(1 << 40)

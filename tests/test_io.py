@@ -179,6 +179,24 @@ def test_big_unaligned_reads_go_direct_through_a_bounce_page(big_file, reader, m
     assert offload.io.BOUNCE_MIN_BYTES <= 64 << 10
 
 
+@pytest.mark.parametrize("reader", [r for r, _ in DIRECT], ids=[i for _, i in DIRECT])
+def test_a_big_misaligned_read_past_the_end_or_into_read_only_memory_fails_plainly(big_file, reader):
+    """Past the file's end: the short read naming the request (the Python reader recursed without end);
+    into read-only memory: an error, never a write into it."""
+    path, payload = big_file
+    buf = HostBuffer(len(payload) + (1 << 20))
+    h = reader.open(path)
+    try:
+        with pytest.raises(OSError, match=f"of {1 << 20} bytes at offset {len(payload) - 1000}"):
+            reader.read(h, len(payload) - 1000, buf.view(3, 1 << 20))
+        frozen = bytes(1 << 20)
+        with pytest.raises((TypeError, BufferError)):
+            reader.read(h, 1, memoryview(frozen))
+        assert frozen == bytes(1 << 20)
+    finally:
+        reader.close(h)
+
+
 @pytest.mark.parametrize("reader", READERS, ids=IDS)
 def test_concurrent_reads_into_distinct_buffers(data_file, reader):
     path, payload = data_file
