@@ -165,7 +165,8 @@ class Handle:
         stream is synchronised, so no DMA still reads a host buffer); then the prefetcher (queued reads
         are abandoned, reader threads finish their current read and are joined, so nothing writes into
         a buffer; only then are ring and RAM-tier buffers freed); then the model's own state (Accelerate
-        hooks, the user's Parameters); last the temporary store.
+        hooks, the user's Parameters, restored through the files the prefetcher still holds open); then
+        those files; last the temporary store.
         """
         with self._lock:
             if self.closed:
@@ -187,7 +188,7 @@ class Handle:
             step(h.reset)
         for stager in self._stagers:
             step(stager.close)
-        step(self._prefetcher.close)
+        step(self._prefetcher.close, True)  # its files stay open for the restore below (Store.pin)
         step(self._store.save_checksums)  # read in place: what first reads recorded, checked by later runs
         for hook, offload, weights_map in self._accelerate_state:
             hook.offload, hook.weights_map = offload, weights_map
@@ -200,6 +201,7 @@ class Handle:
             for b in h.bindings:
                 if id(b) not in self._restore:
                     (b.owner._parameters if b.is_param else b.owner._buffers)[b.attr] = b.original
+        step(self._prefetcher.close_files)
         if getattr(self._model, "_offload_handle", None) is self:
             del self._model._offload_handle
         if self._temp_store:

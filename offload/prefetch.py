@@ -55,6 +55,14 @@ _ids = itertools.count()
 _MAX_OPEN = 256  # files a prefetcher keeps open for its life (the rest are opened per read)
 
 
+def _fd_of(handle: Any) -> int | None:
+    """The descriptor behind a reader's handle (native/Python: ``.fd``; mmap: ``(map, fd, path)``)."""
+    fd = getattr(handle, "fd", None)
+    if fd is None and isinstance(handle, tuple) and len(handle) > 1 and isinstance(handle[1], int):
+        fd = handle[1]
+    return fd if isinstance(fd, int) else None
+
+
 class _Task:
     """One read of part of a unit: ``length`` bytes at ``offset`` of one of its files into the buffer at
     ``into``. ``run`` or ``abandon`` is called exactly once."""
@@ -444,7 +452,18 @@ class Prefetcher:
             h = self._files.get(path)
             if h is None and len(self._files) < _MAX_OPEN and not self.closed:
                 h = self._files[path] = self.reader.open(path)
+                self.store.pin(path, _fd_of(h))
         return (h, False) if h is not None else (self.reader.open(path), True)
+
+    def close_files(self) -> None:
+        """Close the files kept open (after ``close``, once nothing reads off the prefetcher either: the
+        handle's restore reads through them, ``Store.pin``)."""
+        with self._files_lock:
+            files, self._files = dict(self._files), {}
+        for path, h in files.items():
+            self.store.pin(path, None)
+            with contextlib.suppress(OSError):
+                self.reader.close(h)
 
     def _new_load(self, unit: UnitRecord, buffer: HostBuffer) -> _Load:
         paths = {e.file: self.store.path_of(unit, e.file) for e in unit.reads}
@@ -584,8 +603,9 @@ class Prefetcher:
         """Every host buffer this prefetcher reads into (ring and RAM tier), e.g. to register with CUDA."""
         return self.ring.buffers() + list(self.ram_tier.values())
 
-    def close(self) -> None:
-        """Stop the reader threads (joined: no write into a buffer after this), then free the buffers."""
+    def close(self, keep_files: bool = False) -> None:
+        """Stop the reader threads (joined: no write into a buffer after this), then free the buffers;
+        ``keep_files``: the files stay open (and pinned) until ``close_files``."""
         with self._lock:
             if self.closed:
                 return
@@ -594,11 +614,8 @@ class Prefetcher:
                 if s.load is not None:
                     s.load.cancelled = True
         self._workers.close()
-        with self._files_lock:
-            files, self._files = list(self._files.values()), {}
-        for h in files:  # no reader thread is left to use them
-            with contextlib.suppress(OSError):
-                self.reader.close(h)
+        if not keep_files:
+            self.close_files()
         self.ring.close()
         self._tier_leases = {}  # their views would keep the RAM tier's memory for as long as the handle lives
         for b in self.ram_tier.values():

@@ -64,6 +64,7 @@ class Store:
         self.recorded: dict[str, tuple[int, int | None]] = {}
         self._new_checksums = False
         self._identity = _identity(path)  # the folder this manifest came from (a rebuild swaps in another)
+        self._pinned: dict[str, int] = {}  # path -> a descriptor a running handle holds open (Prefetcher)
 
     @property
     def root(self) -> str:
@@ -134,6 +135,22 @@ class Store:
                 self.recorded = {str(k): (int(v[0]), int(v[1]) if v[1] is not None else None)
                                  for k, v in doc.get("units", {}).items()}
 
+    def pin(self, path: str, fd: int | None) -> None:
+        """Reads of ``path`` go through the file ``fd`` holds (``None``: by path again). A handle pins the
+        files it opened at enable, so what it reads off its prefetcher (a stray use, ``state_dict()``,
+        ``disable()``'s restore) comes from the same files as its forwards, even after a rebuild swapped
+        the store or the file was removed."""
+        if fd is None:
+            self._pinned.pop(path, None)
+        else:
+            self._pinned[path] = fd
+
+    def _openable(self, path: str) -> str:
+        fd = self._pinned.get(path)
+        if fd is not None and os.path.exists(f"/proc/self/fd/{fd}"):
+            return f"/proc/self/fd/{fd}"  # reopens that very file, whatever its path holds now (Linux)
+        return path
+
     def read_unit(self, unit: UnitRecord) -> torch.Tensor:
         """A unit's whole buffer, read with plain buffered reads and assembled (enable-time and off-path
         uses: the resident part, restoring weights on ``disable``, drafts; streaming goes through the
@@ -142,7 +159,7 @@ class Store:
         buf = memoryview(out.numpy())
         for e in unit.reads:
             path = self.path_of(unit, e.file)
-            with open(path, "rb") as f:
+            with open(self._openable(path), "rb") as f:
                 f.seek(e.offset)
                 got = f.readinto(buf[e.into:e.into + e.length]) if e.length else 0
             if got != e.length:
@@ -277,7 +294,7 @@ class Store:
             return self.read_unit(unit)[t.offset:t.offset + t.nbytes].clone().view(t.torch_dtype).view(t.shape)
         path = _safe_path(self.path, unit.file, unit.name)
         out = torch.empty(t.nbytes, dtype=torch.uint8)
-        with open(path, "rb") as f:
+        with open(self._openable(path), "rb") as f:
             f.seek(unit.data_offset + t.offset)
             got = f.readinto(memoryview(out.numpy())) if t.nbytes else 0
         if got != t.nbytes:

@@ -83,13 +83,33 @@ def test_a_cached_store_rebuilt_under_a_running_handle_is_not_read_by_it(tmp_pat
         want = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)(ids).logits
     fds_before = open_fds()
     model, h = offload.load(folder, dtype=torch.bfloat16, prefetch=1, ram_tier=0, progress=False)  # a cast: a copy
+    name = "transformer.h.2.mlp.dense_4h_to_h.weight"
     with h, torch.no_grad():
         assert torch.equal(model(ids).logits, want)
+        before = model.state_dict()[name].clone()  # a use outside the forward: read off the prefetcher
         make_model("bloom", seed=1).save_pretrained(folder)  # new weights, same shapes
         cached_store(str(folder), torch.bfloat16, progress=False)  # stale: rebuilt and swapped in
         for _ in range(2):
             assert torch.equal(model(ids).logits, want)
+        assert torch.equal(model.state_dict()[name], before)
     assert open_fds() <= fds_before
+
+
+def test_a_store_replaced_under_an_enabled_module_still_restores_its_weights(tmp_path, no_thread_leak):
+    """The store of ``enable(module, store=S)`` swapped for another model's (renamed away, replaced,
+    removed): forwards keep the module's weights, and ``disable()`` restores them from the files the
+    handle holds (it refused with a checksum error when it re-read by path)."""
+    model, ref = make_model("bloom"), make_model("bloom")
+    inputs = inputs_for("bloom")
+    store, other = tmp_path / "s", tmp_path / "other"
+    with offload.enable(model, prefetch=1, ram_tier=0, store=store, progress=False):
+        offload.convert(make_model("bloom", seed=1), other, progress=False)
+        os.replace(store, tmp_path / "old")
+        os.replace(other, store)
+        shutil.rmtree(tmp_path / "old")
+        assert torch.equal(forward_logits(model, "bloom", inputs), forward_logits(ref, "bloom", inputs))
+    for (k, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(p, q), k
 
 
 def test_a_handle_never_writes_its_checksums_into_a_store_rebuilt_since(tmp_path, no_thread_leak):
