@@ -52,6 +52,7 @@ import torch
 
 import offload
 import offload.experts
+import offload.experts.cache
 from offload._memory import format_bytes, parse_bytes
 from offload.cli.bench import DiskFloor, _versions, decode_times, evict
 from offload.cli.models import DTYPES, model_class, random_checkpoint
@@ -209,7 +210,7 @@ def main() -> int:
                    "(grouped_mm where it can dispatch, which on the CPU touches every expert's weights per call)")
     p.add_argument("--expert-policy", default=None,
                    help=f"comma-separated expert cache policies for the (c) rows, each a row of its own, from "
-                        f"{','.join(offload.experts.POLICIES)} (default: offload's, {offload.experts._POLICY})")
+                        f"{','.join(offload.experts.POLICIES)} (default: offload's, {offload.experts.cache._POLICY})")
     p.add_argument("--shard-floor", default="1GiB", help="before each cold offload row, read this much of the "
                    "checkpoint's shards O_DIRECT with offload's reader into a huge-page buffer: the disk's bandwidth "
                    "beside the expert reads' (0: off)")
@@ -224,7 +225,7 @@ def main() -> int:
     order = a.runs.split(",")  # in this order; a name may repeat (e.g. memory first and last)
     if set(order) - set(ROWS):
         p.error(f"--runs: choose from {','.join(ROWS)}")
-    policies = a.expert_policy.split(",") if a.expert_policy else [offload.experts._POLICY]
+    policies = a.expert_policy.split(",") if a.expert_policy else [offload.experts.cache._POLICY]
     if set(policies) - set(offload.experts.POLICIES):
         p.error(f"--expert-policy: choose from {','.join(offload.experts.POLICIES)}")
     shard_bytes = parse_bytes(a.shard_floor)
@@ -408,7 +409,7 @@ def main() -> int:
                                 ram_tier=0, **pkw(pr))
             elif run == "cached":
                 for policy in policies:
-                    offload.experts._POLICY = policy  # the private knob: the policy new expert caches use
+                    offload.experts.cache._POLICY = policy  # the private knob: the policy new expert caches use
                     for pr in predicts:
                         log(f"[c] routed experts + expert cache ({policy}), cpu_memory={a.cpu_memory}"
                             f"{', prediction' if pr else ''}")

@@ -210,7 +210,7 @@ def _carve_experts(store: Store, plans: list[UnitPlan], records: list[UnitRecord
                    quantization: dict[str, Any] | None, devices: Sequence[torch.device], fits_on_gpu: bool = False
                    ) -> tuple[list[UnitPlan], list[UnitRecord], list[ExpertsGroup]]:
     """Blocks with routed experts stream without them; each experts module reads what it is routed
-    (``experts.py``). Where that cannot serve yet, whole blocks stream, and one log line says why."""
+    (``offload/experts/``). Where that cannot serve yet, whole blocks stream, and one log line says why."""
     if not routed:
         return plans, records, []
     found = [p for p in plans if experts_modules(p.module)]

@@ -225,7 +225,7 @@ def test_cache_policy_evicts_in_its_order(policy):
 
 
 def test_lfu_aged_halves_scores_every_period():
-    from offload.experts import _LFUAged
+    from offload.experts.cache import _LFUAged
     for period, first in ((2, ("a", 0)), (0, ("b", 0))):
         p = _LFUAged(period)
         p.insert(("a", 0))
@@ -241,7 +241,7 @@ def test_lfu_aged_halves_scores_every_period():
 def test_the_stager_follows_its_policy_as_replay_does(policy, tmp_path, monkeypatch, no_thread_leak):
     """A real run with a cache smaller than the experts routed: outputs exact, and its hits, misses and
     evictions are what ``replay`` of the routing it saw (counted by the test's own hook) gives."""
-    from offload import experts as X
+    from offload.experts import cache as X
     monkeypatch.setattr(X, "_POLICY", policy)
     model = make("qwen3_moe")
     ref = copy.deepcopy(model)
@@ -319,7 +319,7 @@ def test_the_huge_pages_knob_off_means_no_huge_pages_and_the_mapping_budget_hold
                                                                                 no_thread_leak):
     """HostBuffer advises a whole 2 MiB-aligned buffer huge; with the knob off nothing in an expert table may
     stay advised. And advice per expert stops short of half the kernel's mapping limit."""
-    from offload import experts as E
+    from offload.experts import tables as E
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(moe_config("qwen3_moe", layers=2, hidden=256)).eval()  # 2 MiB+ tables
     monkeypatch.setattr(E, "_HUGE_PAGES", False)

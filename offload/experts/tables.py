@@ -1,0 +1,313 @@
+"""The experts' tables in memory, reading the routed experts into them on routing, binding them to the
+experts modules (and, on a GPU, copying the routed ones to a device table)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import mmap
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..hooks import Binding, UnitHook
+from ..staging import HUGE_PAGE, HostBuffer
+from .cache import ExpertCache
+from .layout import ExpertsGroup, Slab
+
+log = logging.getLogger("offload")
+
+# Huge pages inside each expert's own bytes in its table (ExpertsTable._advise_huge); off: 4 KiB pages only.
+_HUGE_PAGES = True
+
+
+def _mappings_allow(more: int) -> bool:
+    """Whether this process may split its memory into ``more`` further mappings and stay under half the
+    kernel's limit (``vm.max_map_count``, 65530 by default): a DeepSeek-V3-sized model's expert tables
+    advised per expert would take ~59k. Past it, the tables stay on 4 KiB pages (one log line)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            now = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return False
+    if now + more <= limit // 2:
+        return True
+    if not _said_mappings:
+        _said_mappings.append(True)
+        log.info("offload: expert tables stay on 4 KiB pages from here on: huge pages per expert would take %d more "
+                 "memory mappings, over half of vm.max_map_count (%d; %d in use)", more, limit, now)
+    return False
+
+
+_said_mappings: list[bool] = []
+
+
+class ExpertsTable:
+    """The table of one experts module and which experts it holds."""
+
+    def __init__(self, group: ExpertsGroup):
+        self.group = group
+        # 2 MiB-aligned (HostBuffer's huge placement) so each slab's regions fall on huge-page boundaries;
+        # which pages are huge is then chosen per expert (_advise_huge), never the whole table
+        self.buffer = HostBuffer(group.buffer_bytes, huge=True)
+        self.present: set[int] = set()
+        self.huge_bytes = self._advise_huge()
+
+    def _madvise(self, advice: int, a: int, b: int) -> None:
+        assert self.buffer._mm is not None
+        self.buffer._mm.madvise(advice, self.buffer._pad + a, b - a)
+
+    def _advise_huge(self) -> int:
+        """Advise transparent huge pages on every 2 MiB page that lies wholly inside one expert's own bytes
+        (``Slab.region``), and nowhere else: a huge page is backed only when that expert is read and freed
+        whole when it is evicted, so resident memory stays what the cache counts; a region's tail (and,
+        for packed slabs, the edges a neighbour's widened read shares) stays on 4 KiB pages. Returns the
+        bytes advised."""
+        if self.buffer._mm is None or not hasattr(mmap, "MADV_HUGEPAGE") or not self.buffer.huge:
+            return 0
+        ranges = []
+        for slab in self.group.slabs:
+            for e in range(self.group.count):
+                lo, hi = slab.region(e)
+                a, b = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
+                if b > a:
+                    ranges.append((a, b))
+        try:
+            # HostBuffer advised the whole table; pages shared by experts must not be huge (an eviction
+            # would split them), so off everywhere first, then on per region
+            self._madvise(mmap.MADV_NOHUGEPAGE, 0, self.buffer.nbytes // HUGE_PAGE * HUGE_PAGE)
+            # each advised range is a mapping of its own: past the kernel's limit on a process's mappings
+            # (vm.max_map_count) every later mmap (malloc's large blocks, torch's) fails, so stay well under
+            if not _HUGE_PAGES or not _mappings_allow(2 * len(ranges)):
+                return 0
+            done = 0
+            for a, b in ranges:
+                self._madvise(mmap.MADV_HUGEPAGE, a, b)
+                done += b - a
+            return done
+        except OSError:  # THP compiled out: 4 KiB pages still work
+            return 0
+
+    def drop(self, e: int) -> None:
+        """Give expert ``e``'s pages back: its whole region (or the whole pages inside a packed slice, whose
+        edges a neighbour shares)."""
+        self.present.discard(e)
+        if self.buffer._mm is None:
+            return
+        for slab in self.group.slabs:
+            a, b = slab.region(e)
+            if b > a:
+                self._madvise(mmap.MADV_DONTNEED, a, b)
+
+
+class ExpertBinding(Binding):
+    """An experts tensor bound to its table: ``[E, ...]`` with expert ``e`` at ``base + e * stride``
+    (``Slab``), a strided view; ``offset``/``nbytes`` stay the packed table's (disable's restore)."""
+
+    slab: Slab
+
+    @classmethod
+    def of(cls, b: Binding, slab: Slab) -> ExpertBinding:
+        out = cls(**{f.name: getattr(b, f.name) for f in dataclasses.fields(b) if f.init})
+        out.slab = slab
+        return out
+
+    def view_in(self, data: torch.Tensor, keep: bool) -> torch.Tensor:
+        key = data.data_ptr()
+        view = self.views.get(key) if keep else None
+        if view is None:
+            size = self.dtype.itemsize
+            slab = self.slab
+            assert slab.base % size == 0 and slab.stride % size == 0, (slab, self.dtype)
+            inner = [1]
+            for d in reversed(self.shape[1:]):
+                inner.insert(0, inner[0] * d)
+            typed = data.view(self.dtype)
+            view = typed.as_strided(self.shape, (slab.stride // size, *inner[1:]),
+                                    typed.storage_offset() + slab.base // size)
+            if keep:
+                self.views[key] = view
+        return view
+
+
+class DeviceTable:
+    """On a GPU, the routed experts of the experts module computing now: one table on the device in the
+    packed layout (the largest module's size), which every experts module there uses in turn.
+
+    The host tables stay what they are on the CPU (read on routing, the expert cache); a forward copies
+    only its routed experts' slices into this table on a copy stream, after the previous user's kernels
+    are done with it (``free``, recorded on the compute stream), and the compute stream waits for the
+    copies (``ready``): the same ordering as the device slot ring (``transfer.CudaStager``). The experts
+    that are not routed hold stale bytes that the forward never reads (it indexes only routed experts; a
+    grouped kernel multiplies no row by them). Its bytes count against ``gpu_memory`` (``placement``).
+    Each tensor sits on a page of its own (``carve``), aligned as ``grouped_mm`` on CUDA requires."""
+
+    def __init__(self, backend: Any, nbytes: int):
+        self.backend = backend
+        self.data = backend.empty(nbytes)
+        self.stream = backend.stream()
+        self.free: Any = None  # recorded on the compute stream after the last forward that read ``data``
+        self.ready: Any = None  # recorded on the copy stream after the last forward's copies
+        self.bytes_copied = 0
+
+    def fill(self, table: ExpertsTable, experts: Sequence[int]) -> torch.Tensor:
+        b = self.backend
+        if self.free is not None:
+            self.stream.wait_event(self.free)
+        host = table.buffer.tensor
+        for r, slab in zip(table.group.table.tensors, table.group.slabs):
+            for e in experts:
+                src = slab.base + e * slab.stride
+                b.copy(self.stream, self.data[r.offset + e * slab.n:r.offset + (e + 1) * slab.n], host[src:src + slab.n])
+        self.bytes_copied += len(experts) * table.group.expert_bytes
+        self.ready = b.event()
+        self.ready.record(self.stream)
+        b.current_stream().wait_event(self.ready)
+        return self.data
+
+    def done(self) -> None:
+        """After the forward: the next fill waits for its kernels; and the copies have read their source
+        before the cache may give its pages back (from pageable memory CUDA may or may not have staged
+        them when the copy call returned: not promised, so waited for; a no-op when it did)."""
+        self.free = self.backend.event()
+        self.free.record(self.backend.current_stream())
+        if self.ready is not None:
+            self.ready.synchronize()
+
+    def close(self) -> None:
+        try:
+            self.stream.synchronize()
+            if self.free is not None:  # the last forward's kernels no longer read the table
+                self.free.synchronize()
+        finally:
+            self.data = None
+
+
+class ExpertsStager:
+    """``stage``/``done`` for experts modules, like a unit's stager: the routed experts read, the table bound
+    (on a GPU: copied to the ``DeviceTable`` and that bound)."""
+
+    host_buffers_only = True  # the tables (and the device table) live as long as the handle
+
+    def __init__(self, prefetcher: Any, groups: Sequence[ExpertsGroup], cache: ExpertCache,
+                 device: DeviceTable | None = None):
+        self.prefetcher, self.cache, self.device = prefetcher, cache, device
+        self.tables = {k: ExpertsTable(g) for k, g in enumerate(groups)}
+        self.in_use: set[tuple[int, int]] = set()
+        self.inflight: dict[tuple[int, int], Any] = {}  # predicted reads not yet wanted
+        self.routed: dict[int, list[int]] = {}  # per group, the experts its current forward routes to
+        self.predict_ahead = True
+
+    def want(self, k: int, experts: Sequence[int]) -> None:
+        """Experts ``experts`` of group ``k`` in its table: cached, predicted (wait for that read), or read now."""
+        table = self.tables[k]
+        eb = table.group.expert_bytes
+        self.routed[k] = list(experts)
+        missing, waits = [], []
+        with self.cache.lock:
+            for e in experts:
+                self.in_use.add((k, e))
+                if e in table.present:
+                    self.cache.hit((k, e))
+                elif (k, e) in self.inflight:
+                    waits.append(e)
+                    self.cache.hits += 1
+                    self.cache.predicted_used_bytes += eb
+                else:
+                    missing.append(e)
+            self.cache.misses += len(missing)
+        loads = [self.inflight.pop((k, e)) for e in waits]
+        demand = self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in missing])
+        self.prefetcher.finish_reads(loads + demand)
+        if demand:  # the reader's own timing of this batch: its first read's start to its last read's end
+            span = max(x.t_end for x in demand) - min(x.t_start for x in demand)
+            with self.cache.lock:
+                self.cache.read_seconds += span
+                self.cache.read_bytes += sum(x.bytes_done for x in demand)
+        wrong = [e for (kk, e) in self.inflight if kk == k]  # predicted, not routed: still valid experts
+        for e in wrong:
+            try:
+                self.prefetcher.finish_reads([self.inflight.pop((k, e))])
+            except Exception:  # noqa: BLE001 - a read nobody needs; a later need reads it again
+                continue
+            waits.append(e)
+        with self.cache.lock:
+            for e in missing + waits:
+                table.present.add(e)
+                self.cache.admit((k, e), eb)
+            self.cache.bytes_read += len(missing) * eb
+
+    def predict(self, k: int, hidden: torch.Tensor, per_token: int) -> None:
+        """Start reading the experts group ``k``'s router would pick for ``hidden`` (the previous layer's
+        input to its experts), behind queued prefetches, so the reads overlap this layer's compute."""
+        if k not in self.tables or self.tables[k].group.router is None:
+            return
+        table = self.tables[k]
+        router = table.group.router
+        if hidden.shape[-1] != router.shape[-1]:
+            return
+        if router.device != hidden.device:  # on a GPU: the router's copy moves there once
+            router = table.group.router = router.to(hidden.device)
+        with torch.no_grad():
+            scores = hidden.reshape(-1, hidden.shape[-1]).to(router.dtype) @ router.T
+            guess = torch.unique(scores.topk(min(per_token, router.shape[0]), dim=-1).indices).tolist()
+        todo = [e for e in guess if e not in table.present and (k, e) not in self.inflight]
+        if not todo:
+            return
+        for e, load in zip(todo, self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in todo],
+                                                            urgent=False)):
+            self.inflight[(k, e)] = load
+        with self.cache.lock:
+            self.cache.predicted_bytes += len(todo) * table.group.expert_bytes
+            self.cache.bytes_read += len(todo) * table.group.expert_bytes
+
+    def stage(self, k: int) -> torch.Tensor:
+        if self.device is not None:
+            return self.device.fill(self.tables[k], self.routed.get(k, range(self.tables[k].group.count)))
+        return self.tables[k].buffer.tensor
+
+    def done(self, k: int) -> None:
+        if self.device is not None:
+            self.device.done()
+        self.in_use = {p for p in self.in_use if p[0] != k}
+        self.cache.evict(self.tables, self.in_use)
+
+    def close(self) -> None:
+        try:
+            if self.device is not None:
+                self.device.close()
+        finally:
+            self._close_tables()
+
+    def _close_tables(self) -> None:
+        for load in self.inflight.values():  # the prefetcher is closed first: these completed or were abandoned
+            load.done.wait(1)
+        self.inflight = {}
+        for t in self.tables.values():
+            t.buffer.close()
+
+
+class ExpertsHook(UnitHook):
+    """A unit hook for an experts module: before binding, read the experts this forward routes to."""
+
+    def __init__(self, index: int, group: ExpertsGroup, bindings: list[Binding], stager: ExpertsStager):
+        super().__init__(index, group.module, group.table, bindings, stager)
+        self.group = group
+
+    def register(self) -> None:
+        self.handles = [self.module.register_forward_pre_hook(self.pre_routed, with_kwargs=True),
+                        self.module.register_forward_hook(self.post, always_call=True)]
+
+    def pre_routed(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if not self.depth:
+            index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
+            routed = [int(e) for e in torch.unique(index).tolist() if 0 <= int(e) < self.group.count]
+            self.stager.want(self.index, routed)  # type: ignore[attr-defined]
+            if self.stager.predict_ahead:  # type: ignore[attr-defined]
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(hidden, torch.Tensor):
+                    self.stager.predict(self.index + 1, hidden, index.shape[-1])  # type: ignore[attr-defined]
+        self.pre(module, args)
