@@ -74,10 +74,11 @@ class NativeReader:
             return
         addr = address_of(dest)
         if h.direct and (offset % PAGE or addr % PAGE):
-            if bounces(offset, dest, h.fd):  # O_DIRECT all the same, through a bounce page
+            size = os.fstat(h.fd).st_size
+            if bounces(offset, dest, size):  # O_DIRECT all the same, through a bounce page
                 read_bounced(lambda a, k, o: self._read(h, h.fd, a, k, o),
                              lambda o, v: self._read(h, self._buffered(h), address_of(v), len(v), o, evict=True),
-                             offset, dest, os.fstat(h.fd).st_size)
+                             offset, dest, size)
                 return
             self._read(h, self._buffered(h), addr, n, offset, evict=True)
             return

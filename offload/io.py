@@ -71,14 +71,15 @@ class PythonReader:
 
     def read(self, h: _PyHandle, offset: int, dest: memoryview) -> None:
         want = len(dest)
-        if (h.direct and want >= BOUNCE_MIN_BYTES and (offset % PAGE or address_of(dest) % PAGE)
-                and bounces(offset, dest, h.fd)):
-            # O_DIRECT all the same, through a bounce page (staging.read_bounced); the aligned calls below
-            # take the direct branch, the unaligned tail the buffered one
-            def direct(address: int, n: int, at: int) -> None:
-                self.read(h, at, memoryview((ctypes.c_char * n).from_address(address)).cast("B"))
-            read_bounced(direct, lambda at, v: self.read(h, at, v), offset, dest, os.fstat(h.fd).st_size)
-            return
+        if h.direct and want >= BOUNCE_MIN_BYTES and (offset % PAGE or address_of(dest) % PAGE):
+            size = os.fstat(h.fd).st_size
+            if bounces(offset, dest, size):
+                # O_DIRECT all the same, through a bounce page (staging.read_bounced); the aligned calls below
+                # take the direct branch, the unaligned tail the buffered one
+                def direct(address: int, n: int, at: int) -> None:
+                    self.read(h, at, memoryview((ctypes.c_char * n).from_address(address)).cast("B"))
+                read_bounced(direct, lambda at, v: self.read(h, at, v), offset, dest, size)
+                return
         done = 0
         direct = h.direct and offset % PAGE == 0 and want % PAGE == 0 and (want == 0 or address_of(dest) % PAGE == 0)
         fd = h.fd

@@ -79,9 +79,8 @@ def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[Un
                     f"({format_bytes(there + coming)}) and the device slot ring ({format_bytes(ring)}"
                     + (f", with the routed experts' table {format_bytes(gpu_extra)}" if gpu_extra else "") + "): the minimum "
                     f"is {format_bytes(there + coming + ring + gpu_extra)} (or lower prefetch=)")
-            room = total - there - coming - gpu_extra
-        elif gpu_tier is None:  # free memory, minus what is still to move there and room for activations/KV cache
-            room = backend.free_bytes() - coming - GPU_MARGIN_BYTES - gpu_extra
+        if gpu_memory is not None or gpu_tier is None:
+            room = _gpu_room(backend, gpu_memory, there, coming) - gpu_extra
         mp = plan_memory([r.data_bytes for r in records], prefetch, ram_tier=0, gpu_units=idx, gpu_room=room,
                          gpu_tier=parse_bytes(gpu_tier) if gpu_tier is not None else None)
         tiers[dev] = set(mp.gpu_tier)
@@ -100,9 +99,15 @@ def blocks_fit_on_gpu(model: nn.Module, plans: Sequence[UnitPlan], records: Sequ
     if gpu_tier is not None:
         return parse_bytes(gpu_tier) >= blocks
     there, coming = _resident_on(model, plans, device, moving=kind == "module")
-    room = (parse_bytes(gpu_memory) - there - coming if gpu_memory is not None
-            else backend.free_bytes() - coming - GPU_MARGIN_BYTES)
-    return room >= blocks + min_room([r.data_bytes for r in records], 1)
+    return _gpu_room(backend, gpu_memory, there, coming) >= blocks + min_room([r.data_bytes for r in records], 1)
+
+
+def _gpu_room(backend: Any, gpu_memory: int | str | None, there: int, coming: int) -> int:
+    """What the units may take on a device: ``gpu_memory`` minus the resident weights computing there, or
+    (no budget given) its free memory minus what is still to move there and room for activations/KV cache."""
+    if gpu_memory is not None:
+        return parse_bytes(gpu_memory) - there - coming
+    return backend.free_bytes() - coming - GPU_MARGIN_BYTES
 
 
 def _resident_tensors(model: nn.Module, plans: Sequence[UnitPlan]) -> list[torch.Tensor]:

@@ -98,10 +98,10 @@ class _Load:
     """One unit being read into one buffer. Completes exactly once, error included."""
 
     def __init__(self, unit: UnitRecord, paths: dict[str, str], buffer: HostBuffer, reader: Reader,
-                 on_finish: Callable[[_Load], None], tracer: Tracer | None = None,
-                 opener: Callable[[str], tuple[Any, bool]] | None = None):
+                 on_finish: Callable[[_Load], None], tracer: Tracer | None,
+                 opener: Callable[[str], tuple[Any, bool]]):
         self.unit, self.paths, self.buffer, self.reader = unit, paths, buffer, reader
-        self.opener = opener or (lambda path: (reader.open(path), True))  # -> (handle, this load owns it)
+        self.opener = opener  # path -> (handle, whether this load owns it: Prefetcher._open)
         self.path = next(iter(paths.values()))  # named in errors (a unit read in place may span shards)
         self.on_finish, self.tracer = on_finish, tracer
         self.bytes_done = 0
@@ -282,12 +282,10 @@ class Prefetcher:
         # keeps reading the bytes its manifest describes, never a new store's files under the old layout.
         self._files: dict[str, Any] = {}
         self._files_lock = threading.Lock()
-        try:
-            for unit in self.units:
-                for e in unit.reads:
+        for unit in self.units:
+            for e in unit.reads:
+                with contextlib.suppress(OSError):  # a missing file fails the load that needs it, named there
                     self._open(self.store.path_of(unit, e.file))
-        except OSError:  # a missing file fails the load that needs it (named there), not the construction
-            pass
         self._workers = _Workers(max(1, threads), f"offload-io-{next(_ids)}")
 
     # ------------------------------------------------------------------ the schedule

@@ -16,7 +16,6 @@ only keeps the books, under one lock that the schedule shares.
 from __future__ import annotations
 
 import mmap
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -203,11 +202,11 @@ class HostRing:
 _bounce = threading.local()
 
 
-def bounces(offset: int, dest: memoryview, fd: int) -> bool:
+def bounces(offset: int, dest: memoryview, file_size: int) -> bool:
     """Whether a misaligned read of ``dest`` at ``offset`` goes through ``read_bounced``: big enough, into a
     writable buffer, and inside the file (a read past its end takes the plain path, which raises the
     short read naming the request; a read-only destination raises there too)."""
-    return len(dest) >= BOUNCE_MIN_BYTES and not dest.readonly and offset + len(dest) <= os.fstat(fd).st_size
+    return len(dest) >= BOUNCE_MIN_BYTES and not dest.readonly and offset + len(dest) <= file_size
 
 
 def read_bounced(read_direct: Callable[[int, int, int], None], read_buffered: Callable[[int, memoryview], None],

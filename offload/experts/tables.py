@@ -115,22 +115,13 @@ class ExpertBinding(Binding):
         out.slab = slab
         return out
 
-    def view_in(self, data: torch.Tensor, keep: bool) -> torch.Tensor:
-        key = data.data_ptr()
-        view = self.views.get(key) if keep else None
-        if view is None:
-            size = self.dtype.itemsize
-            slab = self.slab
-            assert slab.base % size == 0 and slab.stride % size == 0, (slab, self.dtype)
-            inner = [1]
-            for d in reversed(self.shape[1:]):
-                inner.insert(0, inner[0] * d)
-            typed = data.view(self.dtype)
-            view = typed.as_strided(self.shape, (slab.stride // size, *inner[1:]),
-                                    typed.storage_offset() + slab.base // size)
-            if keep:
-                self.views[key] = view
-        return view
+    def _view(self, data: torch.Tensor) -> torch.Tensor:
+        size = self.dtype.itemsize
+        slab = self.slab
+        assert slab.base % size == 0 and slab.stride % size == 0, (slab, self.dtype)
+        typed = data.view(self.dtype)
+        strides = (slab.stride // size, *torch.empty(self.shape, device="meta").stride()[1:])  # [e]: contiguous
+        return typed.as_strided(self.shape, strides, typed.storage_offset() + slab.base // size)
 
 
 class DeviceTable:
