@@ -43,8 +43,7 @@ def disk_bps(st: offload.store.Store) -> float:
     from offload.io import get_reader
     from offload.measure import measure_disk
     units = [[(st.path_of(u, e.file), e.offset, e.length) for e in u.reads] for u in st.units]
-    bps, _, _ = measure_disk(units, get_reader())
-    return max(bps.values())
+    return max(measure_disk(units, get_reader()).bps.values())
 
 
 def streamed_rows(name: str, store: str, batch_sizes: list[int], new_tokens: int, prompt: torch.Tensor,

@@ -5,10 +5,11 @@ Per row: ``offload tune``'s steps (the disk measured once per disk, reader and u
 own reader on the model's own files; a short cold generation whose decode compute is cached), then a
 fresh ``offload.load(prefetch="auto")`` that plans from those measurements: its prediction is taken
 before the measured decode starts. Measured: median seconds per decode token, cold (every file of the
-store and checkpoint evicted before each forward, untimed). Floors: bytes read per token over fio's best
-O_DIRECT rate on the same disk (hugetlbfs buffers when a mount is there or can be made; measured right
-before and right after each row, the better of the two: this shared disk drifts by 20% within minutes)
-and the same store with every unit in RAM (the compute floor, warm).
+store and checkpoint evicted before each forward, untimed), in ``--pairs`` decode chunks alternated with
+fio. Floors: bytes read per token over fio's best O_DIRECT rate on the same disk (hugetlbfs buffers when
+a mount is there or can be made), for each chunk the better of the fio runs right before and right after
+it (this shared disk drifts by 20-50% within minutes), and the same store with every unit in RAM (the
+compute floor, warm). "cold / max(floors)" is the median of the chunks' ratios (MEASURING.md, rule 3).
 
     python benchmarks/bench_tune.py --random bloom-1b7 --json bench-out/tune.json
 """
@@ -78,7 +79,8 @@ def cold_paths(store: str, folder: str) -> list[str]:
     return [store, folder]
 
 
-def row(name: str, store: str, folder: str, new_tokens: int, memory: dict[str, Any]) -> dict[str, Any]:
+def row(name: str, store: str, folder: str, shard: str, new_tokens: int, pairs: int,
+        memory: dict[str, Any]) -> dict[str, Any]:
     paths = cold_paths(store, folder)
     # 1. what `offload tune` does: the disk (once per disk, reader and unit size) and this store's decode compute
     t0 = time.perf_counter()
@@ -92,20 +94,32 @@ def row(name: str, store: str, folder: str, new_tokens: int, memory: dict[str, A
     model, h = offload.load(store, progress=False, **memory)
     pred = h.prediction
     assert pred is not None, f"{name}: no prediction ({h.why_no_prediction})"
-    times, _ = decode_times(model, PROMPT, new_tokens, paths, at_decode=h.reset_stats)
+    # 3. fio and the decode alternate (fio, decode, fio, ..., fio): each decode chunk is compared with the
+    # better fio of the two around it, and the row's ratio is the median of those per-pair ratios
+    fio = [fio_bps(shard)[0]]
+    chunks = []
+    for _ in range(pairs):
+        times, _ = decode_times(model, PROMPT, new_tokens, paths, at_decode=h.reset_stats)
+        chunks.append({"samples": times, "bytes_per_token": h.stats().bytes_read / max(1, len(times))})
+        fio.append(fio_bps(shard)[0])
     s = h.stats()
     h.disable()
     del model
     gc.collect()
+    times = [t for c in chunks for t in c["samples"]]
     measured = statistics.median(times)
-    per_token = s.bytes_read / max(1, len(times))
+    per_token = statistics.median(c["bytes_per_token"] for c in chunks)
+    for i, c in enumerate(chunks):
+        c["fio_bps"] = max(fio[i], fio[i + 1])
+        c["io_floor_s"] = c["bytes_per_token"] / c["fio_bps"]
     out = {"variant": name, "memory": memory, "prefetch": s.prefetch, "predicted_s": pred.s_per_pass,
-           "bound": pred.bound, "basis": pred.basis, "measured_s": measured, "samples": times,
-           "measured_over_predicted": measured / pred.s_per_pass, "bytes_per_token": per_token,
+           "bound": pred.bound, "basis": pred.basis, "measured_s": measured, "samples": times, "chunks": chunks,
+           "fio_samples": fio, "measured_over_predicted": measured / pred.s_per_pass, "bytes_per_token": per_token,
            "streamed_units": s.streamed_units, "ram_tier_units": s.ram_tier_units, "tune_s": tune_s,
            "predicted_read_s": pred.read_s, "predicted_compute_s": pred.compute_s}
     log(f"  {name} {memory or ''}: prefetch {s.prefetch}, predicted {pred.s_per_pass:.3f} s, measured {measured:.3f} s "
-        f"({measured / pred.s_per_pass - 1:+.1%}), {per_token / 2**20:.0f} MiB/token, {pred.bound}-bound, tune {tune_s:.1f} s")
+        f"({measured / pred.s_per_pass - 1:+.1%}), {per_token / 2**20:.0f} MiB/token, {pred.bound}-bound, tune {tune_s:.1f} s, "
+        f"fio " + "/".join(f"{x / 1e9:.2f}" for x in fio) + " GB/s")
     return out
 
 
@@ -123,7 +137,8 @@ def main() -> int:
     p.add_argument("--random", default="bloom-1b7")
     p.add_argument("--variants", default="fp32,bf16,int8,int4")
     p.add_argument("--cpu-memory", default="4GiB", help="the extra fp32 row's budget (part in the RAM tier); '' skips")
-    p.add_argument("--new-tokens", type=int, default=6)
+    p.add_argument("--new-tokens", type=int, default=4, help="tokens per decode chunk (all but the first are timed)")
+    p.add_argument("--pairs", type=int, default=3, help="fio / decode pairs per row (the ratio is their median)")
     p.add_argument("--json")
     a = p.parse_args()
     if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
@@ -139,27 +154,21 @@ def main() -> int:
         jobs.append(("fp32", {"cpu_memory": a.cpu_memory}))
     rows = []
     in_ram: dict[str, float] = {}
-    fio_before, fio_kind = fio_bps(shard)
+    fio_kind = fio_bps(shard)[1]
     for v, memory in jobs:
-        log(f"[{v} {memory}] fio before {fio_before / 1e9:.2f} GB/s")
-        r = row(v, stores[v], folder, a.new_tokens, memory)
-        fio_after = fio_bps(shard)[0]
-        r["fio_bps"] = max(fio_before, fio_after)
-        r["fio_samples"] = [fio_before, fio_after]
-        log(f"  fio after {fio_after / 1e9:.2f} GB/s")
+        log(f"[{v} {memory}]")
+        r = row(v, stores[v], folder, shard, a.new_tokens, a.pairs, memory)
         if v not in in_ram:
             in_ram[v] = in_ram_step(stores[v], a.new_tokens)
         r["in_ram_s"] = in_ram[v]
+        r["over_floor"] = statistics.median(statistics.median(c["samples"]) / max(c["io_floor_s"], in_ram[v])
+                                            for c in r["chunks"])
+        r["io_floor_s"] = statistics.median(c["io_floor_s"] for c in r["chunks"])
         rows.append(r)
-        fio_before = fio_after
     print("| variant | memory | prefetch (auto) | predicted s/token | measured | measured / predicted | bound | "
-          "fio GB/s (before, after) | I/O floor | in-RAM step | cold / max(floors) | MiB/token | tune s |")
+          "fio GB/s (alternated) | I/O floor | in-RAM step | cold / max(floors) | MiB/token | tune s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        fio = r["fio_bps"]
-        r["io_floor_s"] = r["bytes_per_token"] / fio
-        floor = max(r["io_floor_s"], r["in_ram_s"] or 0)
-        r["over_floor"] = r["measured_s"] / floor
         mem = "every block streamed" if r["memory"].get("ram_tier") == 0 else f"--cpu-memory {r['memory']['cpu_memory']}"
         fs = "/".join(f"{x / 1e9:.2f}" for x in r["fio_samples"])
         print(f"| {r['variant']} | {mem} | {r['prefetch']} | {r['predicted_s']:.3f} | {r['measured_s']:.3f} | "

@@ -5,10 +5,11 @@ Why a module of its own: measuring touches the outside world (the model's files,
 folder, written atomically after a free-space check; the clock), while ``tune.py``'s model is pure
 arithmetic on the numbers measured here, testable with made-up ones.
 
-  * ``DiskProfile`` / ``disk_profile``: aggregate read rate with 1, 2, 3 ... units read at once, with the
-    run's own reader on the model's own files (page cache evicted first), once per (machine,
-    filesystem, reader, unit size), cached under ``<cache>/tune/``. A cached profile is used only
-    when every field of where it was measured matches (``_disk_key``).
+  * ``DiskProfile`` / ``disk_profile``: aggregate read rate with 1, 2, 4, 8 units read at once, and the
+    share of it kept while every core computes, with the run's own reader on the model's own files
+    (page cache evicted first), once per (machine, filesystem, reader, unit size), cached under
+    ``<cache>/tune/``. A cached profile is used only when every field of where it was measured
+    matches (``_disk_key``). Planning uses the closest non-decreasing curve through the levels.
   * compute: ``PassMeter`` splits each top-level forward into unit compute (the hooks' time with
     weights bound), waits and the rest; decode passes are summed per batch size; ``save_compute`` /
     ``cached_compute`` keep them per store, batch, threads and device. Before any run,
@@ -40,32 +41,36 @@ from .ranges import page_down
 
 log = logging.getLogger("offload")
 
-VERSION = 1
+VERSION = 2  # 2: profiles carry the rate kept while computing (``busy``)
 MAX_CONCURRENCY = 8  # unit reads in flight measured (and the deepest look-ahead the planner tries)
-MEASURE_CAP_BYTES = 128 << 20  # a read longer than this measures no differently; caps the buffers
+MEASURE_CAP_BYTES = 64 << 20  # a read longer than this measures no differently; caps the buffers
 POINT_SECONDS = 0.5  # time spent per concurrency level per round
+LEVELS = (1, 2, 4, 8)  # reads in flight measured; the fitted curve is interpolated between them
+BUSY_LEVEL = 4  # the level also measured with every core computing (about the depth "auto" picks here)
 
 # ---------------------------------------------------------------------------------------------- disk
 
 @dataclasses.dataclass
 class DiskProfile:
-    """Aggregate bytes/s with ``k`` unit reads of ``read_bytes`` each in flight, as measured."""
+    """Aggregate bytes/s with ``k`` unit reads of ``read_bytes`` each in flight, as measured, and the
+    fraction of it the disk keeps while the CPU computes (``busy``)."""
     key: dict[str, Any]
     bps: dict[int, float]
     read_bytes: int
     seconds: float
     measured_at: float
+    busy: float = 1.0  # rate while every core computes / rate while idle, measured at one depth
 
     def rate(self, k: int) -> float:
-        """Aggregate rate with ``k`` reads in flight, for planning: the best measured at ``k`` or fewer
-        (a deeper queue can always hold back to fewer, and on a shared disk a dip at one depth is
-        mostly noise), interpolated between the levels measured; beyond them, the deepest."""
+        """Aggregate rate with ``k`` reads in flight, for planning: the measured levels fitted by the
+        closest non-decreasing curve (a deeper queue can always hold back to fewer, so the true curve
+        never falls; a dip is noise on a shared disk), interpolated between the levels measured; beyond
+        them, the deepest. Why a fit and not the best level so far: each level's median is noisy by
+        ~10% here, and the running best of several noisy levels is biased high by about as much, which
+        made every disk-bound prediction ~10% fast."""
         if k <= 0:
             return 0.0
-        env, best = {}, 0.0
-        for x in sorted(self.bps):
-            best = max(best, self.bps[x])
-            env[x] = best
+        env = _non_decreasing(self.bps)
         ks = sorted(env)
         if k in env:
             return env[k]
@@ -78,16 +83,32 @@ class DiskProfile:
 
     @property
     def peak(self) -> float:
-        return max(self.bps.values())
+        """The fitted rate at the deepest level measured: the fastest this disk reads, for planning."""
+        return max(_non_decreasing(self.bps).values())
 
     def as_json(self) -> dict[str, Any]:
         return {"version": VERSION, "key": self.key, "bps": {str(k): v for k, v in self.bps.items()},
-                "read_bytes": self.read_bytes, "seconds": self.seconds, "measured_at": self.measured_at}
+                "read_bytes": self.read_bytes, "seconds": self.seconds, "measured_at": self.measured_at,
+                "busy": self.busy}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DiskProfile:
         return cls(d["key"], {int(k): float(v) for k, v in d["bps"].items()}, int(d["read_bytes"]),
-                   float(d["seconds"]), float(d["measured_at"]))
+                   float(d["seconds"]), float(d["measured_at"]), float(d["busy"]))
+
+
+def _non_decreasing(bps: dict[int, float]) -> dict[int, float]:
+    """The least-squares non-decreasing fit of ``bps`` over its levels (pool adjacent violators): a level
+    below the one before it is averaged with it instead of being lifted to the best seen."""
+    blocks: list[list[float]] = []  # [sum, count] per pooled run of levels
+    for k in sorted(bps):
+        blocks.append([bps[k], 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, n = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += n
+    fitted = [b[0] / b[1] for b in blocks for _ in range(int(b[1]))]
+    return dict(zip(sorted(bps), fitted))
 
 
 def _machine() -> dict[str, str]:
@@ -178,14 +199,49 @@ def _capped(reads: Reads, cap: int) -> list[tuple[str, int, int]]:
     return out
 
 
+@dataclasses.dataclass
+class DiskRates:
+    """What ``measure_disk`` found: the rate per level, the bytes per read, the fraction of the rate kept
+    while the CPU computes, and the seconds it took."""
+    bps: dict[int, float]
+    read_bytes: int
+    busy: float
+    seconds: float
+
+
+class _Busy:
+    """Every core computing, as a decode step on the CPU does (a matrix-vector product on torch's
+    intra-op threads), while a disk level is measured: on a small machine the reader threads share the
+    cores with compute, and the disk then reads measurably slower (0.7x here) for as long as it lasts."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="offload-tune-busy", daemon=True)
+
+    def _run(self) -> None:
+        a = torch.ones(2048, 4096)
+        x = torch.ones(4096)
+        while not self._stop.is_set():
+            torch.mv(a, x)
+
+    def __enter__(self) -> _Busy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = MAX_CONCURRENCY,
-                 point_seconds: float = POINT_SECONDS, rounds: int = 3) -> tuple[dict[int, float], int, float]:
+                 point_seconds: float = POINT_SECONDS, rounds: int = 3) -> DiskRates:
     """Aggregate read rate of ``units`` (each a list of byte ranges) with 1..``max_concurrency`` read at once.
 
     Reads cycle through the units, so no range is read twice in a row; the page cache is evicted first
     and the readers use O_DIRECT where the filesystem allows it. Concurrency levels alternate up then
-    down over ``rounds`` and each level's rate is the median of its rounds (a shared disk drifts).
-    Returns (rate per level, bytes per read, seconds spent).
+    down over ``rounds`` and each level's rate is the median of its rounds (a shared disk drifts). In
+    each round one level (``BUSY_LEVEL``) is measured twice in a row, idle and with every core
+    computing (``_Busy``); ``busy`` is the median of those pairs' ratios.
     """
     from ._memory import available_memory
     from .staging import HostBuffer
@@ -201,8 +257,10 @@ def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = 
     handles = {p: reader.open(p) for p in paths}
     bufs = [HostBuffer(per_read) for _ in range(max_concurrency)]
     step = getattr(reader, "task_bytes", None)
-    levels = [k for k in (1, 2, 3, 4, 6, 8) if k <= max_concurrency]
+    levels = [k for k in LEVELS if k <= max_concurrency]
+    busy_level = min(BUSY_LEVEL, levels[-1])
     got: dict[int, list[float]] = {k: [] for k in levels}
+    busy: list[float] = []
     cursor = [0]
     lock = threading.Lock()
 
@@ -218,37 +276,45 @@ def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = 
             into += n
         return into
 
+    def point(k: int) -> float:
+        done = [0] * k
+        stop = time.perf_counter() + point_seconds
+        errors: list[BaseException] = []
+
+        def worker(i: int) -> None:
+            try:
+                while time.perf_counter() < stop or done[i] == 0:
+                    done[i] += one(bufs[i])
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller
+                errors.append(e)
+
+        t0 = time.perf_counter()
+        ts = [threading.Thread(target=worker, args=(i,), name=f"offload-tune-{i}") for i in range(k)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        if errors:
+            raise errors[0]
+        rate = sum(done) / (time.perf_counter() - t0)
+        evict(paths)
+        return rate
+
     try:
         evict(paths)
         order = [k for r in range(rounds) for k in (levels if r % 2 == 0 else levels[::-1])]
         for k in order:
-            done = [0] * k
-            stop = time.perf_counter() + point_seconds
-            errors: list[BaseException] = []
-
-            def worker(i: int) -> None:
-                try:
-                    while time.perf_counter() < stop or done[i] == 0:
-                        done[i] += one(bufs[i])
-                except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller
-                    errors.append(e)
-
-            t0 = time.perf_counter()
-            ts = [threading.Thread(target=worker, args=(i,), name=f"offload-tune-{i}") for i in range(k)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            if errors:
-                raise errors[0]
-            got[k].append(sum(done) / (time.perf_counter() - t0))
-            evict(paths)
+            got[k].append(point(k))
+            if k == busy_level:
+                with _Busy():
+                    busy.append(point(k) / got[k][-1])
     finally:
         for h in handles.values():
             reader.close(h)
         for b in bufs:
             b.close()
-    return {k: statistics.median(v) for k, v in got.items() if v}, per_read, time.perf_counter() - t_all
+    return DiskRates({k: statistics.median(v) for k, v in got.items() if v}, per_read,
+                     min(1.0, statistics.median(busy)) if busy else 1.0, time.perf_counter() - t_all)
 
 
 def disk_profile(units: Sequence[Reads], reader: Any, *, measure: bool = True, refresh: bool = False,
@@ -271,15 +337,15 @@ def disk_profile(units: Sequence[Reads], reader: Any, *, measure: bool = True, r
     if say:
         say(f"offload: measuring this disk's read rate with {key['reader']} on the model's own files "
             f"(once per disk; cached in {os.path.dirname(path)}; --no-tune skips)")
-    bps, per_read, secs = measure_disk(units, reader)
-    prof = DiskProfile(key, bps, per_read, secs, time.time())
+    m = measure_disk(units, reader)
+    prof = DiskProfile(key, m.bps, m.read_bytes, m.seconds, time.time(), m.busy)
     try:
         _write_cached(path, prof.as_json())
     except (OSError, OffloadError) as e:  # not cached: measured again next time, nothing else lost
         log.warning("offload: the disk measurement could not be cached (%s)", e)
     if say:
-        say("offload: disk " + ", ".join(f"{k} in flight {v / 1e9:.2f} GB/s" for k, v in sorted(bps.items()))
-            + f" ({secs:.1f} s)")
+        say("offload: disk " + ", ".join(f"{k} in flight {v / 1e9:.2f} GB/s" for k, v in sorted(m.bps.items()))
+            + f"; {m.busy:.0%} of it while computing ({m.seconds:.1f} s)")
     return prof
 
 

@@ -58,7 +58,7 @@ class UnitCost:
 
 
 def simulate(units: Sequence[UnitCost], prefetch: int, rate: Callable[[int], float], *, other_s: float = 0.0,
-             h2d_bps: float | None = None, passes: int = 12) -> float:
+             h2d_bps: float | None = None, busy: float = 1.0, passes: int = 12) -> float:
     """Mean seconds of passes 2..``passes`` through the pipeline ``prefetch.py`` runs (see module doc).
 
     Reads in flight share ``rate(k)`` equally. Read m (the m-th streamed unit, counting across passes)
@@ -86,14 +86,15 @@ def simulate(units: Sequence[UnitCost], prefetch: int, rate: Callable[[int], flo
                 del remaining[m]
                 read_end[m] = t
 
-    def run_until(deadline: float | None, want: int | None = None) -> None:
-        """Advance time: to ``deadline``, or until read ``want`` is done (reads progress meanwhile)."""
+    def run_until(deadline: float | None, want: int | None = None, factor: float = 1.0) -> None:
+        """Advance time: to ``deadline``, or until read ``want`` is done (reads progress meanwhile, at
+        ``factor`` times the disk's rate)."""
         nonlocal t
         while remaining:
             if want is not None and want not in remaining:
                 return
             k = len(remaining)
-            each = rate(k) / k
+            each = factor * rate(k) / k
             if each <= 0:
                 raise ValueError("the disk profile gives no rate")
             m_first = min(remaining, key=lambda m: remaining[m])
@@ -135,10 +136,10 @@ def simulate(units: Sequence[UnitCost], prefetch: int, rate: Callable[[int], flo
             copy_free = c0 + u.nbytes / h2d_bps
             ready = copy_free
         run_until(max(ready, t))
-        run_until(t + u.compute_s)
+        run_until(t + u.compute_s, factor=busy)
         compute_end[g] = t
         if g % n_units == n_units - 1 and other_s:
-            run_until(t + other_s)
+            run_until(t + other_s, factor=busy)
     pass_start[total] = t
     # The first pass fills the pipeline; reads finish in waves of prefetch+1 that need not divide a pass,
     # so one pass alone can alias: the mean of the rest is the steady state.
@@ -169,8 +170,9 @@ def predict(units: Sequence[UnitCost], prefetch: int, disk: DiskProfile | None, 
         read_s = streamed / disk.rate(min(prefetch + 1, MAX_CONCURRENCY))
         # No pass beats a floor; the simulation's pass boundaries can alias by a few % (reads finish in
         # waves that need not divide a pass), so the floors also clamp it.
-        s = max(simulate(units, prefetch, disk.rate, other_s=other_s, h2d_bps=h2d_bps), streamed / disk.peak,
-                compute, copy)
+        busy = disk.busy if h2d_bps is None else 1.0  # compute on a GPU leaves the cores to the readers
+        s = max(simulate(units, prefetch, disk.rate, other_s=other_s, h2d_bps=h2d_bps, busy=busy),
+                streamed / disk.peak, compute, copy)
     bound = max((("disk", read_s if read_s == read_s else 0.0), ("compute", compute), ("pcie", copy)),
                 key=lambda kv: kv[1])[0]
     return Prediction(s, bound, read_s, compute, copy, prefetch, basis)
@@ -232,7 +234,8 @@ def _costs(t: dict[str, Any], mp: Any, compute: Compute) -> list[UnitCost]:
 def _basis(t: dict[str, Any], compute_basis: str) -> str:
     d: DiskProfile = t["disk"]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.measured_at))
-    return f"disk {d.peak / 1e9:.2f} GB/s at best ({d.key['reader']}, measured {when}); {compute_basis}"
+    return (f"disk {d.peak / 1e9:.2f} GB/s fitted at depth, {d.busy:.0%} of it while computing ({d.key['reader']}, "
+            f"measured {when}); {compute_basis}")
 
 
 def choose_plan(t: dict[str, Any], candidates: Sequence[tuple[int, Any]], batch: int = 1) -> Prediction:
