@@ -53,6 +53,9 @@ from .trace import COMPUTE_TRACK, Tracer
 _POLL_S = 0.1  # how often a blocked wait re-checks that the prefetcher is still open
 _ids = itertools.count()
 _MAX_OPEN = 256  # files a prefetcher keeps open for its life (the rest are opened per read)
+# With routed experts, reads a whole-unit reader would make whole are cut into tasks of this size: a forward's
+# expert batch, queued ahead of them, then waits behind at most one slice per reader thread, not whole units.
+_SLICE_BYTES = 8 << 20
 
 
 def _fd_of(handle: Any) -> int | None:
@@ -101,6 +104,7 @@ class _Load:
                  on_finish: Callable[[_Load], None], tracer: Tracer | None,
                  opener: Callable[[str], tuple[Any, bool]]):
         self.unit, self.paths, self.buffer, self.reader = unit, paths, buffer, reader
+        self.task_bytes = reader.task_bytes  # the prefetcher may cut a whole-unit reader's reads (_SLICE_BYTES)
         self.opener = opener  # path -> (handle, whether this load owns it: Prefetcher._open)
         self.path = next(iter(paths.values()))  # named in errors (a unit read in place may span shards)
         self.on_finish, self.tracer = on_finish, tracer
@@ -126,7 +130,7 @@ class _Load:
     def tasks(self) -> list[_Task]:
         out = []
         for e in self.unit.reads:
-            step = max(self.reader.task_bytes or e.length, 1)
+            step = max(self.task_bytes or e.length, 1)
             out += [_Task(self, e.file, e.offset + off, e.into + off, min(step, e.length - off))
                     for off in range(0, e.length, step)]
         if not out:  # an empty unit still gets one (empty) task, so the load completes like any other
@@ -256,7 +260,9 @@ class Prefetcher:
 
     def __init__(self, store: Store, units: Sequence[UnitRecord], reader: Reader, config: StagingConfig,
                  ram_tier: dict[int, HostBuffer] | None = None, elsewhere: set[int] | None = None,
-                 verify: bool = False, tracer: Tracer | None = None):
+                 verify: bool = False, tracer: Tracer | None = None, batches: bool = False):
+        """``batches``: ``start_reads`` will be given many ranges at once (a layer's routed experts), so
+        every one of ``config.io_threads`` reader threads is started, not one per ring slot."""
         self.store = store
         self.tracer = tracer
         self.units = list(units)
@@ -276,7 +282,12 @@ class Prefetcher:
         self._stats_lock = threading.Lock()
         self.closed = False
         self._stats = PrefetchStats()
-        threads = config.io_threads if reader.task_bytes else min(config.io_threads, config.ring_slots + 1)
+        # A native reader keeps its own queue full within one unit, so whole units need a thread per read the
+        # ring allows; a batch of routed experts is many small reads at once (3-6 MiB each), and with four
+        # threads it read at half the disk's rate.
+        wide = reader.task_bytes or batches
+        threads = config.io_threads if wide else min(config.io_threads, config.ring_slots + 1)
+        self._slice = None if reader.task_bytes or not batches else _SLICE_BYTES
         # Every file the units read, opened once for the handle's life: a cached store swapped out by a rebuild
         # in another process (renamed, then removed) stays readable through these descriptors, so this handle
         # keeps reading the bytes its manifest describes, never a new store's files under the old layout.
@@ -465,7 +476,10 @@ class Prefetcher:
 
     def _new_load(self, unit: UnitRecord, buffer: HostBuffer) -> _Load:
         paths = {e.file: self.store.path_of(unit, e.file) for e in unit.reads}
-        return _Load(unit, paths, buffer, self.reader, self._finished, self.tracer, self._open)
+        load = _Load(unit, paths, buffer, self.reader, self._finished, self.tracer, self._open)
+        if self._slice:
+            load.task_bytes = self._slice
+        return load
 
     def _start(self, i: int, slot: Slot, urgent: bool) -> None:
         load = self._new_load(self.units[i], slot.buffer)

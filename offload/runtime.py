@@ -248,7 +248,8 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
     mp, tracer = placement.plan, built.tracer
     resident = {i: HostBuffer(records[i].data_bytes) for i in sorted(mp.ram_tier)}
     prefetcher = built.prefetcher = Prefetcher(st, records, reader, placement.config, resident,
-                                               elsewhere=placement.elsewhere, verify=verify, tracer=tracer)
+                                               elsewhere=placement.elsewhere, verify=verify, tracer=tracer,
+                                               batches=bool(groups))
     if resident:
         from .writer import _progress
         bar = _progress(sum(b.nbytes for b in resident.values()), "offload: loading RAM tier", progress)

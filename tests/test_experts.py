@@ -331,3 +331,74 @@ def test_the_huge_pages_knob_off_means_no_huge_pages_and_the_mapping_budget_hold
     assert E._mappings_allow(1)
     with caplog.at_level(logging.INFO, logger="offload"):
         assert not E._mappings_allow(1 << 40)
+
+
+def test_a_layers_routed_experts_are_read_at_once_not_one_per_ring_slot(tmp_path, no_thread_leak):
+    """A reader that keeps its own queue full within a read (the native one) gets one thread per ring
+    slot for whole units; a batch of routed experts (3-6 MiB reads on a real model) needs them all in
+    flight at once: with four threads they read at half the disk's rate."""
+    import threading
+
+    from offload.io import PythonReader
+
+    class Counting(PythonReader):
+        """Counts reads in flight; each waits (once, briefly) for ``want`` to be in flight together."""
+        want = 6
+
+        def __init__(self):
+            super().__init__(direct=False, task_bytes=None)  # whole extents per call, like the native reader
+            self.cv = threading.Condition()
+            self.now = self.most = 0
+            self.settled = False
+
+        def read(self, h, offset, dest):
+            with self.cv:
+                self.now += 1
+                self.most = max(self.most, self.now)
+                self.cv.notify_all()
+                if not self.settled:  # the first batch shows how many run at once; later reads do not wait
+                    self.settled = self.cv.wait_for(lambda: self.now >= self.want, timeout=2) or True
+            try:
+                super().read(h, offset, dest)
+            finally:
+                with self.cv:
+                    self.now -= 1
+
+    model = make("qwen3_moe")
+    ref = copy.deepcopy(model)
+    reader = Counting()
+    ids = torch.randint(0, 256, (1, 16))  # 16 tokens x top-2 of 16 experts: most experts of each layer
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False, reader=reader,
+                        predict_experts=False):
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert reader.most >= reader.want, f"at most {reader.most} expert reads in flight"
+
+
+def test_with_routed_experts_whole_unit_reads_are_sliced_so_an_expert_batch_waits_for_one_slice(
+        tmp_path, monkeypatch, no_thread_leak):
+    """Routed expert reads are queued ahead of the dense prefetch, but a whole-unit read already running
+    cannot be overtaken: with routed experts the prefetcher cuts a whole-unit reader's reads into slices.
+    Here slices of 16 KiB on a tiny model; exact all the same."""
+    from offload import prefetch
+    from offload.io import PythonReader
+
+    class Sizes(PythonReader):
+        def __init__(self):
+            super().__init__(direct=False, task_bytes=None)
+            self.sizes = []
+
+        def read(self, h, offset, dest):
+            self.sizes.append(len(dest))
+            super().read(h, offset, dest)
+
+    monkeypatch.setattr(prefetch, "_SLICE_BYTES", 16 << 10)
+    model = make("qwen3_moe")
+    ref = copy.deepcopy(model)
+    reader = Sizes()
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False, reader=reader,
+                        predict_experts=False) as h:
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+        largest_unit = max(r.data_bytes for r in h._prefetcher.units)
+    assert largest_unit > 16 << 10 and reader.sizes and max(reader.sizes) <= 16 << 10
