@@ -85,7 +85,7 @@ def row(name: str, store: str, folder: str, shard: str, new_tokens: int, pairs: 
     # 1. what `offload tune` does: the disk (once per disk, reader and unit size) and this store's decode compute
     t0 = time.perf_counter()
     model, h = offload.load(store, progress=False, **memory)
-    decode_times(model, PROMPT, 4, paths)
+    decode_times(model, PROMPT, 3, paths)  # the prefill and the two decode passes the compute meter needs
     h.disable()  # caches the decode compute measured
     tune_s = time.perf_counter() - t0
     del model

@@ -868,6 +868,7 @@ def add_tune_parser(sub: Any) -> None:
                     "and predicted vs measured seconds per pass.")
     add_model_options(t)
     t.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="rows per pass to measure")
-    t.add_argument("--max-new-tokens", type=at_least(3), default=5, metavar="N",
-                   help="tokens to generate (all but the first are the decode passes measured)")
+    t.add_argument("--max-new-tokens", type=at_least(3), default=3, metavar="N",
+                   help="tokens to generate (all but the first are the decode passes measured; two are enough "
+                        "for the compute, more only take longer on a slow disk)")
     t.set_defaults(fn=cmd_tune)
