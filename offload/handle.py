@@ -214,7 +214,9 @@ class Handle:
 
     def _save_compute(self) -> None:
         """Cache the decode compute measured in this run (per batch size), so the next plan of this store
-        predicts from it rather than from a kernel estimate. Host timing measures CPU compute only."""
+        predicts from it rather than from a kernel estimate. Host timing measures CPU compute only. A
+        disk-bound run also tells the disk's profile how far its passes were from the prediction."""
+        self._observe_disk()
         if not self._tuning.get("store_id") or any(p.device.type != "cpu" for p in self._plans):
             return
         for batch in self._meter.decode:
@@ -224,6 +226,22 @@ class Handle:
                     _measure.save_compute(self._tuning["store_id"], batch, "cpu", c)
                 except (OSError, OffloadError) as e:  # a cache that cannot be written only costs a re-measure
                     log.debug("offload: tuning cache not written: %s", e)
+
+    def _observe_disk(self) -> None:
+        """Measured / predicted of this run's decode passes, into the disk profile (``DiskProfile.drift``):
+        only when they were all at one batch size (at least two of them) and the prediction with this
+        run's own compute is disk-bound, so the ratio is the disk's, not the compute estimate's."""
+        if len(self._meter.decode) != 1 or self._tuning.get("disk") is None:
+            return
+        batch, (n, _, _) = next(iter(self._meter.decode.items()))
+        p = self.predict(batch) if n >= 2 else None
+        measured = self._meter.s_per_pass()
+        if p is None or p.bound != "disk" or not measured or not p.s_per_pass:
+            return
+        try:
+            _measure.observe_disk(self._tuning["disk"], measured / p.s_per_pass)
+        except (OSError, OffloadError) as e:  # a cache that cannot be written only costs accuracy
+            log.debug("offload: disk observation not written: %s", e)
 
     def predict(self, batch: int = 1) -> _tune.Prediction | None:
         """Seconds per decode pass at ``batch`` rows, as the plan models them (``None``: nothing measured

@@ -46,6 +46,8 @@ MAX_CONCURRENCY = 8  # unit reads in flight measured (and the deepest look-ahead
 MEASURE_CAP_BYTES = 64 << 20  # a read longer than this measures no differently; caps the buffers
 POINT_SECONDS = 0.5  # time spent per concurrency level per round
 LEVELS = (1, 2, 4, 8)  # reads in flight measured; the fitted curve is interpolated between them
+OBSERVED_KEEP = 5  # disk-bound runs whose measured / predicted a profile keeps (``DiskProfile.drift``)
+OBSERVED_TTL_S = 3600.0  # and for how long they count
 BUSY_LEVEL = 4  # the level also measured with every core computing (about the depth "auto" picks here)
 
 # ---------------------------------------------------------------------------------------------- disk
@@ -60,6 +62,19 @@ class DiskProfile:
     seconds: float
     measured_at: float
     busy: float = 1.0  # rate while every core computes / rate while idle, measured at one depth
+    observed: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (when, measured / predicted)
+
+    @property
+    def drift(self) -> float:
+        """How much slower than predicted the recent disk-bound runs on this disk were (median of measured
+        / predicted over the last ``OBSERVED_KEEP`` runs younger than ``OBSERVED_TTL_S``; 1.0: none).
+
+        Why: this shared disk moves 20-30% within minutes, so a profile taken once goes stale; the runs
+        themselves are the freshest measurement of it. Bounded to [0.5, 2]: one odd run (a warm page
+        cache, a neighbour's burst) cannot throw the plan far, and ``offload tune`` starts afresh."""
+        now = time.time()
+        recent = [r for t, r in self.observed[-OBSERVED_KEEP:] if now - t < OBSERVED_TTL_S]
+        return statistics.median(recent) if recent else 1.0
 
     def rate(self, k: int) -> float:
         """Aggregate rate with ``k`` reads in flight, for planning: the measured levels fitted by the
@@ -70,7 +85,7 @@ class DiskProfile:
         made every disk-bound prediction ~10% fast."""
         if k <= 0:
             return 0.0
-        env = _non_decreasing(self.bps)
+        env = {x: v / self.drift for x, v in _non_decreasing(self.bps).items()}
         ks = sorted(env)
         if k in env:
             return env[k]
@@ -84,17 +99,18 @@ class DiskProfile:
     @property
     def peak(self) -> float:
         """The fitted rate at the deepest level measured: the fastest this disk reads, for planning."""
-        return max(_non_decreasing(self.bps).values())
+        return max(_non_decreasing(self.bps).values()) / self.drift
 
     def as_json(self) -> dict[str, Any]:
         return {"version": VERSION, "key": self.key, "bps": {str(k): v for k, v in self.bps.items()},
                 "read_bytes": self.read_bytes, "seconds": self.seconds, "measured_at": self.measured_at,
-                "busy": self.busy}
+                "busy": self.busy, "observed": self.observed}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DiskProfile:
         return cls(d["key"], {int(k): float(v) for k, v in d["bps"].items()}, int(d["read_bytes"]),
-                   float(d["seconds"]), float(d["measured_at"]), float(d["busy"]))
+                   float(d["seconds"]), float(d["measured_at"]), float(d["busy"]),
+                   [(float(t), float(r)) for t, r in d.get("observed", [])])
 
 
 def _non_decreasing(bps: dict[int, float]) -> dict[int, float]:
@@ -347,6 +363,21 @@ def disk_profile(units: Sequence[Reads], reader: Any, *, measure: bool = True, r
         say("offload: disk " + ", ".join(f"{k} in flight {v / 1e9:.2f} GB/s" for k, v in sorted(m.bps.items()))
             + f"; {m.busy:.0%} of it while computing ({m.seconds:.1f} s)")
     return prof
+
+
+def observe_disk(profile: DiskProfile, measured_over_predicted: float) -> None:
+    """Add a disk-bound run's measured / predicted seconds per pass to its cached profile (see
+    ``DiskProfile.drift``), clamped to [0.5, 2]. A profile no longer cached (forgotten, measured
+    afresh meanwhile, or another machine's) is left alone."""
+    path = _cache_file("disk", profile.key)
+    d = _read_cached(path, profile.key)
+    if d is None or float(d.get("measured_at", -1)) != profile.measured_at:
+        return
+    cached = DiskProfile.from_json(d)
+    # the prediction already divided the rates by ``profile.drift``: against the profile as measured it was
+    ratio = min(2.0, max(0.5, measured_over_predicted * profile.drift))
+    cached.observed = (cached.observed + [(time.time(), ratio)])[-OBSERVED_KEEP:]
+    _write_cached(path, cached.as_json())
 
 
 # ------------------------------------------------------------------------------------------- compute

@@ -234,8 +234,9 @@ def _costs(t: dict[str, Any], mp: Any, compute: Compute) -> list[UnitCost]:
 def _basis(t: dict[str, Any], compute_basis: str) -> str:
     d: DiskProfile = t["disk"]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.measured_at))
+    drift = f", x{1 / d.drift:.2f} from recent disk-bound runs' measured / predicted" if d.drift != 1.0 else ""
     return (f"disk {d.peak / 1e9:.2f} GB/s fitted at depth, {d.busy:.0%} of it while computing ({d.key['reader']}, "
-            f"measured {when}); {compute_basis}")
+            f"measured {when}{drift}); {compute_basis}")
 
 
 def choose_plan(t: dict[str, Any], candidates: Sequence[tuple[int, Any]], batch: int = 1) -> Prediction:

@@ -357,3 +357,46 @@ def test_offload_tune_refuses_the_options_it_would_ignore(extra, tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "do not apply" in lines[0], r.stderr
     assert not (tmp_path / "c" / "random").exists()  # nothing built
+
+
+def test_recent_disk_bound_runs_correct_a_stale_profile(monkeypatch):
+    p = DiskProfile({}, {1: GB, 8: GB}, 1, 0, 0)
+    u = units(10, 100_000_000, 0.0)
+    assert predict(u, 2, p).s_per_pass == pytest.approx(1.0, rel=0.02)
+    now = measure.time.time()
+    p.observed = [(now - 60, 1.2), (now - 30, 1.3), (now - 10, 1.25)]  # the disk read ~25% slower than profiled
+    assert p.drift == pytest.approx(1.25)
+    assert predict(u, 2, p).s_per_pass == pytest.approx(1.25, rel=0.02)
+    p.observed = [(now - 2 * measure.OBSERVED_TTL_S, 1.5)]  # too old to say anything about the disk now
+    assert p.drift == 1.0
+
+
+def test_a_disk_bound_run_records_how_far_it_was_from_the_prediction(quick, tmp_path, monkeypatch):
+    """The handle's disable tells the cached profile measured / predicted (with the run's own compute);
+    the next plan on that disk predicts from it. Profile rates are made tiny so the plan is disk-bound."""
+    from tests.conftest import make_model
+    monkeypatch.setattr(tune, "MIN_STREAMED_BYTES", 1)
+    ids = torch.tensor([[1, 2, 3, 4]])
+
+    def run():
+        h = offload.enable(make_model("bloom"), store=str(tmp_path / "s"), ram_tier=0, progress=False)
+        with torch.no_grad():
+            h._model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        return h
+
+    h = run()
+    h.disable()  # measured the profile; now make it say the disk is far slower than it is
+    path = next(p for p in (tmp_path / "cache" / "tune").iterdir() if p.name.startswith("disk-"))
+    doc = json.load(open(path))
+    doc["bps"] = {k: 1e3 for k in doc["bps"]}
+    json.dump(doc, open(path, "w"))
+    h = run()
+    before = h.predict(1)
+    assert before.bound == "disk"
+    h.disable()
+    observed = json.load(open(path))["observed"]
+    assert len(observed) == 1 and observed[0][1] == 0.5  # far faster than predicted: clamped to 0.5
+    h = run()
+    assert h.predict(1).s_per_pass == pytest.approx(0.5 * before.s_per_pass, rel=0.05)
+    assert "recent disk-bound runs" in h.predict(1).basis
+    h.disable()
