@@ -183,7 +183,7 @@ class Handle:
             rh.remove()
         for h in self._hooks:
             h.remove()
-        self._save_compute()
+        step(self._save_compute)
         for h in self._hooks:
             step(h.reset)
         for stager in self._stagers:
@@ -228,19 +228,25 @@ class Handle:
                     log.debug("offload: tuning cache not written: %s", e)
 
     def _observe_disk(self) -> None:
-        """Measured / predicted of this run's decode passes, into the disk profile (``DiskProfile.drift``):
-        only when they were all at one batch size (at least two of them) and the prediction with this
-        run's own compute is disk-bound, so the ratio is the disk's, not the compute estimate's."""
-        if len(self._meter.decode) != 1 or self._tuning.get("disk") is None:
+        """Measured / predicted of this run's decode passes, into the disk profile (``DiskProfile.drift``).
+        Only where the model covers what the run did, so that the ratio is the disk's: on the CPU (a GPU's
+        compute is not modelled), without routed experts (their reads are not in the prediction), with
+        two or more decode passes at one batch size predicted from this run's own compute, and only when
+        the profile alone (no drift) says the pass is disk-bound."""
+        t = self._tuning
+        if t.get("disk") is None or t.get("device") != "cpu" or self._experts is not None or len(self._meter.decode) != 1:
             return
-        batch, (n, _, _) = next(iter(self._meter.decode.items()))
-        p = self.predict(batch) if n >= 2 else None
-        measured = self._meter.s_per_pass()
-        if p is None or p.bound != "disk" or not measured or not p.s_per_pass:
+        batch = next(iter(self._meter.decode))
+        measured = self._meter.compute(batch)
+        if measured is None or len(measured.unit_s) != len(t["sizes"]):
+            return
+        p = _tune.predict_plan({**t, "disk": dataclasses.replace(t["disk"], observed=[])}, batch, measured)
+        s = self._meter.s_per_pass()
+        if p.bound != "disk" or not s or not p.s_per_pass:
             return
         try:
-            _measure.observe_disk(self._tuning["disk"], measured / p.s_per_pass)
-        except (OSError, OffloadError) as e:  # a cache that cannot be written only costs accuracy
+            _measure.observe_disk(t["disk"], s / p.s_per_pass)
+        except Exception as e:  # noqa: BLE001 - a cache that cannot be written (or read) only costs accuracy
             log.debug("offload: disk observation not written: %s", e)
 
     def predict(self, batch: int = 1) -> _tune.Prediction | None:

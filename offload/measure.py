@@ -66,35 +66,44 @@ class DiskProfile:
 
     @property
     def drift(self) -> float:
-        """How much slower than predicted the recent disk-bound runs on this disk were (median of measured
-        / predicted over the last ``OBSERVED_KEEP`` runs younger than ``OBSERVED_TTL_S``; 1.0: none).
+        """How much slower than the profile recent disk-bound runs on this disk were: the median of their
+        measured / predicted (predicted from the profile alone) over the last ``OBSERVED_KEEP`` runs
+        younger than ``OBSERVED_TTL_S``, once there are at least two; else 1.0.
 
         Why: this shared disk moves 20-30% within minutes, so a profile taken once goes stale; the runs
-        themselves are the freshest measurement of it. Bounded to [0.5, 2]: one odd run (a warm page
-        cache, a neighbour's burst) cannot throw the plan far, and ``offload tune`` starts afresh."""
+        themselves are the freshest measurement of it. Each ratio is bounded to [0.5, 2], and one run
+        alone never moves the plan (a warm page cache or a neighbour's burst); ``offload tune`` starts
+        afresh."""
         now = time.time()
-        recent = [r for t, r in self.observed[-OBSERVED_KEEP:] if now - t < OBSERVED_TTL_S]
-        return statistics.median(recent) if recent else 1.0
+        recent = [min(2.0, max(0.5, r)) for t, r in self.observed[-OBSERVED_KEEP:] if 0 <= now - t < OBSERVED_TTL_S]
+        return statistics.median(recent) if len(recent) >= 2 else 1.0
+
+    def curve(self) -> Callable[[int], float]:
+        """``rate`` with the fit and the drift worked out once (a simulation asks for it at every event)."""
+        drift = self.drift
+        env = {x: v / drift for x, v in _non_decreasing(self.bps).items()}
+        ks = sorted(env)
+
+        def rate(k: int) -> float:
+            if k <= 0:
+                return 0.0
+            if k in env:
+                return env[k]
+            lo = max((x for x in ks if x < k), default=ks[0])
+            hi = min((x for x in ks if x > k), default=None)
+            if hi is None:
+                return env[lo]
+            return env[lo] + (k - lo) / (hi - lo) * (env[hi] - env[lo])
+        return rate
 
     def rate(self, k: int) -> float:
         """Aggregate rate with ``k`` reads in flight, for planning: the measured levels fitted by the
         closest non-decreasing curve (a deeper queue can always hold back to fewer, so the true curve
         never falls; a dip is noise on a shared disk), interpolated between the levels measured; beyond
-        them, the deepest. Why a fit and not the best level so far: each level's median is noisy by
-        ~10% here, and the running best of several noisy levels is biased high by about as much, which
-        made every disk-bound prediction ~10% fast."""
-        if k <= 0:
-            return 0.0
-        env = {x: v / self.drift for x, v in _non_decreasing(self.bps).items()}
-        ks = sorted(env)
-        if k in env:
-            return env[k]
-        lo = max((x for x in ks if x < k), default=ks[0])
-        hi = min((x for x in ks if x > k), default=None)
-        if hi is None:
-            return env[lo]
-        f = (k - lo) / (hi - lo)
-        return env[lo] + f * (env[hi] - env[lo])
+        them, the deepest; divided by ``drift``. Why a fit and not the best level so far: each level's
+        median is noisy by ~10% here, and the running best of several noisy levels is biased high by
+        about as much, which made every disk-bound prediction ~10% fast."""
+        return self.curve()(k)
 
     @property
     def peak(self) -> float:
@@ -109,7 +118,7 @@ class DiskProfile:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DiskProfile:
         return cls(d["key"], {int(k): float(v) for k, v in d["bps"].items()}, int(d["read_bytes"]),
-                   float(d["seconds"]), float(d["measured_at"]), float(d["busy"]),
+                   float(d["seconds"]), float(d["measured_at"]), min(1.0, max(0.1, float(d["busy"]))),
                    [(float(t), float(r)) for t, r in d.get("observed", [])])
 
 
@@ -228,7 +237,8 @@ class DiskRates:
 class _Busy:
     """Every core computing, as a decode step on the CPU does (a matrix-vector product on torch's
     intra-op threads), while a disk level is measured: on a small machine the reader threads share the
-    cores with compute, and the disk then reads measurably slower (0.7x here) for as long as it lasts."""
+    cores with compute, and the disk then reads measurably slower (0.83-1.0x here; a trace of a real
+    decode read 0.7x during unit forwards) for as long as it lasts."""
 
     def __init__(self) -> None:
         self._stop = threading.Event()
@@ -251,7 +261,8 @@ class _Busy:
 
 def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = MAX_CONCURRENCY,
                  point_seconds: float = POINT_SECONDS, rounds: int = 3) -> DiskRates:
-    """Aggregate read rate of ``units`` (each a list of byte ranges) with 1..``max_concurrency`` read at once.
+    """Aggregate read rate of ``units`` (each a list of byte ranges) with ``LEVELS`` (up to ``max_concurrency``)
+    read at once.
 
     Reads cycle through the units, so no range is read twice in a row; the page cache is evicted first
     and the readers use O_DIRECT where the filesystem allows it. Concurrency levels alternate up then
@@ -366,16 +377,15 @@ def disk_profile(units: Sequence[Reads], reader: Any, *, measure: bool = True, r
 
 
 def observe_disk(profile: DiskProfile, measured_over_predicted: float) -> None:
-    """Add a disk-bound run's measured / predicted seconds per pass to its cached profile (see
-    ``DiskProfile.drift``), clamped to [0.5, 2]. A profile no longer cached (forgotten, measured
-    afresh meanwhile, or another machine's) is left alone."""
+    """Add a disk-bound run's measured / predicted seconds per pass (predicted from the profile alone, no
+    drift) to its cached profile (``DiskProfile.drift``), clamped to [0.5, 2]. A profile no longer
+    cached (forgotten, measured afresh meanwhile, or another machine's) is left alone."""
     path = _cache_file("disk", profile.key)
     d = _read_cached(path, profile.key)
     if d is None or float(d.get("measured_at", -1)) != profile.measured_at:
         return
     cached = DiskProfile.from_json(d)
-    # the prediction already divided the rates by ``profile.drift``: against the profile as measured it was
-    ratio = min(2.0, max(0.5, measured_over_predicted * profile.drift))
+    ratio = min(2.0, max(0.5, measured_over_predicted))
     cached.observed = (cached.observed + [(time.time(), ratio)])[-OBSERVED_KEEP:]
     _write_cached(path, cached.as_json())
 

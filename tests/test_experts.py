@@ -402,3 +402,28 @@ def test_with_routed_experts_whole_unit_reads_are_sliced_so_an_expert_batch_wait
             assert torch.equal(model(IDS).logits, ref(IDS).logits)
         largest_unit = max(r.data_bytes for r in h._prefetcher.units)
     assert largest_unit > 16 << 10 and reader.sizes and max(reader.sizes) <= 16 << 10
+
+
+def test_sliced_reads_in_place_are_exact_through_o_direct_bounces_and_checksums(tmp_path, monkeypatch,
+                                                                                   no_thread_leak):
+    """The slices of a unit read in place start wherever the checkpoint's tensors do (not page aligned):
+    each goes O_DIRECT through the bounce page, and the unit's checksum (first read) covers them all."""
+    import os
+
+    from offload import prefetch
+    from offload.io import PythonReader
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT here")
+    monkeypatch.setattr(prefetch, "_SLICE_BYTES", 128 << 10)
+    ref = make("qwen3_moe", tmp_path / "m")
+    reader = PythonReader(direct=True, task_bytes=None)
+    model, h = offload.load(tmp_path / "m", prefetch=1, ram_tier=0, progress=False, reader=reader,
+                            predict_experts=False)
+    try:
+        assert max(r.data_bytes for r in h._prefetcher.units) > 128 << 10
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+        assert h.stats().verified_units > 0
+    finally:
+        h.disable()

@@ -367,8 +367,14 @@ def test_recent_disk_bound_runs_correct_a_stale_profile(monkeypatch):
     p.observed = [(now - 60, 1.2), (now - 30, 1.3), (now - 10, 1.25)]  # the disk read ~25% slower than profiled
     assert p.drift == pytest.approx(1.25)
     assert predict(u, 2, p).s_per_pass == pytest.approx(1.25, rel=0.02)
-    p.observed = [(now - 2 * measure.OBSERVED_TTL_S, 1.5)]  # too old to say anything about the disk now
+    p.observed = [(now - 2 * measure.OBSERVED_TTL_S, 1.5)] * 3  # too old to say anything about the disk now
     assert p.drift == 1.0
+    p.observed = [(now + 600, 1.5)] * 3  # from the future (a clock set back, a copied cache): never counted
+    assert p.drift == 1.0
+    p.observed = [(now - 10, 1.5)]  # one run alone (a warm page cache, a neighbour's burst) moves nothing
+    assert p.drift == 1.0
+    p.observed = [(now - 20, 0.0), (now - 10, 0.0)]  # a damaged cache cannot divide by zero: bounded on read
+    assert p.drift == 0.5 and predict(u, 2, p).s_per_pass == pytest.approx(0.5, rel=0.02)
 
 
 def test_a_disk_bound_run_records_how_far_it_was_from_the_prediction(quick, tmp_path, monkeypatch):
@@ -388,7 +394,7 @@ def test_a_disk_bound_run_records_how_far_it_was_from_the_prediction(quick, tmp_
     h.disable()  # measured the profile; now make it say the disk is far slower than it is
     path = next(p for p in (tmp_path / "cache" / "tune").iterdir() if p.name.startswith("disk-"))
     doc = json.load(open(path))
-    doc["bps"] = {k: 1e3 for k in doc["bps"]}
+    doc["bps"], doc["observed"] = {k: 1e3 for k in doc["bps"]}, []
     json.dump(doc, open(path, "w"))
     h = run()
     before = h.predict(1)
@@ -397,6 +403,11 @@ def test_a_disk_bound_run_records_how_far_it_was_from_the_prediction(quick, tmp_
     observed = json.load(open(path))["observed"]
     assert len(observed) == 1 and observed[0][1] == 0.5  # far faster than predicted: clamped to 0.5
     h = run()
+    assert h.predict(1).s_per_pass == pytest.approx(before.s_per_pass, rel=0.05)  # one run alone moves nothing
+    h.disable()
+    h = run()  # two runs agree: the profile is stale
     assert h.predict(1).s_per_pass == pytest.approx(0.5 * before.s_per_pass, rel=0.05)
     assert "recent disk-bound runs" in h.predict(1).basis
     h.disable()
+    # what a run records is against the profile alone: the two before (with the drift applied) were still 0.5
+    assert [r for _, r in json.load(open(path))["observed"]] == [0.5, 0.5, 0.5]
