@@ -4,7 +4,10 @@
 Per row: ``offload tune``'s steps (the disk measured once per disk, reader and unit size, with the run's
 own reader on the model's own files; a short cold generation whose decode compute is cached), then a
 fresh ``offload.load(prefetch="auto")`` that plans from those measurements: its prediction is taken
-before the measured decode starts. Measured: median seconds per decode token, cold (every file of the
+before the measured decode starts. Like any plan, it also uses the measured / predicted of the disk-bound
+runs before it on the same disk and unit size within the hour, once there are two
+(``DiskProfile.drift``): the tuning step's own generation and earlier rows are such runs, as
+``offload tune`` and then ``offload run`` would be. Measured: median seconds per decode token, cold (every file of the
 store and checkpoint evicted before each forward, untimed), in ``--pairs`` decode chunks alternated with
 fio. Floors: bytes read per token over fio's best O_DIRECT rate on the same disk (hugetlbfs buffers when
 a mount is there or can be made), for each chunk the better of the fio runs right before and right after
