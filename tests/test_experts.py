@@ -427,3 +427,20 @@ def test_sliced_reads_in_place_are_exact_through_o_direct_bounces_and_checksums(
         assert h.stats().verified_units > 0
     finally:
         h.disable()
+
+
+def test_the_cli_plan_sizes_the_device_table_as_enable_packs_it(tmp_path, no_thread_leak):
+    """The plan (from a meta model, before anything is read) and ``enable`` agree on the experts' packed
+    table, page pads included: the bytes a GPU's device table takes from ``gpu_memory``."""
+    from offload.experts import routed_plan
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(moe_config("qwen3_moe", layers=2, hidden=72)).eval()
+    model = model.to(torch.bfloat16)  # gate_up [16, 72, 72] in bf16: 40.5 pages, so the next tensor is padded
+    with torch.device("meta"):
+        meta = tf.AutoModelForCausalLM.from_config(model.config).to(torch.bfloat16)
+    names = [f"model.layers.{i}" for i in range(model.config.num_hidden_layers)]
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False) as h:
+        tables = next(st for st in h._stagers if hasattr(st, "tables")).tables.values()
+        packed = max(t.group.table.data_bytes for t in tables)
+    plan = routed_plan(meta, names)
+    assert plan is not None and plan.table_bytes == packed > max(plan.unit_expert_bytes)

@@ -253,7 +253,9 @@ def check_budget(t: Target, cpu_memory: int | None, prefetch: int, device: str =
 
 def _device_table(experts: Any) -> int:
     """GPU bytes of the routed experts' device table (``experts.DeviceTable``): one layer's experts."""
-    return max(experts.unit_expert_bytes, default=0) if experts is not None else 0
+    if experts is None:
+        return 0
+    return experts.table_bytes or max(experts.unit_expert_bytes, default=0)
 
 
 def _round_up(n: int) -> str:

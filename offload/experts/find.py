@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..ranges import page_up
+
 
 def experts_modules(block: nn.Module) -> list[tuple[str, nn.Module, int]]:
     """``(name in the block, module, number of experts)`` of every routed experts module in ``block``:
@@ -35,6 +37,7 @@ class RoutedPlan:
     unit_expert_bytes: list[int]  # per unit (store order): the bytes of its experts modules' tensors
     expert_bytes: list[int]  # per unit: the bytes of one expert (0: no experts)
     top_k: int  # experts a token routes to per layer (the config's num_experts_per_tok)
+    table_bytes: int = 0  # the largest experts module packed as ``layout.carve`` packs it (a GPU's device table)
 
     def routed_per_token(self) -> int:
         """Upper bound of the expert bytes one decode token reads with no expert cached."""
@@ -44,12 +47,17 @@ class RoutedPlan:
 def routed_plan(model: nn.Module, unit_names: Sequence[str]) -> RoutedPlan | None:
     """``RoutedPlan`` of a model built on meta, or None when it has no routed experts."""
     modules = dict(model.named_modules())
-    whole, one = [], []
+    whole, one, table = [], [], 0
     for name in unit_names:
         found = experts_modules(modules[name]) if name in modules else []
         whole.append(sum(p.numel() * p.element_size() for _, m, _ in found for p in m.parameters(recurse=False)))
         one.append(sum(p.numel() * p.element_size() // e for _, m, e in found for p in m.parameters(recurse=False)))
+        for _, m, _ in found:  # each tensor on a page of its own, as carve packs the table
+            at = 0
+            for p in m.parameters(recurse=False):
+                at = page_up(at) + p.numel() * p.element_size()
+            table = max(table, at)
     k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
     if not any(whole) or not isinstance(k, int):
         return None
-    return RoutedPlan(whole, one, k)
+    return RoutedPlan(whole, one, k, table)
