@@ -411,3 +411,33 @@ def test_a_disk_bound_run_records_how_far_it_was_from_the_prediction(quick, tmp_
     h.disable()
     # what a run records is against the profile alone: the two before (with the drift applied) were still 0.5
     assert [r for _, r in json.load(open(path))["observed"]] == [0.5, 0.5, 0.5]
+
+
+def test_a_run_with_routed_experts_records_nothing_about_the_disk(quick, tmp_path, monkeypatch):
+    """Its expert reads are not in the prediction, so its measured / predicted says nothing about the disk.
+    Two checks keep it out (routed experts; compute measured for the plan's own units, which an experts
+    module's hooks outnumber): without both, this disk-bound MoE run records an observation."""
+    import transformers as tf
+    from tests.conftest import moe_config
+    monkeypatch.setattr(tune, "MIN_STREAMED_BYTES", 1)
+    ids = torch.tensor([[1, 2, 3, 4]])
+
+    def run():
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(moe_config("qwen3_moe", layers=3, hidden=64)).eval()
+        h = offload.enable(model, store=str(tmp_path / "s"), ram_tier=0, progress=False, predict_experts=False)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        return h
+
+    h = run()
+    assert h._experts is not None
+    h.disable()
+    path = next(p for p in (tmp_path / "cache" / "tune").iterdir() if p.name.startswith("disk-"))
+    doc = json.load(open(path))
+    doc["bps"], doc["observed"] = {k: 1e3 for k in doc["bps"]}, []  # disk-bound by the profile
+    json.dump(doc, open(path, "w"))
+    h = run()
+    assert h.predict(1).bound == "disk"
+    h.disable()
+    assert json.load(open(path))["observed"] == []
