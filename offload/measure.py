@@ -108,7 +108,7 @@ class DiskProfile:
     @property
     def peak(self) -> float:
         """The fitted rate at the deepest level measured: the fastest this disk reads, for planning."""
-        return max(_non_decreasing(self.bps).values()) / self.drift
+        return self.curve()(max(self.bps))
 
     def as_json(self) -> dict[str, Any]:
         return {"version": VERSION, "key": self.key, "bps": {str(k): v for k, v in self.bps.items()},

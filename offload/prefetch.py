@@ -102,9 +102,9 @@ class _Load:
 
     def __init__(self, unit: UnitRecord, paths: dict[str, str], buffer: HostBuffer, reader: Reader,
                  on_finish: Callable[[_Load], None], tracer: Tracer | None,
-                 opener: Callable[[str], tuple[Any, bool]]):
+                 opener: Callable[[str], tuple[Any, bool]], task_bytes: int | None):
         self.unit, self.paths, self.buffer, self.reader = unit, paths, buffer, reader
-        self.task_bytes = reader.task_bytes  # the prefetcher may cut a whole-unit reader's reads (_SLICE_BYTES)
+        self.task_bytes = task_bytes  # each read cut into tasks of this size (None: one task per extent)
         self.opener = opener  # path -> (handle, whether this load owns it: Prefetcher._open)
         self.path = next(iter(paths.values()))  # named in errors (a unit read in place may span shards)
         self.on_finish, self.tracer = on_finish, tracer
@@ -282,12 +282,13 @@ class Prefetcher:
         self._stats_lock = threading.Lock()
         self.closed = False
         self._stats = PrefetchStats()
-        # A native reader keeps its own queue full within one unit, so whole units need a thread per read the
-        # ring allows; a batch of routed experts is many small reads at once (3-6 MiB each), and with four
-        # threads it read at half the disk's rate.
-        wide = reader.task_bytes or batches
-        threads = config.io_threads if wide else min(config.io_threads, config.ring_slots + 1)
-        self._slice = None if reader.task_bytes or not batches else _SLICE_BYTES
+        # Reads are cut into tasks: the Python reader's own chunks, or with routed experts a whole-unit reader's
+        # reads in _SLICE_BYTES slices. Tasks keep every reader thread busy; a whole-unit (native) reader keeps
+        # its own queue full within one unit, so it needs only a thread per read the ring allows. A batch of
+        # routed experts is many small reads at once (3-6 MiB each): with four threads it read at half the
+        # disk's rate.
+        self._task_bytes = reader.task_bytes or (_SLICE_BYTES if batches else None)
+        threads = config.io_threads if self._task_bytes else min(config.io_threads, config.ring_slots + 1)
         # Every file the units read, opened once for the handle's life: a cached store swapped out by a rebuild
         # in another process (renamed, then removed) stays readable through these descriptors, so this handle
         # keeps reading the bytes its manifest describes, never a new store's files under the old layout.
@@ -476,10 +477,7 @@ class Prefetcher:
 
     def _new_load(self, unit: UnitRecord, buffer: HostBuffer) -> _Load:
         paths = {e.file: self.store.path_of(unit, e.file) for e in unit.reads}
-        load = _Load(unit, paths, buffer, self.reader, self._finished, self.tracer, self._open)
-        if self._slice:
-            load.task_bytes = self._slice
-        return load
+        return _Load(unit, paths, buffer, self.reader, self._finished, self.tracer, self._open, self._task_bytes)
 
     def _start(self, i: int, slot: Slot, urgent: bool) -> None:
         load = self._new_load(self.units[i], slot.buffer)

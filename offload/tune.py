@@ -167,12 +167,13 @@ def predict(units: Sequence[UnitCost], prefetch: int, disk: DiskProfile | None, 
         s = max(compute, copy)
         read_s = 0.0 if streamed == 0 else float("nan")
     else:
-        read_s = streamed / disk.rate(min(prefetch + 1, MAX_CONCURRENCY))
+        rate = disk.curve()
+        read_s = streamed / rate(min(prefetch + 1, MAX_CONCURRENCY))
         # No pass beats a floor; the simulation's pass boundaries can alias by a few % (reads finish in
         # waves that need not divide a pass), so the floors also clamp it.
         busy = disk.busy if h2d_bps is None else 1.0  # compute on a GPU leaves the cores to the readers
-        s = max(simulate(units, prefetch, disk.curve(), other_s=other_s, h2d_bps=h2d_bps, busy=busy),
-                streamed / disk.peak, compute, copy)
+        s = max(simulate(units, prefetch, rate, other_s=other_s, h2d_bps=h2d_bps, busy=busy),
+                streamed / rate(max(disk.bps)), compute, copy)
     bound = max((("disk", read_s if read_s == read_s else 0.0), ("compute", compute), ("pcie", copy)),
                 key=lambda kv: kv[1])[0]
     return Prediction(s, bound, read_s, compute, copy, prefetch, basis)
