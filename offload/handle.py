@@ -57,6 +57,8 @@ class Stats:
     store: str
     expert_hits: int = 0  # routed experts found in the expert cache (mixture-of-experts models)
     expert_misses: int = 0  # routed experts read from disk
+    expert_gpu_hits: int = 0  # routed experts found in the experts' GPU tier (neither read nor copied from the host)
+    expert_gpu_bytes: int = 0  # experts held there now
     expert_bytes_read: int = 0  # of bytes_read, the routed experts' bytes
     expert_cache_bytes: int = 0  # experts held now
     expert_predicted_bytes: int = 0  # experts read ahead for the next layer (its router on this layer's input)
@@ -85,6 +87,7 @@ class Handle:
                  silenced: list[tuple[nn.Module, Any]] | None = None,
                  shared: list[tuple[nn.Module, str, bool, torch.Tensor]] | None = None,
                  tracer: Tracer | None = None, trace_path: str | None = None, *, experts: Any = None,
+                 gpu_experts: Any = None,
                  prediction: _tune.Prediction | None = None, tuning: dict[str, Any] | None = None):
         self._model, self._store, self._prefetcher, self._hooks, self._plans = model, store, prefetcher, hooks, plans
         self._kind, self._temp_store, self._stagers = kind, temp_store, stagers
@@ -94,6 +97,7 @@ class Handle:
         self._shared = shared or []
         self._tracer, self._trace_path = tracer, trace_path
         self._experts = experts  # the expert cache, when routed experts are read on routing
+        self._gpu_experts = gpu_experts  # the experts' GPU tier's cache (routed experts on a GPU)
         self.prediction = prediction  # what enable predicted for a decode pass at batch 1 (None: nothing measured)
         self._tuning = tuning or {}  # what a prediction at another batch size needs
         clock = next((st.backend for st in (stagers or []) if hasattr(st, "backend")), None)
@@ -137,6 +141,8 @@ class Handle:
                 "expert_predicted_bytes": self._experts.predicted_bytes,
                 "expert_predicted_used_bytes": self._experts.predicted_used_bytes}
                if self._experts is not None else {}),
+            **({"expert_gpu_hits": self._gpu_experts.hits, "expert_gpu_bytes": self._gpu_experts.used}
+               if self._gpu_experts is not None else {}),
             passes=self._meter.passes, s_per_pass=self._meter.s_per_pass(),
             compute_seconds=self._meter.compute_seconds,
             predicted_s_per_pass=self.prediction.s_per_pass if self.prediction else 0.0,
@@ -145,8 +151,9 @@ class Handle:
     def reset_stats(self) -> None:
         if not self.closed:
             self._prefetcher.reset_stats()
-            if self._experts is not None:
-                self._experts.reset()
+            for cache in (self._experts, self._gpu_experts):
+                if cache is not None:
+                    cache.reset()
             self._meter.reset()
 
     def write_trace(self, path: str | os.PathLike[str] | None = None) -> str:

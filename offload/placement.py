@@ -19,7 +19,7 @@ from torch import nn
 
 from . import measure as _measure
 from . import tune as _tune
-from .budget import MemoryPlan, min_room, plan_memory
+from .budget import MemoryPlan, _ring, min_room, plan_memory
 from .config import StagingConfig
 from .errors import OffloadError
 from .hooks import Offloaded
@@ -59,11 +59,14 @@ GPU_MARGIN_BYTES = 2 << 30
 
 def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[UnitRecord], prefetch: int,
                gpu_memory: int | str | None, gpu_tier: int | str | None, backends: dict[torch.device, Any],
-               kind: str, gpu_extra: int = 0) -> dict[torch.device, set[int]]:
+               kind: str, gpu_extra: int = 0) -> tuple[dict[torch.device, set[int]], dict[torch.device, int]]:
     """Per device with a copy engine, the units kept on it: what ``gpu_memory`` leaves after the resident
     weights computing there, the device slot ring and ``gpu_extra`` (the routed experts' device table)
-    (too little for those is an error)."""
+    (too little for those is an error); and what is left beside them (the routed experts' GPU tier, as
+    ``Placement.expert_room`` is on the host): ``gpu_tier`` minus the units it holds when that is given,
+    else the room minus the units and the device ring."""
     tiers: dict[torch.device, set[int]] = {}
+    left: dict[torch.device, int] = {}
     for dev, backend in backends.items():
         if backend is None:
             continue
@@ -81,10 +84,14 @@ def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[Un
                     f"is {format_bytes(there + coming + ring + gpu_extra)} (or lower prefetch=)")
         if gpu_memory is not None or gpu_tier is None:
             room = _gpu_room(backend, gpu_memory, there, coming) - gpu_extra
+        size = parse_bytes(gpu_tier) if gpu_tier is not None else None
         mp = plan_memory([r.data_bytes for r in records], prefetch, ram_tier=0, gpu_units=idx, gpu_room=room,
-                         gpu_tier=parse_bytes(gpu_tier) if gpu_tier is not None else None)
+                         gpu_tier=size)
         tiers[dev] = set(mp.gpu_tier)
-    return tiers
+        slots, slot_bytes = _ring(prefetch, [records[i].data_bytes for i in idx if i not in mp.gpu_tier])
+        left[dev] = max(0, size - mp.bytes_of(mp.gpu_tier) if size is not None else
+                        (room or 0) - mp.bytes_of(mp.gpu_tier) - slots * slot_bytes)
+    return tiers, left
 
 
 def blocks_fit_on_gpu(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[UnitRecord],
@@ -146,6 +153,7 @@ class Placement:
     config: StagingConfig  # the ring's size, from ``plan``
     backends: dict[torch.device, Any]  # the copy engine per device (None: host buffers used in place)
     gpu_tiers: dict[torch.device, set[int]]  # per device with a copy engine, the units kept there
+    gpu_left: dict[torch.device, int]  # per such device, what its GPU tier and device ring leave (routed experts')
     elsewhere: set[int]  # the units in a GPU tier: never read into the host ring
     room: int | None  # what the RAM tier and the host ring share (None: the RAM tier's size was given)
     tier_size: int | None  # the RAM tier's size when given (``ram_tier=``)
@@ -171,18 +179,19 @@ def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], rec
     sizes = [r.data_bytes for r in records]
     done: dict[int, tuple[dict[torch.device, set[int]], set[int], int | None, int | None, MemoryPlan]] = {}
 
-    def placed(depth: int) -> tuple[dict[torch.device, set[int]], set[int], int | None, int | None, MemoryPlan]:
+    def placed(depth: int) -> tuple[dict[torch.device, set[int]], set[int], int | None, int | None, MemoryPlan,
+                                    dict[torch.device, int]]:
         """The tiers at look-ahead ``depth``: GPU tier (per device with a copy engine: units kept on
         the device, read once), then the RAM tier (units read once; the streamed weights about to be
         freed count as free). A deeper ring leaves less for both. Each depth is placed once: the plan
         chosen is the plan that was evaluated (free memory is read once per depth, not again)."""
         if depth not in done:
-            tiers = _gpu_tiers(model, plans, records, depth, gpu_memory, gpu_tier, backends, kind, gpu_extra)
+            tiers, left = _gpu_tiers(model, plans, records, depth, gpu_memory, gpu_tier, backends, kind, gpu_extra)
             elsewhere = set().union(*tiers.values()) if tiers else set()
             room, tier_size = _ram_room(model, streaming, kind, depth, [sizes[i] for i in range(len(sizes))
                                                                         if i not in elsewhere], cpu_memory, ram_tier)
             done[depth] = tiers, elsewhere, room, tier_size, plan_memory(sizes, depth, ram_room=room, ram_tier=tier_size,
-                                                                         on_gpu=frozenset(elsewhere))
+                                                                         on_gpu=frozenset(elsewhere)), left
         return done[depth]
 
     # The shallowest ring that will be tried first: a budget too small for it is refused here, naming the
@@ -195,14 +204,14 @@ def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], rec
     else:
         prediction = None
     assert isinstance(prefetch, int)
-    tiers, elsewhere, room, tier_size, mp = placed(prefetch)
+    tiers, elsewhere, room, tier_size, mp, left = placed(prefetch)
     tuning.update(prefetch=prefetch, plan=mp)
     if prediction is None and tuning.get("disk") is not None:  # a depth given: predicted all the same
         prediction = _tune.predict_plan(tuning, 1, None)
     slots, slot_bytes = mp.host_ring
     config = StagingConfig(prefetch, slot_bytes, len(mp.streamed), io_threads)
     assert room is None or mp.bytes_of(mp.ram_tier) + config.ring_bytes <= room or not mp.ram_tier
-    return Placement(prefetch, mp, config, backends, tiers, elsewhere, room, tier_size, prediction, tuning)
+    return Placement(prefetch, mp, config, backends, tiers, left, elsewhere, room, tier_size, prediction, tuning)
 
 
 def _tuning_inputs(st: Store, records: Sequence[UnitRecord], reader: Reader, devices: Sequence[torch.device],

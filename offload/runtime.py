@@ -26,8 +26,8 @@ from . import tune as _tune
 from .config import StagingConfig
 from .convert import quantization_of
 from .errors import OffloadError, StoreError, StoreMismatchError
-from .experts import (DeviceTable, ExpertBinding, ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager, carve,
-                      experts_modules)
+from .experts import (DeviceTable, DeviceTier, ExpertBinding, ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager,
+                      carve, experts_modules)
 from .handle import Handle
 from .hooks import UnitHook
 from .install import bindings, load_resident_from_store, keep_shared, silence_inner_accelerate_hooks, unload_resident
@@ -259,12 +259,18 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
             bar.close()
     backend = placement.backends.get(devices[0]) if groups else None
     device = None
-    if backend is not None:  # a GPU: the routed experts are copied to a device table, allocated before the GPU
-        device = DeviceTable(backend, max(g.table.data_bytes for g in groups))  # tier so the stagers' base has it
+    if backend is not None:  # a GPU: the routed experts are copied to a device table; it and the experts' GPU
+        # tier are allocated before the units' GPU tier is loaded, so the stagers' base has them
+        tier = DeviceTier(backend, groups, placement.gpu_left.get(devices[0], 0))
+        device = DeviceTable(backend, max(g.table.data_bytes for g in groups), tier)
         for g in groups:  # the routers' copies for prediction live there too (counted in gpu_extra)
             if g.router is not None:
                 g.router = g.router.to(backend.device)
     built.stagers = _make_stagers(plans, records, prefetcher, placement.gpu_tiers, placement.backends, tracer)
+    if device is not None and device.tier is not None and device.tier.chunks:  # experts go before GPU-tier units
+        stager = built.stagers.get(devices[0])
+        if isinstance(stager, CudaStager):
+            stager.spills.append(device.tier.give_back)
     for stager in built.stagers.values():
         if isinstance(stager, CudaStager):
             stager.load_gpu_tier()
@@ -306,6 +312,8 @@ def _install(model: nn.Module, built: _Built, st: Store, kind: str, plans_all: S
                     accelerate_state, built.restore, silenced, built.shared, built.tracer,
                     os.fspath(trace) if trace is not None else None,
                     experts=built.estager.cache if built.estager is not None else None,
+                    gpu_experts=(built.estager.device.tier.cache if built.estager is not None and built.estager.device
+                                 is not None and built.estager.device.tier is not None else None),
                     prediction=placement.prediction, tuning=placement.tuning)
     if kind == "module" and any(d.type == "cuda" for d in devices):
         try:

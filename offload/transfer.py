@@ -30,7 +30,7 @@ import functools
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -223,6 +223,9 @@ class CudaStager:
         self._static: int | None = None  # device bytes allocated once the GPU tier is loaded (before any forward)
         self._done_calls = 0
         self.gave_back: list[int] = []  # GPU-tier units given back to streaming (out of memory)
+        # given back first when a forward is short of memory: ``give_back(nbytes) -> bytes freed`` of other
+        # GPU memory the runtime holds by choice (the routed experts' GPU tier, experts.DeviceTier)
+        self.spills: list[Callable[[int], int]] = []
         self._oom_seen = 0  # id() of the out-of-memory error last acted on
         self._started: dict[int, Any] = {}  # unit -> timing event at the start of its forward (tracing)
         if tracer is not None:  # device spans are placed relative to one event synchronised now
@@ -295,7 +298,7 @@ class CudaStager:
         free for the next one; when it is not (the KV cache grew, another process allocated), give back
         GPU-tier units."""
         self._done_calls += 1
-        if self._static is None or self._done_calls % max(1, len(self.indices)) or not self.gpu_tier:
+        if self._static is None or self._done_calls % max(1, len(self.indices)) or not (self.gpu_tier or self.spills):
             return
         need = max(0, self.backend.peak() - self._static)
         short = need - self.backend.free_bytes()
@@ -307,7 +310,7 @@ class CudaStager:
         """An exception is leaving unit ``unit``'s forward: out of memory gives GPU-tier units back, so the
         call succeeds when repeated."""
         err = sys.exc_info()[1]
-        if err is None or not self.gpu_tier or id(err) == self._oom_seen or not _is_oom(err):
+        if err is None or not (self.gpu_tier or self.spills) or id(err) == self._oom_seen or not _is_oom(err):
             return
         self._oom_seen = id(err)  # once per error: a forward run inside the caller's `except` sees it too
         m = re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]?i?B)", str(err))
@@ -318,7 +321,16 @@ class CudaStager:
         self._give_back(max(1, want), f"out of memory in {self.records[unit].name}")
 
     def _give_back(self, nbytes: int, why: str) -> None:
-        """Move GPU-tier units (the last in order first) to streaming until ``nbytes`` are freed; one log line."""
+        """Free ``nbytes``: first what ``spills`` hold, then move GPU-tier units (the last in order first) to
+        streaming; one log line each."""
+        for spill in self.spills:
+            got = spill(nbytes)
+            if got:
+                nbytes -= got
+                self.backend.release_cached()
+                log.warning("offload: %s: gave back %s of routed experts kept on the GPU", why, format_bytes(got))
+        if nbytes <= 0 or not self.gpu_tier:
+            return
         ring = self.prefetcher.ring
         if self.slots and ring.slots:  # the rings exist: units that fit their slots can stream
             movable = [i for i in sorted(self.gpu_tier, reverse=True)

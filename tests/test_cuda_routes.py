@@ -1,6 +1,6 @@
 """The user routes beside test_cuda.py's, on a real CUDA device: a folder through ``offload.load`` in
 fp32 and fp16 with each reader, ``prefetch="auto"`` (disk and PCIe measured), int8/int4 units,
-a mixture of experts (routed experts copied to a device table), speculative decoding and the
+a mixture of experts (routed experts copied to a device table, and kept in its GPU tier), speculative decoding and the
 continuous-batching engine. Each compares with the same model computed on the GPU without offload.
 
 Runs only where CUDA exists; skipped (not failed) elsewhere. The CPU tests cover the same routes; these
@@ -118,6 +118,23 @@ def test_moe_on_cuda_copies_only_the_routed_experts_to_the_device(tmp_path, no_t
         if DEV != "cpu":
             assert stager.device is not None and 0 < stager.device.bytes_copied
             assert h.stats().expert_bytes_read > 0
+
+
+def test_moe_on_cuda_keeps_experts_in_the_gpu_tier(tmp_path, no_thread_leak):
+    """A GPU tier one byte short of whole blocks: blocks stream without their experts, and the room beside
+    them keeps routed experts on the device; a second run takes them from there, with the same results."""
+    folder = _folder(tmp_path, "qwen3_moe")
+    ref = _reference(folder)
+    want_logits, want_tokens = _run(ref)
+    blocks = sum(p.numel() * p.element_size() for p in ref.model.layers.parameters())
+    model, h = offload.load(folder, prefetch=2, device=DEV, ram_tier=0, gpu_tier=blocks - 1, progress=False)
+    with h:
+        for _ in range(2):
+            logits, tokens = _run(model)
+            assert torch.equal(logits, want_logits) and torch.equal(tokens, want_tokens)
+        if DEV != "cpu":
+            assert next(st for st in h._stagers if hasattr(st, "tables")).device.tier.slots > 0
+            assert h.stats().expert_gpu_hits > 0
 
 
 def test_speculative_ngram_on_cuda_gives_plain_greedy(tmp_path, no_thread_leak):

@@ -95,7 +95,8 @@ def test_run_trace_on_the_cpu(tmp_path):
 
 def test_plan_table_counts_the_routed_experts_device_table(monkeypatch):
     """6 blocks of 100 MiB of which 80 MiB are routed experts: 20 MiB stream per block, and on a GPU one
-    layer's experts (80 MiB) sit in the device table, before the GPU tier takes what is left."""
+    layer's experts (80 MiB) sit in the device table, before the GPU tier takes what is left; what that leaves
+    keeps experts on the GPU."""
     from offload.cli import run as run_cli
     from offload.experts import RoutedPlan
     monkeypatch.setattr(run_cli, "_routed", lambda t: RoutedPlan([80 * MiB] * 6, [10 * MiB] * 6, 2))
@@ -105,6 +106,12 @@ def test_plan_table_counts_the_routed_experts_device_table(monkeypatch):
     row = {x[:36].strip(): x[36:].split() for x in table.splitlines()}
     assert row["experts' device table (one layer)"] == ["GPU", "80.00", "MiB", "1"]
     assert row["GPU tier (copied once)"] == ["GPU", "20.00", "MiB", "1"]
+    assert row["experts kept on the GPU"] == ["GPU", "0", "B", "0"]
+    # 35 MiB more: a second block (20 MiB) in the GPU tier, and one expert's 10 MiB beside it (experts.DeviceTier)
+    row = {x[:36].strip(): x[36:].split() for x in plan_table(t, cpu_memory=1 << 30, prefetch=2, device="cuda:0",
+                                                              gpu_memory=gpu + 35 * MiB).splitlines()}
+    assert row["GPU tier (copied once)"] == ["GPU", "40.00", "MiB", "2"]
+    assert row["experts kept on the GPU"] == ["GPU", "10.00", "MiB", "1"]
     with pytest.raises(UsageError, match="routed experts' device table 80.00 MiB"):
         check_budget(t, None, 2, device="cuda:0", gpu_memory=gpu - 21 * MiB)
     check_budget(t, None, 2, device="cuda:0", gpu_memory=gpu - 20 * MiB)  # the GPU tier may be empty

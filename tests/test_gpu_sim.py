@@ -467,6 +467,121 @@ def test_routed_experts_on_a_gpu_copy_only_the_routed_ones(tmp_path, sim, no_thr
     assert b.pageable_copies > 0
 
 
+def _routed_bytes_hook(model, seen: list[tuple[int, int]]) -> None:
+    """A hook of the test's own on every experts module: (distinct experts routed, bytes per expert) per forward."""
+    from offload.experts import experts_modules
+    for m in model.modules():
+        if any(name == "" for name, _, _ in experts_modules(m)):
+            m.register_forward_pre_hook(lambda mod, args: seen.append((
+                len({int(x) for x in args[1].flatten().tolist()}),
+                sum(p.numel() * p.element_size() // mod.num_experts for p in mod.parameters(recurse=False)))))
+
+
+def _dense_and_slot_bytes(model, tmp_path) -> tuple[int, int, int]:
+    """(the carved blocks' bytes, an expert's slot in the GPU tier, whole blocks' bytes) of ``model``'s store."""
+    from offload.experts.tables import slot_layout
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=0, store=tmp_path / "s", progress=False) as h:
+        stager = next(st for st in h._stagers if hasattr(st, "tables"))
+        dense = sum(r.data_bytes for r in h._prefetcher.units)
+        slot = max(slot_layout(t.group)[1] for t in stager.tables.values())
+    blocks = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+    return dense, slot, blocks
+
+
+def test_the_experts_gpu_tier_keeps_routed_experts_on_the_device(tmp_path, sim, no_thread_leak):
+    """What gpu_tier= leaves beside the blocks keeps routed experts on the GPU across forwards: the same
+    prompt again reads from disk and copies from the host only the experts the tier does not hold
+    (counted by the test's own hook), and the logits are the model's with copies slower than the host."""
+    model = _moe()
+    ref = copy.deepcopy(model)
+    ids = torch.tensor([[3, 17, 42, 9, 120, 77, 5, 61]])
+    dense, slot, blocks = _dense_and_slot_bytes(model, tmp_path)
+    sim(None, copy_delay_s=0.002)
+    seen: list[tuple[int, int]] = []
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=blocks - 1, store=tmp_path / "s", progress=False,
+                        predict_experts=False) as h:
+        stager = next(st for st in h._stagers if hasattr(st, "tables"))
+        tier = stager.device.tier
+        assert tier is not None and tier.slots == (blocks - 1 - dense) // slot > 0
+        _routed_bytes_hook(model, seen)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+            first = stager.device.bytes_copied
+            assert first == sum(n * eb for n, eb in seen)  # nothing held yet: every routed expert from the host
+            h.reset_stats()
+            seen.clear()
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+        s = h.stats()
+        routed = sum(n for n, _ in seen)
+        eb = seen[0][1]
+        assert 0 < s.expert_gpu_hits <= routed and s.expert_gpu_bytes == len(tier.slot) * slot
+        assert s.expert_misses == routed - s.expert_gpu_hits  # the rest read from disk (no RAM cache: ram_tier=0)
+        assert s.expert_bytes_read == s.expert_misses * eb
+        assert stager.device.bytes_copied - first == s.expert_misses * eb  # and only those over PCIe
+
+
+def test_the_experts_gpu_tier_reuses_its_slots_in_copy_order(tmp_path, sim, no_thread_leak):
+    """A GPU tier of three slots under prompts that route to many more experts: slots are evicted and
+    refilled every forward, each refill after the copies out of it (one copy stream, copies slower than
+    the host), and the logits and greedy tokens stay the model's."""
+    model = _moe()
+    ref = copy.deepcopy(model)
+    dense, slot, _ = _dense_and_slot_bytes(model, tmp_path)
+    sim(None, copy_delay_s=0.001)
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=dense + 3 * slot, store=tmp_path / "s",
+                        progress=False) as h:
+        tier = next(st for st in h._stagers if hasattr(st, "tables")).device.tier
+        assert tier.slots == 3
+        with torch.no_grad():
+            for seed in range(4):
+                ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(seed))
+                assert torch.equal(model(ids).logits, ref(ids).logits)
+                assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False),
+                                   ref.generate(ids, max_new_tokens=3, do_sample=False))
+        s = h.stats()
+        assert s.expert_gpu_hits > 0 and tier.cache.evictions > 0 and len(tier.slot) == 3
+
+
+def test_a_forward_short_of_memory_takes_the_experts_gpu_tier_back_first(tmp_path, sim, monkeypatch, caplog,
+                                                                         no_thread_leak):
+    """A forward that runs out of GPU memory gets it from the experts' GPU tier (its last chunks, their experts
+    evicted) before any GPU-tier unit goes back to streaming; the same call then succeeds, exact."""
+    from offload.experts import DeviceTier
+    model = _moe()
+    ref = copy.deepcopy(model)
+    ids = torch.tensor([[3, 17, 42, 9, 120, 77, 5, 61]])
+    dense, slot, _ = _dense_and_slot_bytes(model, tmp_path)
+    monkeypatch.setattr(DeviceTier, "CHUNK_BYTES", 2 * slot)  # chunks of two slots
+    tier_bytes = dense + 8 * slot
+    probe = sim(None)
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=tier_bytes, store=tmp_path / "s", progress=False):
+        used = probe.allocated()
+    b = sim(None, free_bytes=used + 2 * slot)  # room for two experts' worth of temporaries
+    grab = [0]
+
+    def temporary(mod, args, out):
+        if grab[0]:
+            t = b.activation(grab[0])  # a forward's temporary, freed on return
+            del t
+    model.model.layers[1].self_attn.register_forward_hook(temporary)
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=tier_bytes, store=tmp_path / "s", progress=False) as h:
+        stager = h._hooks[0].stager
+        tier = next(st for st in h._stagers if hasattr(st, "tables")).device.tier
+        assert tier.slots == 8 and len(tier.chunks) == 4 and len(stager.gpu_tier) == len(model.model.layers)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+            grab[0] = 5 * slot
+            with caplog.at_level(logging.WARNING, logger="offload"), pytest.raises(torch.OutOfMemoryError):
+                model(ids)
+            lines = [r.getMessage() for r in caplog.records if "gave back" in r.getMessage()]
+            assert len(lines) == 1 and "routed experts kept on the GPU" in lines[0], lines
+            assert stager.gave_back == [] and tier.slots == 4 and len(tier.slot) <= 4
+            assert tier.cache.budget == 4 * slot and tier.cache.used == len(tier.slot) * slot
+            gc.collect()
+            assert torch.equal(model(ids).logits, ref(ids).logits)  # the call again: it fits now
+            assert h.stats().expert_gpu_hits > 0
+
+
 def test_gpu_memory_counts_the_routed_experts_device_table(tmp_path, sim, no_thread_leak):
     model = _moe()
     sim(None)

@@ -302,6 +302,11 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
                  (f"device slot ring (prefetch {prefetch} + 1)", "GPU", dslots * dslot_bytes, dslots)]
         if table:
             rows.append(("experts' device table (one layer)", "GPU", table, 1))
+        if experts is not None and gpu_room is not None:  # what the tier and the ring leave (experts.DeviceTier)
+            one = max(experts.expert_bytes, default=0)
+            left = max(0, gpu_room - sum(sizes[i] for i in gpu_tier) - dslots * dslot_bytes)
+            held = min(left // one * one, sum(experts.unit_expert_bytes)) if one else 0
+            rows.append(("experts kept on the GPU", "GPU", held, held // one if one else 0))
     else:
         rows.append(("resident (embeddings, norms, head)", "RAM", t.resident_bytes, 1 if t.resident_bytes else 0))
     rows += [("RAM tier (read once)", "RAM", sum(sizes[i] for i in ram_tier), len(ram_tier)),

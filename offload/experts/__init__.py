@@ -36,7 +36,7 @@ from __future__ import annotations
 from .cache import POLICIES, ExpertCache, replay
 from .find import RoutedPlan, experts_modules, routed_plan
 from .layout import ExpertsGroup, Slab, carve
-from .tables import DeviceTable, ExpertBinding, ExpertsHook, ExpertsStager, ExpertsTable
+from .tables import DeviceTable, DeviceTier, ExpertBinding, ExpertsHook, ExpertsStager, ExpertsTable
 
 __all__ = ["POLICIES", "ExpertCache", "replay", "RoutedPlan", "experts_modules", "routed_plan", "ExpertsGroup",
-           "Slab", "carve", "DeviceTable", "ExpertBinding", "ExpertsHook", "ExpertsStager", "ExpertsTable"]
+           "Slab", "carve", "DeviceTable", "DeviceTier", "ExpertBinding", "ExpertsHook", "ExpertsStager", "ExpertsTable"]

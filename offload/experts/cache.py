@@ -162,7 +162,6 @@ POLICIES: dict[str, type[_Policy]] = {p.name: p for p in (_LRU, _LFU, _LFUAged, 
 # plain LFU was worst.
 # Private knob for benchmarks: set it before enable().
 _POLICY = "lfu-aged"
-# Huge pages inside each expert's own bytes in its table (ExpertsTable._advise_huge); off: 4 KiB pages only.
 
 
 class ExpertCache:

@@ -124,36 +124,156 @@ class ExpertBinding(Binding):
         return typed.as_strided(self.shape, strides, typed.storage_offset() + slab.base // size)
 
 
+def slot_layout(group: ExpertsGroup) -> tuple[list[int], int]:
+    """Where expert ``e``'s slice of each tensor of ``group`` sits in a slot of the GPU tier (``DeviceTier``),
+    each 256-byte aligned (as the caching allocator aligns), and the slot's size."""
+    offsets, at = [], 0
+    for slab in group.slabs:
+        offsets.append(at)
+        at += -(-slab.n // 256) * 256
+    return offsets, at
+
+
+class _SlotsOf:
+    """``ExpertCache.evict``'s view of one group in the GPU tier: ``drop(e)`` frees expert ``e``'s slot."""
+
+    def __init__(self, tier: DeviceTier, k: int):
+        self.tier, self.k = tier, k
+
+    def drop(self, e: int) -> None:
+        slot = self.tier.slot.pop((self.k, e), None)
+        if slot is not None:
+            self.tier.free.append(slot)
+
+
+class DeviceTier:
+    """The routed experts' GPU tier: experts kept on the device across forwards, in fixed slots (one expert's
+    slices of every tensor each), within what ``gpu_memory`` (or ``gpu_tier``) leaves after the units' GPU
+    tier and the device ring.
+
+    Without it every forward copies each routed expert from host memory over PCIe (~50 GB/s); an expert
+    held here is copied device to device into the device table instead (~40x faster) and is neither
+    read from disk nor needs a place in the host tables. Which experts stay is the same ``ExpertCache``
+    (policy, hits, misses) as the RAM side's, counting slots. Every write and read of a slot is on the
+    device table's copy stream, in the order the host enqueues them, so a slot is reused only after the
+    copies out of it that were enqueued before.
+
+    The slots are allocated in chunks of about ``CHUNK_BYTES`` so that a forward short of memory (a longer
+    prompt, another process) gets them back a chunk at a time (``give_back``, called by the units'
+    ``CudaStager`` before it gives back GPU-tier units)."""
+
+    CHUNK_BYTES = 256 << 20
+
+    def __init__(self, backend: Any, groups: Sequence[ExpertsGroup], nbytes: int, policy: str | None = None):
+        self.layouts = [slot_layout(g) for g in groups]
+        self.slot_bytes = max((size for _, size in self.layouts), default=0)
+        total = sum(g.count for g in groups)
+        n = min(total, nbytes // self.slot_bytes) if self.slot_bytes else 0
+        self.per_chunk = max(1, self.CHUNK_BYTES // self.slot_bytes) if self.slot_bytes else 1
+        self.chunks = [backend.empty(min(self.per_chunk, n - a) * self.slot_bytes) for a in range(0, n, self.per_chunk)]
+        self.free = list(range(n - 1, -1, -1))
+        self.slot: dict[tuple[int, int], int] = {}
+        self.cache = ExpertCache(n * self.slot_bytes, policy)
+        self.groups = {k: _SlotsOf(self, k) for k in range(len(groups))}
+        self.sync: Any = None  # waits for the copies in flight (the device table's stream), before a chunk goes
+
+    @property
+    def slots(self) -> int:
+        return len(self.free) + len(self.slot)
+
+    def holds(self, k: int, e: int) -> bool:
+        return (k, e) in self.slot
+
+    def view(self, k: int, e: int, i: int, n: int) -> torch.Tensor:
+        """Tensor ``i``'s ``n`` bytes of expert ``e`` of group ``k`` in its slot."""
+        c, s = divmod(self.slot[(k, e)], self.per_chunk)
+        at = s * self.slot_bytes + self.layouts[k][0][i]
+        return self.chunks[c][at:at + n]
+
+    def keep(self, k: int, held: Sequence[int], copied: Sequence[int]) -> list[int]:
+        """After a forward's fill: the held experts were used, the copied ones are candidates; evicts down to
+        the slots there are (never a held one) and returns the copied experts that got a slot (the caller
+        copies them in, after their copies into the device table, on the same stream)."""
+        if not self.chunks:
+            return []
+        with self.cache.lock:
+            for e in held:
+                self.cache.hit((k, e))
+            self.cache.misses += len(copied)
+            for e in copied:
+                self.cache.admit((k, e), self.slot_bytes)
+        self.cache.evict(self.groups, {(k, e) for e in held})
+        got = [e for e in copied if (k, e) in self.cache.sizes]
+        for e in got:
+            self.slot[(k, e)] = self.free.pop()
+        return got
+
+    def give_back(self, nbytes: int) -> int:
+        """Free the last chunks until ``nbytes`` are freed (their experts evicted, the budget lowered), after
+        the copies in flight; returns the bytes freed. Between forwards, or from a forward's error."""
+        freed = 0
+        while self.chunks and freed < nbytes:
+            if self.sync is not None:
+                self.sync()
+            gone = set(range((len(self.chunks) - 1) * self.per_chunk, self.slots))
+            with self.cache.lock:
+                for key in [key for key, s in self.slot.items() if s in gone]:
+                    self.cache.used -= self.cache.sizes.pop(key)
+                    self.cache.policy.remove(key)
+                    del self.slot[key]
+                self.free = [s for s in self.free if s not in gone]
+                self.cache.budget -= len(gone) * self.slot_bytes
+            freed += self.chunks.pop().numel()
+        return freed
+
+    def close(self) -> None:
+        self.chunks = []
+
+
 class DeviceTable:
     """On a GPU, the routed experts of the experts module computing now: one table on the device in the
     packed layout (the largest module's size), which every experts module there uses in turn.
 
     The host tables stay what they are on the CPU (read on routing, the expert cache); a forward copies
-    only its routed experts' slices into this table on a copy stream, after the previous user's kernels
-    are done with it (``free``, recorded on the compute stream), and the compute stream waits for the
-    copies (``ready``): the same ordering as the device slot ring (``transfer.CudaStager``). The experts
-    that are not routed hold stale bytes that the forward never reads (it indexes only routed experts; a
-    grouped kernel multiplies no row by them). Its bytes count against ``gpu_memory`` (``placement``).
-    Each tensor sits on a page of its own (``carve``), aligned as ``grouped_mm`` on CUDA requires."""
+    only its routed experts' slices into this table on a copy stream, from the GPU tier (``DeviceTier``)
+    where it holds them, else from the host tables, after the previous user's kernels are done with it
+    (``free``, recorded on the compute stream), and the compute stream waits for the copies (``ready``):
+    the same ordering as the device slot ring (``transfer.CudaStager``). The experts that are not routed
+    hold stale bytes that the forward never reads (it indexes only routed experts; a grouped kernel
+    multiplies no row by them). Its bytes count against ``gpu_memory`` (``placement``). Each tensor sits
+    on a page of its own (``carve``), aligned as ``grouped_mm`` on CUDA requires."""
 
-    def __init__(self, backend: Any, nbytes: int):
+    def __init__(self, backend: Any, nbytes: int, tier: DeviceTier | None = None):
         self.backend = backend
         self.data = backend.empty(nbytes)
+        self.tier = tier
         self.stream = backend.stream()
         self.free: Any = None  # recorded on the compute stream after the last forward that read ``data``
         self.ready: Any = None  # recorded on the copy stream after the last forward's copies
-        self.bytes_copied = 0
+        self.bytes_copied = 0  # host to device
+        if tier is not None:
+            tier.sync = self.stream.synchronize
 
-    def fill(self, table: ExpertsTable, experts: Sequence[int]) -> torch.Tensor:
-        b = self.backend
+    def fill(self, k: int, table: ExpertsTable, experts: Sequence[int]) -> torch.Tensor:
+        b, tier = self.backend, self.tier
         if self.free is not None:
             self.stream.wait_event(self.free)
         host = table.buffer.tensor
-        for r, slab in zip(table.group.table.tensors, table.group.slabs):
-            for e in experts:
+        held = [e for e in experts if tier is not None and tier.holds(k, e)]
+        copied = [e for e in experts if tier is None or not tier.holds(k, e)]
+        tensors = list(zip(table.group.table.tensors, table.group.slabs))
+        for i, (r, slab) in enumerate(tensors):
+            for e in held:
+                assert tier is not None
+                b.copy(self.stream, self.data[r.offset + e * slab.n:r.offset + (e + 1) * slab.n], tier.view(k, e, i, slab.n))
+            for e in copied:
                 src = slab.base + e * slab.stride
                 b.copy(self.stream, self.data[r.offset + e * slab.n:r.offset + (e + 1) * slab.n], host[src:src + slab.n])
-        self.bytes_copied += len(experts) * table.group.expert_bytes
+        self.bytes_copied += len(copied) * table.group.expert_bytes
+        if tier is not None:
+            for e in tier.keep(k, held, copied):  # after this forward's copies on the same stream
+                for i, (r, slab) in enumerate(tensors):
+                    b.copy(self.stream, tier.view(k, e, i, slab.n), self.data[r.offset + e * slab.n:r.offset + (e + 1) * slab.n])
         self.ready = b.event()
         self.ready.record(self.stream)
         b.current_stream().wait_event(self.ready)
@@ -175,6 +295,8 @@ class DeviceTable:
                 self.free.synchronize()
         finally:
             self.data = None
+            if self.tier is not None:
+                self.tier.close()
 
 
 class ExpertsStager:
@@ -198,8 +320,11 @@ class ExpertsStager:
         eb = table.group.expert_bytes
         self.routed[k] = list(experts)
         missing, waits = [], []
+        tier = self.device.tier if self.device is not None else None
         with self.cache.lock:
             for e in experts:
+                if tier is not None and tier.holds(k, e):  # on the GPU: neither read nor copied from the host
+                    continue
                 self.in_use.add((k, e))
                 if e in table.present:
                     self.cache.hit((k, e))
@@ -245,7 +370,9 @@ class ExpertsStager:
         with torch.no_grad():
             scores = hidden.reshape(-1, hidden.shape[-1]).to(router.dtype) @ router.T
             guess = torch.unique(scores.topk(min(per_token, router.shape[0]), dim=-1).indices).tolist()
-        todo = [e for e in guess if e not in table.present and (k, e) not in self.inflight]
+        tier = self.device.tier if self.device is not None else None
+        todo = [e for e in guess if e not in table.present and (k, e) not in self.inflight
+                and not (tier is not None and tier.holds(k, e))]
         if not todo:
             return
         for e, load in zip(todo, self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in todo],
@@ -257,7 +384,7 @@ class ExpertsStager:
 
     def stage(self, k: int) -> torch.Tensor:
         if self.device is not None:
-            return self.device.fill(self.tables[k], self.routed.get(k, range(self.tables[k].group.count)))
+            return self.device.fill(k, self.tables[k], self.routed.get(k, range(self.tables[k].group.count)))
         return self.tables[k].buffer.tensor
 
     def done(self, k: int) -> None:
