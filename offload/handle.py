@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 import threading
 import weakref
 from typing import Any
@@ -122,6 +123,11 @@ class Handle:
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         self._meter.end()
+        if sys.exc_info()[1] is not None:  # the forward raised: out of memory outside the units gives memory back too
+            for stager in self._stagers:
+                on_oom = getattr(stager, "on_oom", None)
+                if on_oom is not None:
+                    on_oom("out of memory in the model's forward")
 
     def stats(self) -> Stats:
         s = self._prefetcher.stats() if not self.closed else None

@@ -64,7 +64,7 @@ def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[Un
     weights computing there, the device slot ring and ``gpu_extra`` (the routed experts' device table)
     (too little for those is an error); and what is left beside them (the routed experts' GPU tier, as
     ``Placement.expert_room`` is on the host): ``gpu_tier`` minus the units it holds when that is given,
-    else the room minus the units and the device ring."""
+    else the room minus the units and the device ring; at most what free memory leaves (less the margin)."""
     tiers: dict[torch.device, set[int]] = {}
     left: dict[torch.device, int] = {}
     for dev, backend in backends.items():
@@ -89,8 +89,9 @@ def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[Un
                          gpu_tier=size)
         tiers[dev] = set(mp.gpu_tier)
         slots, slot_bytes = _ring(prefetch, [records[i].data_bytes for i in idx if i not in mp.gpu_tier])
-        left[dev] = max(0, size - mp.bytes_of(mp.gpu_tier) if size is not None else
-                        (room or 0) - mp.bytes_of(mp.gpu_tier) - slots * slot_bytes)
+        taken = mp.bytes_of(mp.gpu_tier) + slots * slot_bytes
+        free = _gpu_room(backend, None, there, coming) - gpu_extra - taken  # never past what is free (less a margin)
+        left[dev] = max(0, min(free, size - mp.bytes_of(mp.gpu_tier) if size is not None else (room or 0) - taken))
     return tiers, left
 
 

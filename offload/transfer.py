@@ -309,6 +309,12 @@ class CudaStager:
     def _on_error(self, unit: int) -> None:
         """An exception is leaving unit ``unit``'s forward: out of memory gives GPU-tier units back, so the
         call succeeds when repeated."""
+        self.on_oom(f"out of memory in {self.records[unit].name}")
+
+    def on_oom(self, where: str) -> None:
+        """If the exception being handled is CUDA's out of memory (and not acted on yet): give back what
+        ``spills`` hold, then GPU-tier units. Called from a unit's forward, and from the model's (an error
+        outside every unit: the head's logits of a long prompt)."""
         err = sys.exc_info()[1]
         if err is None or not (self.gpu_tier or self.spills) or id(err) == self._oom_seen or not _is_oom(err):
             return
@@ -318,7 +324,7 @@ class CudaStager:
         # what the failed allocation lacked, with a quarter more; unknown: half the tier
         want = (max(0, tried - self.backend.free_bytes()) * 5 // 4 if tried
                 else sum(self.records[i].data_bytes for i in self.gpu_tier) // 2)
-        self._give_back(max(1, want), f"out of memory in {self.records[unit].name}")
+        self._give_back(max(1, want), where)
 
     def _give_back(self, nbytes: int, why: str) -> None:
         """Free ``nbytes``: first what ``spills`` hold, then move GPU-tier units (the last in order first) to

@@ -542,16 +542,19 @@ def test_the_experts_gpu_tier_reuses_its_slots_in_copy_order(tmp_path, sim, no_t
         assert s.expert_gpu_hits > 0 and tier.cache.evictions > 0 and len(tier.slot) == 3
 
 
-def test_a_forward_short_of_memory_takes_the_experts_gpu_tier_back_first(tmp_path, sim, monkeypatch, caplog,
+@pytest.mark.parametrize("where", ["a block", "the head"])
+def test_a_forward_short_of_memory_takes_the_experts_gpu_tier_back_first(where, tmp_path, sim, monkeypatch, caplog,
                                                                          no_thread_leak):
-    """A forward that runs out of GPU memory gets it from the experts' GPU tier (its last chunks, their experts
-    evicted) before any GPU-tier unit goes back to streaming; the same call then succeeds, exact."""
+    """A forward that runs out of GPU memory, in a streamed block or in the resident head (outside every unit),
+    gets it from the experts' GPU tier (its last chunks, their experts evicted) before any GPU-tier unit goes
+    back to streaming; the same call then succeeds, exact."""
     from offload.experts import DeviceTier
     model = _moe()
     ref = copy.deepcopy(model)
     ids = torch.tensor([[3, 17, 42, 9, 120, 77, 5, 61]])
     dense, slot, _ = _dense_and_slot_bytes(model, tmp_path)
     monkeypatch.setattr(DeviceTier, "CHUNK_BYTES", 2 * slot)  # chunks of two slots
+    monkeypatch.setattr(offload.placement, "GPU_MARGIN_BYTES", 0)  # the tier may take all that is free
     tier_bytes = dense + 8 * slot
     probe = sim(None)
     with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=tier_bytes, store=tmp_path / "s", progress=False):
@@ -563,7 +566,7 @@ def test_a_forward_short_of_memory_takes_the_experts_gpu_tier_back_first(tmp_pat
         if grab[0]:
             t = b.activation(grab[0])  # a forward's temporary, freed on return
             del t
-    model.model.layers[1].self_attn.register_forward_hook(temporary)
+    (model.model.layers[1].self_attn if where == "a block" else model.lm_head).register_forward_hook(temporary)
     with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=tier_bytes, store=tmp_path / "s", progress=False) as h:
         stager = h._hooks[0].stager
         tier = next(st for st in h._stagers if hasattr(st, "tables")).device.tier
@@ -579,7 +582,54 @@ def test_a_forward_short_of_memory_takes_the_experts_gpu_tier_back_first(tmp_pat
             assert tier.cache.budget == 4 * slot and tier.cache.used == len(tier.slot) * slot
             gc.collect()
             assert torch.equal(model(ids).logits, ref(ids).logits)  # the call again: it fits now
-            assert h.stats().expert_gpu_hits > 0
+            assert len(tier.slot) == 4  # the four slots left are filled again
+
+
+def test_the_experts_gpu_tier_takes_no_more_than_is_free(tmp_path, sim, monkeypatch, no_thread_leak):
+    """gpu_tier= asks for more than the device has beside the units: the experts' tier takes what is free, and
+    enable and the forwards go on (it used to fail allocating the rest)."""
+    model = _moe()
+    ref = copy.deepcopy(model)
+    dense, slot, blocks = _dense_and_slot_bytes(model, tmp_path)
+    monkeypatch.setattr(offload.placement, "GPU_MARGIN_BYTES", 0)
+    probe = sim(None)
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=dense, store=tmp_path / "s", progress=False):
+        used = probe.allocated()  # the units' tier and the device table, no experts kept
+    sim(None, free_bytes=used + 3 * slot)
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=blocks - 1, store=tmp_path / "s", progress=False) as h:
+        tier = next(st for st in h._stagers if hasattr(st, "tables")).device.tier
+        assert 0 < tier.slots <= 3
+        ids = torch.tensor([[3, 17, 42, 9]])
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_an_interrupt_before_a_slot_is_filled_leaves_it_empty(tmp_path, sim, no_thread_leak):
+    """Ctrl-C landing between an expert's admission to the GPU tier and the copy into its slot: the slot holds
+    nothing (no later forward takes its stale bytes for the expert), and the next call is exact."""
+    model = _moe()
+    ref = copy.deepcopy(model)
+    ids = torch.tensor([[3, 17, 42, 9, 120, 77, 5, 61]])
+    dense, slot, _ = _dense_and_slot_bytes(model, tmp_path)
+    b = sim(None)
+    with offload.enable(model, prefetch=1, ram_tier=0, gpu_tier=dense + 40 * slot, store=tmp_path / "s",
+                        progress=False, predict_experts=False) as h:
+        tier = next(st for st in h._stagers if hasattr(st, "tables")).device.tier
+        chunks = {c.data_ptr() for c in tier.chunks}
+        real, armed = b.copy, [True]
+
+        def copy_(stream, dst, src):
+            if armed[0] and dst.untyped_storage().data_ptr() in chunks:
+                armed[0] = False
+                raise KeyboardInterrupt
+            return real(stream, dst, src)
+        b.copy = copy_
+        with torch.no_grad():
+            with pytest.raises(KeyboardInterrupt):
+                model(ids)
+            assert sorted(tier.free + list(tier.slot.values())) == list(range(tier.slots))
+            assert set(tier.slot) == set(tier.cache.sizes) and tier.cache.used == len(tier.slot) * slot
+            assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
 def test_gpu_memory_counts_the_routed_experts_device_table(tmp_path, sim, no_thread_leak):

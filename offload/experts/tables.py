@@ -208,6 +208,18 @@ class DeviceTier:
             self.slot[(k, e)] = self.free.pop()
         return got
 
+    def forget(self, k: int, experts: Sequence[int]) -> None:
+        """Experts given a slot whose bytes were never copied in (an exception between ``keep`` and the
+        copies): not held, their slots free again."""
+        with self.cache.lock:
+            for e in experts:
+                if (k, e) in self.cache.sizes:
+                    self.cache.used -= self.cache.sizes.pop((k, e))
+                    self.cache.policy.remove((k, e))
+                slot = self.slot.pop((k, e), None)
+                if slot is not None:
+                    self.free.append(slot)
+
     def give_back(self, nbytes: int) -> int:
         """Free the last chunks until ``nbytes`` are freed (their experts evicted, the budget lowered), after
         the copies in flight; returns the bytes freed. Between forwards, or from a forward's error."""
@@ -227,7 +239,9 @@ class DeviceTier:
         return freed
 
     def close(self) -> None:
-        self.chunks = []
+        with self.cache.lock:
+            self.chunks, self.free, self.slot = [], [], {}
+            self.cache.sizes, self.cache.used = {}, 0
 
 
 class DeviceTable:
@@ -270,13 +284,19 @@ class DeviceTable:
                 src = slab.base + e * slab.stride
                 b.copy(self.stream, self.data[r.offset + e * slab.n:r.offset + (e + 1) * slab.n], host[src:src + slab.n])
         self.bytes_copied += len(copied) * table.group.expert_bytes
-        if tier is not None:
-            for e in tier.keep(k, held, copied):  # after this forward's copies on the same stream
-                for i, (r, slab) in enumerate(tensors):
-                    b.copy(self.stream, tier.view(k, e, i, slab.n), self.data[r.offset + e * slab.n:r.offset + (e + 1) * slab.n])
         self.ready = b.event()
         self.ready.record(self.stream)
-        b.current_stream().wait_event(self.ready)
+        b.current_stream().wait_event(self.ready)  # the forward waits for its copies, not for the tier's below
+        if tier is not None:
+            got = tier.keep(k, held, copied)
+            try:
+                for e in got:  # after this forward's copies into the table, on the same stream
+                    for i, (r, slab) in enumerate(tensors):
+                        b.copy(self.stream, tier.view(k, e, i, slab.n),
+                               self.data[r.offset + e * slab.n:r.offset + (e + 1) * slab.n])
+            except BaseException:  # a slot whose copy was never issued holds nothing (Ctrl-C, a copy error)
+                tier.forget(k, got)
+                raise
         return self.data
 
     def done(self) -> None:
