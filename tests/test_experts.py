@@ -333,6 +333,60 @@ def test_the_huge_pages_knob_off_means_no_huge_pages_and_the_mapping_budget_hold
         assert not E._mappings_allow(1 << 40)
 
 
+def _big_experts_model(experts: int = 8):
+    cfg = moe_config("qwen3_moe", layers=2, hidden=1024)  # gate_up 4 MiB, down 2 MiB per expert (fp32)
+    cfg.num_experts = experts
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_evicted_experts_huge_pages_are_moved_under_the_next_reads(tmp_path, no_thread_leak):
+    """With no expert cache each forward's experts are evicted after it; their huge pages wait in the pool (never
+    more than one forward read) and are moved under the next forward's reads instead of fresh pages being
+    faulted in and zeroed; prompts routed differently in turn keep the model's logits."""
+    model = _big_experts_model()
+    ref = copy.deepcopy(model)
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False,
+                        predict_experts=False) as h:
+        stager = next(st for st in h._stagers if hasattr(st, "tables"))
+        if not all(t.huge for t in stager.tables.values()):
+            pytest.skip("no transparent huge pages here: nothing to move")
+        pool = stager.pool
+        maps = []
+        with torch.no_grad():
+            for seed in range(6):
+                ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(seed))
+                assert torch.equal(model(ids).logits, ref(ids).logits)
+                assert 0 < pool.bytes <= pool.limit
+                maps.append(sum(1 for _ in open("/proc/self/maps")))
+        assert pool.moved_bytes > 0
+        ranges = sum(len(r) for t in stager.tables.values() for r in t.huge)
+        assert max(maps) - min(maps) <= 2 * ranges, maps  # within what the tables' advice was allowed
+
+
+def test_experts_pages_are_given_back_where_they_cannot_be_moved(tmp_path, monkeypatch, caplog, no_thread_leak):
+    """A kernel that cannot move pages (mremap fails): one log line, whatever the pool held given back, and
+    from then on evictions give pages back as before; the logits stay the model's."""
+    from offload.experts import pages
+    model = _big_experts_model()
+    ref = copy.deepcopy(model)
+
+    def refuse(src: int, dst: int, n: int) -> None:
+        raise OSError(22, "Invalid argument")
+    monkeypatch.setattr(pages, "move_pages", refuse)
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False,
+                        predict_experts=False) as h:
+        stager = next(st for st in h._stagers if hasattr(st, "tables"))
+        if not all(t.huge for t in stager.tables.values()):
+            pytest.skip("no transparent huge pages here: nothing to move")
+        with torch.no_grad(), caplog.at_level(logging.INFO, logger="offload"):
+            for seed in range(3):
+                ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(seed))
+                assert torch.equal(model(ids).logits, ref(ids).logits)
+        assert not stager.pool.enabled and stager.pool.bytes == 0 and stager.pool.moved_bytes == 0
+        assert sum("not reused" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_layers_routed_experts_are_read_at_once_not_one_per_ring_slot(tmp_path, no_thread_leak):
     """A reader that keeps its own queue full within a read (the native one) gets one thread per ring
     slot for whole units; a batch of routed experts (3-6 MiB reads on a real model) needs them all in

@@ -15,6 +15,7 @@ from ..hooks import Binding, UnitHook
 from ..staging import HUGE_PAGE, HostBuffer
 from .cache import ExpertCache
 from .layout import ExpertsGroup, Slab
+from .pages import PagePool
 
 log = logging.getLogger("offload")
 
@@ -54,7 +55,9 @@ class ExpertsTable:
         # which pages are huge is then chosen per expert (_advise_huge), never the whole table
         self.buffer = HostBuffer(group.buffer_bytes, huge=True)
         self.present: set[int] = set()
+        self.huge: list[list[tuple[int, int]]] = []  # per expert, its advised huge-page ranges (``_advise_huge``)
         self.huge_bytes = self._advise_huge()
+        self.pool: PagePool | None = None  # where evicted experts' huge pages wait for the next read (ExpertsStager)
 
     def _madvise(self, advice: int, a: int, b: int) -> None:
         assert self.buffer._mm is not None
@@ -68,13 +71,14 @@ class ExpertsTable:
         bytes advised."""
         if self.buffer._mm is None or not hasattr(mmap, "MADV_HUGEPAGE") or not self.buffer.huge:
             return 0
-        ranges = []
+        per_expert: list[list[tuple[int, int]]] = [[] for _ in range(self.group.count)]
         for slab in self.group.slabs:
             for e in range(self.group.count):
                 lo, hi = slab.region(e)
                 a, b = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
                 if b > a:
-                    ranges.append((a, b))
+                    per_expert[e].append((a, b))
+        ranges = [r for rs in per_expert for r in rs]
         try:
             # HostBuffer advised the whole table; pages shared by experts must not be huge (an eviction
             # would split them), so off everywhere first, then on per region
@@ -87,18 +91,38 @@ class ExpertsTable:
             for a, b in ranges:
                 self._madvise(mmap.MADV_HUGEPAGE, a, b)
                 done += b - a
+            self.huge = per_expert
             return done
         except OSError:  # THP compiled out: 4 KiB pages still work
             return 0
 
+    def address(self, offset: int) -> int:
+        return self.buffer.address + offset
+
+    def give_back(self, a: int, b: int) -> None:
+        if self.buffer._mm is not None:
+            self._madvise(mmap.MADV_DONTNEED, a, b)
+
+    def back(self, e: int) -> None:
+        """Before expert ``e`` is read: move evicted experts' huge pages under its huge-page ranges (``pages``),
+        so the read lands in memory already backed; the ranges the pool has nothing for fault in as usual."""
+        if self.pool is not None and self.huge:
+            for a, b in self.huge[e]:
+                self.pool.take(self, a, b)
+
     def drop(self, e: int) -> None:
         """Give expert ``e``'s pages back: its whole region (or the whole pages inside a packed slice, whose
-        edges a neighbour shares)."""
+        edges a neighbour shares); its huge pages to the pool when it has room (``pages``)."""
         self.present.discard(e)
         if self.buffer._mm is None:
             return
+        pooled = [r for r in (self.huge[e] if self.huge and self.pool is not None else ()) if self.pool.give(self, *r)]
         for slab in self.group.slabs:
             a, b = slab.region(e)
+            for x, y in sorted(r for r in pooled if a <= r[0] < b):  # the gaps between the pooled ranges
+                if x > a:
+                    self._madvise(mmap.MADV_DONTNEED, a, x)
+                a = max(a, y)
             if b > a:
                 self._madvise(mmap.MADV_DONTNEED, a, b)
 
@@ -329,6 +353,9 @@ class ExpertsStager:
                  device: DeviceTable | None = None):
         self.prefetcher, self.cache, self.device = prefetcher, cache, device
         self.tables = {k: ExpertsTable(g) for k, g in enumerate(groups)}
+        self.pool = PagePool()  # evicted experts' huge pages, moved under the next reads
+        for t in self.tables.values():
+            t.pool = self.pool
         self.in_use: set[tuple[int, int]] = set()
         self.inflight: dict[tuple[int, int], Any] = {}  # predicted reads not yet wanted
         self.routed: dict[int, list[int]] = {}  # per group, the experts its current forward routes to
@@ -356,6 +383,10 @@ class ExpertsStager:
                     missing.append(e)
             self.cache.misses += len(missing)
         loads = [self.inflight.pop((k, e)) for e in waits]
+        for e in missing:
+            table.back(e)
+        if table.huge:  # these reads take this much memory anyway: the pool may keep as much for the next ones
+            self.pool.resize(len(missing) * sum(b - a for a, b in table.huge[0]))
         demand = self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in missing])
         self.prefetcher.finish_reads(loads + demand)
         if demand:  # the reader's own timing of this batch: its first read's start to its last read's end
@@ -395,6 +426,8 @@ class ExpertsStager:
                 and not (tier is not None and tier.holds(k, e))]
         if not todo:
             return
+        for e in todo:
+            table.back(e)
         for e, load in zip(todo, self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in todo],
                                                             urgent=False)):
             self.inflight[(k, e)] = load
@@ -425,6 +458,7 @@ class ExpertsStager:
             load.done.wait(1)
         self.inflight = {}
         for t in self.tables.values():
+            self.pool.forget(t)
             t.buffer.close()
 
 
