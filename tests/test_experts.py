@@ -364,6 +364,26 @@ def test_evicted_experts_huge_pages_are_moved_under_the_next_reads(tmp_path, no_
         assert max(maps) - min(maps) <= 2 * ranges, maps  # within what the tables' advice was allowed
 
 
+@pytest.mark.parametrize("predict", [False, True])
+def test_an_evicted_expert_routed_again_keeps_its_own_pages(predict, tmp_path, no_thread_leak):
+    """With an expert cache that evicts every forward, an expert evicted and routed again before its pages were
+    given to another read takes its own pages back out of the pool: no later move takes them from under it
+    (its bytes would read as zeros), and the pool never has to move a range onto itself (which the kernel
+    refuses, switching the pool off)."""
+    model = _big_experts_model()
+    ref = copy.deepcopy(model)
+    with offload.enable(model, prefetch=1, cpu_memory="60MiB", store=tmp_path / "s", progress=False,
+                        predict_experts=predict) as h:
+        stager = next(st for st in h._stagers if hasattr(st, "tables"))
+        if not all(t.huge for t in stager.tables.values()):
+            pytest.skip("no transparent huge pages here: nothing to move")
+        with torch.no_grad():
+            for seed in range(20):
+                ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(seed))
+                assert torch.equal(model(ids).logits, ref(ids).logits), seed
+        assert stager.pool.enabled and stager.pool.moved_bytes > 0 and stager.cache.evictions > 0
+
+
 def test_experts_pages_are_given_back_where_they_cannot_be_moved(tmp_path, monkeypatch, caplog, no_thread_leak):
     """A kernel that cannot move pages (mremap fails): one log line, whatever the pool held given back, and
     from then on evictions give pages back as before; the logits stay the model's."""

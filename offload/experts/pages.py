@@ -86,6 +86,10 @@ class PagePool:
             spare = self.held.get(b - a)
             if not spare:
                 return False
+            if (table, a) in spare:  # its own pages are still there (evicted, routed again): no longer a donor,
+                spare.remove((table, a))  # or a later take would move them from under the expert
+                self.bytes -= b - a
+                return True
             donor, at = spare.pop()
             self.bytes -= b - a
             try:

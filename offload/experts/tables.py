@@ -386,7 +386,7 @@ class ExpertsStager:
         for e in missing:
             table.back(e)
         if table.huge:  # these reads take this much memory anyway: the pool may keep as much for the next ones
-            self.pool.resize(len(missing) * sum(b - a for a, b in table.huge[0]))
+            self.pool.resize(sum(b - a for e in missing for a, b in table.huge[e]))
         demand = self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in missing])
         self.prefetcher.finish_reads(loads + demand)
         if demand:  # the reader's own timing of this batch: its first read's start to its last read's end
