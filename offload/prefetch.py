@@ -56,6 +56,8 @@ _MAX_OPEN = 256  # files a prefetcher keeps open for its life (the rest are open
 # With routed experts, reads a whole-unit reader would make whole are cut into tasks of this size: a forward's
 # expert batch, queued ahead of them, then waits behind at most one slice per reader thread, not whole units.
 _SLICE_BYTES = 8 << 20
+# Private knob for benchmarks: False never holds prefetches for an expert batch (Prefetcher.hold_for).
+_HOLD_FOR_EXPERTS = True
 
 
 def _fd_of(handle: Any) -> int | None:
@@ -112,6 +114,7 @@ class _Load:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.cancelled = False
+        self.urgent = True  # a forward waits for it (else a prefetch, which _Workers.hold may hold)
         self.t_start = 0.0
         self.t_end = 0.0
         self.handles: dict[str, Any] = {}
@@ -190,6 +193,10 @@ def _raise_failed(load: _Load) -> None:
 class _Workers:
     """A fixed set of named reader threads for the prefetcher's life, fed from one deque.
 
+    ``urgent`` tasks (a forward waits for them) go ahead of the others. ``hold()`` keeps the others
+    (prefetches) from starting until ``resume()``: a forward about to read its routed experts holds
+    them, so the batch has the disk to itself (see ``Prefetcher.hold_for``).
+
     ``close()`` sets ``closed``, wakes every thread and joins them: a thread finishes the task it is
     running, then exits; tasks still queued are ``abandon()``-ed, which completes their load with an
     error, so no waiter can block on a read that will never run.
@@ -198,7 +205,8 @@ class _Workers:
     def __init__(self, count: int, name: str):
         self.closed = False
         self._cv = threading.Condition()
-        self._queue: collections.deque[_Task] = collections.deque()
+        self._queue: collections.deque[tuple[_Task, bool]] = collections.deque()
+        self._held = False
         self._threads = [threading.Thread(target=self._loop, name=f"{name}-{k}", daemon=True) for k in range(count)]
         for t in self._threads:
             t.start()
@@ -207,28 +215,47 @@ class _Workers:
         with self._cv:
             if not self.closed:
                 if urgent:
-                    self._queue.extendleft(reversed(tasks))
+                    self._queue.extendleft((t, True) for t in reversed(tasks))
                 else:
-                    self._queue.extend(tasks)
+                    self._queue.extend((t, False) for t in tasks)
                 self._cv.notify(len(tasks))
                 return
         for t in tasks:
             t.abandon()
 
+    def hold(self) -> None:
+        with self._cv:
+            self._held = True
+
+    def resume(self) -> None:
+        with self._cv:
+            if self._held:
+                self._held = False
+                self._cv.notify_all()
+
+    def promote(self, load: _Load) -> None:
+        """``load``'s queued tasks become urgent (a forward waits for them), held or not; the rest stay."""
+        with self._cv:
+            mine = [t for t, _ in self._queue if t.load is load]
+            if mine:
+                self._queue = collections.deque((t, u) for t, u in self._queue if t.load is not load)
+                self._queue.extendleft((t, True) for t in reversed(mine))
+                self._cv.notify(len(mine))
+
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self.closed:
+                while not self.closed and not (self._queue and (self._queue[0][1] or not self._held)):
                     self._cv.wait()
                 if self.closed:
                     return
-                task = self._queue.popleft()
+                task, _ = self._queue.popleft()
             task.run()
 
     def close(self) -> None:
         with self._cv:
             self.closed = True
-            abandoned = list(self._queue)
+            abandoned = [t for t, _ in self._queue]
             self._queue.clear()
             self._cv.notify_all()
         for t in abandoned:
@@ -299,6 +326,10 @@ class Prefetcher:
                 with contextlib.suppress(OSError):  # a missing file fails the load that needs it, named there
                     self._open(self.store.path_of(unit, e.file))
         self._workers = _Workers(max(1, threads), f"offload-io-{next(_ids)}")
+        # Units whose forward reads routed experts (set by enable): acquiring one holds the prefetches it
+        # schedules until its expert batch is read (``resume_prefetch``), so they read during the experts'
+        # compute instead of beside the batch. A wait on a held read resumes them: nothing waits on held work.
+        self.hold_for: set[int] = set()
 
     # ------------------------------------------------------------------ the schedule
 
@@ -327,6 +358,10 @@ class Prefetcher:
                 if slot is not None:
                     lease = self.ring.lease(slot, unit.data_bytes)
                     load = slot.load
+                    if i in self.hold_for and _HOLD_FOR_EXPERTS:
+                        self._workers.hold()  # what _schedule starts waits for this unit's expert batch
+                    else:
+                        self._workers.resume()
                     self._schedule(i)
                     break
             try:
@@ -481,6 +516,7 @@ class Prefetcher:
 
     def _start(self, i: int, slot: Slot, urgent: bool) -> None:
         load = self._new_load(self.units[i], slot.buffer)
+        load.urgent = urgent
         slot.unit, slot.load, slot.reserved_for = i, load, None
         try:
             load.open()
@@ -494,6 +530,9 @@ class Prefetcher:
         if what is None:
             return
         if isinstance(what, _Load):
+            if not what.urgent and not what.done.is_set():
+                what.urgent = True
+                self._workers.promote(what)  # it may be held: a wait never waits on held work
             while not what.done.wait(_POLL_S):
                 if self.closed:
                     raise OffloadError(f"offload was disabled while {context} was being read")
@@ -562,6 +601,7 @@ class Prefetcher:
         loads = []
         for unit, buffer in reads:
             load = self._new_load(unit, buffer)
+            load.urgent = urgent
             try:
                 load.open()
             except OSError as e:
@@ -571,6 +611,10 @@ class Prefetcher:
                 self._workers.submit(load.tasks(), urgent=urgent)
             loads.append(load)
         return loads
+
+    def resume_prefetch(self) -> None:
+        """A forward's expert batch is read: held prefetches may start (``hold_for``)."""
+        self._workers.resume()
 
     def finish_reads(self, loads: Sequence[_Load]) -> None:
         """Wait for reads ``start_reads`` began; a failure is raised here, naming the unit and its file."""

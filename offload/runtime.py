@@ -250,6 +250,7 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
     prefetcher = built.prefetcher = Prefetcher(st, records, reader, placement.config, resident,
                                                elsewhere=placement.elsewhere, verify=verify, tracer=tracer,
                                                batches=bool(groups))
+    prefetcher.hold_for = {i for i, p in enumerate(plans) if any(g.name.startswith(p.name + ".") for g in groups)}
     if resident:
         from .writer import _progress
         bar = _progress(sum(b.nbytes for b in resident.values()), "offload: loading RAM tier", progress)

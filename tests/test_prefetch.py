@@ -142,3 +142,17 @@ def test_encoder_decoder_order_is_learned(tmp_path, no_thread_leak):
         # one generate = 1 encoder pass + 16 decoder passes; at most the wrap points miss, not every unit
         assert h.stats().misses <= 2 and first <= 3
         assert h.stats().hits > 16 * 3
+
+
+def test_a_wait_on_a_held_prefetch_resumes_it(tmp_path, no_thread_leak):
+    """Prefetches held for an expert batch that never comes (every unit holds, nobody resumes): the forward
+    that needs a held read resumes it instead of waiting forever, and the logits are the model's."""
+    from test_staging import no_hang
+    model = bloom(6)
+    inputs = inputs_for("bloom")
+    expected = forward_logits(model, "bloom", inputs)
+    with offload.enable(model, prefetch=2, ram_tier=0, store=tmp_path / "s", progress=False) as h:
+        h._prefetcher.hold_for = set(range(len(h._hooks)))
+        for _ in range(2):
+            assert torch.equal(no_hang(lambda: forward_logits(model, "bloom", inputs), 60), expected)
+        no_hang(h._prefetcher.wait_idle, 60)
