@@ -114,7 +114,7 @@ class _Load:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.cancelled = False
-        self.urgent = True  # a forward waits for it (else a prefetch, which _Workers.hold may hold)
+        self.urgent = False  # a forward waits for it (else a prefetch, which _Workers.hold may hold)
         self.t_start = 0.0
         self.t_end = 0.0
         self.handles: dict[str, Any] = {}
@@ -193,9 +193,10 @@ def _raise_failed(load: _Load) -> None:
 class _Workers:
     """A fixed set of named reader threads for the prefetcher's life, fed from one deque.
 
-    ``urgent`` tasks (a forward waits for them) go ahead of the others. ``hold()`` keeps the others
-    (prefetches) from starting until ``resume()``: a forward about to read its routed experts holds
-    them, so the batch has the disk to itself (see ``Prefetcher.hold_for``).
+    ``urgent`` tasks (a forward waits for them) go ahead of the others. ``hold()`` keeps the others that
+    are submitted from then on (a block's prefetches) from starting until ``resume()``: a block about to
+    read its routed experts holds what it schedules, so its batch has the disk to itself (see
+    ``Prefetcher.hold_for``); what was queued before, and urgent work, still runs.
 
     ``close()`` sets ``closed``, wakes every thread and joins them: a thread finishes the task it is
     running, then exits; tasks still queued are ``abandon()``-ed, which completes their load with an
@@ -205,8 +206,9 @@ class _Workers:
     def __init__(self, count: int, name: str):
         self.closed = False
         self._cv = threading.Condition()
-        self._queue: collections.deque[tuple[_Task, bool]] = collections.deque()
-        self._held = False
+        self._queue: collections.deque[tuple[_Task, int | None]] = collections.deque()  # (task, seq; None: urgent)
+        self._seq = 0  # numbers the non-urgent submits, in queue order
+        self._hold_from: int | None = None  # non-urgent tasks numbered from here wait for resume()
         self._threads = [threading.Thread(target=self._loop, name=f"{name}-{k}", daemon=True) for k in range(count)]
         for t in self._threads:
             t.start()
@@ -215,9 +217,10 @@ class _Workers:
         with self._cv:
             if not self.closed:
                 if urgent:
-                    self._queue.extendleft((t, True) for t in reversed(tasks))
+                    self._queue.extendleft((t, None) for t in reversed(tasks))
                 else:
-                    self._queue.extend((t, False) for t in tasks)
+                    self._queue.extend((t, self._seq) for t in tasks)
+                    self._seq += 1
                 self._cv.notify(len(tasks))
                 return
         for t in tasks:
@@ -225,27 +228,32 @@ class _Workers:
 
     def hold(self) -> None:
         with self._cv:
-            self._held = True
+            self._hold_from = self._seq
 
     def resume(self) -> None:
         with self._cv:
-            if self._held:
-                self._held = False
+            if self._hold_from is not None:
+                self._hold_from = None
                 self._cv.notify_all()
 
-    def promote(self, load: _Load) -> None:
-        """``load``'s queued tasks become urgent (a forward waits for them), held or not; the rest stay."""
+    def promote(self, loads: Sequence[_Load]) -> None:
+        """The queued tasks of ``loads`` become urgent (a forward waits for them), held or not; the rest stay."""
+        wanted = {id(x) for x in loads}
         with self._cv:
-            mine = [t for t, _ in self._queue if t.load is load]
+            mine = [t for t, _ in self._queue if id(t.load) in wanted]
             if mine:
-                self._queue = collections.deque((t, u) for t, u in self._queue if t.load is not load)
-                self._queue.extendleft((t, True) for t in reversed(mine))
+                self._queue = collections.deque(x for x in self._queue if id(x[0].load) not in wanted)
+                self._queue.extendleft((t, None) for t in reversed(mine))
                 self._cv.notify(len(mine))
+
+    def _runnable(self) -> bool:
+        seq = self._queue[0][1]
+        return seq is None or self._hold_from is None or seq < self._hold_from
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self.closed and not (self._queue and (self._queue[0][1] or not self._held)):
+                while not self.closed and not (self._queue and self._runnable()):
                     self._cv.wait()
                 if self.closed:
                     return
@@ -358,10 +366,7 @@ class Prefetcher:
                 if slot is not None:
                     lease = self.ring.lease(slot, unit.data_bytes)
                     load = slot.load
-                    if i in self.hold_for and _HOLD_FOR_EXPERTS:
-                        self._workers.hold()  # what _schedule starts waits for this unit's expert batch
-                    else:
-                        self._workers.resume()
+                    self._hold_if_routed(i)
                     self._schedule(i)
                     break
             try:
@@ -419,7 +424,15 @@ class Prefetcher:
             self._visit(i)
             if i in self.ram_tier or i in self.elsewhere:
                 self._stats.ram_tier_hits += 1
+            self._hold_if_routed(i)
             self._schedule(i)
+
+    def _hold_if_routed(self, i: int) -> None:
+        """Before ``_schedule(i)``: hold what it starts until unit i's expert batch is read (``hold_for``)."""
+        if i in self.hold_for and _HOLD_FOR_EXPERTS:
+            self._workers.hold()
+        else:
+            self._workers.resume()
 
     def window(self, i: int, include_ram_tier: bool = False) -> list[int]:
         """The streamed units expected after i, nearest first, at most ``prefetch`` of them.
@@ -530,14 +543,20 @@ class Prefetcher:
         if what is None:
             return
         if isinstance(what, _Load):
-            if not what.urgent and not what.done.is_set():
-                what.urgent = True
-                self._workers.promote(what)  # it may be held: a wait never waits on held work
+            self._promote([what])  # it may be held: a wait never waits on held work
             while not what.done.wait(_POLL_S):
                 if self.closed:
                     raise OffloadError(f"offload was disabled while {context} was being read")
             return
         wait_fence(what, self.config.fence_timeout_s, context)
+
+    def _promote(self, loads: Sequence[_Load]) -> None:
+        """Loads a forward is about to wait for, submitted as prefetches and not done: urgent from now on."""
+        waiting = [x for x in loads if not x.urgent and not x.done.is_set()]
+        for x in waiting:
+            x.urgent = True
+        if waiting:
+            self._workers.promote(waiting)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -619,6 +638,7 @@ class Prefetcher:
     def finish_reads(self, loads: Sequence[_Load]) -> None:
         """Wait for reads ``start_reads`` began; a failure is raised here, naming the unit and its file."""
         t0 = time.perf_counter()
+        self._promote(loads)  # all at once: one by one, each would start only after the one before finished
         for load in loads:
             self._wait(load, f"unit {load.unit.name}")
         with self._stats_lock:

@@ -156,3 +156,33 @@ def test_a_wait_on_a_held_prefetch_resumes_it(tmp_path, no_thread_leak):
         for _ in range(2):
             assert torch.equal(no_hang(lambda: forward_logits(model, "bloom", inputs), 60), expected)
         no_hang(h._prefetcher.wait_idle, 60)
+
+
+def test_held_reads_a_forward_waits_for_together_run_together(tmp_path, no_thread_leak):
+    """Prefetch reads held for an expert batch, then waited for all at once (predicted experts): they are
+    promoted together and run at once, not one after another as each wait would promote its own (each
+    read here returns only when four run together)."""
+    class Gate(PythonReader):
+        barrier: threading.Barrier | None = None
+
+        def read(self, handle, offset, dest):
+            if self.barrier is not None:
+                self.barrier.wait(timeout=30)
+            super().read(handle, offset, dest)
+    model = bloom(6)
+    reader = Gate()
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", reader=reader, progress=False) as h:
+        pf = h._prefetcher
+        pf.wait_idle()
+        records = pf.units[:4]
+        buffers = [HostBuffer(r.data_bytes) for r in records]
+        reader.barrier = threading.Barrier(4)
+        pf._workers.hold()
+        try:
+            loads = pf.start_reads(list(zip(records, buffers)), urgent=False)
+            pf.finish_reads(loads)  # raises the broken barrier if they ran one after another
+        finally:
+            reader.barrier = None
+            pf._workers.resume()
+        for r, b, load in zip(records, buffers, loads):
+            assert load.error is None and torch.equal(b.tensor[:r.data_bytes], h._store.read_unit(r))

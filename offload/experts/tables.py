@@ -387,9 +387,11 @@ class ExpertsStager:
             table.back(e)
         if table.huge:  # these reads take this much memory anyway: the pool may keep as much for the next ones
             self.pool.resize(sum(b - a for e in missing for a, b in table.huge[e]))
-        demand = self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in missing])
-        self.prefetcher.finish_reads(loads + demand)
-        self.prefetcher.resume_prefetch()  # the batch is in: prefetches held for it may read (Prefetcher.hold_for)
+        try:
+            demand = self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in missing])
+            self.prefetcher.finish_reads(loads + demand)
+        finally:
+            self.prefetcher.resume_prefetch()  # the batch is in (or failed): prefetches held for it may read
         if demand:  # the reader's own timing of this batch: its first read's start to its last read's end
             span = max(x.t_end for x in demand) - min(x.t_start for x in demand)
             with self.cache.lock:
