@@ -6,9 +6,9 @@ request goes out. With a small expert cache that is every read. ``PagePool`` kee
 evicted experts and moves them, page tables and all (``mremap`` with ``MREMAP_DONTUNMAP``: no copy, no
 zeroing, ~40 us per 9 MiB expert), under the regions the next read fills; the donor region is left
 mapped and empty, as ``MADV_DONTNEED`` leaves it. On the Qwen3-30B-A3B shape (bf16, 6 layers, no expert
-cache, cold, 5 alternated runs) it halved the process's kernel time per decode token (0.114 -> 0.057 s)
-and the routed reads went from 1.75 to 1.81 GB/s (median; 4 of 5 pairs faster), s/token unchanged
-within the disk's noise: this disk, not the CPU, bounds that row.
+cache, cold, alternated runs) it halves the process's kernel time per decode token (0.146 -> 0.079 s);
+the read rate and s/token did not change beyond this disk's noise (README, Mixtures of experts): the
+saving is CPU time, which a faster disk would need.
 
 Only whole huge pages an experts table advised (``ExpertsTable._advise_huge``) move. A move splits at
 most the mapping it lands in (adjacent advised ranges share one), so the process's count of mappings
