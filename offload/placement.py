@@ -73,7 +73,8 @@ def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[Un
         idx = [i for i, p in enumerate(plans) if p.device == dev]
         ring = min_room([records[i].data_bytes for i in idx], prefetch)
         there, coming = _resident_on(model, plans, dev, moving=kind == "module")
-        room = None
+        free = _gpu_room(backend, None, there, coming) - gpu_extra  # free memory, read once (less a margin)
+        room = free if gpu_tier is None else None
         if gpu_memory is not None:
             total = parse_bytes(gpu_memory)
             if total < there + coming + ring + gpu_extra:
@@ -82,7 +83,6 @@ def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[Un
                     f"({format_bytes(there + coming)}) and the device slot ring ({format_bytes(ring)}"
                     + (f", with the routed experts' table {format_bytes(gpu_extra)}" if gpu_extra else "") + "): the minimum "
                     f"is {format_bytes(there + coming + ring + gpu_extra)} (or lower prefetch=)")
-        if gpu_memory is not None or gpu_tier is None:
             room = _gpu_room(backend, gpu_memory, there, coming) - gpu_extra
         size = parse_bytes(gpu_tier) if gpu_tier is not None else None
         mp = plan_memory([r.data_bytes for r in records], prefetch, ram_tier=0, gpu_units=idx, gpu_room=room,
@@ -90,8 +90,8 @@ def _gpu_tiers(model: nn.Module, plans: Sequence[UnitPlan], records: Sequence[Un
         tiers[dev] = set(mp.gpu_tier)
         slots, slot_bytes = _ring(prefetch, [records[i].data_bytes for i in idx if i not in mp.gpu_tier])
         taken = mp.bytes_of(mp.gpu_tier) + slots * slot_bytes
-        free = _gpu_room(backend, None, there, coming) - gpu_extra - taken  # never past what is free (less a margin)
-        left[dev] = max(0, min(free, size - mp.bytes_of(mp.gpu_tier) if size is not None else (room or 0) - taken))
+        asked = size - mp.bytes_of(mp.gpu_tier) if size is not None else (room or 0) - taken
+        left[dev] = max(0, min(free - taken, asked))  # never past what is free
     return tiers, left
 
 

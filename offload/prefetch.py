@@ -336,7 +336,7 @@ class Prefetcher:
         self._workers = _Workers(max(1, threads), f"offload-io-{next(_ids)}")
         # Units whose forward reads routed experts (set by enable): acquiring one holds the prefetches it
         # schedules until its expert batch is read (``resume_prefetch``), so they read during the experts'
-        # compute instead of beside the batch. A wait on a held read resumes them: nothing waits on held work.
+        # compute instead of beside the batch. A wait on a held read promotes it: nothing waits on held work.
         self.hold_for: set[int] = set()
 
     # ------------------------------------------------------------------ the schedule
@@ -429,6 +429,8 @@ class Prefetcher:
 
     def _hold_if_routed(self, i: int) -> None:
         """Before ``_schedule(i)``: hold what it starts until unit i's expert batch is read (``hold_for``)."""
+        if not self.hold_for:  # no routed experts: nothing is ever held
+            return
         if i in self.hold_for and _HOLD_FOR_EXPERTS:
             self._workers.hold()
         else:

@@ -206,6 +206,12 @@ class ExpertCache:
         self.used += nbytes
         self.policy.insert(key)
 
+    def discard(self, key: Key) -> None:
+        """``key`` no longer cached, if it was (call under ``lock``); whoever holds its bytes frees them."""
+        if key in self.sizes:
+            self.used -= self.sizes.pop(key)
+            self.policy.remove(key)
+
     def evict(self, tables: dict[int, Any], in_use: set[Key]) -> list[Key]:
         """Drop unpinned experts in the policy's order until the cache is within its budget; returns them."""
         out: list[Key] = []
@@ -217,8 +223,7 @@ class ExpertCache:
                     break
                 if key in in_use:
                     continue
-                self.used -= self.sizes.pop(key)
-                self.policy.remove(key)
+                self.discard(key)
                 tables[key[0]].drop(key[1])
                 out.append(key)
             self.evictions += len(out)

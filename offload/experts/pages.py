@@ -98,10 +98,7 @@ class PagePool:
                 self.enabled = False
                 log.info("offload: evicted experts' pages are given back, not reused (mremap: %s)", e)
                 donor.give_back(at, at + b - a)
-                for size, rest in self.held.items():
-                    for t, x in rest:
-                        t.give_back(x, x + size)
-                self.held, self.bytes = {}, 0
+                self._trim(0)
                 return False
             self.moved_bytes += b - a
             return True
@@ -110,11 +107,15 @@ class PagePool:
         """Hold at most ``limit`` bytes from now on (what the latest batch of reads took), giving back the rest."""
         with self.lock:
             self.limit = limit
-            for size, rest in self.held.items():
-                while rest and self.bytes > limit:
-                    t, x = rest.pop()
-                    t.give_back(x, x + size)
-                    self.bytes -= size
+            self._trim(limit)
+
+    def _trim(self, limit: int) -> None:
+        """Give back held ranges until at most ``limit`` bytes are held (under ``lock``)."""
+        for size, rest in self.held.items():
+            while rest and self.bytes > limit:
+                t, x = rest.pop()
+                t.give_back(x, x + size)
+                self.bytes -= size
 
     def forget(self, table: Any) -> None:
         """Drop what ``table`` gave (it is closing: its mapping goes)."""

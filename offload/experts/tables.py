@@ -237,12 +237,8 @@ class DeviceTier:
         copies): not held, their slots free again."""
         with self.cache.lock:
             for e in experts:
-                if (k, e) in self.cache.sizes:
-                    self.cache.used -= self.cache.sizes.pop((k, e))
-                    self.cache.policy.remove((k, e))
-                slot = self.slot.pop((k, e), None)
-                if slot is not None:
-                    self.free.append(slot)
+                self.cache.discard((k, e))
+                self.groups[k].drop(e)
 
     def give_back(self, nbytes: int) -> int:
         """Free the last chunks until ``nbytes`` are freed (their experts evicted, the budget lowered), after
@@ -254,8 +250,7 @@ class DeviceTier:
             gone = set(range((len(self.chunks) - 1) * self.per_chunk, self.slots))
             with self.cache.lock:
                 for key in [key for key, s in self.slot.items() if s in gone]:
-                    self.cache.used -= self.cache.sizes.pop(key)
-                    self.cache.policy.remove(key)
+                    self.cache.discard(key)
                     del self.slot[key]
                 self.free = [s for s in self.free if s not in gone]
                 self.cache.budget -= len(gone) * self.slot_bytes
