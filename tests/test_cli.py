@@ -90,3 +90,42 @@ def test_bench_disk_recommendation_names_a_reader_enable_accepts():
     assert "pass offload.enable(..., reader='native-uring')" in slower
     no_native = recommend([row("python-direct", 1.0), row("mmap", 1.5)], native_ok=False)
     assert "default reader='python' read 1.00 GB/s" in no_native and "reader='mmap'" in no_native
+
+
+def test_two_writers_of_one_random_checkpoint_take_turns(tmp_path):
+    """Two `offload run --random NAME` at once on a fresh cache: the second waits for the first's checkpoint
+    and uses it (they used to write one `.partial` folder together, and one removed it under the other)."""
+    import logging
+    import os
+    import threading
+
+    import torch
+    from offload.cli import models
+    from offload.convert import _build_lock
+
+    folder = str(tmp_path / "tiny-bloom-bf16")
+    waiting = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            if "waiting for another process" in record.getMessage():
+                waiting.set()
+    seen = Seen()
+    logging.getLogger("offload").addHandler(seen)
+    old_level = logging.getLogger("offload").level
+    logging.getLogger("offload").setLevel(logging.INFO)
+    out: dict[str, object] = {}
+    try:
+        with _build_lock(folder, lambda m: None):  # the first writer
+            second = threading.Thread(target=lambda: out.setdefault(
+                "folder", models.random_checkpoint("tiny-bloom", torch.bfloat16, folder, progress=False)))
+            second.start()
+            assert waiting.wait(60), "the second writer did not wait for the first"
+            models._write_random("tiny-bloom", torch.bfloat16, folder, False, 2 << 30)
+            index = os.stat(os.path.join(folder, "model.safetensors.index.json")).st_ino
+        second.join(60)
+    finally:
+        logging.getLogger("offload").removeHandler(seen)
+        logging.getLogger("offload").setLevel(old_level)
+    assert out["folder"] == folder and not os.path.exists(folder + ".partial")
+    assert os.stat(os.path.join(folder, "model.safetensors.index.json")).st_ino == index  # not written again

@@ -6,10 +6,14 @@ the bytes, shapes and compute are those of the real model, only the values diffe
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from typing import Any
 
 import torch
+
+log = logging.getLogger("offload")
 
 # Real architectures' shapes (from their published configs). family → transformers config class.
 RANDOM_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -126,14 +130,24 @@ def random_checkpoint_bytes(name: str, dtype: torch.dtype) -> int:
 
 def random_checkpoint(name: str, dtype: torch.dtype, folder: str, progress: bool = True,
                       shard_bytes: int = 2 << 30) -> str:
-    """Write a random-weight HF checkpoint of architecture ``name`` (once; reused if complete). A checkpoint
-    the disk cannot hold is refused before anything is written (``OffloadError`` naming both sizes)."""
+    """Write a random-weight HF checkpoint of architecture ``name`` (once; reused if complete; one writer at a
+    time, under the same lock as a store's build). A checkpoint the disk cannot hold is refused before
+    anything is written (``OffloadError`` naming both sizes)."""
+    from ..convert import _build_lock
+    if random_complete(folder):
+        return folder
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else log.info  # noqa: E731
+    with _build_lock(folder, say):  # two processes writing it at once removed each other's .partial
+        if not random_complete(folder):  # the other process wrote it while this one waited
+            _write_random(name, dtype, folder, progress, shard_bytes)
+    return folder
+
+
+def _write_random(name: str, dtype: torch.dtype, folder: str, progress: bool, shard_bytes: int) -> None:
     from safetensors.torch import save_file
 
     from .._memory import ensure_free_space
     from ..writer import _progress
-    if random_complete(folder):
-        return folder
     config, params = _random_params(name, dtype)
     total = sum(p.numel() * p.element_size() for _, p in params)
     ensure_free_space(folder, total + HEADERS_BYTES, f"the random {name} checkpoint {folder}")
@@ -179,4 +193,3 @@ def random_checkpoint(name: str, dtype: torch.dtype, folder: str, progress: bool
     for fname in sorted(os.listdir(tmp), key=lambda n: n == "model.safetensors.index.json"):
         os.replace(os.path.join(tmp, fname), os.path.join(folder, fname))
     os.rmdir(tmp)
-    return folder
