@@ -156,17 +156,26 @@ class Store:
         uses: the resident part, restoring weights on ``disable``, drafts; streaming goes through the
         prefetcher's readers)."""
         out = torch.empty(unit.data_bytes, dtype=torch.uint8)
-        buf = memoryview(out.numpy())
-        for e in unit.reads:
-            path = self.path_of(unit, e.file)
-            with open(self._openable(path), "rb") as f:
-                f.seek(e.offset)
-                got = f.readinto(buf[e.into:e.into + e.length]) if e.length else 0
-            if got != e.length:
-                raise StoreError(f"{path} (unit {unit.name}) ended early: {got} of {e.length} bytes at offset "
-                                 f"{e.offset}: the file changed; re-run `offload convert` (a cached store: --rebuild)")
+        self._read_span(unit, 0, memoryview(out.numpy()))
         assemble(unit, out)
         return out
+
+    def _read_span(self, unit: UnitRecord, at: int, dest: memoryview) -> None:
+        """Bytes ``[at, at + len(dest))`` of the unit's buffer as its reads lay it out (before ``assemble``):
+        each read's part in that span, and only that part."""
+        end = at + len(dest)
+        for e in unit.reads:
+            lo, hi = max(at, e.into), min(end, e.into + e.length)
+            if lo >= hi:
+                continue
+            path = self.path_of(unit, e.file)
+            with open(self._openable(path), "rb") as f:
+                f.seek(e.offset + lo - e.into)
+                got = f.readinto(dest[lo - at:hi - at])
+            if got != hi - lo:
+                raise StoreError(f"{path} (unit {unit.name}) ended early: {got} of {hi - lo} bytes at offset "
+                                 f"{e.offset + lo - e.into}: the file changed; re-run `offload convert` (a cached "
+                                 f"store: --rebuild)")
 
     @property
     def source(self) -> dict[str, Any]:
@@ -290,8 +299,13 @@ class Store:
     def read_tensor(self, unit: UnitRecord, name: str) -> torch.Tensor:
         """One tensor of a unit, in fresh memory (for a use outside the unit's forward; see hooks.Offloaded)."""
         t = next(t for t in unit.tensors if t.name == name)
-        if unit.extents:  # read in place: the unit's reads hold it (rare, off the hot path)
-            return self.read_unit(unit)[t.offset:t.offset + t.nbytes].clone().view(t.torch_dtype).view(t.shape)
+        if unit.extents:  # read in place: only the reads' parts that hold it (a fused tensor: its pieces)
+            out = torch.zeros(t.nbytes, dtype=torch.uint8)
+            buf, done = memoryview(out.numpy()), 0
+            for a, n in (t.pieces or ((t.offset, t.nbytes),)):
+                self._read_span(unit, a, buf[done:done + n])
+                done += n
+            return out.view(t.torch_dtype).view(t.shape)
         path = _safe_path(self.path, unit.file, unit.name)
         out = torch.empty(t.nbytes, dtype=torch.uint8)
         with open(self._openable(path), "rb") as f:

@@ -212,3 +212,32 @@ def test_a_block_shared_by_several_layers_is_read_once(tmp_path, no_thread_leak)
             assert torch.equal(model(IDS).logits, ref(IDS).logits)
     finally:
         h.disable()
+
+
+def test_one_tensor_read_in_place_reads_its_own_bytes_not_its_units(tmp_path, monkeypatch, no_thread_leak):
+    """``Store.read_tensor`` on a checkpoint read in place (a MoE router at enable, a stray use of a weight) reads
+    that tensor's bytes, a fused expert tensor's pieces included, not its whole block: enabling a Qwen3-30B-A3B
+    folder once read every block whole for its router: the whole checkpoint at load, and a block's worth of
+    peak memory."""
+    from offload.store import Store
+    save("qwen3_moe", tmp_path / "m")
+    model, h = offload.load(tmp_path / "m", ram_tier=0)
+    try:
+        st = h._store
+        spans: list[int] = []
+        read_span = Store._read_span
+        monkeypatch.setattr(Store, "_read_span", lambda self, u, at, dest: (spans.append(len(dest)),
+                                                                           read_span(self, u, at, dest))[1])
+        units = [u for u in st.units if u.extents]
+        fused = 0
+        for u in units:
+            whole = st.read_unit(u)
+            for t in u.tensors:
+                spans.clear()
+                got = st.read_tensor(u, t.name)
+                assert torch.equal(got.view(torch.uint8).flatten(), whole[t.offset:t.offset + t.nbytes]), t.name
+                assert sum(spans) == t.nbytes, (t.name, sum(spans), t.nbytes)
+                fused += bool(t.pieces)
+        assert units and fused, "no unit read in place, or no fused expert tensor among them"
+    finally:
+        h.disable()
