@@ -64,6 +64,7 @@ class Stats:
     expert_cache_bytes: int = 0  # experts held now
     expert_predicted_bytes: int = 0  # experts read ahead for the next layer (its router on this layer's input)
     expert_predicted_used_bytes: int = 0  # of those, what the next layer did route to (the rest was wasted)
+    expert_split_forwards: int = 0  # forwards that routed more experts than cpu_memory holds, computed in groups
     passes: int = 0  # top-level forwards since enable / reset_stats
     s_per_pass: float = 0.0  # median seconds of the decode passes (one new position per row), else of all
     compute_seconds: float = 0.0  # time inside the units' forwards with weights bound (waits excluded)
@@ -145,7 +146,8 @@ class Handle:
             **({"expert_hits": self._experts.hits, "expert_misses": self._experts.misses,
                 "expert_bytes_read": self._experts.bytes_read, "expert_cache_bytes": self._experts.used,
                 "expert_predicted_bytes": self._experts.predicted_bytes,
-                "expert_predicted_used_bytes": self._experts.predicted_used_bytes}
+                "expert_predicted_used_bytes": self._experts.predicted_used_bytes,
+                "expert_split_forwards": self._experts.split_forwards}
                if self._experts is not None else {}),
             **({"expert_gpu_hits": self._gpu_experts.hits, "expert_gpu_bytes": self._gpu_experts.used}
                if self._gpu_experts is not None else {}),

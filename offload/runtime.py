@@ -27,7 +27,7 @@ from .config import StagingConfig
 from .convert import quantization_of
 from .errors import OffloadError, StoreError, StoreMismatchError
 from .experts import (DeviceTable, DeviceTier, ExpertBinding, ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager,
-                      carve, experts_modules)
+                      carve, experts_modules, reads_per_forward)
 from .handle import Handle
 from .hooks import UnitHook
 from .install import bindings, load_resident_from_store, keep_shared, silence_inner_accelerate_hooks, unload_resident
@@ -147,8 +147,9 @@ def enable(model: nn.Module, prefetch: int | str = "auto", store: str | os.PathL
                           io_threads=io_threads, cpu_memory=total_budget, ram_tier=tier_budget,
                           gpu_memory=gpu_memory, gpu_tier=gpu_tier, tune=tune, progress=progress,
                           gpu_extra=_experts_on_device(groups))
+        top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
         _build(built, st, plans, records, groups, devices, placement, rd, verify=verify, progress=progress,
-               predict_experts=predict_experts)  # 4. prefetcher, stagers, hooks
+               predict_experts=predict_experts, top_k=top_k)  # 4. prefetcher, stagers, hooks
     except BaseException:
         built.undo()
         raise
@@ -242,7 +243,7 @@ def _experts_on_device(groups: Sequence[ExpertsGroup]) -> int:
 
 def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequence[UnitRecord],
            groups: Sequence[ExpertsGroup], devices: Sequence[torch.device], placement: Placement, reader: Reader, *,
-           verify: bool, progress: bool, predict_experts: bool) -> None:
+           verify: bool, progress: bool, predict_experts: bool, top_k: int | None = None) -> None:
     """Step 4: the prefetcher (its ring, the RAM tier read in, reader threads), a stager per device (the
     GPU tier copied in) and a hook per unit and per experts module, each kept in ``built`` once made."""
     mp, tracer = placement.plan, built.tracer
@@ -279,8 +280,13 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
         built.hooks.append(UnitHook(i, p.module, rec, bindings(p, rec, built.restore, st), built.stagers[p.device],
                                     tracer))
     if groups:  # what the RAM tier and the ring leave holds read experts
-        estager = built.estager = ExpertsStager(prefetcher, groups, ExpertCache(max(0, placement.expert_room)),
-                                                device)
+        room = max(0, placement.expert_room)
+        if placement.room is None:  # ram_tier= bounds the cache only; a forward's reads are staging, as the ring
+            reads = None
+        else:  # a memory budget: the cache and one forward's reads share what it leaves
+            reads = reads_per_forward(top_k, [g.expert_bytes for g in groups])
+            room = max(0, room - reads)
+        estager = built.estager = ExpertsStager(prefetcher, groups, ExpertCache(room), device, read_room=reads)
         estager.predict_ahead = predict_experts
         for k, g in enumerate(groups):
             gplan = UnitPlan(g.name, g.module, g.tensors, devices[0])

@@ -260,7 +260,8 @@ def test_the_stager_follows_its_policy_as_replay_does(policy, tmp_path, monkeypa
             x.remove()
         s = h.stats()
         eb = {k: t.group.expert_bytes for k, t in stager.tables.items()}
-        hits, misses, evicted = X.replay([(group[id(m)], e) for m, e in seen], h._experts.budget, eb, policy)
+        hits, misses, evicted = X.replay([(group[id(m)], e) for m, e in seen], h._experts.budget, eb, policy,
+                                         read_room=stager.read_room)
         assert evicted and (s.expert_hits, s.expert_misses) == (hits, misses)
         assert h._experts.evictions == len(evicted)
 
@@ -565,3 +566,77 @@ def test_the_cli_plan_sizes_the_device_table_as_enable_packs_it(tmp_path, no_thr
         packed = max(t.group.table.data_bytes for t in tables)
     plan = routed_plan(meta, names)
     assert plan is not None and plan.table_bytes == packed > max(plan.unit_expert_bytes)
+
+
+def _bounded(h, budget_experts: int, read_experts: int) -> tuple:
+    """The experts' memory set to ``budget_experts`` cached plus ``read_experts`` read per forward; a spy on
+    ``want`` records the cache's bytes after every batch of reads (the cached and the in-use experts)."""
+    stager = next(st for st in h._stagers if hasattr(st, "tables"))
+    eb = stager.tables[0].group.expert_bytes
+    h._experts.budget, stager.read_room = budget_experts * eb, read_experts * eb
+    after: list[int] = []
+    want = stager.want
+
+    def spy(k, experts):
+        want(k, experts)
+        after.append(h._experts.used)
+    stager.want = spy
+    return stager, eb, after
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+def test_a_forward_routing_more_experts_than_memory_holds_is_split_and_stays_within_it(implementation, tmp_path,
+                                                                                       no_thread_leak):
+    """A prefill routing every expert of a layer under a budget of 4 experts: computed in groups, each expert read
+    once, the cache never past the budget. With Transformers' eager experts code the logits are the model in
+    memory's bit for bit; with grouped_mm (the CPU's default) the split forwards run the eager code, equal up to
+    rounding."""
+    model = make("qwen3_moe")
+    model.config._experts_implementation = implementation
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+    with offload.enable(model, prefetch=1, cpu_memory="64MiB", store=tmp_path / "s", progress=False,
+                        predict_experts=False) as h:
+        stager, eb, after = _bounded(h, 0, 4)
+        seen, hooks = count_routing(model)
+        with torch.no_grad():
+            got, want = model(ids).logits, ref(ids).logits
+        for x in hooks:
+            x.remove()
+        s = h.stats()
+        assert seen and all(len(e) > 4 for _, e in seen) and s.expert_split_forwards == len(seen)
+        assert s.expert_misses == sum(len(e) for _, e in seen)  # no cache: each routed expert read once
+        assert after and max(after) <= stager.room == 4 * eb
+        if implementation == "eager":
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():  # decode steps fit: not split, and exact whatever the implementation
+            nxt = got[:, -1:].argmax(-1)
+            assert torch.equal(model(torch.cat([ids, nxt], 1)[:, -2:]).logits, ref(torch.cat([ids, nxt], 1)[:, -2:]).logits)
+    assert "forward" not in model.model.layers[0].mlp.experts.__dict__  # the wrapper is gone with the hooks
+
+
+def test_a_batch_of_reads_larger_than_the_read_room_makes_room_in_the_cache_first(tmp_path, no_thread_leak):
+    """Forwards that fit (6 experts routed, 6 allowed) but read more than the read room (2): the cache evicts before
+    the reads, so it and the reads never pass 6 experts; and the stager still follows ``replay`` given the room."""
+    from offload.experts import cache as X
+    model = make("qwen3_moe")
+    ref = copy.deepcopy(model)
+    with offload.enable(model, prefetch=1, cpu_memory="64MiB", store=tmp_path / "s", progress=False,
+                        predict_experts=False) as h:
+        stager, eb, after = _bounded(h, 4, 2)
+        group = {id(t.group.module): k for k, t in stager.tables.items()}
+        seen, hooks = count_routing(model)
+        ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            for n in range(1, 8):  # 3 tokens routing at most 6 experts a layer, then one more each time
+                assert torch.equal(model(ids).logits, ref(ids).logits)
+                ids = torch.cat([ids[:, 1:], model(ids).logits[:, -1:].argmax(-1)], 1)
+        for x in hooks:
+            x.remove()
+        s = h.stats()
+        assert s.expert_split_forwards == 0 and max(len(e) for _, e in seen) > 2
+        assert after and max(after) <= 6 * eb
+        hits, misses, _ = X.replay([(group[id(m)], e) for m, e in seen], 4 * eb, eb, read_room=2 * eb)
+        assert (s.expert_hits, s.expert_misses) == (hits, misses)

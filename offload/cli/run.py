@@ -336,7 +336,7 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
     out.append(line)
     if experts is not None:
         whole = sum(t.unit_bytes[i] for i in streamed) + sum(experts.unit_expert_bytes[i] for i in ram_tier)
-        cache = max(0, ram_room(cpu_memory, host_resident) - sum(sizes[i] for i in ram_tier) - ring)
+        cache = experts.cache_budget(max(0, ram_room(cpu_memory, host_resident) - sum(sizes[i] for i in ram_tier) - ring))
         out.append(f"mixture of experts: a token reads at most {format_bytes(experts.routed_per_token())} of experts "
                    f"(less when the expert cache, up to {format_bytes(cache)}, holds them) beside the blocks' other "
                    f"{format_bytes(sum(sizes[i] for i in streamed))}; streaming whole blocks would read "

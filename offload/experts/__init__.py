@@ -34,9 +34,9 @@ stager, the hook, the device table on a GPU).
 from __future__ import annotations
 
 from .cache import POLICIES, ExpertCache, replay
-from .find import RoutedPlan, experts_modules, routed_plan
+from .find import RoutedPlan, experts_modules, reads_per_forward, routed_plan
 from .layout import ExpertsGroup, Slab, carve
 from .tables import DeviceTable, DeviceTier, ExpertBinding, ExpertsHook, ExpertsStager, ExpertsTable
 
-__all__ = ["POLICIES", "ExpertCache", "replay", "RoutedPlan", "experts_modules", "routed_plan", "ExpertsGroup",
+__all__ = ["POLICIES", "ExpertCache", "replay", "RoutedPlan", "experts_modules", "reads_per_forward", "routed_plan", "ExpertsGroup",
            "Slab", "carve", "DeviceTable", "DeviceTier", "ExpertBinding", "ExpertsHook", "ExpertsStager", "ExpertsTable"]

@@ -180,6 +180,7 @@ class ExpertCache:
         self.hits = self.misses = 0
         self.bytes_read = 0
         self.evictions = 0
+        self.split_forwards = 0  # forwards that routed more than the experts' memory holds, computed in groups
         self.read_seconds = 0.0  # wall time of the routed (demand) reads, batch by batch (first start to last end)
         self.read_bytes = 0  # the bytes those reads brought in
         self.predicted_bytes = 0  # read ahead for the next layer (its router on this layer's hidden state)
@@ -189,7 +190,7 @@ class ExpertCache:
     def reset(self) -> None:
         """Counters back to 0 (``Handle.reset_stats``); what the cache holds stays."""
         self.hits = self.misses = self.bytes_read = self.predicted_bytes = self.predicted_used_bytes = 0
-        self.evictions = self.read_bytes = 0
+        self.evictions = self.read_bytes = self.split_forwards = 0
         self.read_seconds = 0.0
 
     def hit(self, key: Key) -> None:
@@ -212,14 +213,15 @@ class ExpertCache:
             self.used -= self.sizes.pop(key)
             self.policy.remove(key)
 
-    def evict(self, tables: dict[int, Any], in_use: set[Key]) -> list[Key]:
-        """Drop unpinned experts in the policy's order until the cache is within its budget; returns them."""
+    def evict(self, tables: dict[int, Any], in_use: set[Key], room: int = 0) -> list[Key]:
+        """Drop unpinned experts in the policy's order until the cache is within its budget less ``room``
+        (bytes about to be read: ``ExpertsStager.want`` makes room before a large batch); returns them."""
         out: list[Key] = []
         with self.lock:
-            if self.used <= self.budget:
+            if self.used + room <= self.budget:
                 return out
             for key in self.policy.order():
-                if self.used <= self.budget:
+                if self.used + room <= self.budget:
                     break
                 if key in in_use:
                     continue
@@ -230,13 +232,27 @@ class ExpertCache:
         return out
 
 
+def split(experts: Sequence[int], expert_bytes: int, room: int) -> list[list[int]]:
+    """``experts`` (one forward's routed experts, ascending) in consecutive groups of at most ``room`` bytes
+    (at least one expert each); one group when they all fit. A forward that routes more than the experts'
+    memory holds is computed group by group (``ExpertsHook``), each expert read once."""
+    per = max(1, room // expert_bytes) if expert_bytes > 0 else len(experts)
+    experts = list(experts)
+    if len(experts) <= per:
+        return [experts]
+    return [experts[i:i + per] for i in range(0, len(experts), per)]
+
+
 def replay(trace: Sequence[tuple[int, Sequence[int]]], budget: int, expert_bytes: int | dict[int, int],
-           policy: str | None = None) -> tuple[int, int, list[Key]]:
+           policy: str | None = None, read_room: int | None = None) -> tuple[int, int, list[Key]]:
     """Hits, misses and the evicted keys in order of an ``ExpertCache`` of ``budget`` bytes and ``policy``
     over a routing trace (``(group, routed experts)`` per experts forward, in forward order), as
     ``ExpertsStager.want`` and ``done`` drive it without prediction: the routed experts found cached are
     hits, the others are read and admitted, then, the forward done (its experts no longer in use), the
-    cache evicts down to its budget. Fast and deterministic: for comparing policies on recorded traces."""
+    cache evicts down to its budget. With ``read_room`` (the stager's), as the stager bounds memory too: a
+    forward routing more than ``budget + read_room`` is taken in groups (``split``), and before a group
+    reads more than ``read_room`` the cache makes room for it. Fast and deterministic: for comparing
+    policies on recorded traces."""
     cache = ExpertCache(budget, policy)
     size = (lambda k: expert_bytes) if isinstance(expert_bytes, int) else expert_bytes.__getitem__
 
@@ -247,15 +263,20 @@ def replay(trace: Sequence[tuple[int, Sequence[int]]], budget: int, expert_bytes
     evicted: list[Key] = []
     for k, routed in trace:
         routed = list(dict.fromkeys(routed))
-        with cache.lock:
-            missing = []
-            for e in routed:
-                if (k, e) in cache.sizes:
-                    cache.hit((k, e))
-                else:
-                    missing.append(e)
-            cache.misses += len(missing)
-            for e in missing:
-                cache.admit((k, e), size(k))
-        evicted += cache.evict(tables, set())
+        groups = [routed] if read_room is None else split(routed, size(k), budget + read_room)
+        for group in groups:
+            with cache.lock:
+                missing = []
+                for e in group:
+                    if (k, e) in cache.sizes:
+                        cache.hit((k, e))
+                    else:
+                        missing.append(e)
+                cache.misses += len(missing)
+            if read_room is not None:
+                evicted += cache.evict(tables, {(k, e) for e in group}, room=len(missing) * size(k) - read_room)
+            with cache.lock:
+                for e in missing:
+                    cache.admit((k, e), size(k))
+            evicted += cache.evict(tables, set())
     return cache.hits, cache.misses, evicted

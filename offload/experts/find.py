@@ -43,6 +43,17 @@ class RoutedPlan:
         """Upper bound of the expert bytes one decode token reads with no expert cached."""
         return sum(self.top_k * b for b in self.expert_bytes)
 
+    def cache_budget(self, room: int) -> int:
+        """The expert cache's budget in ``room`` bytes: what one forward's reads leave (``reads_per_forward``)."""
+        return max(0, room - reads_per_forward(self.top_k, self.expert_bytes))
+
+
+def reads_per_forward(top_k: int | None, expert_bytes: Sequence[int]) -> int:
+    """What one token's experts in the largest layer weigh: the memory kept out of the expert cache's budget
+    for a decode step's reads, so that the cache and the reads together stay within what ``cpu_memory``
+    leaves (a larger batch of reads makes room first; ``ExpertsStager.want``)."""
+    return (top_k or 1) * max(expert_bytes, default=0)
+
 
 def routed_plan(model: nn.Module, unit_names: Sequence[str]) -> RoutedPlan | None:
     """``RoutedPlan`` of a model built on meta, or None when it has no routed experts."""

@@ -3,6 +3,8 @@ experts modules (and, on a GPU, copying the routed ones to a device table)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 import mmap
 from collections.abc import Sequence
@@ -10,10 +12,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from .._memory import format_bytes
+from ..errors import OffloadError
 from ..hooks import Binding, UnitHook
 from ..staging import HUGE_PAGE, HostBuffer
-from .cache import ExpertCache
+from .cache import ExpertCache, split
 from .layout import ExpertsGroup, Slab
 from .pages import PagePool
 
@@ -345,8 +350,14 @@ class ExpertsStager:
     host_buffers_only = True  # the tables (and the device table) live as long as the handle
 
     def __init__(self, prefetcher: Any, groups: Sequence[ExpertsGroup], cache: ExpertCache,
-                 device: DeviceTable | None = None):
+                 device: DeviceTable | None = None, read_room: int | None = None):
         self.prefetcher, self.cache, self.device = prefetcher, cache, device
+        # Under a memory budget, what is kept out of the cache's budget for the experts a forward reads
+        # (``reads_per_forward``): the cache and one forward's reads stay within ``room``. A forward reading
+        # more makes room first, and one routing more than ``room`` is split (``ExpertsHook``). None: no
+        # budget (``ram_tier=`` sizes the cache alone), a forward reads what it routes.
+        self.read_room = read_room
+        self.said_unsplit = False  # the one log line for a forward that cannot be split
         self.tables = {k: ExpertsTable(g) for k, g in enumerate(groups)}
         self.pool = PagePool()  # evicted experts' huge pages, moved under the next reads
         for t in self.tables.values():
@@ -378,6 +389,8 @@ class ExpertsStager:
                     missing.append(e)
             self.cache.misses += len(missing)
         loads = [self.inflight.pop((k, e)) for e in waits]
+        if missing and self.read_room is not None:  # a batch larger than the read room (a prefill, a batch of
+            self.cache.evict(self.tables, self.in_use, room=len(missing) * eb - self.read_room)  # requests): room first
         for e in missing:
             table.back(e)
         if table.huge:  # these reads take this much memory anyway: the pool may keep as much for the next ones
@@ -404,6 +417,16 @@ class ExpertsStager:
                 table.present.add(e)
                 self.cache.admit((k, e), eb)
             self.cache.bytes_read += len(missing) * eb
+
+    @property
+    def room(self) -> int | None:
+        """The most bytes of experts in memory: the cache's budget and one forward's reads (None: no bound)."""
+        return None if self.read_room is None else self.cache.budget + self.read_room
+
+    def release(self, k: int, experts: Sequence[int]) -> None:
+        """A split forward is done with these experts of group ``k``: back to the cache, within its budget."""
+        self.in_use.difference_update((k, e) for e in experts)
+        self.cache.evict(self.tables, self.in_use)
 
     def predict(self, k: int, hidden: torch.Tensor, per_token: int) -> None:
         """Start reading the experts group ``k``'s router would pick for ``hidden`` (the previous layer's
@@ -460,24 +483,145 @@ class ExpertsStager:
             t.buffer.close()
 
 
+def eager_forward(module: nn.Module) -> Any:
+    """The experts module's own per-expert loop (Transformers' "eager" experts code, under any wrapper such
+    as ``use_experts_implementation``'s dispatch), if a forward can be split into groups of experts with
+    the same result bit for bit; else None.
+
+    That needs the three things the split relies on, checked in its source: the output starts as
+    ``torch.zeros_like(hidden_states)`` (``_StartFrom`` hands the groups before instead), each routed
+    expert's contribution is added with ``index_add_`` in ascending expert order, and the index
+    ``num_experts`` means no expert (``one_hot(..., num_classes=self.num_experts + 1)``), which is what the
+    routing of the other groups' experts becomes. Transformers 5's eager experts (Mixtral, Qwen2/3-MoE,
+    OLMoE, DeepSeek-V2/V3, ...) are written so; GPT-OSS's is not."""
+    fn = inspect.unwrap(type(module).forward)
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return None
+    needed = ("zeros_like(hidden_states)", "index_add_", "num_experts + 1")
+    return fn if all(x in src for x in needed) else None
+
+
+class _StartFrom(TorchFunctionMode):
+    """Within one group's forward: ``torch.zeros_like(hidden)`` returns ``acc`` (the groups before, summed),
+    so this group's contributions are added onto them as one unsplit forward would add them."""
+
+    def __init__(self, hidden: torch.Tensor, acc: torch.Tensor | None):
+        super().__init__()
+        self.hidden, self.acc, self.hits = hidden, acc, 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.zeros_like and args and args[0] is self.hidden and not kwargs:
+            self.hits += 1
+            if self.acc is not None:
+                return self.acc
+        return func(*args, **kwargs)
+
+
 class ExpertsHook(UnitHook):
-    """A unit hook for an experts module: before binding, read the experts this forward routes to."""
+    """A unit hook for an experts module: before binding, read the experts this forward routes to.
+
+    A forward routing more experts than the experts' memory holds (``ExpertsStager.room``: a long prefill
+    or a batch of requests under a small ``cpu_memory``) is split: the module's forward is wrapped (an
+    instance attribute, taken out by ``remove``) and computes its experts group by group in ascending
+    order with the module's own eager code (``eager_forward``), reading each group once the one before is
+    done with, so memory stays within ``cpu_memory``. With the eager experts code the result is the
+    unsplit forward's bit for bit; a module configured with another (Transformers' ``grouped_mm``, the
+    default on the CPU) gets the eager code's result for those forwards, equal up to rounding. On a GPU,
+    and where the experts code cannot be split, such a forward holds all its experts at once (one log line).
+    """
 
     def __init__(self, index: int, group: ExpertsGroup, bindings: list[Binding], stager: ExpertsStager):
         super().__init__(index, group.module, group.table, bindings, stager)
         self.group = group
+        self.eager = eager_forward(group.module) if stager.device is None else None
+        self.groups: list[list[int]] | None = None  # this forward's experts in groups (None: not split)
+        # What ``register`` installs as the module's ``forward``: ``_split_forward`` with the signature of the
+        # forward it stands for (``experts_modules`` finds experts modules by it); ``remove`` knows it by identity.
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self._split_forward(*args, **kwargs)
+        self._forward = functools.wraps(group.module.forward)(forward)
+        self._before: Any = None  # the module's own ``forward`` attribute before ours (Accelerate's), if any
+        self._wrapped = False
 
     def register(self) -> None:
         self.handles = [self.module.register_forward_pre_hook(self.pre_routed, with_kwargs=True),
                         self.module.register_forward_hook(self.post, always_call=True)]
+        if self.eager is not None:
+            self._before = self.module.__dict__.get("forward")
+            self.module.forward = self._forward
+            self._wrapped = True
+
+    def remove(self) -> None:
+        super().remove()
+        if self._wrapped and self.module.__dict__.get("forward") is self._forward:
+            if self._before is None:
+                del self.module.forward
+            else:
+                self.module.forward = self._before
+        self._wrapped = False
 
     def pre_routed(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if not self.depth:
             index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
             routed = [int(e) for e in torch.unique(index).tolist() if 0 <= int(e) < self.group.count]
-            self.stager.want(self.index, routed)  # type: ignore[attr-defined]
-            if self.stager.predict_ahead:  # type: ignore[attr-defined]
+            groups = self._split(routed)
+            self.stager.want(self.index, groups[0] if groups else routed)  # type: ignore[attr-defined]
+            if self.stager.predict_ahead and groups is None:  # type: ignore[attr-defined]
                 hidden = args[0] if args else kwargs.get("hidden_states")
                 if isinstance(hidden, torch.Tensor):
                     self.stager.predict(self.index + 1, hidden, index.shape[-1])  # type: ignore[attr-defined]
+            self.groups = groups
         self.pre(module, args)
+
+    def _split(self, routed: list[int]) -> list[list[int]] | None:
+        """``routed`` in groups that fit the experts' memory, or None when they fit at once (or cannot split)."""
+        stager: ExpertsStager = self.stager  # type: ignore[assignment]
+        eb, room = self.group.expert_bytes, stager.room
+        if room is None or len(routed) * eb <= room:
+            return None
+        if self.eager is None or not self._wrapped:
+            if not stager.said_unsplit:
+                stager.said_unsplit = True
+                log.info("offload: a forward of %s routes %d experts (%s), more than the %s of experts cpu_memory "
+                         "leaves; %s, so it holds them all at once, past cpu_memory", self.group.name, len(routed),
+                         format_bytes(len(routed) * eb), format_bytes(room),
+                         "on a GPU the forward is not split" if stager.device is not None else
+                         "its experts code cannot be split exactly (experts.tables.eager_forward)")
+            return None
+        with stager.cache.lock:
+            stager.cache.split_forwards += 1
+        return split(routed, eb, room)
+
+    def _split_forward(self, *args: Any, **kwargs: Any) -> Any:
+        groups, self.groups = self.groups, None
+        if groups is None:
+            if self._before is not None:
+                return self._before(*args, **kwargs)
+            return type(self.module).forward(self.module, *args, **kwargs)
+        hidden, index, weights = self._routing(args, kwargs)
+        stager: ExpertsStager = self.stager  # type: ignore[assignment]
+        acc: torch.Tensor | None = None
+        for i, group in enumerate(groups):
+            if i:  # the group before is done with: its experts may go, this group's come in
+                stager.release(self.index, groups[i - 1])
+                stager.want(self.index, group)
+            mine = torch.isin(index, torch.tensor(group, dtype=index.dtype, device=index.device))
+            with _StartFrom(hidden, acc) as start:
+                out = self.eager(self.module, hidden, torch.where(mine, index, self.group.count), weights)
+            if start.hits != 1 or (acc is not None and out is not acc):
+                raise OffloadError(f"offload: the experts code of {self.group.name} ({type(self.module).__name__}) "
+                                   f"did not add its groups up as expected: a forward routing more experts than "
+                                   f"cpu_memory holds cannot be split for it. Give more cpu_memory")
+            acc = out
+        return acc
+
+    @staticmethod
+    def _routing(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden states, the router's indices, its weights) of an experts forward, as passed."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
+        weights = args[2] if len(args) > 2 else next(v for k, v in kwargs.items() if "weight" in k)
+        return hidden, index, weights
