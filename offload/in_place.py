@@ -31,26 +31,12 @@ def in_place_units(src: str, dtype: torch.dtype) -> tuple[list[UnitRecord], Unit
     only; None when the checkpoint must be copied instead: a dtype other than ``dtype`` (a cast), a
     dtype offload cannot read, a malformed header, or tensors so scattered that reading a unit in
     place would read far more than its bytes."""
-    tensors: dict[str, tuple[str, tuple[int, ...], str, int, int]] = {}
-    sizes: dict[str, int] = {}
-    for shard in _shard_files(src):
-        rel = os.path.relpath(shard, src)
-        try:
-            header, start = read_safetensors_header(shard)
-        except StoreError:
-            return None
-        sizes[rel] = os.path.getsize(shard)
-        for k, h in header.items():
-            if k == "__metadata__":
-                continue
-            try:
-                dt, shape, (a, b) = str(h["dtype"]), tuple(int(x) for x in h["shape"]), h["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                return None
-            torch_dt = DTYPES.get(dt)
-            if torch_dt is None or (torch_dt.is_floating_point and torch_dt != dtype) or start + int(b) > sizes[rel]:
-                return None
-            tensors[k] = (dt, shape, rel, start + int(a), int(b) - int(a))
+    read = _header_tensors(src)
+    if read is None:
+        return None
+    tensors, sizes = read
+    if any((DTYPES[dt].is_floating_point and DTYPES[dt] != dtype) for dt, *_ in tensors.values()):
+        return None
     wanted = _as_the_model_names_them(src, dtype, tensors)
     if wanted is None:
         return None
@@ -68,6 +54,45 @@ def in_place_units(src: str, dtype: torch.dtype) -> tuple[list[UnitRecord], Unit
     if any(u is None for u in units) or (None in groups and resident is None):
         return None
     return units, resident  # type: ignore[return-value]
+
+
+def _header_tensors(src: str) -> tuple[dict[str, tuple[str, tuple[int, ...], str, int, int]], dict[str, int]] | None:
+    """Every tensor of a safetensors folder, ``name -> (dtype, shape, shard, offset, nbytes)``, and each shard's
+    size, from the headers only; None for a malformed header or a dtype offload cannot read."""
+    tensors: dict[str, tuple[str, tuple[int, ...], str, int, int]] = {}
+    sizes: dict[str, int] = {}
+    for shard in _shard_files(src):
+        rel = os.path.relpath(shard, src)
+        try:
+            header, start = read_safetensors_header(shard)
+        except StoreError:
+            return None
+        sizes[rel] = os.path.getsize(shard)
+        for k, h in header.items():
+            if k == "__metadata__":
+                continue
+            try:
+                dt, shape, (a, b) = str(h["dtype"]), tuple(int(x) for x in h["shape"]), h["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                return None
+            if DTYPES.get(dt) is None or start + int(b) > sizes[rel]:
+                return None
+            tensors[k] = (dt, shape, rel, start + int(a), int(b) - int(a))
+    return tensors, sizes
+
+
+def fused_tensors(src: str) -> list[SourceTensor] | None:
+    """The checkpoint's tensors as the model built from ``src`` names and lays them out, when that stacks
+    per-expert tensors into fused ones (Transformers 5 loading a MoE checkpoint); None when it does not (or
+    they cannot be mapped): the checkpoint's own names are the model's. What a copy (``convert``) writes,
+    as reading in place indexes it."""
+    read = _header_tensors(src)
+    if read is None:
+        return None
+    tensors = read[0]
+    dtype = next((DTYPES[dt] for dt, *_ in tensors.values() if DTYPES[dt].is_floating_point), torch.float32)
+    wanted = _as_the_model_names_them(src, dtype, tensors)
+    return wanted if wanted is not None and any(len(t.pieces) > 1 for t in wanted) else None
 
 
 def _as_the_model_names_them(src: str, dtype: torch.dtype, tensors: dict[str, tuple[str, tuple[int, ...], str, int, int]]

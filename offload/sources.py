@@ -66,6 +66,10 @@ def _shard_files(src: str) -> list[str]:
 def _hf_sources(src: str, dtype: torch.dtype | None) -> tuple[list[UnitSource], UnitSource | None, dict[str, Any]]:
     from safetensors import safe_open
 
+    from .in_place import fused_tensors
+    fused = fused_tensors(src)
+    if fused is not None:  # per-expert tensors the model holds stacked: written as it holds them
+        return _fused_sources(src, fused, dtype)
     shards = _shard_files(src)
     key_shard: dict[str, str] = {}
     meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
@@ -107,6 +111,44 @@ def _hf_sources(src: str, dtype: torch.dtype | None) -> tuple[list[UnitSource], 
 
     units = [source(n, ks) for n, ks in groups.items() if n is not None]
     units.sort(key=lambda u: _natural_key(u.name))
+    resident = source(RESIDENT, groups[None]) if None in groups else None
+    return units, resident, {"kind": "hf-safetensors", "path": os.path.abspath(src), "files": source_files(src)}
+
+
+def _fused_sources(src: str, tensors: Sequence[Any], dtype: torch.dtype | None
+                   ) -> tuple[list[UnitSource], UnitSource | None, dict[str, Any]]:
+    """Units of ``tensors`` (``ranges.SourceTensor``: the model's names, each tensor's bytes as pieces of the
+    shards, in order), each tensor assembled from its pieces when the writer asks for it."""
+    groups: dict[str | None, list[Any]] = {}
+    for t in tensors:
+        groups.setdefault(None if t.resident else unit_of_key(t.name), []).append(t)
+
+    def source(name: str, ts: list[Any]) -> UnitSource:
+        prefix = "" if name == RESIDENT else name + "."
+        by_rel = {t.name[len(prefix):]: t for t in ts}
+        specs = []
+        for rel, t in by_rel.items():
+            dt = DTYPES[t.dtype]
+            specs.append(TensorSpec(rel, dtype if dtype is not None and dt.is_floating_point else dt, t.shape))
+
+        def fetch(rel: str) -> torch.Tensor:
+            t = by_rel[rel]
+            buf = bytearray(t.nbytes)
+            view, at = memoryview(buf), 0
+            for f, offset, n in t.pieces:
+                path = os.path.join(src, f)
+                with open(path, "rb") as fh:
+                    fh.seek(offset)
+                    got = fh.readinto(view[at:at + n])
+                if got != n:
+                    raise CheckpointError(f"{path} ended early reading {t.name} ({got} of {n} bytes at offset "
+                                          f"{offset}): the shard is truncated or changed; download it again")
+                at += n
+            out = torch.frombuffer(buf, dtype=DTYPES[t.dtype]) if t.nbytes else torch.empty(0, dtype=DTYPES[t.dtype])
+            return out.view(t.shape)
+        return UnitSource(name, specs, _fixed(fetch))
+
+    units = sorted((source(n, ts) for n, ts in groups.items() if n is not None), key=lambda u: _natural_key(u.name))
     resident = source(RESIDENT, groups[None]) if None in groups else None
     return units, resident, {"kind": "hf-safetensors", "path": os.path.abspath(src), "files": source_files(src)}
 
@@ -187,8 +229,19 @@ def checkpoint_sources(src: str, cast: torch.dtype | None = None, allow_pickle: 
         units_, resident, source = _pickle_sources(src, None)
     if not units_:
         raise CheckpointError(f"{src}: found no per-block tensors (names like 'model.layers.0.*') to stream")
-    _cast(units_, resident, cast)
+    _cast(units_, resident, cast, _model_dtypes(src, cast) if kind == "hf-safetensors" else {})
     return units_, resident, _with_dtype(source, units_, resident, cast)
+
+
+def _model_dtypes(src: str, cast: torch.dtype | None) -> dict[str, torch.dtype]:
+    """What the model built from ``src`` in ``cast`` holds each floating tensor as, by name, when that is not
+    ``cast``: a module Transformers keeps in float32 (``_keep_in_fp32_modules``: DeepSeek-V3's router, T5's
+    ``wo``) stays so in the store, or the store would not match the model."""
+    if cast is None or not os.path.exists(os.path.join(src, "config.json")):
+        return {}
+    from .meta import build_on_meta
+    model = build_on_meta(src, cast)
+    return {k: v.dtype for k, v in model.state_dict().items() if v.dtype.is_floating_point and v.dtype != cast}
 
 
 def source_kind(src: str) -> str:
@@ -222,11 +275,16 @@ def source_files(src: str) -> list[dict[str, Any]]:
     return [file_provenance(p) for p in paths]
 
 
-def _cast(units: Sequence[UnitSource], resident: UnitSource | None, cast: torch.dtype | None) -> None:
+def _cast(units: Sequence[UnitSource], resident: UnitSource | None, cast: torch.dtype | None,
+          kept: dict[str, torch.dtype] | None = None) -> None:
+    """Floating tensors to ``cast``, except those the model keeps in another dtype (``kept``, by full name)."""
     if cast is None:
         return
+    kept = kept or {}
     for s in list(units) + ([resident] if resident is not None else []):
-        s.specs = [TensorSpec(x.name, cast if x.dtype.is_floating_point else x.dtype, x.shape) for x in s.specs]
+        prefix = "" if s.name == RESIDENT else s.name + "."
+        s.specs = [TensorSpec(x.name, kept.get(prefix + x.name, cast) if x.dtype.is_floating_point else x.dtype,
+                              x.shape) for x in s.specs]
 
 
 def _with_dtype(source: dict[str, Any], units: Sequence[UnitSource], resident: UnitSource | None,

@@ -139,6 +139,28 @@ def test_a_cast_is_a_copy_and_says_so(tmp_path, capfd, no_thread_leak):
     del ref
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_a_copy_of_a_per_expert_checkpoint_holds_the_experts_as_the_model_does(arch, tmp_path, capfd,
+                                                                              no_thread_leak):
+    """A cast (and int8) copies the checkpoint into a store: its per-expert tensors are written stacked, as the
+    model holds them and as reading in place indexes them (the copy was refused: "tensors differ")."""
+    save(arch, tmp_path / arch)
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / arch, dtype=torch.bfloat16).eval()
+    model, h = offload.load(tmp_path / arch, ram_tier=0, dtype="bf16")
+    try:
+        assert "a copy, cast from float32" in capfd.readouterr().err
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits)
+    finally:
+        h.disable()
+    model, h = offload.load(tmp_path / arch, ram_tier=0, quantize="int8")
+    try:
+        with torch.no_grad():
+            assert model.generate(IDS, max_new_tokens=3, do_sample=False).shape == (1, IDS.shape[1] + 3)
+    finally:
+        h.disable()
+
+
 @pytest.mark.parametrize("route", ["from_pretrained", "dispatch_model"])
 def test_a_dispatched_model_is_read_where_accelerate_put_it(route, tmp_path, no_thread_leak):
     """enable() on an Accelerate-dispatched model: the original shards (from_pretrained) or Accelerate's own
