@@ -177,6 +177,8 @@ class Engine:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
         stops = [stop] if isinstance(stop, str) else list(stop)
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the text")
@@ -291,11 +293,16 @@ class Engine:
         logits = out.logits[:, -1, :].float()
         self._mask = mask
         self._counts["passes"] += 1
-        tokens = self._choose(logits)
+        tokens, failed = self._choose(logits)
         now = time.perf_counter()
         done: list[Request] = []
         keep: list[int] = []
         for i, (r, t) in enumerate(zip(self._rows, tokens)):
+            if i in failed:  # this row's sampling failed: it alone ends, with the error
+                r.error = failed[i]
+                done.append(r)
+                self._finish(r, "error")
+                continue
             r.token_ids.append(t)
             r.first_token_at = r.first_token_at or now
             self._counts["tokens"] += 1
@@ -309,23 +316,31 @@ class Engine:
         self._keep(keep)
         return done
 
-    def _choose(self, logits: torch.Tensor) -> list[int]:
+    def _choose(self, logits: torch.Tensor) -> tuple[list[int], dict[int, Exception]]:
         """Greedy argmax per row; rows with a temperature sample from their own generator, after
-        Transformers' temperature and top-p warpers (the same arithmetic ``generate`` uses)."""
+        Transformers' temperature and top-p warpers (the same arithmetic ``generate`` uses). A temperature
+        so small that the warped logits overflow is greedy (its limit). Returns the tokens and the rows
+        whose sampling failed, by index: a row's failure ends that row, not the pass."""
         tokens = logits.argmax(-1).tolist()
+        failed: dict[int, Exception] = {}
         for i, r in enumerate(self._rows):
             if r.temperature == 0:
                 continue
-            from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-            row = TemperatureLogitsWarper(r.temperature)(None, logits[i:i + 1])
-            if r.top_p < 1:
-                row = TopPLogitsWarper(r.top_p)(None, row)
-            if r._generator is None or r._generator.device != logits.device:
-                r._generator = torch.Generator(device=logits.device)
-                r._generator.manual_seed(r.seed if r.seed is not None else random.SystemRandom().getrandbits(63))
-            probs = torch.softmax(row, dim=-1)
-            tokens[i] = int(torch.multinomial(probs, 1, generator=r._generator))
-        return tokens
+            try:
+                from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+                row = TemperatureLogitsWarper(r.temperature)(None, logits[i:i + 1])
+                if r.top_p < 1:
+                    row = TopPLogitsWarper(r.top_p)(None, row)
+                probs = torch.softmax(row, dim=-1)
+                if not bool(torch.isfinite(probs).all()):
+                    continue
+                if r._generator is None or r._generator.device != logits.device:
+                    r._generator = torch.Generator(device=logits.device)
+                    r._generator.manual_seed(r.seed if r.seed is not None else random.SystemRandom().getrandbits(63))
+                tokens[i] = int(torch.multinomial(probs, 1, generator=r._generator))
+            except Exception as e:  # noqa: BLE001 - this row's request carries the error
+                failed[i] = e
+        return tokens, failed
 
     def _progress(self, r: Request) -> str | None:
         """After a new token: the finish reason, or None; hands the text that is safe to show to on_text."""
@@ -345,7 +360,7 @@ class Engine:
             for s in r.stop:  # a tail that may become a stop string is not shown yet
                 for k in range(min(len(s) - 1, safe), 0, -1):
                     if text[:safe].endswith(s[:k]):
-                        safe = min(safe, len(text) - k)
+                        safe -= k
                         break
             if r.on_text is not None:
                 delta = text[r._emitted:safe] if safe > r._emitted else ""

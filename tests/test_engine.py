@@ -100,6 +100,44 @@ def test_stop_strings_and_streamed_text(tokenizer, no_thread_leak):
     assert "".join(pieces) == r.text and stop not in "".join(pieces)
 
 
+def test_a_stop_string_held_back_before_half_a_character_is_not_streamed():
+    """The text ends in half a character ("\ufffd") after the first letter of a stop string: that letter is
+    held back too (it was streamed, so the stream said more than the final text)."""
+    import types
+    from offload.engine import Request
+    texts = iter(["ab", "ab n\ufffd", "ab n\u041c"])  # the stop "n\u041c" arrives over two more tokens
+    engine = types.SimpleNamespace(eos_ids=set(), tokenizer=types.SimpleNamespace(decode=lambda ids, **k: next(texts)))
+    pieces: list[str] = []
+    r = Request("x", [1], index=None, max_new_tokens=9, temperature=0.0, top_p=1.0, seed=None, stop=["n\u041c"],
+                ignore_eos=False, on_text=lambda req, d: pieces.append(d))
+    reasons = []
+    for t in range(3):
+        r.token_ids.append(t)
+        reasons.append(Engine._progress(engine, r))
+    assert reasons == [None, None, "stop"] and r.text == "ab "
+    assert "".join(pieces) == "ab " and "n" not in "".join(pieces), pieces  # held back with the half character
+
+
+def test_one_rows_bad_sampling_ends_that_row_not_the_pass(tokenizer, no_thread_leak):
+    """A request whose sampling fails (here: a top_p set after submit's check) ends with its error; the row
+    beside it gets its greedy text. A temperature so small that the warped logits overflow is greedy, and a
+    seed torch cannot take is refused at submit."""
+    model = tiny_llama(len(tokenizer))
+    greedy = alone(model, tokenizer.encode("the café"), 8)
+    with offload.enable(model, ram_tier=0), Engine(model, tokenizer, batch_size=4) as engine:
+        with pytest.raises(ValueError, match="seed"):
+            engine.submit("the café", seed=2**64)
+        good = engine.submit("the café", max_new_tokens=8, ignore_eos=True)
+        tiny = engine.submit("the café", max_new_tokens=8, temperature=1e-45, seed=1, ignore_eos=True)
+        bad = engine.submit("the café", max_new_tokens=8, temperature=1.0, seed=1)
+        bad.top_p = -1.0
+        while engine.busy:
+            engine.step()
+    assert bad.finish_reason == "error" and isinstance(bad.error, ValueError)
+    assert good.token_ids == greedy[:8] and tiny.token_ids == greedy[:8]
+    assert engine.stats()["errors"] == 1
+
+
 def test_sampling_is_reproducible_with_a_seed(tokenizer):
     model = tiny_llama(len(tokenizer))
     greedy = alone(model, tokenizer.encode("a model reads"), 12)

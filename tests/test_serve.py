@@ -156,6 +156,21 @@ def test_bad_requests_are_4xx_and_the_server_keeps_serving(served):
                                             temperature=0).choices[0].text == greedy("the café", 6)
 
 
+def test_a_list_no_queue_could_hold_and_a_seed_torch_cannot_take_are_400(served):
+    """Retrying could never help the first (429 "busy, retry later" was the answer); the second failed every
+    request sharing its pass."""
+    server, greedy, _, _ = served
+    queue = int(next(m.group(1) for x in server.lines if (m := re.search(r"queue (\d+)\)", x))))
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": ["a"] * (queue + 1),
+                                                         "max_tokens": 2}, timeout=30)
+    assert r.status_code == 400 and f"--max-queue {queue}" in r.json()["error"]["message"], r.text
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 2,
+                                                         "seed": 2**64}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    assert server.client.completions.create(model=NAME, prompt="the café", max_tokens=6,
+                                            temperature=0).choices[0].text == greedy("the café", 6)
+
+
 def test_a_client_dropping_mid_stream_frees_its_row(served):
     server, _, _, _ = served
     before = server.stats()["cancelled"]

@@ -96,6 +96,7 @@ def _serve(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, devic
             self.force_exit = self.should_exit
             self.should_exit = True
 
+    sock.listen(2048)  # before the line that says where: a client started by it must not be refused
     print(f"offload serve: {name} at http://{host}:{port}/v1 (batch {a.batch_size}, queue {a.max_queue}); "
           f"Ctrl-C stops", flush=True)
     try:
@@ -149,7 +150,7 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
         max_tokens: int | None = Field(None, ge=1)
         temperature: float = Field(1.0, ge=0, le=2)
         top_p: float = Field(1.0, gt=0, le=1)
-        seed: int | None = None
+        seed: int | None = Field(None, ge=-2**63, lt=2**64)
         stop: str | list[str] | None = None
         stream: bool = False
         n: int = Field(1, ge=1, le=1, description="one choice per prompt")
@@ -213,6 +214,9 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
         """Each prompt into the engine; its text arrives on ``queue`` as (choice, delta, request)."""
         loop = asyncio.get_running_loop()
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        if engine.max_queue is not None and len(prompts) > engine.max_queue:  # no retry could ever fit it
+            raise Refused(400, f"prompt: a list of {len(prompts)} prompts is more than this server ever queues "
+                               f"(--max-queue {engine.max_queue}): send at most {engine.max_queue} per request", "prompt")
         requests = []
         try:
             for i, p in enumerate(prompts):
@@ -234,13 +238,20 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
     async def events(http: Request, requests: list[Any], queue: asyncio.Queue) -> AsyncIterator[tuple[int, str, Any]]:
         """(choice, delta, request) until every request is done; a client gone cancels them (frees the rows)."""
         left = len(requests)
+        checked = time.monotonic()
         try:
             while left:
                 try:
                     i, delta, r = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except asyncio.TimeoutError:
+                    i = None
+                # Checked once a second whether text arrives or not: the engine reports every token (an
+                # empty delta while text is held back), so a wait alone would never see a client leave.
+                if time.monotonic() - checked >= 1.0:
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         return
+                if i is None:
                     continue
                 if r.done:
                     left -= 1
