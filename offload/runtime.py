@@ -147,7 +147,9 @@ def enable(model: nn.Module, prefetch: int | str = "auto", store: str | os.PathL
                           io_threads=io_threads, cpu_memory=total_budget, ram_tier=tier_budget,
                           gpu_memory=gpu_memory, gpu_tier=gpu_tier, tune=tune, progress=progress,
                           gpu_extra=_experts_on_device(groups))
-        top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+        config = getattr(model, "config", None)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config  # a multimodal model's
+        top_k = getattr(config, "num_experts_per_tok", None)
         _build(built, st, plans, records, groups, devices, placement, rd, verify=verify, progress=progress,
                predict_experts=predict_experts, top_k=top_k)  # 4. prefetcher, stagers, hooks
     except BaseException:
@@ -283,8 +285,10 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
         room = max(0, placement.expert_room)
         if placement.room is None:  # ram_tier= bounds the cache only; a forward's reads are staging, as the ring
             reads = None
-        else:  # a memory budget: the cache and one forward's reads share what it leaves
-            reads = reads_per_forward(top_k, [g.expert_bytes for g in groups])
+        else:  # a memory budget: the cache and one forward's reads share what it leaves (at least one expert's
+            # reads: below that a forward is split expert by expert)
+            largest = max(g.expert_bytes for g in groups)
+            reads = max(largest, min(room, reads_per_forward(top_k, [g.expert_bytes for g in groups])))
             room = max(0, room - reads)
         estager = built.estager = ExpertsStager(prefetcher, groups, ExpertCache(room), device, read_room=reads)
         estager.predict_ahead = predict_experts

@@ -577,9 +577,9 @@ def _bounded(h, budget_experts: int, read_experts: int) -> tuple:
     after: list[int] = []
     want = stager.want
 
-    def spy(k, experts):
-        want(k, experts)
-        after.append(h._experts.used)
+    def spy(k, experts, **kw):
+        want(k, experts, **kw)
+        after.append(h._experts.used + stager._inflight_bytes())
     stager.want = spy
     return stager, eb, after
 
@@ -640,3 +640,92 @@ def test_a_batch_of_reads_larger_than_the_read_room_makes_room_in_the_cache_firs
         assert after and max(after) <= 6 * eb
         hits, misses, _ = X.replay([(group[id(m)], e) for m, e in seen], 4 * eb, eb, read_room=2 * eb)
         assert (s.expert_hits, s.expert_misses) == (hits, misses)
+
+
+def test_predicted_reads_stay_within_the_bound(tmp_path, no_thread_leak):
+    """With prediction on, the experts held or being read (counted from ``back`` before a read to ``drop``) never
+    pass the room of 10 experts, in a split prefill (32 tokens, up to 16 experts a layer), decode steps reading
+    ahead, or forwards of 6 tokens where some layers split and some read ahead; no expert is read twice within
+    one forward there."""
+    import collections
+    model = make("qwen3_moe")
+    model.config._experts_implementation = "eager"
+    ref = copy.deepcopy(model)
+    with offload.enable(model, prefetch=1, cpu_memory="64MiB", store=tmp_path / "s", progress=False,
+                        predict_experts=True) as h:
+        stager, eb, _ = _bounded(h, 8, 2)
+        backed: set = set()
+        peak, reads = [0], collections.Counter()
+        for k, t in stager.tables.items():
+            def back(e, k=k, orig=t.back):
+                backed.add((k, e))
+                reads[(k, e)] += 1
+                peak[0] = max(peak[0], len(backed))
+                return orig(e)
+
+            def drop(e, k=k, orig=t.drop):
+                backed.discard((k, e))
+                return orig(e)
+            t.back, t.drop = back, drop
+        twice = 0
+        ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(5))
+        mine, theirs = tf.DynamicCache(config=model.config), tf.DynamicCache(config=model.config)
+        with torch.no_grad():
+            for _ in range(8):  # the prefill (split), then decode steps (read ahead)
+                reads.clear()
+                got = model(ids, past_key_values=mine, use_cache=True).logits
+                assert torch.equal(got, ref(ids, past_key_values=theirs, use_cache=True).logits)
+                twice += sum(n > 1 for n in reads.values())
+                ids = got[:, -1:].argmax(-1)
+            for seed in range(8):  # 6 tokens: some layers route more than 10 experts (split), some fewer (read ahead)
+                reads.clear()
+                ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(seed))
+                assert torch.equal(model(ids).logits, ref(ids).logits)
+                twice += sum(n > 1 for n in reads.values())
+        s = h.stats()
+        assert s.expert_split_forwards > 0 and s.expert_predicted_bytes > 0, s
+        assert peak[0] <= 10 and twice == 0, (peak[0], twice)
+
+
+def test_split_forwards_and_accelerate_hooks_put_on_or_taken_off_the_experts_while_enabled(tmp_path, no_thread_leak):
+    """Our ``forward`` wrapper under Accelerate's: taken off while enabled (``remove_hook_from_module`` puts the
+    class's forward back), the forward is not split (it would compute from experts never read: silently wrong
+    logits); put on while enabled, it still splits, and after ``disable`` the wrapper left in Accelerate's chain
+    holds neither the hook nor the stager."""
+    import gc
+    import weakref
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+    model = make("qwen3_moe")
+    model.config._experts_implementation = "eager"
+    ref = copy.deepcopy(model)
+    for layer in model.model.layers:
+        add_hook_to_module(layer.mlp.experts, ModelHook())
+    with offload.enable(model, prefetch=1, cpu_memory="64MiB", store=tmp_path / "a", progress=False,
+                        predict_experts=False) as h:
+        _bounded(h, 0, 4)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+            split = h.stats().expert_split_forwards
+            assert split > 0
+            for layer in model.model.layers:
+                remove_hook_from_module(layer.mlp.experts)
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+        assert h.stats().expert_split_forwards == split  # no longer split: every routed expert read at once
+    model = make("qwen3_moe")
+    model.config._experts_implementation = "eager"
+    h = offload.enable(model, prefetch=1, cpu_memory="64MiB", store=tmp_path / "b", progress=False,
+                       predict_experts=False)
+    _bounded(h, 0, 4)
+    for layer in model.model.layers:
+        add_hook_to_module(layer.mlp.experts, ModelHook())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert h.stats().expert_split_forwards > 0
+    stager = weakref.ref(next(st for st in h._stagers if hasattr(st, "tables")))
+    h.disable()
+    del h
+    gc.collect()
+    assert stager() is None
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)

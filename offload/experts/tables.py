@@ -7,6 +7,7 @@ import functools
 import inspect
 import logging
 import mmap
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -368,7 +369,9 @@ class ExpertsStager:
         self.predict_ahead = True
 
     def want(self, k: int, experts: Sequence[int]) -> None:
-        """Experts ``experts`` of group ``k`` in its table: cached, predicted (wait for that read), or read now."""
+        """Experts ``experts`` of group ``k`` in its table: cached, predicted (wait for that read), or read now.
+        The layer's other predicted reads are cached (in a split forward, one routed in a later group is a hit
+        there if the cache still holds it then)."""
         table = self.tables[k]
         eb = table.group.expert_bytes
         self.routed[k] = list(experts)
@@ -389,8 +392,10 @@ class ExpertsStager:
                     missing.append(e)
             self.cache.misses += len(missing)
         loads = [self.inflight.pop((k, e)) for e in waits]
-        if missing and self.read_room is not None:  # a batch larger than the read room (a prefill, a batch of
-            self.cache.evict(self.tables, self.in_use, room=len(missing) * eb - self.read_room)  # requests): room first
+        if self.read_room is not None and (missing or self.inflight):  # a batch larger than the read room (a
+            # prefill, a batch of requests) makes room first, for it and the predicted reads not yet admitted
+            room = len(missing) * eb + self._inflight_bytes() - self.read_room
+            self.cache.evict(self.tables, self.in_use, room=room)
         for e in missing:
             table.back(e)
         if table.huge:  # these reads take this much memory anyway: the pool may keep as much for the next ones
@@ -417,6 +422,10 @@ class ExpertsStager:
                 table.present.add(e)
                 self.cache.admit((k, e), eb)
             self.cache.bytes_read += len(missing) * eb
+
+    def _inflight_bytes(self) -> int:
+        """Predicted experts being read, not admitted to the cache yet: memory they take already."""
+        return sum(self.tables[k].group.expert_bytes for k, _ in self.inflight)
 
     @property
     def room(self) -> int | None:
@@ -445,6 +454,11 @@ class ExpertsStager:
         tier = self.device.tier if self.device is not None else None
         todo = [e for e in guess if e not in table.present and (k, e) not in self.inflight
                 and not (tier is not None and tier.holds(k, e))]
+        if self.room is not None:  # under a memory bound: what fits now, beside the cache and the reads in flight,
+            # and within the cache's budget, which the next layer's ``want`` can evict down to make room for its reads
+            ahead = self._inflight_bytes()
+            free = min(self.room - self.cache.used, self.cache.budget) - ahead
+            todo = todo[:max(0, free // table.group.expert_bytes)]
         if not todo:
             return
         for e in todo:
@@ -520,6 +534,30 @@ class _StartFrom(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _Forward:
+    """An experts module's ``forward`` while offload is enabled: the hook's ``_split_forward`` while installed,
+    else a pass-through to what was there before. It holds the hook weakly, so a wrapper put over it after
+    ``enable`` (Accelerate's) keeps neither the hook nor the stager and its tables alive after ``disable``."""
+
+    def __init__(self, hook: ExpertsHook, module: nn.Module):
+        functools.update_wrapper(self, module.forward)  # its signature: ``experts_modules`` finds the module by it
+        self.hook = weakref.ref(hook)
+        self.module = module
+        self.before: Any = None  # the module's own ``forward`` attribute before ours (Accelerate's), if any
+        self.installed = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        hook = self.hook()
+        if hook is None or not self.installed:
+            return self.passed_on(*args, **kwargs)
+        return hook._split_forward(*args, **kwargs)
+
+    def passed_on(self, *args: Any, **kwargs: Any) -> Any:
+        if self.before is not None:
+            return self.before(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
 class ExpertsHook(UnitHook):
     """A unit hook for an experts module: before binding, read the experts this forward routes to.
 
@@ -538,30 +576,35 @@ class ExpertsHook(UnitHook):
         self.group = group
         self.eager = eager_forward(group.module) if stager.device is None else None
         self.groups: list[list[int]] | None = None  # this forward's experts in groups (None: not split)
-        # What ``register`` installs as the module's ``forward``: ``_split_forward`` with the signature of the
-        # forward it stands for (``experts_modules`` finds experts modules by it); ``remove`` knows it by identity.
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return self._split_forward(*args, **kwargs)
-        self._forward = functools.wraps(group.module.forward)(forward)
-        self._before: Any = None  # the module's own ``forward`` attribute before ours (Accelerate's), if any
-        self._wrapped = False
+        self._forward = _Forward(self, group.module)  # what ``register`` installs as the module's ``forward``
 
     def register(self) -> None:
         self.handles = [self.module.register_forward_pre_hook(self.pre_routed, with_kwargs=True),
                         self.module.register_forward_hook(self.post, always_call=True)]
         if self.eager is not None:
-            self._before = self.module.__dict__.get("forward")
+            self._forward.before = self.module.__dict__.get("forward")
             self.module.forward = self._forward
-            self._wrapped = True
+            self._forward.installed = True
 
     def remove(self) -> None:
         super().remove()
-        if self._wrapped and self.module.__dict__.get("forward") is self._forward:
-            if self._before is None:
+        self.groups = None
+        if self._forward.installed and self.module.__dict__.get("forward") is self._forward:
+            if self._forward.before is None:
                 del self.module.forward
             else:
-                self.module.forward = self._before
-        self._wrapped = False
+                self.module.forward = self._forward.before
+        self._forward.installed = False  # left in someone's wrapper chain, it only passes calls on
+
+    def _reachable(self) -> bool:
+        """Whether a call of the module runs ``_split_forward``: the module's ``forward`` is ours, or wraps ours
+        (``__wrapped__``: Accelerate's ``add_hook_to_module``); a wrapper put back without it bypasses us."""
+        f, depth = self.module.__dict__.get("forward"), 0
+        while f is not None and depth < 16:
+            if f is self._forward:
+                return self._forward.installed
+            f, depth = getattr(f, "__wrapped__", None), depth + 1
+        return False
 
     def pre_routed(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if not self.depth:
@@ -582,7 +625,7 @@ class ExpertsHook(UnitHook):
         eb, room = self.group.expert_bytes, stager.room
         if room is None or len(routed) * eb <= room:
             return None
-        if self.eager is None or not self._wrapped:
+        if self.eager is None or not self._reachable():
             if not stager.said_unsplit:
                 stager.said_unsplit = True
                 log.info("offload: a forward of %s routes %d experts (%s), more than the %s of experts cpu_memory "
@@ -595,12 +638,20 @@ class ExpertsHook(UnitHook):
             stager.cache.split_forwards += 1
         return split(routed, eb, room)
 
+    def post(self, module: nn.Module, args: Any, output: Any) -> None:
+        groups = None
+        if self.depth <= 1:  # the outermost call (or a failed pre-hook): its groups end with it
+            groups, self.groups = self.groups, None
+        super().post(module, args, output)
+        if groups is not None and output is not None:  # split, but computed unsplit: from experts never read
+            raise OffloadError(f"offload: {self.group.name}'s forward was to be split into groups of experts, but "
+                               f"its forward ran without offload's wrapper (was the module's forward replaced while "
+                               f"offload was enabled?); its output is wrong. Disable, then enable again")
+
     def _split_forward(self, *args: Any, **kwargs: Any) -> Any:
         groups, self.groups = self.groups, None
         if groups is None:
-            if self._before is not None:
-                return self._before(*args, **kwargs)
-            return type(self.module).forward(self.module, *args, **kwargs)
+            return self._forward.passed_on(*args, **kwargs)
         hidden, index, weights = self._routing(args, kwargs)
         stager: ExpertsStager = self.stager  # type: ignore[assignment]
         acc: torch.Tensor | None = None
