@@ -274,6 +274,18 @@ def test_a_bad_prompts_line_is_named_before_any_work(tmp_path, capsys, content, 
     assert os.listdir(os.environ["OFFLOAD_CACHE"]) == []  # nothing written: no random checkpoint, no store
 
 
+def test_prompts_files_are_split_at_newlines_only(tmp_path):
+    """U+2028 inside a JSON string, a form feed or NEL inside a text prompt: one prompt each, numbered as the file's
+    lines (``str.splitlines`` split there too, refusing valid JSON lines); CRLF line ends are line ends."""
+    from offload.cli.run import read_prompts
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a\u2028b"}\r\n\n{"prompt": "c\x85d"}\n', encoding="utf-8")
+    assert [(j.line, j.prompt) for j in read_prompts(str(jsonl))] == [(1, "a\u2028b"), (3, "c\x85d")]
+    text = tmp_path / "p.txt"
+    text.write_text("a naive\x0ccafe\r\nsecond\n", encoding="utf-8")
+    assert [(j.line, j.prompt) for j in read_prompts(str(text))] == [(1, "a naive\x0ccafe"), (2, "second")]
+
+
 def test_a_prompt_too_long_for_the_model_is_named(tmp_path, tokenizer, capsys):
     folder = tmp_path / "tiny-llama"
     save_llama(folder, tokenizer)

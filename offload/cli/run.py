@@ -456,8 +456,8 @@ def read_prompts(path: str) -> list[Job]:
     "max_new_tokens": N}``) when its first non-blank line starts with ``{``, else one prompt per line.
     Blank lines are skipped. A bad line is a one-line error naming it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="utf-8", newline="") as f:  # lines end at "\n" only (CRLF too): str.splitlines
+            lines = [x.removesuffix("\r") for x in f.read().split("\n")]  # would also split at U+2028, NEL, \f
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
     numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
