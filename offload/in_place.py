@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import StoreError
+from .errors import CheckpointError, StoreError
 from .integrity import read_safetensors_header
 from .manifest import DTYPE_NAMES, DTYPES, UnitRecord
 from .plan import UnitPlan, _numel
@@ -58,7 +58,8 @@ def in_place_units(src: str, dtype: torch.dtype) -> tuple[list[UnitRecord], Unit
 
 def _header_tensors(src: str) -> tuple[dict[str, tuple[str, tuple[int, ...], str, int, int]], dict[str, int]] | None:
     """Every tensor of a safetensors folder, ``name -> (dtype, shape, shard, offset, nbytes)``, and each shard's
-    size, from the headers only; None for a malformed header or a dtype offload cannot read."""
+    size, from the headers only; None for a header offload does not understand or a dtype it cannot read. A
+    shard whose header cannot be read at all is damaged (an interrupted download): copying it would fail too."""
     tensors: dict[str, tuple[str, tuple[int, ...], str, int, int]] = {}
     sizes: dict[str, int] = {}
     for shard in _shard_files(src):
@@ -66,7 +67,8 @@ def _header_tensors(src: str) -> tuple[dict[str, tuple[str, tuple[int, ...], str
         try:
             header, start = read_safetensors_header(shard)
         except StoreError:
-            return None
+            raise CheckpointError(f"{shard}: its safetensors header cannot be read (cut short or damaged): the file is "
+                                  f"truncated or damaged; download it again") from None
         sizes[rel] = os.path.getsize(shard)
         for k, h in header.items():
             if k == "__metadata__":

@@ -64,7 +64,7 @@ def _shard_files(src: str) -> list[str]:
 
 
 def _hf_sources(src: str, dtype: torch.dtype | None) -> tuple[list[UnitSource], UnitSource | None, dict[str, Any]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from .in_place import fused_tensors
     fused = fused_tensors(src)
@@ -74,7 +74,12 @@ def _hf_sources(src: str, dtype: torch.dtype | None) -> tuple[list[UnitSource], 
     key_shard: dict[str, str] = {}
     meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     for shard in shards:
-        with safe_open(shard, framework="pt") as f:
+        try:
+            f = safe_open(shard, framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{shard} is not a readable safetensors file ({str(e).strip() or type(e).__name__}): "
+                                  f"it is truncated or damaged; download it again") from None
+        with f:
             for k in f.keys():
                 sl = f.get_slice(k)
                 dt = DTYPES.get(sl.get_dtype())

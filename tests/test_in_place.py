@@ -5,6 +5,7 @@ Every model here is compared bit for bit with ``from_pretrained`` of the same fo
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -263,3 +264,20 @@ def test_one_tensor_read_in_place_reads_its_own_bytes_not_its_units(tmp_path, mo
         assert units and fused, "no unit read in place, or no fused expert tensor among them"
     finally:
         h.disable()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_shard_is_one_line_naming_it(damage, tmp_path, capsys):
+    """A shard cut short or empty (an interrupted download): a one-line error naming the file, exit 2, not
+    safetensors' traceback."""
+    from offload.cli import main
+    from offload.errors import OffloadError
+    save("llama", tmp_path / "m", max_shard_size="100KB")
+    shard = sorted((tmp_path / "m").glob("*.safetensors"))[-1]
+    os.truncate(shard, os.path.getsize(shard) - 5000 if damage == "truncated" else 0)
+    with pytest.raises(OffloadError, match=re.escape(str(shard))):
+        offload.load(tmp_path / "m", ram_tier=0)
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "m"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and shard.name in err[0] and "truncated" in err[0], err
