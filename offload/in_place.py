@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .errors import CheckpointError, StoreError
+from .errors import StoreError
 from .integrity import read_safetensors_header
 from .manifest import DTYPE_NAMES, DTYPES, UnitRecord
 from .plan import UnitPlan, _numel
 from .ranges import SourceTensor, plan_unit
-from .sources import (RESIDENT, _natural_key, _shard_files, _with_dtype, side_file_provenance, side_files, source_files,
-                      unit_of_key)
+from .sources import (RESIDENT, _as_the_model_names_them, _header_tensors, _natural_key, _with_dtype,
+                      side_file_provenance, side_files, source_files, unit_of_key)
 from .store import Store
 from .writer import _copy_side_files, write_manifest
 
@@ -54,102 +53,6 @@ def in_place_units(src: str, dtype: torch.dtype) -> tuple[list[UnitRecord], Unit
     if any(u is None for u in units) or (None in groups and resident is None):
         return None
     return units, resident  # type: ignore[return-value]
-
-
-def _header_tensors(src: str) -> tuple[dict[str, tuple[str, tuple[int, ...], str, int, int]], dict[str, int]] | None:
-    """Every tensor of a safetensors folder, ``name -> (dtype, shape, shard, offset, nbytes)``, and each shard's
-    size, from the headers only; None for a header offload does not understand or a dtype it cannot read. A
-    shard whose header cannot be read at all is damaged (an interrupted download): copying it would fail too."""
-    tensors: dict[str, tuple[str, tuple[int, ...], str, int, int]] = {}
-    sizes: dict[str, int] = {}
-    for shard in _shard_files(src):
-        rel = os.path.relpath(shard, src)
-        try:
-            header, start = read_safetensors_header(shard)
-        except StoreError:
-            raise CheckpointError(f"{shard}: its safetensors header cannot be read (cut short or damaged): the file is "
-                                  f"truncated or damaged; download it again") from None
-        sizes[rel] = os.path.getsize(shard)
-        for k, h in header.items():
-            if k == "__metadata__":
-                continue
-            try:
-                dt, shape, (a, b) = str(h["dtype"]), tuple(int(x) for x in h["shape"]), h["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                return None
-            if DTYPES.get(dt) is None or start + int(b) > sizes[rel]:
-                return None
-            tensors[k] = (dt, shape, rel, start + int(a), int(b) - int(a))
-    return tensors, sizes
-
-
-def fused_tensors(src: str) -> list[SourceTensor] | None:
-    """The checkpoint's tensors as the model built from ``src`` names and lays them out, when that stacks
-    per-expert tensors into fused ones (Transformers 5 loading a MoE checkpoint); None when it does not (or
-    they cannot be mapped): the checkpoint's own names are the model's. What a copy (``convert``) writes,
-    as reading in place indexes it."""
-    read = _header_tensors(src)
-    if read is None:
-        return None
-    tensors = read[0]
-    dtype = next((DTYPES[dt] for dt, *_ in tensors.values() if DTYPES[dt].is_floating_point), torch.float32)
-    wanted = _as_the_model_names_them(src, dtype, tensors)
-    return wanted if wanted is not None and any(len(t.pieces) > 1 for t in wanted) else None
-
-
-def _as_the_model_names_them(src: str, dtype: torch.dtype, tensors: dict[str, tuple[str, tuple[int, ...], str, int, int]]
-                             ) -> list[Any] | None:
-    """The checkpoint's tensors under the names, and in the layout, the model built from ``src`` holds,
-    as Transformers' own loading converts them (``get_model_conversion_mapping``): renames are free, and
-    per-expert tensors stacked into one 3-D tensor (``MergeModulelist(dim=0)``, then gate and up
-    concatenated, ``Concatenate(dim=1)``) become one tensor of pieces, expert by expert. None for a
-    conversion that is not a rearrangement of whole tensors (the checkpoint is then copied)."""
-    from .meta import build_on_meta
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, rename_source_key
-    except ImportError:  # an older Transformers converts nothing at load time: names are the model's
-        get_model_conversion_mapping = None
-    if get_model_conversion_mapping is None or not os.path.exists(os.path.join(src, "config.json")):
-        # not a Transformers checkpoint (or no conversions to apply): the names are the model's own
-        return [SourceTensor(k, dt, shape, ((f, o, n),)) for k, (dt, shape, f, o, n) in tensors.items()]
-    model = build_on_meta(src, dtype)
-    meta = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    buffers = {k for k, _ in model.named_buffers()}  # loaded with the resident part, never streamed
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    # A parameter under several names (Zamba2's transformer block shared by several layers) is resident:
-    # the checkpoint holds it once, under its first name, and every layer computes with that one tensor.
-    buffers |= {k for k, p in model.named_parameters(remove_duplicate=False) if seen[id(p)] > 1}
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    prefix = getattr(model, "base_model_prefix", None)
-    out = []
-    fused: dict[str, tuple[Any, dict[str, dict[int, tuple[str, int, int]]], str]] = {}
-    for k, (dt, shape, f, o, n) in tensors.items():
-        target, pattern = rename_source_key(k, renamings, converters, prefix, meta)
-        if pattern is None:
-            out.append(SourceTensor(target, dt, shape, ((f, o, n),), resident=target in buffers))
-            continue
-        conv = next(c for c in converters if pattern in c.source_patterns)
-        ops = [(type(op).__name__, getattr(op, "dim", None)) for op in conv.operations]
-        m = re.search(re.escape(pattern.lstrip("^")).replace(r"\*", r"(\d+)"), k)
-        if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]) or m is None:
-            return None
-        entry = fused.setdefault(target, (conv, {p: {} for p in conv.source_patterns}, dt))
-        entry[1][pattern][int(m.group(1))] = (f, o, n)
-    for target, (conv, by_pattern, dt) in fused.items():
-        experts = sorted(next(iter(by_pattern.values())))
-        if any(sorted(v) != experts for v in by_pattern.values()) or target not in meta:
-            return None
-        pieces = tuple(by_pattern[p][e] for e in experts for p in conv.source_patterns)
-        t = SourceTensor(target, dt, meta[target], pieces)
-        if _numel(meta[target]) * DTYPES[dt].itemsize != t.nbytes:
-            return None
-        out.append(t)
-    return out
 
 
 def write_index(src: str, dst: str, units: Sequence[UnitRecord], resident: UnitRecord | None,
