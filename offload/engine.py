@@ -136,6 +136,8 @@ class Engine:
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"{type(model).__name__} is an encoder-decoder model: the engine batches decoder-only "
                              f"causal LMs")
+        from transformers import DynamicCache
+        _check_cache(DynamicCache(config=config), model)  # refused here, not at every request's first pass
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size

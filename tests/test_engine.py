@@ -274,6 +274,21 @@ def test_a_bad_prompts_line_is_named_before_any_work(tmp_path, capsys, content, 
     assert os.listdir(os.environ["OFFLOAD_CACHE"]) == []  # nothing written: no random checkpoint, no store
 
 
+def test_a_model_whose_cache_the_engine_cannot_batch_is_refused_when_the_engine_is_made():
+    """Mamba (linear attention) and sliding-window layers: refused at construction (``offload serve`` then stops in
+    one line), not by a 500 for every request at its first pass."""
+    import transformers as tf
+    torch.manual_seed(0)
+    mamba = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=4))
+    with pytest.raises(ValueError, match="full-attention models only"):
+        Engine(mamba, None)
+    cfg = tf.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=0,
+                         layer_types=["sliding_attention"] * 2)
+    with pytest.raises(ValueError, match="full-attention models only"):
+        Engine(tf.Qwen2ForCausalLM(cfg), None)
+
+
 def test_prompts_files_are_split_at_newlines_only(tmp_path):
     """U+2028 inside a JSON string, a form feed or NEL inside a text prompt: one prompt each, numbered as the file's
     lines (``str.splitlines`` split there too, refusing valid JSON lines); CRLF line ends are line ends."""
