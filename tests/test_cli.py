@@ -129,3 +129,12 @@ def test_two_writers_of_one_random_checkpoint_take_turns(tmp_path):
         logging.getLogger("offload").setLevel(old_level)
     assert out["folder"] == folder and not os.path.exists(folder + ".partial")
     assert os.stat(os.path.join(folder, "model.safetensors.index.json")).st_ino == index  # not written again
+
+
+def test_an_encoder_decoder_runs_summary_counts_the_tokens_it_generated(tmp_path, capsys):
+    """T5's output starts with the decoder's start token, which was counted as a generated token (5 for 4)."""
+    make_model("t5").save_pretrained(tmp_path / "t5")
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "t5"), "--max-new-tokens", "4", "-q"]) == 0
+    summary = [x for x in capsys.readouterr().out.splitlines() if "tokens x batch" in x]
+    assert summary and summary[0].startswith("4 tokens x batch 1"), summary

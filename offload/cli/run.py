@@ -742,7 +742,7 @@ def _generate(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, de
                                  min_new_tokens=a.max_new_tokens, do_sample=False, streamer=streamer)
     total = time.perf_counter() - t0
     s = handle.stats()
-    n = out.shape[1] - (0 if model.config.is_encoder_decoder else ids.shape[1])
+    n = out.shape[1] - (1 if model.config.is_encoder_decoder else ids.shape[1])  # enc-dec: less the start token
     times = streamer.times
     decode_s = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else total
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
