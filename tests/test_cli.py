@@ -138,3 +138,18 @@ def test_an_encoder_decoder_runs_summary_counts_the_tokens_it_generated(tmp_path
     assert main(["run", str(tmp_path / "t5"), "--max-new-tokens", "4", "-q"]) == 0
     summary = [x for x in capsys.readouterr().out.splitlines() if "tokens x batch" in x]
     assert summary and summary[0].startswith("4 tokens x batch 1"), summary
+
+
+def test_a_speech_model_is_refused_in_one_line_before_anything_is_read(tmp_path, capsys):
+    """Whisper's input is audio features: ``offload run`` generates from text, and ended in an IndexError
+    traceback from Transformers after loading."""
+    import transformers as tf
+    cfg = tf.WhisperConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                           max_source_positions=32, max_target_positions=64, decoder_start_token_id=1,
+                           eos_token_id=0, pad_token_id=0)
+    tf.WhisperForConditionalGeneration(cfg).save_pretrained(tmp_path / "w")
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "w"), "--prompt", "A", "-q"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert len(err) == 1 and "input_features, not text" in err[0], err

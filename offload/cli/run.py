@@ -83,10 +83,12 @@ def resolve(a: argparse.Namespace) -> Target:
         if not os.path.exists(os.path.join(a.model, "config.json")):
             raise UsageError(f"store {a.model} has no config.json: convert the checkpoint folder again with this "
                              f"offload (`offload convert`), which copies it")
+        _text_model(a.model)
         return Target("store", a.model, held, [u.data_bytes for u in store.units],
                       store.resident.data_bytes if store.resident else 0, a.model, held_q)
     if not os.path.exists(os.path.join(a.model, "config.json")):
         raise UsageError(f"{a.model} has no config.json: pass a Hugging Face model folder or an offload store")
+    _text_model(a.model)
     if source_kind(a.model) == "pickle" and not a.allow_pickle:
         checkpoint_sources(a.model)  # the pickle refusal, before anything cached is looked at
     dtype = want or checkpoint_dtype(a.model)
@@ -96,6 +98,17 @@ def resolve(a: argparse.Namespace) -> Target:
     specs = _quantized_plan(a, meta_model(a.model, dtype) if a.quantize else None, {u.name: u.specs for u in units_})
     return Target("folder", a.model, dtype, [plan_layout(s)[1] for s in specs],
                   plan_layout(resident.specs)[1] if resident else 0, a.model, a.quantize)
+
+
+def _text_model(folder: str) -> None:
+    """``run`` generates from text: a model whose input is not token ids (Whisper's audio features, a vision
+    model's pixels; its class's ``main_input_name``) is refused in one line before anything is read."""
+    import transformers as tf
+    for name in getattr(tf.AutoConfig.from_pretrained(folder), "architectures", None) or []:
+        main = getattr(getattr(tf, name, None), "main_input_name", "input_ids")
+        if main != "input_ids":
+            raise UsageError(f"{folder} is a {name}, whose input is {main}, not text: offload run generates from "
+                             f"text prompts; load it with offload.load() and call it from Python")
 
 
 def _quantized_plan(a: argparse.Namespace, meta: Any, units: dict[str, list[Any]]) -> list[list[Any]]:
