@@ -171,6 +171,25 @@ def test_a_list_no_queue_could_hold_and_a_seed_torch_cannot_take_are_400(served)
                                             temperature=0).choices[0].text == greedy("the café", 6)
 
 
+def test_token_id_prompts_and_the_usage_chunk_of_a_stream(served):
+    """OpenAI's API takes a prompt as token ids (one list, or a list of lists), and a stream with
+    ``stream_options={"include_usage": True}`` ends with a chunk holding the usage (benchmark clients read both)."""
+    server, greedy, _, _ = served
+    ids = [5, 17, 42, 9]
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": ids, "max_tokens": 6,
+                                                         "temperature": 0}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(ids, 6), r.text
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [ids, ids[:2]], "max_tokens": 4,
+                                                         "temperature": 0}, timeout=60)
+    assert [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])] == [greedy(ids, 4),
+                                                                                          greedy(ids[:2], 4)]
+    chunks = list(server.client.completions.create(model=NAME, prompt="the café", max_tokens=5, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == greedy("the café", 5)
+
+
 def test_a_client_dropping_mid_stream_frees_its_row(served):
     server, _, _, _ = served
     before = server.stats()["cancelled"]

@@ -155,9 +155,10 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
         stream: bool = False
         n: int = Field(1, ge=1, le=1, description="one choice per prompt")
         ignore_eos: bool = False  # vLLM's extension: exactly max_tokens tokens (benchmarks)
+        stream_options: dict[str, Any] | None = None  # {"include_usage": true}: a last chunk with the usage
 
     class CompletionBody(Sampling):
-        prompt: str | list[str]
+        prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (as OpenAI's API takes them)
 
     class Message(BaseModel):
         model_config = ConfigDict(extra="ignore")
@@ -210,7 +211,7 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
             raise Refused(400, f"model {body.model!r} is not served here: this server serves {model_name!r} "
                                f"(GET /v1/models)", "model", "model_not_found")
 
-    def submit(prompts: list[str], body: Sampling, max_tokens: int, queue: asyncio.Queue) -> list[Any]:
+    def submit(prompts: list[str | list[int]], body: Sampling, max_tokens: int, queue: asyncio.Queue) -> list[Any]:
         """Each prompt into the engine; its text arrives on ``queue`` as (choice, delta, request)."""
         loop = asyncio.get_running_loop()
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
@@ -265,7 +266,7 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
         p, c = sum(len(r.prompt_ids) for r in requests), sum(len(r.token_ids) for r in requests)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def answer(http: Request, body: Sampling, prompts: list[str], max_tokens: int, chat: bool) -> Any:
+    async def answer(http: Request, body: Sampling, prompts: list[str | list[int]], max_tokens: int, chat: bool) -> Any:
         queue: asyncio.Queue = asyncio.Queue()
         requests = submit(prompts, body, max_tokens, queue)
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
@@ -277,9 +278,13 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
             delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
             return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-        def chunk(choices: list[dict[str, Any]]) -> str:
+        with_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        def chunk(choices: list[dict[str, Any]], last: bool = False) -> str:
             obj = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": model_name,
                    "choices": choices}
+            if with_usage:  # OpenAI's shape: null on every chunk but the last, which has no choices
+                obj["usage"] = usage(requests) if last else None
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
         if body.stream:
@@ -291,6 +296,8 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
                         yield chunk([choice(i, delta, None)])
                     if r.done:
                         yield chunk([choice(i, None if chat else "", r.finish_reason)])
+                if with_usage:
+                    yield chunk([], last=True)
                 yield "data: [DONE]\n\n"
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -311,9 +318,11 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request) -> Any:
         check_model(body)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise Refused(400, "prompt: give a string or a non-empty list of strings", "prompt")
+        p = body.prompt
+        prompts: list[str | list[int]] = ([p] if isinstance(p, str) else [list(p)] if p and isinstance(p[0], int)
+                                          else list(p))  # type: ignore[list-item]
+        if not prompts or any(not x for x in prompts):
+            raise Refused(400, "prompt: give a string, token ids, or a non-empty list of either", "prompt")
         return await answer(http, body, prompts, body.max_tokens or 16, chat=False)
 
     @app.post("/v1/chat/completions")
