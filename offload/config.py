@@ -46,5 +46,10 @@ def ring_bytes(prefetch: int, largest_unit: int, streamed_units: int | None = No
 def cache_dir() -> str:
     root = os.environ.get("OFFLOAD_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "offload")
-    os.makedirs(root, exist_ok=True)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        from .errors import OffloadError
+        raise OffloadError(f"cannot make the cache folder {root} ({e.strerror or e}): set OFFLOAD_CACHE to a "
+                           f"writable folder") from None
     return root

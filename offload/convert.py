@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, StoreError
+from .errors import CheckpointError, OffloadError, StoreError
 from .in_place import in_place_units, write_index
 from .integrity import fingerprint
 from .manifest import IN_PROGRESS, MANIFEST, QuantRecord, TensorSpec, dtype_name
@@ -271,8 +271,12 @@ def _build_lock(path: str, say: Callable[[str], None]) -> Iterator[None]:
     when its holder exits, however it exits.
     """
     import fcntl
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # the first write in the cache folder: where an unwritable one shows
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OffloadError(f"cannot write in the cache folder {os.path.dirname(path)} ({e.strerror or e}): set "
+                           f"OFFLOAD_CACHE to a writable folder") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -153,3 +153,19 @@ def test_a_speech_model_is_refused_in_one_line_before_anything_is_read(tmp_path,
     assert main(["run", str(tmp_path / "w"), "--prompt", "A", "-q"]) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
     assert len(err) == 1 and "input_features, not text" in err[0], err
+
+
+@pytest.mark.parametrize("blocked", ["the cache folder", "its random/ folder"])
+def test_an_unwritable_cache_folder_is_one_line_naming_it(blocked, tmp_path, monkeypatch, capsys):
+    """OFFLOAD_CACHE where nothing can be written (here: a file where a folder must be; a read-only mount gives
+    EROFS the same way, at the same two places) says which folder and what to do, not a bare errno."""
+    if blocked == "the cache folder":
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "file" / "cache"))
+    else:
+        (tmp_path / "cache").mkdir()
+        (tmp_path / "cache" / "random").write_text("")
+        monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    assert main(["run", "--random", "bloom-560m:1", "--max-new-tokens", "1", "-q"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert len(err) == 1 and "set OFFLOAD_CACHE to a writable folder" in err[0], err
