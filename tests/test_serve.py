@@ -190,6 +190,17 @@ def test_token_id_prompts_and_the_usage_chunk_of_a_stream(served):
     assert "".join(c.choices[0].text for c in chunks[:-1]) == greedy("the café", 5)
 
 
+def test_a_chat_without_max_tokens_fits_what_the_prompt_leaves(served):
+    """The default chat limit (256) on a 128-position model was a 400 about a max_tokens the client never sent."""
+    server, greedy, chat_ids, _ = served
+    messages = [{"role": "user", "content": "the café " * 20}]
+    left = 128 - len(chat_ids(messages))
+    assert 0 < left < 256
+    r = server.client.chat.completions.create(model=NAME, messages=messages, temperature=0)
+    assert r.choices[0].message.content == greedy(chat_ids(messages), left)
+    assert r.usage.completion_tokens <= left
+
+
 def test_a_client_dropping_mid_stream_frees_its_row(served):
     server, _, _, _ = served
     before = server.stats()["cancelled"]

@@ -340,7 +340,12 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
             prompt = chat_prompt(engine.tokenizer, messages)
         except Exception as e:  # noqa: BLE001 - the template's own error, in the answer
             raise Refused(400, f"messages: the chat template failed: {e}", "messages") from None
-        limit = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_TOKENS
+        limit = body.max_completion_tokens or body.max_tokens
+        if limit is None:  # no limit asked: ours, within the positions the prompt leaves (never a 400 about it)
+            text = engine.model.config.get_text_config()
+            room = getattr(text, "max_position_embeddings", None)
+            left = room - len(engine.encode(prompt)) if room is not None else DEFAULT_CHAT_TOKENS
+            limit = max(1, min(DEFAULT_CHAT_TOKENS, left))  # no room at all: the prompt's own 400 says so
         return await answer(http, body, [prompt], limit, chat=True)
 
     return app
