@@ -379,19 +379,29 @@ class Store:
         if missing or extra:
             raise StoreMismatchError(
                 f"store {self.path} does not match the model: units missing from the store {missing[:5]}, units the "
-                f"model does not have {extra[:5]}. Use another store folder or delete this one to rebuild it")
+                f"model does not have {extra[:5]}. {self._mismatch_fix()}")
         for name, tensors in expected.items():
             u = have[name]
             got = {t.name: (t.torch_dtype, t.shape) for t in u.tensors}
             if set(got) != set(tensors):
                 raise StoreMismatchError(
                     f"store {self.path}, unit {name}: tensors differ (only in store: {sorted(set(got) - set(tensors))[:5]}, "
-                    f"only in model: {sorted(set(tensors) - set(got))[:5]}). Use another store folder or delete this one")
+                    f"only in model: {sorted(set(tensors) - set(got))[:5]}). {self._mismatch_fix()}")
             for tname, (dtype, shape) in tensors.items():
                 if got[tname] != (dtype, tuple(shape)):
                     raise StoreMismatchError(
                         f"store {self.path}, unit {name}, tensor {tname}: store has {got[tname][0]} {list(got[tname][1])}, "
-                        f"model has {dtype} {list(shape)}. Use another store folder or delete this one")
+                        f"model has {dtype} {list(shape)}. {self._mismatch_fix()}")
+
+
+    def _mismatch_fix(self) -> str:
+        """What to do about a store that does not match its model: a checkpoint read in place is the checkpoint's
+        own bytes (its shards disagree with its config.json), a copy can be rebuilt."""
+        if any(u.extents for u in self.units):
+            src = self.source.get("path") or "the checkpoint folder"
+            return (f"This store reads {src} in place, so its shards do not match its config.json (a damaged or "
+                    f"wrong shard, or the wrong config): download the checkpoint again")
+        return "Use another store folder or delete this one to rebuild it"
 
 
 def _identity(path: str) -> tuple[int, int] | None:

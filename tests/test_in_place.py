@@ -281,3 +281,19 @@ def test_a_damaged_shard_is_one_line_naming_it(damage, tmp_path, capsys):
     assert main(["run", str(tmp_path / "m"), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and shard.name in err[0] and "truncated" in err[0], err
+
+
+def test_a_shard_whose_header_disagrees_with_the_config_points_at_the_checkpoint(tmp_path, no_thread_leak):
+    """A shard's header claiming I32 for a float32 tensor: read in place, the store is the checkpoint, so the advice
+    is to download it again, not to delete a store (which would be rebuilt the same)."""
+    from offload.errors import StoreMismatchError
+    save("llama", tmp_path / "m")
+    shard = next((tmp_path / "m").glob("*.safetensors"))
+    raw = bytearray(shard.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n].decode()
+    at = header.index('"dtype":"F32"', header.index("layers.0."))
+    raw[8 + at:8 + at + 13] = b'"dtype":"I32"'
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(StoreMismatchError, match="download the checkpoint again"):
+        offload.load(tmp_path / "m", ram_tier=0)
