@@ -179,6 +179,9 @@ def test_token_id_prompts_and_the_usage_chunk_of_a_stream(served):
     r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": ids, "max_tokens": 6,
                                                          "temperature": 0}, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(ids, 6), r.text
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [True, False], "max_tokens": 2},
+                   timeout=60)
+    assert r.status_code == 400, r.text  # not ids 1 and 0
     r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [ids, ids[:2]], "max_tokens": 4,
                                                          "temperature": 0}, timeout=60)
     assert [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])] == [greedy(ids, 4),
@@ -199,6 +202,9 @@ def test_a_chat_without_max_tokens_fits_what_the_prompt_leaves(served):
     r = server.client.chat.completions.create(model=NAME, messages=messages, temperature=0)
     assert r.choices[0].message.content == greedy(chat_ids(messages), left)
     assert r.usage.completion_tokens <= left
+    with pytest.raises(openai.BadRequestError) as e:  # no room left at all: about the conversation, not max_tokens
+        server.client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "the café " * 60}])
+    assert e.value.body["param"] == "messages" and "positions" in e.value.body["message"]
 
 
 def test_a_client_dropping_mid_stream_frees_its_row(served):

@@ -139,7 +139,7 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, StrictInt
     from starlette.exceptions import HTTPException
 
     from ..engine import EngineClosed, QueueFull
@@ -158,7 +158,7 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
         stream_options: dict[str, Any] | None = None  # {"include_usage": true}: a last chunk with the usage
 
     class CompletionBody(Sampling):
-        prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (as OpenAI's API takes them)
+        prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # text, or token ids (as OpenAI's API)
 
     class Message(BaseModel):
         model_config = ConfigDict(extra="ignore")
@@ -344,8 +344,11 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
         if limit is None:  # no limit asked: ours, within the positions the prompt leaves (never a 400 about it)
             text = engine.model.config.get_text_config()
             room = getattr(text, "max_position_embeddings", None)
-            left = room - len(engine.encode(prompt)) if room is not None else DEFAULT_CHAT_TOKENS
-            limit = max(1, min(DEFAULT_CHAT_TOKENS, left))  # no room at all: the prompt's own 400 says so
+            n = len(engine.encode(prompt))
+            if room is not None and n >= room:
+                raise Refused(400, f"messages: the conversation is {n} tokens with the chat template, and the model "
+                                   f"has {room} positions: shorten it", "messages")
+            limit = min(DEFAULT_CHAT_TOKENS, room - n) if room is not None else DEFAULT_CHAT_TOKENS
         return await answer(http, body, [prompt], limit, chat=True)
 
     return app
