@@ -20,7 +20,7 @@ from .integrity import read_safetensors_header
 from .manifest import DTYPE_NAMES, DTYPES, UnitRecord
 from .plan import UnitPlan, _numel
 from .ranges import SourceTensor, plan_unit
-from .sources import (RESIDENT, _as_the_model_names_them, _header_tensors, _natural_key, _with_dtype,
+from .sources import (RESIDENT, _as_the_model_names_them, _header_tensors, _natural_key, _with_dtype, folder_model,
                       side_file_provenance, side_files, source_files, unit_of_key)
 from .store import Store
 from .writer import _copy_side_files, write_manifest
@@ -36,7 +36,7 @@ def in_place_units(src: str, dtype: torch.dtype) -> tuple[list[UnitRecord], Unit
     tensors, sizes = read
     if any((DTYPES[dt].is_floating_point and DTYPES[dt] != dtype) for dt, *_ in tensors.values()):
         return None
-    wanted = _as_the_model_names_them(src, dtype, tensors)
+    wanted = _as_the_model_names_them(folder_model(src, dtype), tensors)
     if wanted is None:
         return None
     groups: dict[str | None, list[SourceTensor]] = {}

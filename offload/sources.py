@@ -64,10 +64,11 @@ def _shard_files(src: str) -> list[str]:
     return sorted(os.path.join(src, x) for x in os.listdir(src) if x.endswith(".safetensors"))
 
 
-def _hf_sources(src: str, dtype: torch.dtype | None) -> tuple[list[UnitSource], UnitSource | None, dict[str, Any]]:
+def _hf_sources(src: str, dtype: torch.dtype | None, model: nn.Module | None
+                ) -> tuple[list[UnitSource], UnitSource | None, dict[str, Any]]:
     from safetensors import SafetensorError, safe_open
 
-    fused = fused_tensors(src)
+    fused = fused_tensors(src, model)
     if fused is not None:  # per-expert tensors the model holds stacked: written as it holds them
         return _fused_sources(src, fused, dtype)
     shards = _shard_files(src)
@@ -147,37 +148,34 @@ def _header_tensors(src: str) -> tuple[dict[str, tuple[str, tuple[int, ...], str
     return tensors, sizes
 
 
-def fused_tensors(src: str) -> list[SourceTensor] | None:
-    """The checkpoint's tensors as the model built from ``src`` names and lays them out, when that stacks
-    per-expert tensors into fused ones (Transformers 5 loading a MoE checkpoint); None when it does not (or
-    they cannot be mapped): the checkpoint's own names are the model's. What a copy (``convert``) writes,
+def fused_tensors(src: str, model: nn.Module | None) -> list[SourceTensor] | None:
+    """The checkpoint's tensors as ``model`` (built from ``src`` on meta) names and lays them out, when that
+    stacks per-expert tensors into fused ones (Transformers 5 loading a MoE checkpoint); None when it does not
+    (or they cannot be mapped): the checkpoint's own names are the model's. What a copy (``convert``) writes,
     as reading in place indexes it."""
     read = _header_tensors(src)
     if read is None:
         return None
-    tensors = read[0]
-    dtype = next((DTYPES[dt] for dt, *_ in tensors.values() if DTYPES[dt].is_floating_point), torch.float32)
-    wanted = _as_the_model_names_them(src, dtype, tensors)
+    wanted = _as_the_model_names_them(model, read[0])
     return wanted if wanted is not None and any(len(t.pieces) > 1 for t in wanted) else None
 
 
-def _as_the_model_names_them(src: str, dtype: torch.dtype, tensors: dict[str, tuple[str, tuple[int, ...], str, int, int]]
+def _as_the_model_names_them(model: nn.Module | None, tensors: dict[str, tuple[str, tuple[int, ...], str, int, int]]
                              ) -> list[Any] | None:
-    """The checkpoint's tensors under the names, and in the layout, the model built from ``src`` holds,
-    as Transformers' own loading converts them (``get_model_conversion_mapping``): renames are free, and
-    per-expert tensors stacked into one 3-D tensor (``MergeModulelist(dim=0)``, then gate and up
-    concatenated, ``Concatenate(dim=1)``) become one tensor of pieces, expert by expert. None for a
-    conversion that is not a rearrangement of whole tensors (the checkpoint is then copied)."""
-    from .meta import build_on_meta
+    """The checkpoint's tensors under the names, and in the layout, ``model`` (built from the checkpoint on
+    meta: ``folder_model``; None without a config.json) holds, as Transformers' own loading converts them
+    (``get_model_conversion_mapping``): renames are free, and per-expert tensors stacked into one 3-D tensor
+    (``MergeModulelist(dim=0)``, then gate and up concatenated, ``Concatenate(dim=1)``) become one tensor of
+    pieces, expert by expert. None for a conversion that is not a rearrangement of whole tensors (the
+    checkpoint is then copied)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, rename_source_key
     except ImportError:  # an older Transformers converts nothing at load time: names are the model's
         get_model_conversion_mapping = None
-    if get_model_conversion_mapping is None or not os.path.exists(os.path.join(src, "config.json")):
+    if get_model_conversion_mapping is None or model is None:
         # not a Transformers checkpoint (or no conversions to apply): the names are the model's own
         return [SourceTensor(k, dt, shape, ((f, o, n),)) for k, (dt, shape, f, o, n) in tensors.items()]
-    model = build_on_meta(src, dtype)
     meta = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     buffers = {k for k, _ in model.named_buffers()}  # loaded with the resident part, never streamed
     seen: dict[int, int] = {}
@@ -321,7 +319,8 @@ def checkpoint_sources(src: str, cast: torch.dtype | None = None, allow_pickle: 
     if kind == "accelerate-offload-folder":
         units_, resident, source = _accelerate_folder_sources(src)
     elif kind == "hf-safetensors":
-        units_, resident, source = _hf_sources(src, None)
+        model = folder_model(src, cast or torch.float32)  # names and shapes; in ``cast``, its kept dtypes too
+        units_, resident, source = _hf_sources(src, None, model)
     else:
         if not allow_pickle:
             raise CheckpointError(f"{src} holds only pickle checkpoints (*.bin); pickle can run arbitrary code, so they "
@@ -330,18 +329,25 @@ def checkpoint_sources(src: str, cast: torch.dtype | None = None, allow_pickle: 
         units_, resident, source = _pickle_sources(src, None)
     if not units_:
         raise CheckpointError(f"{src}: found no per-block tensors (names like 'model.layers.0.*') to stream")
-    _cast(units_, resident, cast, _model_dtypes(src, cast) if kind == "hf-safetensors" else {})
+    _cast(units_, resident, cast, _kept_dtypes(model, cast) if kind == "hf-safetensors" else {})
     return units_, resident, _with_dtype(source, units_, resident, cast)
 
 
-def _model_dtypes(src: str, cast: torch.dtype | None) -> dict[str, torch.dtype]:
-    """What the model built from ``src`` in ``cast`` holds each floating tensor as, by name, when that is not
-    ``cast``: a module Transformers keeps in float32 (``_keep_in_fp32_modules``: DeepSeek-V3's router, T5's
-    ``wo``) stays so in the store, or the store would not match the model."""
-    if cast is None or not os.path.exists(os.path.join(src, "config.json")):
-        return {}
+def folder_model(src: str, dtype: torch.dtype) -> nn.Module | None:
+    """The model of a Transformers checkpoint folder on meta (its names, shapes and kept dtypes), or None
+    without a config.json; built once per description of a checkpoint (a large MoE's takes seconds)."""
+    if not os.path.exists(os.path.join(src, "config.json")):
+        return None
     from .meta import build_on_meta
-    model = build_on_meta(src, cast)
+    return build_on_meta(src, dtype)
+
+
+def _kept_dtypes(model: nn.Module | None, cast: torch.dtype | None) -> dict[str, torch.dtype]:
+    """What ``model`` (built in ``cast``) holds each floating tensor as, by name, when that is not ``cast``: a
+    module Transformers keeps in float32 (``_keep_in_fp32_modules``: DeepSeek-V3's router, T5's ``wo``) stays
+    so in the store, or the store would not match the model."""
+    if cast is None or model is None:
+        return {}
     return {k: v.dtype for k, v in model.state_dict().items() if v.dtype.is_floating_point and v.dtype != cast}
 
 

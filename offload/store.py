@@ -393,7 +393,6 @@ class Store:
                         f"store {self.path}, unit {name}, tensor {tname}: store has {got[tname][0]} {list(got[tname][1])}, "
                         f"model has {dtype} {list(shape)}. {self._mismatch_fix()}")
 
-
     def _mismatch_fix(self) -> str:
         """What to do about a store that does not match its model: a checkpoint read in place is the checkpoint's
         own bytes (its shards disagree with its config.json), a copy can be rebuilt."""
