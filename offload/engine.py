@@ -28,6 +28,10 @@ How one pass works (``Engine.step``):
 Per request: ``max_new_tokens``, EOS (the model's generation config), stop strings, greedy
 (``temperature=0``) or sampling with ``temperature``/``top_p`` (Transformers' logits warpers) and a
 ``seed`` (a ``torch.Generator`` per row, so a row's draws do not depend on its neighbours).
+Log-probabilities on request: of each generated token with the ``logprobs`` most likely alternatives,
+and of each prompt token given the ones before it (``prompt_logprobs``: what evaluation harnesses
+score; that pass keeps every column's logits instead of the last). They are the model's own
+distribution (``log_softmax`` of the logits in fp32), before temperature and top-p, as vLLM reports them.
 
 Two ways in: ``generate_many(model, tokenizer, prompts)`` runs passes in the caller's thread and
 yields each request as it finishes; ``Engine.start()`` runs them in one thread that owns the model,
@@ -44,13 +48,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Request", "QueueFull", "EngineClosed", "generate_many", "check_prompt"]
+__all__ = ["Engine", "Request", "TokenLogprob", "QueueFull", "EngineClosed", "generate_many", "check_prompt"]
 
 _PAD_ID = 0  # any id in the vocabulary: padded columns are masked, their token never matters
 
@@ -69,11 +73,16 @@ class Request:
     ``token_ids`` are the generated ids (with the EOS token when it stopped on one, as ``generate``
     returns it); ``text`` is their decoded text, cut before a stop string; ``finish_reason`` is
     ``"stop"`` (EOS or a stop string), ``"length"`` (``max_new_tokens``), ``"cancelled"`` or ``"error"``.
+
+    ``token_logprobs`` (when ``logprobs`` was asked) has one ``TokenLogprob`` per generated token;
+    ``prompt_token_logprobs`` (when ``prompt_logprobs`` was) one per prompt token, None for the first
+    (nothing before it to predict it from).
     """
 
     def __init__(self, prompt: str | None, prompt_ids: list[int], *, index: int | None, max_new_tokens: int,
                  temperature: float, top_p: float, seed: int | None, stop: Sequence[str], ignore_eos: bool,
-                 on_text: Callable[[Request, str], None] | None):
+                 on_text: Callable[[Request, str], None] | None, logprobs: int | None = None,
+                 prompt_logprobs: bool = False):
         self.id = next(_ids)
         self.index = index
         self.prompt = prompt
@@ -85,6 +94,10 @@ class Request:
         self.stop = tuple(s for s in stop if s)
         self.ignore_eos = ignore_eos
         self.on_text = on_text
+        self.logprobs = logprobs
+        self.prompt_logprobs = prompt_logprobs
+        self.token_logprobs: list[TokenLogprob] = []
+        self.prompt_token_logprobs: list[TokenLogprob | None] = []
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
@@ -119,6 +132,23 @@ class Request:
 
 
 _ids = itertools.count(1)
+
+
+class TokenLogprob(NamedTuple):
+    """One position's log-probability: of the token there (``token``), and the ``top`` most likely
+    tokens at that position, most likely first, as (id, log-probability)."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Per row of ``logits`` [N, vocab]: ``tokens[n]``'s log-probability and the ``k`` most likely."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens.view(-1, 1)).view(-1).tolist()
+    top_v, top_i = lp.topk(min(k, lp.shape[-1]), dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    return [TokenLogprob(int(t), c, list(zip(i, v))) for t, c, i, v in
+            zip(tokens.tolist(), chosen, top_i.tolist(), top_v.tolist())]
 
 
 class Engine:
@@ -166,9 +196,14 @@ class Engine:
 
     def submit(self, prompt: str | Sequence[int], *, max_new_tokens: int = 32, temperature: float = 0.0,
                top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] = (), ignore_eos: bool = False,
-               index: int | None = None, on_text: Callable[[Request, str], None] | None = None) -> Request:
+               index: int | None = None, on_text: Callable[[Request, str], None] | None = None,
+               logprobs: int | None = None, prompt_logprobs: bool = False) -> Request:
         """Queue a prompt (text, or token ids); thread-safe. Checked here, so a bad request fails its caller
         and never a pass: ``ValueError`` for bad parameters, ``QueueFull``, ``EngineClosed``.
+
+        ``logprobs``: record each generated token's log-probability and this many most likely
+        alternatives (0: the token's alone; None: nothing). ``prompt_logprobs``: record each prompt
+        token's, given the tokens before it, with ``logprobs`` alternatives.
 
         ``on_text(request, delta)`` is called from the engine's thread after each new token with the text
         it adds (``""`` while text that could still become a stop string, or half a character, is held
@@ -181,12 +216,14 @@ class Engine:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
             raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise ValueError(f"logprobs must be a whole number >= 0 (alternatives per token) or None, got {logprobs!r}")
         stops = [stop] if isinstance(stop, str) else list(stop)
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the text")
         req = Request(prompt if isinstance(prompt, str) else None, ids, index=index, max_new_tokens=max_new_tokens,
                       temperature=float(temperature), top_p=float(top_p), seed=seed, stop=stops,
-                      ignore_eos=ignore_eos, on_text=on_text)
+                      ignore_eos=ignore_eos, on_text=on_text, logprobs=logprobs, prompt_logprobs=bool(prompt_logprobs))
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is closed: it takes no new requests")
@@ -289,13 +326,25 @@ class Engine:
         kwargs: dict[str, Any] = {self._cache_kw: self._cache, "use_cache": True}
         if self._pass_positions:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:].to(self.device)
-        if self._keep_one:
+        scored = [(k, r) for k, r in enumerate(new, start=old) if r.prompt_logprobs]
+        if self._keep_one and not scored:
             kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        for k, r in scored:  # column c's logits predict column c + 1's token
+            n = len(r.prompt_ids)
+            r.prompt_token_logprobs = [None] + _logprobs(out.logits[k, width - n:width - 1], ids[k, width - n + 1:]
+                                                         .to(out.logits.device), r.logprobs or 0)
         logits = out.logits[:, -1, :].float()
+        del out
         self._mask = mask
         self._counts["passes"] += 1
         tokens, failed = self._choose(logits)
+        wanted = [i for i, r in enumerate(self._rows) if r.logprobs is not None and i not in failed]
+        if wanted:
+            at = torch.tensor(wanted, device=logits.device)
+            chosen = torch.tensor([tokens[i] for i in wanted], device=logits.device)
+            for i, lp in zip(wanted, _logprobs(logits[at], chosen, max(self._rows[i].logprobs for i in wanted))):
+                self._rows[i].token_logprobs.append(lp._replace(top=lp.top[:self._rows[i].logprobs]))
         now = time.perf_counter()
         done: list[Request] = []
         keep: list[int] = []

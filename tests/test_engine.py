@@ -82,6 +82,55 @@ def test_each_completion_is_its_prompt_greedy_alone(arch, no_thread_leak):
     assert len({r.finished_at for r in got}) > 1
 
 
+@pytest.mark.parametrize("arch", ["llama", "bloom"])
+def test_logprobs_are_each_prompts_own_distribution(arch, no_thread_leak):
+    """Generated tokens' log-probabilities (with the k most likely) and prompt tokens' (each given the ones
+    before it) are those of the prompt alone, whatever shares the pass: here a prompt that asks for them
+    is admitted while other rows decode, so that pass keeps every column's logits for it."""
+    model = model_for(arch)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (6, 11, 1, 9)]
+    asks = [{"max_new_tokens": 7}, {"max_new_tokens": 5, "logprobs": 3, "prompt_logprobs": True},
+            {"max_new_tokens": 4, "logprobs": 0}, {"max_new_tokens": 6, "logprobs": 2, "prompt_logprobs": True}]
+    want = []
+    for p, ask in zip(prompts, asks):
+        x = torch.tensor([p])
+        with torch.no_grad():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=ask["max_new_tokens"],
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+            prompt_lp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
+        want.append((out.sequences[0, len(p):].tolist(), [torch.log_softmax(s[0].float(), -1) for s in out.logits],
+                     prompt_lp))
+    with offload.enable(model, ram_tier=0):
+        engine = Engine(model, None, batch_size=4)
+        first = engine.submit(prompts[0], **asks[0])
+        engine.step()  # the first row decodes while the others' prompts come in
+        rest = [engine.submit(p, **ask) for p, ask in zip(prompts[1:], asks[1:])]
+        while engine.busy:
+            engine.step()
+    for i, (r, ask, (tokens, steps, prompt_lp)) in enumerate(zip([first, *rest], asks, want)):
+        assert r.token_ids == tokens, i
+        k = ask.get("logprobs")
+        if k is None:
+            assert r.token_logprobs == [] and r.prompt_token_logprobs == []
+            continue
+        assert [x.token for x in r.token_logprobs] == tokens
+        for x, lp in zip(r.token_logprobs, steps):
+            assert x.logprob == pytest.approx(float(lp[x.token]), abs=1e-4)
+            assert [t for t, _ in x.top] == lp.topk(k).indices.tolist()
+            assert [v for _, v in x.top] == pytest.approx(lp.topk(k).values.tolist(), abs=1e-4)
+        if not ask.get("prompt_logprobs"):
+            assert r.prompt_token_logprobs == []
+            continue
+        assert r.prompt_token_logprobs[0] is None and len(r.prompt_token_logprobs) == len(prompts[i])
+        for j, x in enumerate(r.prompt_token_logprobs[1:]):
+            assert x.token == prompts[i][j + 1]
+            assert x.logprob == pytest.approx(float(prompt_lp[j, x.token]), abs=1e-4)
+            assert [t for t, _ in x.top] == prompt_lp[j].topk(k).indices.tolist()
+    with pytest.raises(ValueError, match="logprobs"):
+        engine.submit(prompts[0], logprobs=-1)
+
+
 def test_stop_strings_and_streamed_text(tokenizer, no_thread_leak):
     model = tiny_llama(len(tokenizer))
     prompt = "the naïve café"

@@ -18,6 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from test_engine import alone, streaming_budget, tiny_llama, tokenizer, wait_for  # noqa: F401 (tokenizer: a fixture)
 
@@ -84,10 +85,19 @@ def served(tmp_path_factory, tokenizer):
     server = Server(root / NAME, root / "cache", "--batch-size", "4")
     small = Server(root / NAME, root / "cache-small", "--batch-size", "1", "--max-queue", "1")
     server.ready()
+    server.tokenizer = tok
 
-    def greedy(prompt: str | list[int], n: int) -> str:
-        ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
-        return tok.decode(alone(model, ids, n), skip_special_tokens=True)
+    class Greedy:
+        """The greedy text of a prompt alone, and the model's log-probabilities after each of its tokens."""
+
+        def __call__(self, prompt: str | list[int], n: int) -> str:
+            ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
+            return tok.decode(alone(model, ids, n), skip_special_tokens=True)
+
+        def logprobs(self, ids: list[int]):
+            with torch.no_grad():
+                return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    greedy = Greedy()
 
     def chat_ids(messages) -> list[int]:
         return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
@@ -191,6 +201,50 @@ def test_token_id_prompts_and_the_usage_chunk_of_a_stream(served):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
     assert all(c.usage is None for c in chunks[:-1])
     assert "".join(c.choices[0].text for c in chunks[:-1]) == greedy("the café", 5)
+
+
+def test_logprobs_and_echo_as_evaluation_harnesses_ask(served):
+    """lm-evaluation-harness scores a continuation with ``echo``, ``logprobs=1``, ``max_tokens=1`` on token ids
+    and reads ``token_logprobs`` of the prompt's tokens (the first is null); streamed answers carry each
+    token's log-probability with its text; chat answers carry ``logprobs.content`` with ``top_logprobs``."""
+    server, greedy, chat_ids, _ = served
+    tok = server.tokenizer
+    ids = tok.encode("the naïve café serves")
+    lp = greedy.logprobs(ids)
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [ids, ids[:3]], "max_tokens": 1,
+                                                         "temperature": 0, "logprobs": 1, "echo": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    for c in r.json()["choices"]:
+        n = len(ids) if c["index"] == 0 else 3
+        got = c["logprobs"]
+        assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+        assert len(got["tokens"]) == n + 1 and got["tokens"][:n] == [tok.decode([t]) for t in ids[:n]]
+        assert got["token_logprobs"][1:n] == pytest.approx([float(lp[j, ids[j + 1]]) for j in range(n - 1)], abs=1e-4)
+        nxt = int(lp[n - 1].argmax())  # the generated token: greedy, the most likely
+        assert got["token_logprobs"][n] == pytest.approx(float(lp[n - 1, nxt]), abs=1e-4)
+        assert got["top_logprobs"][n] == {tok.decode([nxt]): pytest.approx(float(lp[n - 1, nxt]), abs=1e-4)}
+        assert c["text"] == tok.decode(ids[:n]) + tok.decode([nxt], skip_special_tokens=True)
+        assert got["text_offset"][1] == len(tok.decode([ids[0]]))
+    chunks = list(server.client.completions.create(model=NAME, prompt="the naïve café", max_tokens=8, temperature=0,
+                                                   logprobs=2, stream=True))
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert len(tokens) == 8 and "".join(tokens) == "".join(c.choices[0].text for c in chunks)
+    # two most likely by text (two byte-level halves of a character are both U+FFFD: one key)
+    assert all(1 <= len(d) <= 2 for c in chunks if c.choices[0].logprobs for d in c.choices[0].logprobs.top_logprobs)
+    messages = [{"role": "user", "content": "what does the café serve?"}]
+    c = server.client.chat.completions.create(model=NAME, messages=messages, max_tokens=4, temperature=0,
+                                              logprobs=True, top_logprobs=3).choices[0]
+    prompt = chat_ids(messages)
+    first = c.logprobs.content[0]
+    lp = greedy.logprobs(prompt)[-1]
+    assert first.logprob == pytest.approx(float(lp.max()), abs=1e-4) and len(first.top_logprobs) == 3
+    assert [t.token for t in first.top_logprobs] == [tok.decode([int(i)]) for i in lp.topk(3).indices]
+    assert "".join(t.token for t in c.logprobs.content) == c.message.content
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "messages": messages, "top_logprobs": 2},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "a", "logprobs": 21}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
 
 
 def test_a_chat_without_max_tokens_fits_what_the_prompt_leaves(served):

@@ -29,6 +29,7 @@ from . import run
 from .options import UsageError, add_command, at_least, positive_int, require
 
 DEFAULT_CHAT_TOKENS = 256  # OpenAI's chat endpoint has no default limit; a local server needs one
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's chat limit, vLLM's default)
 
 
 def add_parser(sub: Any) -> None:
@@ -134,6 +135,53 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str | list[in
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
+class TokenText:
+    """Tokens as text for log-probabilities: each token decoded alone (a byte-level token that is half a
+    character reads as U+FFFD, as in vLLM's answers), and the two answer shapes built from them."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._text: dict[int, str] = {}
+
+    def __call__(self, token: int) -> str:
+        if (t := self._text.get(token)) is None:
+            t = self._text[token] = self.tokenizer.decode([token]) if self.tokenizer is not None else ""
+        return t
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def length(self, ids: list[int]) -> int:
+        return sum(len(self(t)) for t in ids)
+
+    def completion(self, pairs: list[tuple[int, Any]], start: int) -> dict[str, Any]:
+        """The completions API's ``logprobs``: per token its text, log-probability, the most likely
+        tokens with it (a dict by text; the token itself always among them) and where its text starts."""
+        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, lp in pairs:
+            text = self(token)
+            out["tokens"].append(text)
+            out["text_offset"].append(start)
+            start += len(text)
+            if lp is None:  # the prompt's first token: nothing before it to predict it from
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            out["token_logprobs"].append(lp.logprob)
+            top = {self(t): v for t, v in lp.top}
+            top.setdefault(text, lp.logprob)
+            out["top_logprobs"].append(top)
+        return out
+
+    def chat(self, pairs: list[tuple[int, Any]]) -> list[dict[str, Any]]:
+        """The chat API's ``logprobs.content``: per token its text, UTF-8 bytes, log-probability and the
+        ``top_logprobs`` most likely tokens, most likely first."""
+        def one(token: int, logprob: float) -> dict[str, Any]:
+            text = self(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return [one(token, lp.logprob) | {"top_logprobs": [one(t, v) for t, v in lp.top]} for token, lp in pairs]
+
+
 def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
     """The FastAPI app over a started ``Engine`` (tests may run it in a thread of their own)."""
     from fastapi import FastAPI, Request
@@ -159,6 +207,8 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
 
     class CompletionBody(Sampling):
         prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # text, or token ids (as OpenAI's API)
+        logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token, as vLLM allows
+        echo: bool = False  # the prompt before the completion (with logprobs: each prompt token's too)
 
     class Message(BaseModel):
         model_config = ConfigDict(extra="ignore")
@@ -168,6 +218,8 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
     class ChatBody(Sampling):
         messages: list[Message] = Field(min_length=1)
         max_completion_tokens: int | None = Field(None, ge=1)
+        logprobs: bool = False
+        top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     class Refused(Exception):
         def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
@@ -211,8 +263,10 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
             raise Refused(400, f"model {body.model!r} is not served here: this server serves {model_name!r} "
                                f"(GET /v1/models)", "model", "model_not_found")
 
-    def submit(prompts: list[str | list[int]], body: Sampling, max_tokens: int, queue: asyncio.Queue) -> list[Any]:
-        """Each prompt into the engine; its text arrives on ``queue`` as (choice, delta, request)."""
+    def submit(prompts: list[str | list[int]], body: Sampling, max_tokens: int, queue: asyncio.Queue,
+               logprobs: int | None, prompt_logprobs: bool) -> list[Any]:
+        """Each prompt into the engine; its text arrives on ``queue`` as (choice, delta, request, n): ``n``
+        tokens' log-probabilities recorded when that text came."""
         loop = asyncio.get_running_loop()
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         if engine.max_queue is not None and len(prompts) > engine.max_queue:  # no retry could ever fit it
@@ -223,7 +277,9 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
             for i, p in enumerate(prompts):
                 requests.append(engine.submit(
                     p, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                    stop=stop, ignore_eos=body.ignore_eos, on_text=lambda r, d, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, d, r))))
+                    stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                    on_text=lambda r, d, i=i: loop.call_soon_threadsafe(queue.put_nowait,
+                                                                        (i, d, r, len(r.token_logprobs)))))
         except Exception as e:
             for r in requests:
                 r.cancel()
@@ -236,14 +292,15 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
             raise
         return requests
 
-    async def events(http: Request, requests: list[Any], queue: asyncio.Queue) -> AsyncIterator[tuple[int, str, Any]]:
-        """(choice, delta, request) until every request is done; a client gone cancels them (frees the rows)."""
+    async def events(http: Request, requests: list[Any],
+                     queue: asyncio.Queue) -> AsyncIterator[tuple[int, str, Any, int]]:
+        """(choice, delta, request, n) until every request is done; a client gone cancels them (frees the rows)."""
         left = len(requests)
         checked = time.monotonic()
         try:
             while left:
                 try:
-                    i, delta, r = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    i, delta, r, n = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     i = None
                 # Checked once a second whether text arrives or not: the engine reports every token (an
@@ -256,7 +313,7 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
                     continue
                 if r.done:
                     left -= 1
-                yield i, delta, r
+                yield i, delta, r, n
         finally:
             for r in requests:
                 if not r.done:
@@ -266,17 +323,36 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
         p, c = sum(len(r.prompt_ids) for r in requests), sum(len(r.token_ids) for r in requests)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def answer(http: Request, body: Sampling, prompts: list[str | list[int]], max_tokens: int, chat: bool) -> Any:
+    async def answer(http: Request, body: Sampling, prompts: list[str | list[int]], max_tokens: int, chat: bool,
+                     logprobs: int | None = None, echo: bool = False) -> Any:
         queue: asyncio.Queue = asyncio.Queue()
-        requests = submit(prompts, body, max_tokens, queue)
+        requests = submit(prompts, body, max_tokens, queue, logprobs, echo and logprobs is not None)
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
+        words = TokenText(engine.tokenizer)
+        # echo: the prompt as given (text), or decoded (token ids), before the completion
+        echoed = [(p if isinstance(p, str) else words.decode(p)) if echo else "" for p in prompts]
 
-        def choice(i: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        def scores(i: int, a: int, b: int | None, prompt: bool = False) -> dict[str, Any] | None:
+            """Choice ``i``'s logprobs object for its generated tokens [a, b), after its prompt's when ``prompt``."""
+            if logprobs is None:
+                return None
+            r = requests[i]
+            pairs = list(zip(r.token_ids[a:b], r.token_logprobs[a:b]))
+            if chat:
+                return {"content": words.chat(pairs), "refusal": None}
+            start = len(echoed[i]) + words.length(r.token_ids[:a])  # text_offset: where token a's text starts
+            if prompt:
+                pairs = list(zip(r.prompt_ids, r.prompt_token_logprobs or [None] * len(r.prompt_ids))) + pairs
+                start = 0
+            return words.completion(pairs, start)
+
+        def choice(i: int, text: str | None, finish: str | None, first: bool = False,
+                   lp: dict[str, Any] | None = None) -> dict[str, Any]:
             if not chat:
-                return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+                return {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
             delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
 
         with_usage = bool((body.stream_options or {}).get("include_usage"))
 
@@ -291,9 +367,15 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
             async def sse() -> AsyncIterator[str]:
                 if chat:
                     yield chunk([choice(i, "", None, first=True) for i in range(len(requests))])
-                async for i, delta, r in events(http, requests, queue):
-                    if delta:
-                        yield chunk([choice(i, delta, None)])
+                sent = [0] * len(requests)  # generated tokens whose log-probabilities were sent, per choice
+                echo_sent = [not echo] * len(requests)
+                async for i, delta, r, n in events(http, requests, queue):
+                    if not echo_sent[i]:  # the prompt first (its log-probabilities are in once text comes)
+                        echo_sent[i] = True
+                        yield chunk([choice(i, echoed[i], None, lp=scores(i, 0, 0, prompt=True))])
+                    if delta or n > sent[i]:
+                        yield chunk([choice(i, delta, None, lp=scores(i, sent[i], n))])
+                        sent[i] = n
                     if r.done:
                         yield chunk([choice(i, None if chat else "", r.finish_reason)])
                 if with_usage:
@@ -309,9 +391,9 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
             raise Refused(500, f"generation failed: {type(failed[0].error).__name__}: {failed[0].error}")
         if any(r.finish_reason == "cancelled" for r in requests):
             raise Refused(503, "the server is shutting down: the request was cancelled")
-        choices = [choice(i, r.text, r.finish_reason) if not chat else
-                   {"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                    "finish_reason": r.finish_reason} for i, r in enumerate(requests)]
+        choices = [choice(i, echoed[i] + r.text, r.finish_reason, lp=scores(i, 0, None, prompt=echo)) if not chat else
+                   {"index": i, "message": {"role": "assistant", "content": r.text},
+                    "logprobs": scores(i, 0, None), "finish_reason": r.finish_reason} for i, r in enumerate(requests)]
         return {"id": rid, "object": kind, "created": created, "model": model_name, "choices": choices,
                 "usage": usage(requests)}
 
@@ -323,7 +405,8 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
                                           else list(p))  # type: ignore[list-item]
         if not prompts or any(not x for x in prompts):
             raise Refused(400, "prompt: give a string, token ids, or a non-empty list of either", "prompt")
-        return await answer(http, body, prompts, body.max_tokens or 16, chat=False)
+        return await answer(http, body, prompts, 16 if body.max_tokens is None else body.max_tokens, chat=False,
+                            logprobs=body.logprobs, echo=body.echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: Request) -> Any:
@@ -349,7 +432,10 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
                 raise Refused(400, f"messages: the conversation is {n} tokens with the chat template, and the model "
                                    f"has {room} positions: shorten it", "messages")
             limit = min(DEFAULT_CHAT_TOKENS, room - n) if room is not None else DEFAULT_CHAT_TOKENS
-        return await answer(http, body, [prompt], limit, chat=True)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise Refused(400, "top_logprobs: needs logprobs set to true", "top_logprobs")
+        return await answer(http, body, [prompt], limit, chat=True,
+                            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
     return app
 
