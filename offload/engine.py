@@ -30,7 +30,8 @@ Per request: ``max_new_tokens``, EOS (the model's generation config), stop strin
 ``seed`` (a ``torch.Generator`` per row, so a row's draws do not depend on its neighbours).
 Log-probabilities on request: of each generated token with the ``logprobs`` most likely alternatives,
 and of each prompt token given the ones before it (``prompt_logprobs``: what evaluation harnesses
-score; that pass keeps every column's logits instead of the last). They are the model's own
+score; the pass admitting such a prompt keeps every column's logits instead of the last: rows x its
+width x vocabulary, so a long prompt is best scored with a small ``batch_size``). They are the model's own
 distribution (``log_softmax`` of the logits in fp32), before temperature and top-p, as vLLM reports them.
 
 Two ways in: ``generate_many(model, tokenizer, prompts)`` runs passes in the caller's thread and
@@ -142,13 +143,18 @@ class TokenLogprob(NamedTuple):
     top: list[tuple[int, float]]
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
-    """Per row of ``logits`` [N, vocab]: ``tokens[n]``'s log-probability and the ``k`` most likely."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, tokens.view(-1, 1)).view(-1).tolist()
-    top_v, top_i = lp.topk(min(k, lp.shape[-1]), dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-    return [TokenLogprob(int(t), c, list(zip(i, v))) for t, c, i, v in
-            zip(tokens.tolist(), chosen, top_i.tolist(), top_v.tolist())]
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int, rows: int = 256) -> list[TokenLogprob]:
+    """Per row of ``logits`` [N, vocab]: ``tokens[n]``'s log-probability and the ``k`` most likely. In
+    fp32, ``rows`` at a time: a long prompt's [N, vocab] in fp32 would double what its logits hold."""
+    out: list[TokenLogprob] = []
+    for a in range(0, logits.shape[0], rows):
+        lp = torch.log_softmax(logits[a:a + rows].float(), dim=-1)
+        part = tokens[a:a + rows]
+        chosen = lp.gather(1, part.view(-1, 1)).view(-1).tolist()
+        top_v, top_i = lp.topk(min(k, lp.shape[-1]), dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        out += [TokenLogprob(int(t), c, list(zip(i, v))) for t, c, i, v in
+                zip(part.tolist(), chosen, top_i.tolist(), top_v.tolist())]
+    return out
 
 
 class Engine:
