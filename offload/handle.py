@@ -108,7 +108,12 @@ class Handle:
         self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                             model.register_forward_hook(self._root_post, always_call=True)]
         self._lock = threading.Lock()
+        self._forward_thread: int | None = None  # the thread whose forward the root pre-hook last let in
         self.closed = False
+        # dropped without disable() (the model and its handle garbage together): the reader threads, open
+        # files and a temporary store must not outlive them. Holds no reference to the handle or the model.
+        self._finalizer = weakref.finalize(self, _abandoned, prefetcher, list(stagers),
+                                           store.path if temp_store else None)
 
     def _attach(self) -> None:
         """Make this the model's handle (``disable(model)`` finds it), disabled at exit if still open."""
@@ -116,13 +121,17 @@ class Handle:
         _live_handles.add(self)
 
     def _root_pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        # A new top-level forward: any unit still bound was left by an interrupted forward
-        # (KeyboardInterrupt skips post-hooks). Unbind it so its staging buffer returns to the ring.
-        for h in self._hooks:
-            h.reset()
+        # A new top-level forward: a unit still bound by this thread was left by an interrupted forward
+        # (KeyboardInterrupt skips post-hooks) and is unbound, so its staging buffer returns to the ring;
+        # one another thread is computing in is an error (BoundUnits)
+        for units in {id(h.bound_units): h.bound_units for h in self._hooks}.values():
+            units.claim(f"{type(module).__name__} (offload-enabled)")
+        self._forward_thread = threading.get_ident()
         self._meter.start(args, kwargs)
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._forward_thread != threading.get_ident():
+            return  # the pre-hook refused this call (always_call runs us anyway)
         self._meter.end()
         if sys.exc_info()[1] is not None:  # the forward raised: out of memory outside the units gives memory back too
             for stager in self._stagers:
@@ -187,6 +196,7 @@ class Handle:
             if self.closed:
                 return
             self.closed = True
+        self._finalizer.detach()
         errors: list[Exception] = []  # a failing step (a CUDA error, a damaged file) must not skip the rest
 
         def step(fn: Any, *args: Any) -> None:
@@ -318,6 +328,24 @@ class Handle:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._hooks)} units, prefetch={self._prefetcher.depth}"
         return f"<offload.Handle {state} store={self._store.path!r}>"
+
+
+def _abandoned(prefetcher: Prefetcher, stagers: list[Stager], temp_store: str | None) -> None:
+    """A handle collected without ``disable()``: stop its reader threads, free its buffers, close its files,
+    remove its temporary store. In a thread of its own: the collection may run on a reader thread, which
+    cannot join itself."""
+    def close() -> None:
+        for stager in stagers:
+            with contextlib.suppress(Exception):
+                stager.close()
+        with contextlib.suppress(Exception):
+            prefetcher.close()
+        if temp_store is not None:
+            shutil.rmtree(temp_store, ignore_errors=True)
+    try:
+        threading.Thread(target=close, name="offload-abandoned", daemon=True).start()
+    except RuntimeError:  # interpreter shutting down: no new threads
+        close()
 
 
 @atexit.register

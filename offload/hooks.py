@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
+import threading
 import time
 from typing import Any
 
@@ -266,6 +268,71 @@ def _owns_buffer(stager: Any, index: int) -> bool:
     return type(stager) is CpuStager and index in stager.prefetcher.ram_tier
 
 
+_CALL = nn.Module._call_impl.__code__  # the frame of a module's call, hooks and forward inside it
+
+
+def _calls_on_stack(frame: Any) -> list[int]:
+    """The ``id`` of each module whose call is on this stack, innermost first (one per call)."""
+    out = []
+    while frame is not None:
+        if frame.f_code is _CALL:
+            out.append(id(frame.f_locals.get("self")))
+        frame = frame.f_back
+    return out
+
+
+class BoundUnits:
+    """Which thread has which unit bound, shared by a handle's hooks.
+
+    A forward that entered a unit and never left it (``KeyboardInterrupt`` skips post-hooks: ``always_call``
+    catches ``Exception`` only) left the unit bound, holding its ring slot; a forward of a second thread
+    would lease, bind and unbind units under the first. So before a thread binds a unit (and at the
+    model's own call) ``check`` looks at the units bound now: none between the units of a forward, so
+    that costs a dict test. A unit this thread bound whose call is no longer on its stack was left by an
+    interrupted forward, and is unbound; one that another thread is inside is an error, raised before
+    anything is touched.
+    """
+
+    def __init__(self) -> None:
+        self.threads: dict[UnitHook, int] = {}  # bound (or being bound) unit -> the thread binding it
+        self.lock = threading.RLock()  # check-and-claim is one step: two threads cannot both pass
+
+    def claim(self, entering: str, hook: UnitHook | None = None) -> None:
+        """Check (see the class), then record ``hook`` as this thread's before it stages anything."""
+        me = threading.get_ident()
+        if not self.threads:
+            if hook is not None:
+                with self.lock:
+                    if not self.threads:
+                        self.threads[hook] = me
+                        return
+            else:
+                return
+        with self.lock:
+            self._check(entering, me)
+            if hook is not None:
+                self.threads[hook] = me
+
+    def release(self, hook: UnitHook) -> None:
+        with self.lock:
+            self.threads.pop(hook, None)
+
+    def _check(self, entering: str, me: int) -> None:
+        stacks: dict[int, set[int]] = {}
+        for hook, thread in list(self.threads.items()):
+            if thread not in stacks:
+                frame = sys._getframe(2) if thread == me else sys._current_frames().get(thread)
+                stacks[thread] = set(_calls_on_stack(frame))
+            if id(hook.module) not in stacks[thread]:
+                hook.reset()  # its forward is over: interrupted, or its thread is gone
+                self.threads.pop(hook, None)
+            elif thread != me:
+                raise OffloadError(
+                    f"{entering} was called while another thread is in the forward of unit {hook.record.name}: "
+                    f"an enabled model runs one forward at a time (its units share one staging ring). Call it "
+                    f"from one thread, or send the requests to one offload.engine.Engine, which batches them")
+
+
 class UnitHook:
     """The pre/post pair for one unit, registered with ``register_forward_pre_hook``/``register_forward_hook``.
 
@@ -278,9 +345,10 @@ class UnitHook:
     """
 
     def __init__(self, index: int, module: nn.Module, record: UnitRecord, bindings: list[Binding], stager: Any,
-                 tracer: Tracer | None = None):
+                 tracer: Tracer | None = None, bound_units: BoundUnits | None = None):
         self.index, self.module, self.record, self.bindings = index, module, record, bindings
         self.stager, self.tracer = stager, tracer
+        self.bound_units = bound_units if bound_units is not None else BoundUnits()
         self._keep = getattr(stager, "host_buffers_only", False)  # views into its buffers may be kept (Binding)
         self._own = _owns_buffer(stager, index)  # its Parameters keep their views between forwards (Binding.held)
         # An own buffer with plain bindings: after the first bind, a forward only writes each tensor's
@@ -318,10 +386,17 @@ class UnitHook:
             b.views.clear()
 
     def pre(self, module: nn.Module, args: Any) -> None:
-        if self.depth:  # re-entered (a unit calling itself): the outer call's binding serves
-            self.depth += 1
-            return
-        data = self.stager.stage(self.index)
+        if self.depth and self.bound_units.threads.get(self) == threading.get_ident():
+            if self.reentered(module):
+                self.depth += 1  # re-entered (a unit calling itself): the outer call's binding serves
+                return
+            self.reset()  # bound by a forward of this thread that was interrupted in it
+        self.bound_units.claim(f"unit {self.record.name}", self)
+        try:
+            data = self.stager.stage(self.index)
+        except BaseException:
+            self.bound_units.release(self)
+            raise
         try:
             kept = self._kept
             if kept is not None and (data is self._kept_data or data.data_ptr() == self._kept_at):
@@ -343,13 +418,20 @@ class UnitHook:
             for b in self.bindings:
                 b.unbind()
             self.stager.done(self.index)
+            self.bound_units.release(self)
             raise
         self.depth = 1
         self._t_bound = time.perf_counter()
 
+    def reentered(self, module: nn.Module) -> bool:
+        """Whether this call of the bound unit is inside its own forward (a unit calling itself), not a new
+        forward after one that was interrupted in it. Walks the stack: only ever asked of a bound unit."""
+        return (self.bound_units.threads.get(self) == threading.get_ident()
+                and _calls_on_stack(sys._getframe(2)).count(id(module)) > 1)
+
     def post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.depth == 0:  # the pre-hook failed (always_call runs us anyway)
-            return
+        if self.depth == 0 or self.bound_units.threads.get(self) != threading.get_ident():
+            return  # the pre-hook failed, or refused another thread's call (always_call runs us anyway)
         self.depth -= 1
         if self.depth == 0:
             t = time.perf_counter()
@@ -365,6 +447,7 @@ class UnitHook:
             self._unbind()
 
     def _unbind(self) -> None:
+        self.bound_units.release(self)
         kept = self._kept
         if kept is not None:
             for table, attr, _, stand_in, _ in kept:

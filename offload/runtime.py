@@ -29,7 +29,7 @@ from .errors import OffloadError, StoreError, StoreMismatchError
 from .experts import (DeviceTable, DeviceTier, ExpertBinding, ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager,
                       carve, experts_modules, reads_per_forward)
 from .handle import Handle
-from .hooks import UnitHook
+from .hooks import BoundUnits, UnitHook
 from .install import bindings, load_resident_from_store, keep_shared, silence_inner_accelerate_hooks, unload_resident
 from .io import Reader, get_reader
 from .manifest import MANIFEST, UnitRecord
@@ -278,9 +278,10 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
     for stager in built.stagers.values():
         if isinstance(stager, CudaStager):
             stager.load_gpu_tier()
+    bound_units = BoundUnits()
     for i, (p, rec) in enumerate(zip(plans, records)):
         built.hooks.append(UnitHook(i, p.module, rec, bindings(p, rec, built.restore, st), built.stagers[p.device],
-                                    tracer))
+                                    tracer, bound_units))
     if groups:  # what the RAM tier and the ring leave holds read experts
         room = max(0, placement.expert_room)
         if placement.room is None:  # ram_tier= bounds the cache only; a forward's reads are staging, as the ring
@@ -292,6 +293,7 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
             room = max(0, room - reads)
         estager = built.estager = ExpertsStager(prefetcher, groups, ExpertCache(room), device, read_room=reads)
         estager.predict_ahead = predict_experts
+        bound_experts = BoundUnits()
         for k, g in enumerate(groups):
             gplan = UnitPlan(g.name, g.module, g.tensors, devices[0])
             bs = bindings(gplan, g.table, built.restore, st)  # a device table is packed: plain views
@@ -300,7 +302,7 @@ def _build(built: _Built, st: Store, plans: Sequence[UnitPlan], records: Sequenc
                     old, bs[i] = bs[i], ExpertBinding.of(bs[i], slab)
                     if id(old) in built.restore:
                         built.restore[id(bs[i])] = built.restore.pop(id(old))
-            built.hooks.append(ExpertsHook(k, g, bs, estager))
+            built.hooks.append(ExpertsHook(k, g, bs, estager, bound_experts))
 
 
 def _install(model: nn.Module, built: _Built, st: Store, kind: str, plans_all: Sequence[UnitPlan],

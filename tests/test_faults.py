@@ -231,6 +231,92 @@ def test_keyboard_interrupt_then_disable_stops_reader_threads(built_store, no_th
     assert not any(t.is_alive() for t in threads), "disable() returned before its reader threads exited"
 
 
+def test_keyboard_interrupt_in_a_submodule_call_is_recovered_by_the_next_one(no_thread_leak):
+    """Interrupted inside a unit while the caller drives an inner module (not the one enabled, so no root
+    pre-hook runs): the next call of a unit unbinds what the interrupted one left, instead of finding every
+    ring slot leased."""
+    model = make_model("opt")
+    ids = inputs_for("opt")["input_ids"]
+    with torch.no_grad():
+        expected = model.model.decoder(ids).last_hidden_state
+    with offload.enable(model, prefetch=1, ram_tier=0, progress=False) as h:
+        for layer in (1, 2):
+            def interrupt(module, args, output):
+                raise KeyboardInterrupt
+            x = model.model.decoder.layers[layer].register_forward_hook(interrupt, prepend=True)
+            with pytest.raises(KeyboardInterrupt), torch.no_grad():
+                model.model.decoder(ids)
+            x.remove()
+            assert h._hooks[layer].bound  # left behind by the interrupt
+        with torch.no_grad():
+            for _ in range(2):
+                assert torch.equal(model.model.decoder(ids).last_hidden_state, expected)
+        assert not any(hk.bound for hk in h._hooks) and h._prefetcher.ring.holders() == 0
+
+
+def test_a_second_threads_forward_is_refused_and_leaves_nothing_behind(no_thread_leak):
+    """Two threads calling one enabled model would lease, bind and unbind units under each other (a ring
+    slot leaked for good, or a unit unbound mid-forward): while one thread is inside a unit, another's
+    call of the model or of a unit is an OffloadError, and the first forward is exact."""
+    import threading
+    model = make_model("opt")
+    ids = inputs_for("opt")["input_ids"]
+    with torch.no_grad():
+        expected = model(ids).logits
+    inside, go = threading.Event(), threading.Event()
+
+    def hold(module, args, output):  # thread A waits inside unit 1 until thread B has tried
+        if threading.current_thread().name == "A":
+            inside.set()
+            assert go.wait(60), "hang guard"
+    result = {}
+
+    def run_a():
+        with torch.no_grad():
+            result["a"] = model(ids).logits
+    with offload.enable(model, prefetch=1, ram_tier=0, progress=False) as h:
+        x = model.model.decoder.layers[1].register_forward_hook(hold, prepend=True)  # before the unbinding
+        a = threading.Thread(target=run_a, name="A")
+        a.start()
+        try:
+            assert inside.wait(60), "hang guard"
+            with torch.no_grad():
+                with pytest.raises(offload.OffloadError, match="another thread is in the forward of unit "
+                                                               "model.decoder.layers.1.*one forward at a time"):
+                    model(ids)
+                with pytest.raises(offload.OffloadError, match="another thread"):
+                    model.model.decoder.layers[2](torch.zeros(1, 8, 64))
+        finally:
+            go.set()
+            a.join(60)
+        x.remove()
+        assert torch.equal(result["a"], expected)
+        assert not any(hk.bound for hk in h._hooks) and h._prefetcher.ring.holders() == 0
+        with torch.no_grad():  # and from this thread now that A is done
+            assert torch.equal(model(ids).logits, expected)
+
+
+def test_a_handle_dropped_without_disable_leaves_no_threads_files_or_store(tmp_path):
+    """The model and its handle garbage-collected together, never disabled: the reader threads, the open
+    files and the temporary store go with them."""
+    import gc
+    import time
+    fds, threads = open_fds(), len(offload_threads())
+    model = make_model("opt")
+    h = offload.enable(model, prefetch=2, ram_tier=0, progress=False)  # a temporary store
+    store = h._store.path
+    with torch.no_grad():
+        model(inputs_for("opt")["input_ids"])
+    assert os.path.isdir(store) and len(offload_threads()) > threads
+    del model, h
+    gc.collect()
+    deadline = time.monotonic() + 60  # hang guard: the clean-up runs on a thread of its own
+    while (os.path.exists(store) or len(offload_threads()) > threads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not os.path.exists(store) and len(offload_threads()) <= threads, offload_threads()
+    assert open_fds() <= fds
+
+
 def test_two_models_in_one_process_do_not_interfere(tmp_path, no_thread_leak):
     a, b = make_model("bloom", seed=0), make_model("opt", seed=1)
     ia, ib = inputs_for("bloom"), inputs_for("opt")

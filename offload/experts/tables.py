@@ -7,6 +7,7 @@ import functools
 import inspect
 import logging
 import mmap
+import threading
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from .._memory import format_bytes
 from ..errors import OffloadError
-from ..hooks import Binding, UnitHook
+from ..hooks import Binding, BoundUnits, UnitHook
 from ..staging import HUGE_PAGE, HostBuffer
 from .cache import ExpertCache, split
 from .layout import ExpertsGroup, Slab
@@ -571,8 +572,11 @@ class ExpertsHook(UnitHook):
     and where the experts code cannot be split, such a forward holds all its experts at once (one log line).
     """
 
-    def __init__(self, index: int, group: ExpertsGroup, bindings: list[Binding], stager: ExpertsStager):
-        super().__init__(index, group.module, group.table, bindings, stager)
+    def __init__(self, index: int, group: ExpertsGroup, bindings: list[Binding], stager: ExpertsStager,
+                 bound_units: BoundUnits | None = None):
+        # experts modules run inside their block's unit: their own BoundUnits, so checking it costs a dict
+        # test (the block's unit is always bound around them)
+        super().__init__(index, group.module, group.table, bindings, stager, bound_units=bound_units)
         self.group = group
         self.eager = eager_forward(group.module) if stager.device is None else None
         self.groups: list[list[int]] | None = None  # this forward's experts in groups (None: not split)
@@ -607,6 +611,8 @@ class ExpertsHook(UnitHook):
         return False
 
     def pre_routed(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if self.depth and self.bound_units.threads.get(self) == threading.get_ident() and not self.reentered(module):
+            self.reset()  # left bound by a forward of this thread interrupted in it: this call reads its own
         if not self.depth:
             index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
             routed = [int(e) for e in torch.unique(index).tolist() if 0 <= int(e) < self.group.count]
