@@ -45,6 +45,9 @@ def _read_int(path: str) -> int | None:
         return None
 
 
+_PROC_CGROUP, _CGROUP_ROOT = "/proc/self/cgroup", "/sys/fs/cgroup"  # tests point them at a tree of their own
+
+
 def cgroup_memory_headroom() -> int | None:
     """Bytes this process's memory cgroup still allows (limit - usage), or None without a limit.
 
@@ -52,7 +55,7 @@ def cgroup_memory_headroom() -> int | None:
     cgroup limit is what triggers the OOM killer, so a budget must respect it.
     """
     try:
-        with open("/proc/self/cgroup") as f:
+        with open(_PROC_CGROUP) as f:
             lines = f.read().splitlines()
     except OSError:
         return None
@@ -64,19 +67,23 @@ def cgroup_memory_headroom() -> int | None:
         _, controllers, rel = parts
         rel = rel.lstrip("/")
         if controllers == "":  # cgroup v2
-            base = os.path.join("/sys/fs/cgroup", rel)
-            limit, usage = _read_int(os.path.join(base, "memory.max")), _read_int(os.path.join(base, "memory.current"))
+            root, names = _CGROUP_ROOT, ("memory.max", "memory.current")
         elif "memory" in controllers.split(","):  # cgroup v1
-            base = os.path.join("/sys/fs/cgroup/memory", rel)
-            limit = _read_int(os.path.join(base, "memory.limit_in_bytes"))
-            usage = _read_int(os.path.join(base, "memory.usage_in_bytes"))
-            if limit is not None and limit >= 1 << 60:  # v1 reports "no limit" as a huge number
-                limit = None
+            root, names = os.path.join(_CGROUP_ROOT, "memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes")
         else:
             continue
-        if limit is not None:
-            headroom = max(0, limit - (usage or 0))
-            best = headroom if best is None else min(best, headroom)
+        # this cgroup and every ancestor: a limit on a parent (a systemd slice, a Kubernetes pod) binds
+        # too. A path that is not there is a container whose own cgroup is mounted as the root (cgroup
+        # v1 without a namespace): the walk reaches the mount's root, which is that cgroup.
+        parts = [x for x in rel.split("/") if x]
+        for depth in range(len(parts), -1, -1):
+            base = os.path.join(root, *parts[:depth])
+            limit, usage = _read_int(os.path.join(base, names[0])), _read_int(os.path.join(base, names[1]))
+            if limit is not None and limit >= 1 << 60:  # v1 reports "no limit" as a huge number
+                limit = None
+            if limit is not None:
+                headroom = max(0, limit - (usage or 0))
+                best = headroom if best is None else min(best, headroom)
     return best
 
 

@@ -248,20 +248,28 @@ def _auto_depth(placed: Callable[[int], Any], tuning: dict[str, Any]) -> tuple[i
     """The look-ahead depth for ``prefetch="auto"``: each depth the budget allows is placed (tiers and
     ring) and its pass predicted; ``tune.choose_prefetch`` takes the shallowest near the best. Depth 1
     was placed before this is called (it fits the budget, else that raised)."""
+    def fits(depth: int) -> MemoryPlan | None:
+        """The plan at ``depth``, or None when its ring is past the budget: an explicit ``cpu_memory`` too
+        small raises in ``placed``; the default budget (free memory, a container's limit included) never
+        does, so its room is checked here (depth 1 always goes: the least any run needs)."""
+        try:
+            _, _, room, _, mp, _ = placed(depth)
+        except OffloadError:
+            return None
+        slots, slot_bytes = mp.host_ring
+        return mp if depth == 1 or room is None or slots * slot_bytes <= room else None
+
     if tuning.get("disk") is None:  # nothing measured: the default depth, or the deepest below it the budget fits
         for depth in range(_tune.DEFAULT_PREFETCH, 1, -1):
-            try:
-                placed(depth)
+            if fits(depth) is not None:
                 return depth, None
-            except OffloadError:
-                continue
         return 1, None
     candidates = []
     for depth in range(1, _tune.MAX_CONCURRENCY + 1):
-        try:
-            candidates.append((depth, placed(depth)[4]))
-        except OffloadError:  # this ring does not fit the budget: deeper ones will not either
+        mp = fits(depth)
+        if mp is None:  # this ring does not fit the budget: deeper ones will not either
             break
+        candidates.append((depth, mp))
     best = _tune.choose_plan(tuning, candidates, batch=1)
     return best.prefetch, best
 
