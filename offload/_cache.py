@@ -17,6 +17,9 @@ Layout (what writes each entry):
 * ``random/<name>-<dtype>``: the CLI's random-weight checkpoints (``.partial`` while written).
   These and ``enable()``'s model stores are written without a lock: an unfinished one counts as
   *building* while it was written to in the last ``RECENT_S``, then as *partial*.
+* Any store a running handle reads (``enable``, ``load``, ``run``, ``serve``) holds a shared ``flock`` on its
+  ``IN_USE_FILE`` for the handle's life (``hold``): *in-use*, never removed, ``--all`` included, whatever
+  its state would be otherwise (a current store, a stale one, one a rebuild swapped out).
 * ``stores/<store>.lock``: the build lock of ``<store>`` (``convert._build_lock``), shown as part of its
   store or build, and as *lock* once neither is left. Never removed, ``--all`` included: removing a lock
   file another process is about to take would let two builds run at once (and it is empty).
@@ -33,6 +36,7 @@ import shutil
 import time
 
 OWNER_FILE = ".offload-owner.json"
+IN_USE_FILE = ".offload-in-use"  # in a store: shared-flocked by every process reading it (``hold``)
 # A temporary store whose owner file is missing (offload before the file existed, or a process killed
 # between creating the folder and writing the file) counts as orphaned once it is this old.
 UNOWNED_GRACE_S = 3600.0
@@ -41,7 +45,7 @@ UNOWNED_GRACE_S = 3600.0
 RECENT_S = 600.0
 
 CLEANED = ("stale", "partial", "orphaned")  # what ``clean`` removes without --all
-KEPT = ("building", "temporary", "lock")  # never removed, --all included
+KEPT = ("building", "temporary", "in-use", "lock")  # never removed, --all included
 
 
 @dataclasses.dataclass
@@ -90,6 +94,47 @@ def lock_held(path: str) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def hold(store: str) -> int | None:
+    """Mark the store folder ``store`` as read by this process for as long as the returned descriptor is open
+    (a shared ``flock`` on its ``IN_USE_FILE``; the kernel drops it when the process ends, however it ends).
+    Only inside the cache folder: a user's own store is never written to. None where it cannot be taken
+    (outside the cache, a read-only cache)."""
+    import fcntl
+
+    from .config import cache_dir
+    real, root = os.path.realpath(store), os.path.realpath(cache_dir())
+    if os.path.commonpath([real, root]) != root or real == root:
+        return None
+    try:
+        fd = os.open(os.path.join(real, IN_USE_FILE), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def in_use(folder: str) -> bool:
+    """Whether a process holds ``folder``'s ``IN_USE_FILE`` (``hold``): an exclusive ``flock`` cannot be had."""
+    import fcntl
+    try:
+        fd = os.open(os.path.join(folder, IN_USE_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
     else:
@@ -186,6 +231,11 @@ def _classify(root: str, rel: str) -> Entry:
         else:
             e.detail = "its process is running" if alive else "its process is gone: disable() never ran"
         e.state = "temporary" if alive else "orphaned"
+        return e
+    if parent == "stores" and is_dir and in_use(path):
+        e.state, e.detail = "in-use", "a running process reads it"
+        with contextlib.suppress(Exception):
+            e.source = store_state(path)[1]
         return e
     if parent in ("stores", "random") and is_dir and name.startswith(".") and ".old-" in name:
         e.state, e.detail = "stale", "swapped out by a rebuild"

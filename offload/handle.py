@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _cache
 from . import measure as _measure
 from . import tune as _tune
 from .errors import ChecksumError, OffloadError, StoreError
@@ -112,8 +113,9 @@ class Handle:
         self.closed = False
         # dropped without disable() (the model and its handle garbage together): the reader threads, open
         # files and a temporary store must not outlive them. Holds no reference to the handle or the model.
+        self._in_use = _cache.hold(store.path)  # `offload cache clean` keeps what this handle reads
         self._finalizer = weakref.finalize(self, _abandoned, prefetcher, list(stagers),
-                                           store.path if temp_store else None)
+                                           store.path if temp_store else None, self._in_use)
 
     def _attach(self) -> None:
         """Make this the model's handle (``disable(model)`` finds it), disabled at exit if still open."""
@@ -229,6 +231,8 @@ class Handle:
         step(self._prefetcher.close_files)
         if getattr(self._model, "_offload_handle", None) is self:
             del self._model._offload_handle
+        if self._in_use is not None:
+            os.close(self._in_use)
         if self._temp_store:
             shutil.rmtree(self._store.path, ignore_errors=True)
         _live_handles.discard(self)
@@ -330,7 +334,7 @@ class Handle:
         return f"<offload.Handle {state} store={self._store.path!r}>"
 
 
-def _abandoned(prefetcher: Prefetcher, stagers: list[Stager], temp_store: str | None) -> None:
+def _abandoned(prefetcher: Prefetcher, stagers: list[Stager], temp_store: str | None, in_use: int | None) -> None:
     """A handle collected without ``disable()``: stop its reader threads, free its buffers, close its files,
     remove its temporary store. In a thread of its own: the collection may run on a reader thread, which
     cannot join itself."""
@@ -340,6 +344,8 @@ def _abandoned(prefetcher: Prefetcher, stagers: list[Stager], temp_store: str | 
                 stager.close()
         with contextlib.suppress(Exception):
             prefetcher.close()
+        if in_use is not None:
+            os.close(in_use)
         if temp_store is not None:
             shutil.rmtree(temp_store, ignore_errors=True)
     try:

@@ -279,6 +279,33 @@ def test_a_crashed_enable_leaves_an_orphaned_store_that_clean_removes(capsys):
     assert _entries(capsys) == {}
 
 
+def test_a_store_a_running_process_reads_is_in_use_and_kept_by_clean_all(capsys, ckpt):
+    """`clean --all` removed a cached store another process was streaming from (a store of more units than
+    it kept open then failed its next forward). A handle holds its store's in-use lock for its life: the
+    store is *in-use* and kept, and cleanable again once the process is gone."""
+    code = ("import sys, torch, offload\n"
+            f"m, h = offload.load({ckpt!r}, ram_tier=0, progress=False, tune=False)\n"
+            "print(h.stats().store, flush=True)\n"
+            "sys.stdin.readline()\n"
+            "x = torch.tensor([[1, 2, 3]])\n"
+            "with torch.no_grad(): m(x)\n"
+            "h.disable()\n"
+            "print('done', flush=True)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        store = os.path.relpath(p.stdout.readline().strip(), os.environ["OFFLOAD_CACHE"])
+        assert _entries(capsys)[store] == "in-use"
+        assert main(["cache", "clean", "--all"]) == 0
+        assert _entries(capsys)[store] == "in-use"  # kept
+        assert p.communicate("\n", timeout=120)[0].strip() == "done"  # its forward after the clean
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert _entries(capsys)[store] == "current"
+    assert main(["cache", "clean", "--all"]) == 0
+    assert store not in _entries(capsys)
+
+
 def test_damaged_cached_store_says_rebuild_and_info_verify_reports_the_same_checksums(capsys, ckpt):
     from offload.convert import cached_store
     store = cached_store(ckpt, "bf16", progress=False)  # a cast: a copy with unit files of its own

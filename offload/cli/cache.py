@@ -2,7 +2,7 @@
 
 What each entry is and how its state is decided: ``offload._cache``. ``clean`` removes stale stores,
 partial (interrupted) builds and orphaned temporary stores; ``--all`` everything but what a running
-process uses (a build holding its lock, a live process's temporary store). Nothing outside the cache
+process uses (a build holding its lock, a live process's temporary store, a store a handle reads). Nothing outside the cache
 folder is ever removed: a symlink in it is removed as a link, its target untouched.
 """
 from __future__ import annotations
