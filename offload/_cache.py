@@ -88,12 +88,19 @@ def owner_of(folder: str) -> tuple[int | None, bool | None]:
 def lock_held(path: str) -> bool:
     """Whether another process holds the build lock file ``path`` (a non-blocking shared ``flock``)."""
     import fcntl
+    return _flock_refused(path, fcntl.LOCK_SH)
+
+
+def _flock_refused(path: str, mode: int) -> bool:
+    """Whether a non-blocking ``flock`` of ``mode`` on the file ``path`` is refused (someone holds a
+    conflicting one); False when there is no such file."""
+    import fcntl
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except OSError as e:
         return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
     else:
@@ -129,19 +136,7 @@ def hold(store: str) -> int | None:
 def in_use(folder: str) -> bool:
     """Whether a process holds ``folder``'s ``IN_USE_FILE`` (``hold``): an exclusive ``flock`` cannot be had."""
     import fcntl
-    try:
-        fd = os.open(os.path.join(folder, IN_USE_FILE), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+    return _flock_refused(os.path.join(folder, IN_USE_FILE), fcntl.LOCK_EX)
 
 
 # ------------------------------------------------------------------------------ sizes and states
