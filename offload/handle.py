@@ -24,7 +24,7 @@ from . import _cache
 from . import measure as _measure
 from . import tune as _tune
 from .errors import ChecksumError, OffloadError, StoreError
-from .hooks import QuantBinding, UnitHook
+from .hooks import QuantBinding, UnitHook, guard_casts
 from .install import unload_resident
 from .plan import UnitPlan
 from .prefetch import Prefetcher
@@ -108,6 +108,7 @@ class Handle:
                                          lambda: self._prefetcher.stats().wait_seconds, clock)
         self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                             model.register_forward_hook(self._root_post, always_call=True)]
+        self._cast_guards = guard_casts(model, [b for h in hooks for b in h.bindings])
         self._lock = threading.Lock()
         self._forward_thread: int | None = None  # the thread whose forward the root pre-hook last let in
         self.closed = False
@@ -135,6 +136,8 @@ class Handle:
         if self._forward_thread != threading.get_ident():
             return  # the pre-hook refused this call (always_call runs us anyway)
         self._meter.end()
+        if torch.is_grad_enabled() and sys.exc_info()[1] is None:
+            _refuse_backward(output, type(module).__name__)
         if sys.exc_info()[1] is not None:  # the forward raised: out of memory outside the units gives memory back too
             for stager in self._stagers:
                 on_oom = getattr(stager, "on_oom", None)
@@ -208,6 +211,8 @@ class Handle:
                 errors.append(e)
         for rh in self._root_hooks:
             rh.remove()
+        for module, guard in self._cast_guards:
+            guard.remove(module)
         for h in self._hooks:
             h.remove()
         step(self._save_compute)
@@ -332,6 +337,26 @@ class Handle:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._hooks)} units, prefetch={self._prefetcher.depth}"
         return f"<offload.Handle {state} store={self._store.path!r}>"
+
+
+def _refuse_backward(output: Any, model: str, depth: int = 0) -> None:
+    """A forward run with gradients on: its streamed weights were emptied as each unit finished, so a
+    backward through it failed deep in autograd (``The size of tensor a (0) must match ...``). A hook on
+    each output tensor that carries a graph says why instead, before autograd reaches a unit."""
+    if isinstance(output, torch.Tensor):
+        if output.grad_fn is not None:
+            def refuse(_: torch.Tensor) -> None:
+                raise OffloadError(f"backward through a forward of {model} with offload enabled: offload streams "
+                                   f"weights for inference, and each unit's were freed when its forward ended. Run "
+                                   f"forwards under torch.no_grad() or torch.inference_mode(); to train, "
+                                   f"offload.disable(model) first")
+            output.register_hook(refuse)
+    elif depth < 3 and isinstance(output, dict):
+        for v in output.values():
+            _refuse_backward(v, model, depth + 1)
+    elif depth < 3 and isinstance(output, (tuple, list)):
+        for v in output:
+            _refuse_backward(v, model, depth + 1)
 
 
 def _abandoned(prefetcher: Prefetcher, stagers: list[Stager], temp_store: str | None, in_use: int | None) -> None:

@@ -22,6 +22,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -256,6 +257,67 @@ class QuantBinding(Binding):
             self.live.data = _empty(self.dtype, self.live.device)
         if self.weight is not None:
             self.weight.release()  # a reference kept past the forward raises instead of reading a reused buffer
+
+
+class ApplyGuard:
+    """A module's ``_apply`` while offload is enabled: what ``.to()``, ``.half()``, ``.float()`` and ``.cuda()``
+    call. torch's own casts the module's tensors one by one; reaching the first streamed one it fails (its
+    stand-in refuses in-place changes), after it had already cast those before it (the embeddings): a
+    refused ``model.half()`` left the model in mixed dtypes, and the user's weights changed for good. So
+    the streamed tensors are asked first, with an empty tensor of their dtype where they compute: a call
+    that would change one is refused before anything is touched; one that changes none of them (a no-op
+    ``.to("cpu")``, ``.float()`` on fp32 weights) is applied to the rest, the stand-ins held aside."""
+
+    def __init__(self, module: nn.Module, bindings: list[Binding]):
+        self.bindings = bindings  # the streamed tensors under ``module``
+        self.kind = type(module)
+
+    def __call__(self, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
+        for b in self.bindings:
+            probe = torch.empty(0, dtype=b.dtype, device=b.stand_in._offload_device)
+            out = fn(probe)
+            if isinstance(out, torch.Tensor) and (out.dtype != probe.dtype or out.device != probe.device):
+                raise OffloadError(
+                    f"{b.stand_in._offload_name} is streamed from offload's store as {b.dtype} on "
+                    f"{probe.device}; this call would make it {out.dtype} on {out.device}, so nothing was changed. "
+                    f"Cast or move the model before offload.enable (or load it with dtype=), or disable first")
+        held = []
+        for b in self.bindings:
+            table = b.owner._parameters if b.is_param else b.owner._buffers
+            if table.get(b.attr) is b.stand_in:
+                held.append((table, b.attr, b.stand_in))
+                table[b.attr] = None
+        try:
+            module = self.module_of()
+            return self.kind._apply(module, fn, *args, **kwargs)
+        finally:
+            for table, attr, stand_in in held:
+                table[attr] = stand_in
+
+    def module_of(self) -> nn.Module:
+        return self._module()  # type: ignore[no-any-return]
+
+    def install(self, module: nn.Module) -> None:
+        self._module = weakref.ref(module)
+        module._apply = self  # type: ignore[method-assign]
+
+    def remove(self, module: nn.Module) -> None:
+        if module.__dict__.get("_apply") is self:
+            del module.__dict__["_apply"]
+
+
+def guard_casts(model: nn.Module, bindings: list[Binding]) -> list[tuple[nn.Module, ApplyGuard]]:
+    """An ``ApplyGuard`` on ``model`` and on every module under it that holds streamed tensors below it, so
+    that ``.half()`` on the model or on any of its parts is checked first."""
+    owners = {id(b.owner) for b in bindings}
+    out = []
+    for module in model.modules():
+        below = {id(m) for m in module.modules()}
+        if below & owners:
+            guard = ApplyGuard(module, [b for b in bindings if id(b.owner) in below])
+            guard.install(module)
+            out.append((module, guard))
+    return out
 
 
 def _owns_buffer(stager: Any, index: int) -> bool:

@@ -20,6 +20,7 @@ import offload.prefetch as prefetch_mod
 from offload.config import StagingConfig
 from offload.io import PythonReader
 from offload.prefetch import Prefetcher, _Task
+from conftest import inputs_for, make_model
 from test_staging import D, Stack, run
 
 
@@ -360,3 +361,42 @@ def test_an_install_ships_every_subpackage():
     folders = {os.path.relpath(dp, root).replace(os.sep, ".") for dp, _, fs in os.walk(os.path.dirname(offload.__file__))
                if "__init__.py" in fs}
     assert folders and folders <= shipped, sorted(folders - shipped)
+
+
+def test_a_refused_cast_changes_nothing_and_a_no_op_one_goes_through(no_thread_leak):
+    """torch's _apply cast the tensors before the first streamed one (the embeddings) and only then hit the
+    stand-in's refusal: model.half() failed and left the model in mixed dtypes, its weights changed after
+    disable(). Now the streamed tensors are asked first; and .to("cpu") / .float(), which change none of
+    them, go through instead of raising."""
+    model = make_model("opt")
+    ids = inputs_for("opt")["input_ids"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(ids).logits
+    with offload.enable(model, prefetch=1, ram_tier=0, progress=False):
+        for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.model.decoder.layers[1].half()):
+            with pytest.raises(offload.OffloadError, match="nothing was changed"):
+                cast(model)
+            assert model.model.decoder.embed_tokens.weight.dtype == torch.float32
+        assert model.to("cpu") is model and model.float() is model and model.cpu() is model
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, expected)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_backward_through_an_enabled_forward_is_a_named_error(no_thread_leak):
+    """The units' weights are freed as each forward ends, so a backward failed deep in autograd with a size
+    mismatch; it now says why and what to do, and the model keeps working."""
+    model = make_model("opt")
+    ids = inputs_for("opt")["input_ids"]
+    with torch.no_grad():
+        expected = model(ids).logits
+    with offload.enable(model, prefetch=1, ram_tier=0, progress=False):
+        model.train()
+        loss = model(ids, labels=ids).loss
+        with pytest.raises(offload.OffloadError, match="backward.*torch.no_grad"):
+            loss.backward()
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, expected)
