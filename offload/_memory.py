@@ -15,8 +15,8 @@ def parse_bytes(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"expected a byte size, got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"byte size must be >= 0, got {value!r}")
+        if not value >= 0 or value == float("inf"):  # nan fails the comparison
+            raise ValueError(f"byte size must be a finite number >= 0, got {value!r}")
         return int(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _UNITS:

@@ -82,3 +82,10 @@ def test_auto_depth_keeps_the_ring_within_the_default_budget(monkeypatch, measur
         return {}, set(), None, None, plan_memory(sizes, depth, ram_room=None), {}
     seen.clear()
     assert placement._auto_depth(explicit, tuning)[0] == 2
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1])
+def test_a_byte_size_that_is_no_size_is_a_value_error(value):
+    """cpu_memory=float('inf') raised int()'s OverflowError, nan its ValueError about converting NaN."""
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        _memory.parse_bytes(value)

@@ -301,6 +301,10 @@ def test_prompts_file_in_input_order_resumed_after_an_interrupt(tmp_path, tokeni
     # 3. a third run has nothing left to do; stdout mode prints the same rows in order
     submitted.clear()
     assert main(args) == 0 and submitted == [] and [json.loads(x) for x in out.read_text().splitlines()] == rows
+    # another token limit, or another model, would have reused these rows as its own: refused
+    for other in (["--max-new-tokens", "7"], ["--dtype", "bf16"]):
+        assert main(args + other) == 2 and submitted == []
+        assert "pass another --output" in capsys.readouterr().err
     capsys.readouterr()
     assert main(args[:4] + args[6:]) == 0
     printed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -348,6 +352,11 @@ def test_prompts_files_are_split_at_newlines_only(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("a naive\x0ccafe\r\nsecond\n", encoding="utf-8")
     assert [(j.line, j.prompt) for j in read_prompts(str(text))] == [(1, "a naive\x0ccafe"), (2, "second")]
+    # a byte-order mark (Windows editors write one) hid the first line's "{": the JSON was read as a prompt
+    jsonl.write_text('\ufeff{"prompt": "a", "max_new_tokens": 3}\n{"prompt": "b"}\n', encoding="utf-8")
+    assert [(j.prompt, j.max_new_tokens) for j in read_prompts(str(jsonl))] == [("a", 3), ("b", None)]
+    text.write_text("\ufeffa naive cafe\n", encoding="utf-8")
+    assert [j.prompt for j in read_prompts(str(text))] == ["a naive cafe"]
 
 
 def test_a_prompt_too_long_for_the_model_is_named(tmp_path, tokenizer, capsys):

@@ -469,7 +469,8 @@ def read_prompts(path: str) -> list[Job]:
     "max_new_tokens": N}``) when its first non-blank line starts with ``{``, else one prompt per line.
     Blank lines are skipped. A bad line is a one-line error naming it."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:  # lines end at "\n" only (CRLF too): str.splitlines
+        # utf-8-sig: a byte-order mark (Notepad, PowerShell) is not part of the first prompt, nor hides its "{"
+        with open(path, encoding="utf-8-sig", newline="") as f:  # lines end at "\n" only (CRLF too): str.splitlines
             lines = [x.removesuffix("\r") for x in f.read().split("\n")]  # would also split at U+2028, NEL, \f
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
@@ -519,9 +520,18 @@ def encode_jobs(jobs: list[Job], tokenizer: Any, a: argparse.Namespace, config: 
     return out
 
 
-def finished_rows(path: str, jobs: list[Job], prompts_file: str) -> dict[int, dict[str, Any]]:
+def _source(a: argparse.Namespace) -> str:
+    """What generated a prompts run's rows, as its rows record it: the model (folder or store, absolute) or
+    the --random name, and the dtype and quantization asked."""
+    model = f"random:{a.random}" if a.random else os.path.abspath(a.model)
+    return " ".join(x for x in (model, getattr(a, "dtype", None), getattr(a, "quantize", None)) if x)
+
+
+def finished_rows(path: str, jobs: list[Job], prompts_file: str, source: str,
+                  limit: int) -> dict[int, dict[str, Any]]:
     """Rows an earlier run of the same job wrote to ``path`` (by index). A last line cut short by an
-    interrupt is dropped; a row for another prompt means ``path`` belongs to another job: refused."""
+    interrupt is dropped; a row for another prompt, model or token limit means ``path`` belongs to
+    another job: refused (a rerun with another model reused the first one's rows)."""
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
@@ -543,6 +553,10 @@ def finished_rows(path: str, jobs: list[Job], prompts_file: str) -> dict[int, di
             raise UsageError(f"{path}:{n}: its row does not match prompt {i} of {prompts_file} (line "
                              f"{jobs[i].line if isinstance(i, int) and 0 <= i < len(jobs) else '?'}): it was written "
                              f"for another prompts file; pass another --output, or delete it to start over")
+        want = {"source": source, "max_new_tokens": jobs[i].max_new_tokens or limit}
+        if other := [k for k, v in want.items() if row.get(k) != v]:
+            raise UsageError(f"{path}:{n}: its row was written with {other[0]} {row.get(other[0])!r}, this run has "
+                             f"{want[other[0]]!r}: pass another --output, or delete it to start over")
         rows[i] = row
     return rows
 
@@ -567,7 +581,8 @@ def run_prompts(jobs: list[Job], a: argparse.Namespace, model: Any, handle: Any,
 
     from ..engine import Engine
     out_path = a.output
-    done = finished_rows(out_path, jobs, a.prompts) if out_path else {}
+    source = _source(a)
+    done = finished_rows(out_path, jobs, a.prompts, source, a.max_new_tokens) if out_path else {}
     todo = [j for j in jobs if j.index not in done]
     if out_path:
         write_rows(out_path, [done[i] for i in sorted(done)])  # drops a line an interrupt cut short
@@ -588,7 +603,8 @@ def run_prompts(jobs: list[Job], a: argparse.Namespace, model: Any, handle: Any,
             for r in engine.step():
                 j = jobs[r.index]
                 row = {"index": j.index, "line": j.line, "prompt": j.prompt, "completion": r.text,
-                       "tokens": len(r.token_ids), "finish_reason": r.finish_reason}
+                       "tokens": len(r.token_ids), "finish_reason": r.finish_reason, "source": source,
+                       "max_new_tokens": j.max_new_tokens or a.max_new_tokens}
                 if out_path:
                     sink.write(json.dumps(row, ensure_ascii=False) + "\n")  # one write per row, then flushed
                     sink.flush()
