@@ -88,7 +88,7 @@ class _Task:
                 load.t_start = t0
             load.reader.read(load.handles[self.file], self.offset, load.buffer.view(self.into, self.length))
         except BaseException as e:  # noqa: BLE001 - carried to the waiter, re-raised there
-            load.task_done(e)
+            load.task_done(e, failed=load.paths.get(self.file))
             return
         if load.tracer is not None:
             load.tracer.span(threading.current_thread().name, f"read {load.unit.name}", "read", t0,
@@ -108,7 +108,7 @@ class _Load:
         self.unit, self.paths, self.buffer, self.reader = unit, paths, buffer, reader
         self.task_bytes = task_bytes  # each read cut into tasks of this size (None: one task per extent)
         self.opener = opener  # path -> (handle, whether this load owns it: Prefetcher._open)
-        self.path = next(iter(paths.values()))  # named in errors (a unit read in place may span shards)
+        self.path = next(iter(paths.values()))  # named in errors: the file whose read failed, once one has
         self.on_finish, self.tracer = on_finish, tracer
         self.bytes_done = 0
         self.done = threading.Event()
@@ -152,11 +152,13 @@ class _Load:
         self._owned = []
         self.handles = {}
 
-    def task_done(self, error: BaseException | None, nbytes: int = 0) -> None:
+    def task_done(self, error: BaseException | None, nbytes: int = 0, failed: str | None = None) -> None:
+        """A task ended; ``failed``: the file whose read raised ``error`` (a unit read in place spans shards)."""
         with self._lock:
             self.bytes_done += nbytes
             if error is not None and self.error is None:
                 self.error = error
+                self.path = failed or self.path
             self._pending -= 1
             finished = self._pending == 0
             if finished and self.cancelled and self.error is None:

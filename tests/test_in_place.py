@@ -51,13 +51,47 @@ def test_a_folder_is_read_in_place_exactly(arch, tmp_path, capfd, no_thread_leak
     assert folder_bytes(cache) - side <= 0.01 * weights + 16_384, "the cache holds more than an index"
 
 
+class _Failing:
+    """The python reader, but reads of ``path`` starting inside ``span`` raise EIO (armed by setting both)."""
+
+    def __init__(self):
+        from offload.io import PythonReader
+        self.inner, self.path, self.span = PythonReader(), None, range(0)
+        self.name, self.task_bytes = "failing", self.inner.task_bytes
+
+    def open(self, path):
+        return self.inner.open(path)
+
+    def read(self, h, offset, dest):
+        if self.path is not None and h.path == self.path and offset in self.span:
+            raise OSError(5, "Input/output error", h.path)
+        return self.inner.read(h, offset, dest)
+
+    def close(self, h):
+        return self.inner.close(h)
+
+
 def test_a_sharded_checkpoint_with_a_block_across_two_shards(tmp_path, no_thread_leak):
+    """Exact; and a failed read of the block's second shard names that shard (the error named the block's
+    first file, whatever file failed)."""
     ref = save("bloom", tmp_path / "b", max_shard_size="300KB")
     shards = list((tmp_path / "b").glob("*.safetensors"))
     assert len(shards) > 2
-    model, h = offload.load(tmp_path / "b", ram_tier=0, progress=False)
+    reader = _Failing()
+    model, h = offload.load(tmp_path / "b", ram_tier=0, progress=False, reader=reader)
     try:
-        assert any(len({e.file for e in u.extents}) == 2 for u in h._store.units), "no block spans two shards"
+        spanning = [u for u in h._store.units if len({e.file for e in u.extents}) == 2]
+        assert spanning, "no block spans two shards"
+        unit = spanning[0]  # armed before the first forward: after one, the next pass's first units are read ahead
+        second = h._store.path_of(unit, unit.extents[-1].file)
+        assert second != h._store.path_of(unit, unit.extents[0].file)
+        streamed = next(u for u in h._prefetcher.units if u.name == unit.name)  # its reads as the prefetcher has them
+        first_read = next(e for e in streamed.reads if h._store.path_of(unit, e.file) == second)
+        reader.path, reader.span = second, range(first_read.offset, first_read.offset + 1)  # this unit's own read
+        with pytest.raises(offload.UnitReadError, match=f"unit {unit.name} from {re.escape(second)} failed"):
+            with torch.no_grad():
+                model(IDS)
+        reader.path = None
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, ref(IDS).logits)
     finally:
