@@ -104,7 +104,8 @@ class Handle:
         self.prediction = prediction  # what enable predicted for a decode pass at batch 1 (None: nothing measured)
         self._tuning = tuning or {}  # what a prediction at another batch size needs
         clock = next((st.backend for st in (stagers or []) if hasattr(st, "backend")), None)
-        self._meter = _measure.PassMeter([h for h in hooks if isinstance(h, UnitHook)],
+        # the units' hooks, not their experts modules' (which run inside a unit: counted in its time already)
+        self._meter = _measure.PassMeter([h for h in hooks if type(h) is UnitHook],
                                          lambda: self._prefetcher.stats().wait_seconds, clock)
         self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                             model.register_forward_hook(self._root_post, always_call=True)]

@@ -423,7 +423,10 @@ class UnitHook:
         self._kept_data: torch.Tensor | None = None
         self._kept_at = 0
         self._t_bound = 0.0
-        self.compute_s = 0.0  # time inside the unit's forward, weights bound (no wait): what tune.py models
+        self._w_bound = 0.0
+        prefetcher = getattr(stager, "prefetcher", None)
+        self._waited = prefetcher.waited if prefetcher is not None else None  # reads waited for, in total
+        self.compute_s = 0.0  # time inside the unit's forward, weights bound, waits inside it excluded: tune.py's
         self.depth = 0  # forwards of this unit in progress (>1: it called itself)
         self.handles: list[Any] = []
 
@@ -483,6 +486,7 @@ class UnitHook:
             self.bound_units.release(self)
             raise
         self.depth = 1
+        self._w_bound = self._waited() if self._waited is not None else 0.0
         self._t_bound = time.perf_counter()
 
     def reentered(self, module: nn.Module) -> bool:
@@ -497,7 +501,8 @@ class UnitHook:
         self.depth -= 1
         if self.depth == 0:
             t = time.perf_counter()
-            self.compute_s += t - self._t_bound
+            inside = self._waited() - self._w_bound if self._waited is not None else 0.0  # its experts' reads
+            self.compute_s += t - self._t_bound - inside
             if self.tracer is not None:
                 self.tracer.span(COMPUTE_TRACK, f"forward {self.record.name}", "forward", self._t_bound, t)
             self._unbind()

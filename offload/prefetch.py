@@ -657,6 +657,11 @@ class Prefetcher:
 
     # ------------------------------------------------------------------ stats, shutdown
 
+    def waited(self) -> float:
+        """Seconds forwards have spent waiting for reads so far (a float read: no lock). A unit's hook takes
+        the waits inside its forward (its routed experts') out of its compute time."""
+        return self._stats.wait_seconds
+
     def stats(self) -> PrefetchStats:
         with self._lock, self._stats_lock:
             s = dataclasses.replace(self._stats)
