@@ -756,3 +756,24 @@ def test_a_units_compute_excludes_its_experts_reads(tmp_path, no_thread_leak):
         assert s.expert_misses > 0 and s.wait_seconds > 0
         assert s.compute_seconds + s.wait_seconds <= wall
         assert len(h._meter.compute(1).unit_s) == s.streamed_units  # per unit, not per experts module too
+
+
+def test_predictions_left_by_a_failed_forward_are_not_counted_after_a_reset(tmp_path, no_thread_leak):
+    """A forward that fails after layer 0 predicted layer 1's experts leaves those reads in flight. After
+    reset_stats the same input predicts the same experts (already in flight: nothing new is predicted), and
+    their use counted as used prediction that was never counted as predicted: used > predicted."""
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(moe_config("qwen3_moe", layers=2, hidden=128)).eval()
+    ref = copy.deepcopy(model)
+    with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False,
+                        predict_experts=True) as h:
+        boom = model.model.layers[1].self_attn.register_forward_pre_hook(lambda *_: 1 / 0)
+        with pytest.raises(ZeroDivisionError), torch.no_grad():
+            model(IDS[:, :3])
+        boom.remove()
+        assert any(getattr(st, "inflight", None) for st in h._stagers)
+        h.reset_stats()
+        with torch.no_grad():
+            assert torch.equal(model(IDS[:, :3]).logits, ref(IDS[:, :3]).logits)
+        s = h.stats()
+        assert s.expert_predicted_used_bytes <= s.expert_predicted_bytes

@@ -185,11 +185,13 @@ class ExpertCache:
         self.read_bytes = 0  # the bytes those reads brought in
         self.predicted_bytes = 0  # read ahead for the next layer (its router on this layer's hidden state)
         self.predicted_used_bytes = 0  # of those, the experts the next layer did route to
+        self.predicted: set[Key] = set()  # predicted since the last reset, not routed yet (used bytes count these)
         self.lock = threading.Lock()
 
     def reset(self) -> None:
         """Counters back to 0 (``Handle.reset_stats``); what the cache holds stays."""
         self.hits = self.misses = self.bytes_read = self.predicted_bytes = self.predicted_used_bytes = 0
+        self.predicted = set()
         self.evictions = self.read_bytes = self.split_forwards = 0
         self.read_seconds = 0.0
 

@@ -385,10 +385,8 @@ class ExpertsStager:
                 self.in_use.add((k, e))
                 if e in table.present:
                     self.cache.hit((k, e))
-                elif (k, e) in self.inflight:
+                elif (k, e) in self.inflight:  # counted a hit once its read is in (below)
                     waits.append(e)
-                    self.cache.hits += 1
-                    self.cache.predicted_used_bytes += eb
                 else:
                     missing.append(e)
             self.cache.misses += len(missing)
@@ -406,6 +404,10 @@ class ExpertsStager:
             self.prefetcher.finish_reads(loads + demand)
         finally:
             self.prefetcher.resume_prefetch()  # the batch is in (or failed): prefetches held for it may read
+        with self.cache.lock:  # predicted and routed: hits, and used prediction if predicted since the last reset
+            self.cache.hits += len(waits)
+            self.cache.predicted_used_bytes += eb * len(self.cache.predicted.intersection((k, e) for e in waits))
+            self.cache.predicted.difference_update((k, e) for e in waits)
         if demand:  # the reader's own timing of this batch: its first read's start to its last read's end
             span = max(x.t_end for x in demand) - min(x.t_start for x in demand)
             with self.cache.lock:
@@ -469,6 +471,7 @@ class ExpertsStager:
             self.inflight[(k, e)] = load
         with self.cache.lock:
             self.cache.predicted_bytes += len(todo) * table.group.expert_bytes
+            self.cache.predicted.update((k, e) for e in todo)
             self.cache.bytes_read += len(todo) * table.group.expert_bytes
 
     def stage(self, k: int) -> torch.Tensor:
