@@ -136,7 +136,7 @@ class Handle:
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._forward_thread != threading.get_ident():
             return  # the pre-hook refused this call (always_call runs us anyway)
-        self._meter.end()
+        self._meter.end(failed=sys.exc_info()[1] is not None)
         if torch.is_grad_enabled() and sys.exc_info()[1] is None:
             _refuse_backward(output, type(module).__name__)
         if sys.exc_info()[1] is not None:  # the forward raised: out of memory outside the units gives memory back too

@@ -549,11 +549,15 @@ class PassMeter:
         self._open = (time.perf_counter(), _batch_and_length(args, kwargs), [h.compute_s for h in self.hooks],
                       self.waited(), self._event() if self.clock is not None else None)
 
-    def end(self) -> None:
+    def end(self, failed: bool = False) -> None:
+        """The forward opened by ``start`` returned; ``failed``: it raised, so its time is no pass's (a
+        part-done forward's compute would skew what tuning saves)."""
         if self._open is None:
             return
         t0, shape, c0, w0, ev0 = self._open
         self._open = None
+        if failed:
+            return
         dt = time.perf_counter() - t0
         self.passes += 1
         decode = shape is not None and shape[1] == 1  # else a prefill, or a forward we cannot classify

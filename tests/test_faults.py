@@ -343,3 +343,21 @@ def test_source_checkpoint_is_only_read(tmp_path):
     finally:
         (tmp_path / "ckpt").chmod(0o755)
     assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted((tmp_path / "ckpt").iterdir())} == before
+
+
+def test_a_forward_that_raised_is_no_pass_of_the_meter(no_thread_leak):
+    """The pass meter timed forwards that raised as passes: a decode step failing halfway gave tuning a
+    per-unit compute of half a pass."""
+    model = make_model("opt")
+    one = inputs_for("opt", length=1)["input_ids"]
+    with offload.enable(model, prefetch=1, ram_tier=0, progress=False) as h:
+        boom = model.model.decoder.layers[2].register_forward_pre_hook(lambda *_: 1 / 0)
+        for _ in range(3):
+            with pytest.raises(ZeroDivisionError), torch.no_grad():
+                model(one)
+        boom.remove()
+        assert h.stats().passes == 0 and h._meter.decode == {}
+        with torch.no_grad():
+            for _ in range(2):
+                model(one)
+        assert h.stats().passes == 2 and h._meter.compute(1) is not None
