@@ -36,6 +36,7 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,8 @@ from .manifest import UnitRecord
 from .staging import Fence, HostBuffer, HostRing, Lease, Slot, wait_fence
 from .store import Store, assemble
 from .trace import COMPUTE_TRACK, Tracer
+
+log = logging.getLogger("offload")
 
 _POLL_S = 0.1  # how often a blocked wait re-checks that the prefetcher is still open
 _ids = itertools.count()
@@ -147,7 +150,7 @@ class _Load:
 
     def close_files(self) -> None:
         for h in self._owned:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):  # the bytes are in: a failed close is no failed read
                 self.reader.close(h)
         self._owned = []
         self.handles = {}
@@ -168,8 +171,8 @@ class _Load:
                                           f"disabled, or the unit was no longer expected)")
         if finished:
             self.t_end = time.perf_counter()
-            self.close_files()
             try:
+                self.close_files()
                 self.on_finish(self)  # checks the CRC, counts, may re-plan; before waiters wake
             except BaseException as e:  # noqa: BLE001 - e.g. a CUDA error from an event's query() while re-planning
                 if self.error is None:
@@ -260,7 +263,11 @@ class _Workers:
                 if self.closed:
                     return
                 task, _ = self._queue.popleft()
-            task.run()
+            try:
+                task.run()
+            except BaseException:  # noqa: BLE001 - run() carries a read's failure to its waiter; anything else
+                # escaping it must not end this thread (its queue would never drain: a forward waiting forever)
+                log.exception("offload: a reader thread's task failed outside its read; the thread goes on")
 
     def close(self) -> None:
         with self._cv:

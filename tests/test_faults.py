@@ -361,3 +361,32 @@ def test_a_forward_that_raised_is_no_pass_of_the_meter(no_thread_leak):
             for _ in range(2):
                 model(one)
         assert h.stats().passes == 2 and h._meter.compute(1) is not None
+
+
+def test_a_reader_whose_close_fails_neither_hangs_a_forward_nor_fails_it(monkeypatch, no_thread_leak):
+    """A load closes the files it opened itself (past the prefetcher's open-file cap) when its reads are in;
+    a close raising anything but OSError escaped before the waiter was woken and ended the reader thread:
+    the forward waited forever. The bytes are in, so the forward is exact."""
+    import threading
+    import offload.prefetch as prefetch_mod
+    from offload.io import PythonReader
+
+    class BadClose(PythonReader):
+        def close(self, h):
+            super().close(h)
+            raise RuntimeError("close failed")
+    monkeypatch.setattr(prefetch_mod, "_MAX_OPEN", 0)  # every load opens (and closes) its own files
+    model = make_model("opt")
+    ids = inputs_for("opt")["input_ids"]
+    with torch.no_grad():
+        expected = model(ids).logits
+    out = {}
+    with offload.enable(model, prefetch=1, ram_tier=0, reader=BadClose(), progress=False):
+        def run():
+            with torch.no_grad():
+                out["logits"] = model(ids).logits
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(60)  # hang guard
+        assert not t.is_alive(), "the forward hangs"
+        assert torch.equal(out["logits"], expected)
