@@ -357,31 +357,39 @@ class BoundUnits:
 
     def __init__(self) -> None:
         self.threads: dict[UnitHook, int] = {}  # bound (or being bound) unit -> the thread binding it
-        self.lock = threading.RLock()  # check-and-claim is one step: two threads cannot both pass
+        self.lock = threading.Lock()  # one check at a time
 
-    def claim(self, entering: str, hook: UnitHook | None = None) -> None:
-        """Check (see the class), then record ``hook`` as this thread's before it stages anything."""
+    def claim(self, entering: UnitHook | str, hook: UnitHook | None = None) -> None:
+        """Record ``hook`` as this thread's before it stages anything, then check (see the class).
+        ``entering``: what is being called, named in the error (the unit's hook, or the model's name).
+
+        Claimed first and checked after, so of two threads entering at once each sees the other's claim
+        (both are refused: they were not to run together). With nothing else bound, the usual case
+        between units, there is no check and no lock: a dict write and a length."""
         me = threading.get_ident()
-        if not self.threads:
-            if hook is not None:
-                with self.lock:
-                    if not self.threads:
-                        self.threads[hook] = me
-                        return
-            else:
+        threads = self.threads
+        if hook is not None:
+            threads[hook] = me
+            if len(threads) == 1:
                 return
+        elif not threads:
+            return
         with self.lock:
-            self._check(entering, me)
-            if hook is not None:
-                self.threads[hook] = me
+            try:
+                self._check(entering, me, hook)
+            except BaseException:
+                if hook is not None:
+                    threads.pop(hook, None)
+                raise
 
     def release(self, hook: UnitHook) -> None:
-        with self.lock:
-            self.threads.pop(hook, None)
+        self.threads.pop(hook, None)
 
-    def _check(self, entering: str, me: int) -> None:
+    def _check(self, entering: UnitHook | str, me: int, claimed: UnitHook | None) -> None:
         stacks: dict[int, set[int]] = {}
         for hook, thread in list(self.threads.items()):
+            if hook is claimed:
+                continue
             if thread not in stacks:
                 frame = sys._getframe(2) if thread == me else sys._current_frames().get(thread)
                 stacks[thread] = set(_calls_on_stack(frame))
@@ -389,8 +397,9 @@ class BoundUnits:
                 hook.reset()  # its forward is over: interrupted, or its thread is gone
                 self.threads.pop(hook, None)
             elif thread != me:
+                what = entering if isinstance(entering, str) else f"unit {entering.record.name}"
                 raise OffloadError(
-                    f"{entering} was called while another thread is in the forward of unit {hook.record.name}: "
+                    f"{what} was called while another thread is in the forward of unit {hook.record.name}: "
                     f"an enabled model runs one forward at a time (its units share one staging ring). Call it "
                     f"from one thread, or send the requests to one offload.engine.Engine, which batches them")
 
@@ -456,7 +465,7 @@ class UnitHook:
                 self.depth += 1  # re-entered (a unit calling itself): the outer call's binding serves
                 return
             self.reset()  # bound by a forward of this thread that was interrupted in it
-        self.bound_units.claim(f"unit {self.record.name}", self)
+        self.bound_units.claim(self, self)
         try:
             data = self.stager.stage(self.index)
         except BaseException:
