@@ -617,12 +617,11 @@ class ExpertsHook(UnitHook):
         if self.depth and self.bound_units.threads.get(self) == threading.get_ident() and not self.reentered(module):
             self.reset()  # left bound by a forward of this thread interrupted in it: this call reads its own
         if not self.depth:
-            index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
+            hidden, index, _ = self._routing(args, kwargs)
             routed = [int(e) for e in torch.unique(index).tolist() if 0 <= int(e) < self.group.count]
             groups = self._split(routed)
             self.stager.want(self.index, groups[0] if groups else routed)  # type: ignore[attr-defined]
             if self.stager.predict_ahead and groups is None:  # type: ignore[attr-defined]
-                hidden = args[0] if args else kwargs.get("hidden_states")
                 if isinstance(hidden, torch.Tensor):
                     self.stager.predict(self.index + 1, hidden, index.shape[-1])  # type: ignore[attr-defined]
             self.groups = groups
@@ -679,9 +678,10 @@ class ExpertsHook(UnitHook):
         return acc
 
     @staticmethod
-    def _routing(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hidden states, the router's indices, its weights) of an experts forward, as passed."""
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def _routing(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor, Any]:
+        """(hidden states, the router's indices, its weights) of an experts forward, as passed
+        (``Experts.forward(hidden_states, top_k_index, top_k_weights)``, by position or keyword)."""
+        hidden = args[0] if args else kwargs.get("hidden_states")
         index = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
-        weights = args[2] if len(args) > 2 else next(v for k, v in kwargs.items() if "weight" in k)
+        weights = args[2] if len(args) > 2 else next((v for k, v in kwargs.items() if "weight" in k), None)
         return hidden, index, weights
