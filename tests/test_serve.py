@@ -313,3 +313,39 @@ def test_serve_without_fastapi_is_one_line_before_loading(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'pip install "offload[serve]"' in err[0]
     assert os.listdir(os.environ["OFFLOAD_CACHE"]) == []
+
+
+def test_a_stream_of_several_prompts_ends_after_every_ones_last_text(tokenizer, monkeypatch):
+    """The stream counted a request finished when it read an event and saw the request done by then: an
+    event queued before the request's last, read after it, counted it twice, so the stream ended with a
+    choice's last text (and its log-probabilities, its finish chunk) unsent. A loaded event loop makes that
+    the usual order; simulated here by every queue read starting late."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from offload.cli.serve import create_app
+    from offload.engine import Engine
+    wait_for = asyncio.wait_for
+
+    async def late(aw, timeout=None):
+        await asyncio.sleep(0.02)
+        return await wait_for(aw, timeout)
+    model = tiny_llama(len(tokenizer))
+    engine = Engine(model, tokenizer, batch_size=4).start()
+    try:
+        client = TestClient(create_app(engine, NAME))
+        body = {"model": NAME, "prompt": ["the naïve café", "a model reads its weights", "disk"], "max_tokens": 8,
+                "temperature": 0, "ignore_eos": True, "logprobs": 1}
+        full = client.post("/v1/completions", json=body).json()["choices"]
+        monkeypatch.setattr(asyncio, "wait_for", late)
+        chunks = []
+        with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+            chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: ") and x != "data: [DONE]"]
+        for c in full:
+            got = [x["choices"][0] for x in chunks if x["choices"][0]["index"] == c["index"]]
+            assert "".join(x["text"] for x in got) == c["text"]
+            assert [t for x in got if x["logprobs"] for t in x["logprobs"]["tokens"]] == c["logprobs"]["tokens"]
+            assert [x["finish_reason"] for x in got if x["finish_reason"]] == ["length"]
+    finally:
+        engine.close()

@@ -168,7 +168,9 @@ class TokenText:
                 out["top_logprobs"].append(None)
                 continue
             out["token_logprobs"].append(lp.logprob)
-            top = {self(t): v for t, v in lp.top}
+            top: dict[str, float] = {}
+            for t, v in lp.top:  # most likely first: tokens that read the same (U+FFFD halves) keep the likeliest
+                top.setdefault(self(t), v)
             top.setdefault(text, lp.logprob)
             out["top_logprobs"].append(top)
         return out
@@ -187,7 +189,7 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, StrictInt
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
     from starlette.exceptions import HTTPException
 
     from ..engine import EngineClosed, QueueFull
@@ -207,8 +209,8 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
 
     class CompletionBody(Sampling):
         prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # text, or token ids (as OpenAI's API)
-        logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token, as vLLM allows
-        echo: bool = False  # the prompt before the completion (with logprobs: each prompt token's too)
+        logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token, as vLLM allows
+        echo: StrictBool = False  # the prompt before the completion (with logprobs: each prompt token's too)
 
     class Message(BaseModel):
         model_config = ConfigDict(extra="ignore")
@@ -218,8 +220,8 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
     class ChatBody(Sampling):
         messages: list[Message] = Field(min_length=1)
         max_completion_tokens: int | None = Field(None, ge=1)
-        logprobs: bool = False
-        top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+        logprobs: StrictBool = False
+        top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     class Refused(Exception):
         def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
@@ -265,8 +267,9 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
 
     def submit(prompts: list[str | list[int]], body: Sampling, max_tokens: int, queue: asyncio.Queue,
                logprobs: int | None, prompt_logprobs: bool) -> list[Any]:
-        """Each prompt into the engine; its text arrives on ``queue`` as (choice, delta, request, n): ``n``
-        tokens' log-probabilities recorded when that text came."""
+        """Each prompt into the engine; its text arrives on ``queue`` as (choice, delta, request, n, last): ``n``
+        tokens' log-probabilities recorded when that text came, ``last`` whether the request was done then
+        (read later, ``request.done`` would end a stream on an earlier event: its last text never sent)."""
         loop = asyncio.get_running_loop()
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         if engine.max_queue is not None and len(prompts) > engine.max_queue:  # no retry could ever fit it
@@ -278,8 +281,8 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
                 requests.append(engine.submit(
                     p, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                     stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                    on_text=lambda r, d, i=i: loop.call_soon_threadsafe(queue.put_nowait,
-                                                                        (i, d, r, len(r.token_logprobs)))))
+                    on_text=lambda r, d, i=i: loop.call_soon_threadsafe(
+                        queue.put_nowait, (i, d, r, len(r.token_logprobs), r.done))))  # done as of this text
         except Exception as e:
             for r in requests:
                 r.cancel()
@@ -293,14 +296,15 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
         return requests
 
     async def events(http: Request, requests: list[Any],
-                     queue: asyncio.Queue) -> AsyncIterator[tuple[int, str, Any, int]]:
-        """(choice, delta, request, n) until every request is done; a client gone cancels them (frees the rows)."""
+                     queue: asyncio.Queue) -> AsyncIterator[tuple[int, str, Any, int, bool]]:
+        """(choice, delta, request, n, last) until every request's last event; a client gone cancels them (frees
+        the rows)."""
         left = len(requests)
         checked = time.monotonic()
         try:
             while left:
                 try:
-                    i, delta, r, n = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    i, delta, r, n, last = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     i = None
                 # Checked once a second whether text arrives or not: the engine reports every token (an
@@ -311,9 +315,9 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
                         return
                 if i is None:
                     continue
-                if r.done:
+                if last:
                     left -= 1
-                yield i, delta, r, n
+                yield i, delta, r, n, last
         finally:
             for r in requests:
                 if not r.done:
@@ -341,7 +345,9 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
             pairs = list(zip(r.token_ids[a:b], r.token_logprobs[a:b]))
             if chat:
                 return {"content": words.chat(pairs), "refusal": None}
-            start = len(echoed[i]) + words.length(r.token_ids[:a])  # text_offset: where token a's text starts
+            # text_offset: where a token's text starts in the answer's text, counted in the tokens' own texts
+            # (streamed or not alike): from 0 at the first generated token, or at the prompt's first with echo
+            start = (words.length(r.prompt_ids) if echo else 0) + words.length(r.token_ids[:a])
             if prompt:
                 pairs = list(zip(r.prompt_ids, r.prompt_token_logprobs or [None] * len(r.prompt_ids))) + pairs
                 start = 0
@@ -369,14 +375,14 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
                     yield chunk([choice(i, "", None, first=True) for i in range(len(requests))])
                 sent = [0] * len(requests)  # generated tokens whose log-probabilities were sent, per choice
                 echo_sent = [not echo] * len(requests)
-                async for i, delta, r, n in events(http, requests, queue):
+                async for i, delta, r, n, last in events(http, requests, queue):
                     if not echo_sent[i]:  # the prompt first (its log-probabilities are in once text comes)
                         echo_sent[i] = True
                         yield chunk([choice(i, echoed[i], None, lp=scores(i, 0, 0, prompt=True))])
                     if delta or n > sent[i]:
                         yield chunk([choice(i, delta, None, lp=scores(i, sent[i], n))])
                         sent[i] = n
-                    if r.done:
+                    if last:
                         yield chunk([choice(i, None if chat else "", r.finish_reason)])
                 if with_usage:
                     yield chunk([], last=True)
