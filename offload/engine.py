@@ -335,13 +335,12 @@ class Engine:
         scored = [(k, r) for k, r in enumerate(new, start=old) if r.prompt_logprobs]
         if self._keep_one and not scored:
             kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
-        for k, r in scored:  # column c's logits predict column c + 1's token
-            n = len(r.prompt_ids)
-            r.prompt_token_logprobs = [None] + _logprobs(out.logits[k, width - n:width - 1], ids[k, width - n + 1:]
-                                                         .to(out.logits.device), r.logprobs or 0)
-        logits = out.logits[:, -1, :].float()
-        del out
+        if scored:
+            logits = self._scored_pass(ids, mask, kwargs, scored, width)
+        else:
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+            logits = out.logits[:, -1, :].float()
+            del out
         self._mask = mask
         self._counts["passes"] += 1
         tokens, failed = self._choose(logits)
@@ -372,6 +371,54 @@ class Engine:
         self._last = tokens
         self._keep(keep)
         return done
+
+    def _scored_pass(self, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any],
+                     scored: list[tuple[int, Request]], width: int) -> torch.Tensor:
+        """A pass admitting prompts that ask for their own log-probabilities: records them, returns every
+        row's last-column logits. The output head computes only the positions needed (each row's last column,
+        the scored prompts' columns): a pre-hook on it picks them out of its input, so a 2000-token prompt
+        admitted beside 7 decoding rows costs its own [2000, vocabulary], not 8 rows' (8x the memory).
+        Logit post-processing after the head (soft-capping, scaling) is elementwise and sees them alike. A
+        model whose head is not that module call (the hook never sees its input) gets every column's logits."""
+        rows, cols = [], []
+        for k in range(ids.shape[0]):  # each row's last column first: position k is row k's
+            rows.append(k)
+            cols.append(width - 1)
+        spans = {}
+        for k, r in scored:  # column c's logits predict column c + 1's token
+            n = len(r.prompt_ids)
+            spans[k] = (len(rows), len(rows) + n - 1)
+            rows += [k] * (n - 1)
+            cols += list(range(width - n, width - 1))
+        head = self.model.get_output_embeddings() if self._keep_one else None
+        picked = []
+
+        def pick(_: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            h = args[0]
+            if not (isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[:2] == ids.shape):
+                return None
+            picked.append(True)
+            at = torch.tensor(rows, device=h.device), torch.tensor(cols, device=h.device)
+            return (h[at].unsqueeze(0), *args[1:])
+        hook = head.register_forward_pre_hook(pick) if isinstance(head, torch.nn.Module) else None
+        if hook is not None:
+            kwargs["logits_to_keep"] = 0  # every column reaches the head, which takes what it needs
+        try:
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if picked:
+            flat = out.logits[0]
+            last = flat[:ids.shape[0]]
+            at = {k: flat[a:b] for k, (a, b) in spans.items()}
+        else:
+            last = out.logits[:, -1]
+            at = {k: out.logits[k, width - len(r.prompt_ids):width - 1] for k, r in scored}
+        for k, r in scored:
+            r.prompt_token_logprobs = [None] + _logprobs(at[k], ids[k, width - len(r.prompt_ids) + 1:]
+                                                         .to(last.device), r.logprobs or 0)
+        return last.float()
 
     def _choose(self, logits: torch.Tensor) -> tuple[list[int], dict[int, Exception]]:
         """Greedy argmax per row; rows with a temperature sample from their own generator, after

@@ -101,6 +101,8 @@ def test_logprobs_are_each_prompts_own_distribution(arch, no_thread_leak):
             prompt_lp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
         want.append((out.sequences[0, len(p):].tolist(), [torch.log_softmax(s[0].float(), -1) for s in out.logits],
                      prompt_lp))
+    shapes = []  # what the output head computed, per pass
+    seen = model.get_output_embeddings().register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
     with offload.enable(model, ram_tier=0):
         engine = Engine(model, None, batch_size=4)
         first = engine.submit(prompts[0], **asks[0])
@@ -108,6 +110,10 @@ def test_logprobs_are_each_prompts_own_distribution(arch, no_thread_leak):
         rest = [engine.submit(p, **ask) for p, ask in zip(prompts[1:], asks[1:])]
         while engine.busy:
             engine.step()
+    seen.remove()
+    # the pass admitting the scored prompts computed each row's last column and their prompt columns only,
+    # not 4 rows x the widest prompt (11 columns)
+    assert shapes[1] == (1, 4 + (11 - 1) + (9 - 1), 256), shapes
     for i, (r, ask, (tokens, steps, prompt_lp)) in enumerate(zip([first, *rest], asks, want)):
         assert r.token_ids == tokens, i
         k = ask.get("logprobs")
