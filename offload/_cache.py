@@ -35,8 +35,9 @@ import os
 import shutil
 import time
 
+from ._fileio import IN_USE_FILE, in_use, lock_held
+
 OWNER_FILE = ".offload-owner.json"
-IN_USE_FILE = ".offload-in-use"  # in a store: shared-flocked by every process reading it (``hold``)
 # A temporary store whose owner file is missing (offload before the file existed, or a process killed
 # between creating the folder and writing the file) counts as orphaned once it is this old.
 UNOWNED_GRACE_S = 3600.0
@@ -83,60 +84,6 @@ def owner_of(folder: str) -> tuple[int | None, bool | None]:
         return pid, False
     except psutil.Error:  # cannot tell (another user's process): it may be alive
         return pid, True
-
-
-def lock_held(path: str) -> bool:
-    """Whether another process holds the build lock file ``path`` (a non-blocking shared ``flock``)."""
-    import fcntl
-    return _flock_refused(path, fcntl.LOCK_SH)
-
-
-def _flock_refused(path: str, mode: int) -> bool:
-    """Whether a non-blocking ``flock`` of ``mode`` on the file ``path`` is refused (someone holds a
-    conflicting one); False when there is no such file."""
-    import fcntl
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-    except OSError as e:
-        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def hold(store: str) -> int | None:
-    """Mark the store folder ``store`` as read by this process for as long as the returned descriptor is open
-    (a shared ``flock`` on its ``IN_USE_FILE``; the kernel drops it when the process ends, however it ends).
-    Only inside the cache folder: a user's own store is never written to. None where it cannot be taken
-    (outside the cache, a read-only cache)."""
-    import fcntl
-
-    from .config import cache_dir
-    real, root = os.path.realpath(store), os.path.realpath(cache_dir())
-    if os.path.commonpath([real, root]) != root or real == root:
-        return None
-    try:
-        fd = os.open(os.path.join(real, IN_USE_FILE), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def in_use(folder: str) -> bool:
-    """Whether a process holds ``folder``'s ``IN_USE_FILE`` (``hold``): an exclusive ``flock`` cannot be had."""
-    import fcntl
-    return _flock_refused(os.path.join(folder, IN_USE_FILE), fcntl.LOCK_EX)
 
 
 # ------------------------------------------------------------------------------ sizes and states

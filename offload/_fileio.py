@@ -42,3 +42,61 @@ def evict(paths: Iterable[str]) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+
+# ------------------------------------------------------------------------------ locks: builds, stores in use
+# (here, below both the cache listing and the store builder, which each use them)
+
+IN_USE_FILE = ".offload-in-use"  # in a store: shared-flocked by every process reading it (``hold``)
+
+
+def lock_held(path: str) -> bool:
+    """Whether another process holds the build lock file ``path`` (a non-blocking shared ``flock``)."""
+    import fcntl
+    return _flock_refused(path, fcntl.LOCK_SH)
+
+
+def _flock_refused(path: str, mode: int) -> bool:
+    """Whether a non-blocking ``flock`` of ``mode`` on the file ``path`` is refused (someone holds a
+    conflicting one); False when there is no such file."""
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def hold(store: str, cache: str) -> int | None:
+    """Mark the store folder ``store`` as read by this process for as long as the returned descriptor is open
+    (a shared ``flock`` on its ``IN_USE_FILE``; the kernel drops it when the process ends, however it ends).
+    Only inside the cache folder ``cache``: a user's own store is never written to. None where it cannot be
+    taken (outside the cache, a read-only cache)."""
+    import fcntl
+    real, root = os.path.realpath(store), os.path.realpath(cache)
+    if os.path.commonpath([real, root]) != root or real == root:
+        return None
+    try:
+        fd = os.open(os.path.join(real, IN_USE_FILE), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:  # blocking: `offload cache` probes with a brief exclusive lock, which must not make this one fail
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def in_use(folder: str) -> bool:
+    """Whether a process holds ``folder``'s ``IN_USE_FILE`` (``hold``): an exclusive ``flock`` cannot be had."""
+    import fcntl
+    return _flock_refused(os.path.join(folder, IN_USE_FILE), fcntl.LOCK_EX)

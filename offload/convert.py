@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._fileio import in_use
 from .errors import CheckpointError, OffloadError, StoreError
 from .in_place import in_place_units, write_index
 from .integrity import fingerprint
@@ -257,7 +258,8 @@ def cached_store(folder: str, dtype: torch.dtype | str | None = None, rebuild: b
         if os.path.exists(path):
             os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        if not in_use(old):  # a process still reading it keeps it: `offload cache clean` removes it later
+            shutil.rmtree(old, ignore_errors=True)
         return path
 
 

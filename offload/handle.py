@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _cache
 from . import measure as _measure
 from . import tune as _tune
+from ._fileio import hold
+from .config import cache_dir
 from .errors import ChecksumError, OffloadError, StoreError
 from .hooks import QuantBinding, UnitHook, guard_casts
 from .install import unload_resident
@@ -110,12 +111,20 @@ class Handle:
         self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                             model.register_forward_hook(self._root_post, always_call=True)]
         self._cast_guards = guard_casts(model, [b for h in hooks for b in h.bindings])
+        # whether a forward's weights are gone once it returns (a backward through it cannot work): not where
+        # every unit computes from its own RAM-tier buffer, kept between forwards
+        self._frees_weights = any(not h.keeps_weights for h in hooks)
         self._lock = threading.Lock()
         self._forward_thread: int | None = None  # the thread whose forward the root pre-hook last let in
         self.closed = False
         # dropped without disable() (the model and its handle garbage together): the reader threads, open
         # files and a temporary store must not outlive them. Holds no reference to the handle or the model.
-        self._in_use = _cache.hold(store.path)  # `offload cache clean` keeps what this handle reads
+        for h in hooks:  # a unit module the user still holds keeps its handle (and the prefetcher) alive
+            h.handle = self
+        try:  # `offload cache clean` keeps what this handle reads
+            self._in_use = hold(store.path, cache_dir())
+        except OffloadError:  # no cache folder can be made: no store of this handle is in it
+            self._in_use = None
         self._finalizer = weakref.finalize(self, _abandoned, prefetcher, list(stagers),
                                            store.path if temp_store else None, self._in_use)
 
@@ -137,7 +146,7 @@ class Handle:
         if self._forward_thread != threading.get_ident():
             return  # the pre-hook refused this call (always_call runs us anyway)
         self._meter.end(failed=sys.exc_info()[1] is not None)
-        if torch.is_grad_enabled() and sys.exc_info()[1] is None:
+        if self._frees_weights and torch.is_grad_enabled() and sys.exc_info()[1] is None:
             _refuse_backward(output, type(module).__name__)
         if sys.exc_info()[1] is not None:  # the forward raised: out of memory outside the units gives memory back too
             for stager in self._stagers:

@@ -275,7 +275,12 @@ class ApplyGuard:
     def __call__(self, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
         for b in self.bindings:
             probe = torch.empty(0, dtype=b.dtype, device=b.stand_in._offload_device)
-            out = fn(probe)
+            try:
+                out = fn(probe)
+            except Exception as e:  # e.g. a copy out of Accelerate's meta placeholders: refused all the same
+                raise OffloadError(f"{b.stand_in._offload_name} is streamed from offload's store; this call cannot "
+                                   f"apply to it ({type(e).__name__}: {e}), so nothing was changed. Disable offload "
+                                   f"first") from e
             if isinstance(out, torch.Tensor) and (out.dtype != probe.dtype or out.device != probe.device):
                 raise OffloadError(
                     f"{b.stand_in._offload_name} is streamed from offload's store as {b.dtype} on "
@@ -438,10 +443,16 @@ class UnitHook:
         self.compute_s = 0.0  # time inside the unit's forward, weights bound, waits inside it excluded: tune.py's
         self.depth = 0  # forwards of this unit in progress (>1: it called itself)
         self.handles: list[Any] = []
+        self.handle: Any = None  # the offload handle this hook belongs to (kept alive while its module is)
 
     @property
     def bound(self) -> bool:
         return self.depth > 0
+
+    @property
+    def keeps_weights(self) -> bool:
+        """Whether its tensors keep their values after its forward (a CPU unit in the RAM tier, plain views)."""
+        return self._fast
 
     def register(self) -> None:
         self.handles = [self.module.register_forward_pre_hook(self.pre),

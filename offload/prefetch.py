@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -338,6 +339,13 @@ class Prefetcher:
         # keeps reading the bytes its manifest describes, never a new store's files under the old layout.
         self._files: dict[str, Any] = {}
         self._files_lock = threading.Lock()
+        # and the store's folder, for the files past _MAX_OPEN, opened per read: through it (not by path) once
+        # a rebuild swapped another folder in at the store's path (Store.openable)
+        try:
+            self._folder = os.open(store.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            store.pin_folder(self._folder)
+        except OSError:
+            self._folder = None
         for unit in self.units:
             for e in unit.reads:
                 with contextlib.suppress(OSError):  # a missing file fails the load that needs it, named there
@@ -522,7 +530,7 @@ class Prefetcher:
             if h is None and len(self._files) < _MAX_OPEN and not self.closed:
                 h = self._files[path] = self.reader.open(path)
                 self.store.pin(path, _fd_of(h))
-        return (h, False) if h is not None else (self.reader.open(path), True)
+        return (h, False) if h is not None else (self.reader.open(self.store.openable(path)), True)
 
     def close_files(self) -> None:
         """Close the files kept open (after ``close``, once nothing reads off the prefetcher either: the
@@ -533,6 +541,10 @@ class Prefetcher:
             self.store.pin(path, None)
             with contextlib.suppress(OSError):
                 self.reader.close(h)
+        if self._folder is not None:
+            self.store.pin_folder(None)
+            os.close(self._folder)
+            self._folder = None
 
     def _new_load(self, unit: UnitRecord, buffer: HostBuffer) -> _Load:
         paths = {e.file: self.store.path_of(unit, e.file) for e in unit.reads}

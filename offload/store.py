@@ -65,6 +65,7 @@ class Store:
         self._new_checksums = False
         self._identity = _identity(path)  # the folder this manifest came from (a rebuild swaps in another)
         self._pinned: dict[str, int] = {}  # path -> a descriptor a running handle holds open (Prefetcher)
+        self._folder_fd: int | None = None  # the store's folder, held open by a running handle (pin_folder)
 
     @property
     def root(self) -> str:
@@ -145,10 +146,21 @@ class Store:
         else:
             self._pinned[path] = fd
 
-    def _openable(self, path: str) -> str:
+    def pin_folder(self, fd: int | None) -> None:
+        """Files of this store not pinned are opened through the folder ``fd`` holds (``None``: by path) once
+        a rebuild swapped another folder in at the store's path: a handle streaming more files than it keeps
+        open reads its own store's, never the new one's under the old manifest."""
+        self._folder_fd = fd
+
+    def openable(self, path: str) -> str:
+        """Where to open ``path``, one of this store's files, to read what this store's manifest describes."""
         fd = self._pinned.get(path)
         if fd is not None and os.path.exists(f"/proc/self/fd/{fd}"):
             return f"/proc/self/fd/{fd}"  # reopens that very file, whatever its path holds now (Linux)
+        folder = self._folder_fd
+        if (folder is not None and os.path.dirname(path) == self.path.rstrip("/")
+                and _identity(self.path) != self._identity):
+            return f"/proc/self/fd/{folder}/{os.path.basename(path)}"  # the folder this store was opened from
         return path
 
     def read_unit(self, unit: UnitRecord) -> torch.Tensor:
@@ -169,7 +181,7 @@ class Store:
             if lo >= hi:
                 continue
             path = self.path_of(unit, e.file)
-            with open(self._openable(path), "rb") as f:
+            with open(self.openable(path), "rb") as f:
                 f.seek(e.offset + lo - e.into)
                 got = f.readinto(dest[lo - at:hi - at])
             if got != hi - lo:
@@ -308,7 +320,7 @@ class Store:
             return out.view(t.torch_dtype).view(t.shape)
         path = _safe_path(self.path, unit.file, unit.name)
         out = torch.empty(t.nbytes, dtype=torch.uint8)
-        with open(self._openable(path), "rb") as f:
+        with open(self.openable(path), "rb") as f:
             f.seek(unit.data_offset + t.offset)
             got = f.readinto(memoryview(out.numpy())) if t.nbytes else 0
         if got != t.nbytes:

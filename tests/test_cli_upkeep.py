@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import offload
 from offload.cli import main
@@ -304,6 +305,35 @@ def test_a_store_a_running_process_reads_is_in_use_and_kept_by_clean_all(capsys,
     assert _entries(capsys)[store] == "current"
     assert main(["cache", "clean", "--all"]) == 0
     assert store not in _entries(capsys)
+
+
+def test_a_rebuild_keeps_the_folder_a_handle_reads_and_the_handle_reads_from_it(capsys, ckpt, monkeypatch):
+    """A rebuild (`--rebuild`, or a changed source) swapped the store folder out and removed it, in-use or not;
+    and a handle opening files per read (more than it keeps open) then read the new folder's files under its
+    own manifest. The old folder is kept while in use, and such a handle reads through its own folder."""
+    import offload
+    import offload.prefetch as prefetch_mod
+    from offload.convert import cached_store
+    monkeypatch.setattr(prefetch_mod, "_MAX_OPEN", 0)  # every read opens its file: none pinned
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model, h = offload.load(ckpt, dtype="bf16", ram_tier=0, progress=False, tune=False)  # a copy: files of its own
+    try:
+        with torch.no_grad():
+            expected = model(ids).logits
+        old_folder = h._store.path
+        assert cached_store(ckpt, "bf16", rebuild=True, progress=False) == old_folder  # swapped in at the path
+        kept = [n for n in os.listdir(os.path.dirname(old_folder)) if ".old-" in n]
+        assert len(kept) == 1, "the folder in use was removed"
+        for unit in h._store.units:  # the new store's weights, damaged: this handle must not read them
+            for e in unit.reads:
+                with open(os.path.join(old_folder, e.file), "r+b") as f:
+                    f.seek(e.offset)
+                    f.write(b"\x7f" * min(e.length, 4096))
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, expected)
+    finally:
+        h.disable()
+    assert _entries(capsys)[os.path.join("stores", kept[0])] == "stale"  # no longer in use: clean removes it
 
 
 def test_damaged_cached_store_says_rebuild_and_info_verify_reports_the_same_checksums(capsys, ckpt):

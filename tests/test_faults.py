@@ -317,6 +317,24 @@ def test_a_handle_dropped_without_disable_leaves_no_threads_files_or_store(tmp_p
     assert open_fds() <= fds
 
 
+def test_a_submodule_kept_after_its_model_is_dropped_still_computes(no_thread_leak):
+    """The dropped handle's clean-up ran once the enabled model was collected, while a unit module the user
+    kept (model.model) still had offload's hooks: its next call said the handle was closed, its store gone."""
+    import gc
+    model = make_model("opt")
+    ids = inputs_for("opt")["input_ids"]
+    with torch.no_grad():
+        expected = model.model.decoder(ids).last_hidden_state
+    offload.enable(model, prefetch=1, ram_tier=0, progress=False)
+    inner = model.model.decoder
+    del model
+    gc.collect()
+    with torch.no_grad():
+        assert torch.equal(inner(ids).last_hidden_state, expected)
+    unit_hook = next(iter(inner.layers[0]._forward_pre_hooks.values())).__self__
+    offload.disable(unit_hook.handle)
+
+
 def test_two_models_in_one_process_do_not_interfere(tmp_path, no_thread_leak):
     a, b = make_model("bloom", seed=0), make_model("opt", seed=1)
     ia, ib = inputs_for("bloom"), inputs_for("opt")

@@ -400,3 +400,21 @@ def test_backward_through_an_enabled_forward_is_a_named_error(no_thread_leak):
         model.eval()
         with torch.no_grad():
             assert torch.equal(model(ids).logits, expected)
+
+
+def test_a_backward_through_units_that_keep_their_weights_is_not_refused(no_thread_leak):
+    """Units in the RAM tier on the CPU keep their weights between forwards, so a backward through them
+    works (a gradient with respect to the input, weights frozen); only streamed weights are refused."""
+    model = make_model("opt")
+    ids = inputs_for("opt")["input_ids"]
+    embeds = model.get_input_embeddings()(ids).detach()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = embeds.clone().requires_grad_(True)
+    model(inputs_embeds=x).logits.sum().backward()
+    expected = x.grad.clone()
+    with offload.enable(model, prefetch=1, cpu_memory="1GiB", progress=False) as h:
+        assert h.stats().streamed_units == 0
+        y = embeds.clone().requires_grad_(True)
+        model(inputs_embeds=y).logits.sum().backward()
+        assert torch.equal(y.grad, expected)
