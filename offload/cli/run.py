@@ -554,7 +554,7 @@ def finished_rows(path: str, jobs: list[Job], prompts_file: str, source: str,
                              f"{jobs[i].line if isinstance(i, int) and 0 <= i < len(jobs) else '?'}): it was written "
                              f"for another prompts file; pass another --output, or delete it to start over")
         want = {"source": source, "max_new_tokens": jobs[i].max_new_tokens or limit}
-        if other := [k for k, v in want.items() if row.get(k) != v]:
+        if other := [k for k, v in want.items() if k in row and row[k] != v]:  # rows of older versions lack them
             raise UsageError(f"{path}:{n}: its row was written with {other[0]} {row.get(other[0])!r}, this run has "
                              f"{want[other[0]]!r}: pass another --output, or delete it to start over")
         rows[i] = row
