@@ -288,8 +288,8 @@ def _ram_room(model: nn.Module, plans: Sequence[UnitPlan], kind: str, prefetch: 
             raise OffloadError(
                 f"cpu_memory={format_bytes(total)} cannot hold the resident weights ({format_bytes(resident)}) and "
                 f"the staging ring ({min(prefetch + 1, len(host_sizes))} slots; with the units too large for its "
-                f"slots in the RAM tier, {format_bytes(need)}): the minimum is {format_bytes(resident + need)} "
-                f"(or lower prefetch=)")
+                f"slots in the RAM tier, {format_bytes(need)}): the minimum is {resident + need} bytes "
+                f"({format_bytes(resident + need)}; or lower prefetch=)")
         return total - resident, None
     freed = sum(_numel(t.shape) * t.dtype.itemsize for p in plans for t in p.tensors
                 if kind == "module" and t.is_param and t.owner._parameters[t.attr].device.type == "cpu")

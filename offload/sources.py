@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import logging
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +27,8 @@ from .manifest import DTYPES, TensorSpec, main_float_dtype
 from .plan import UnitPlan, _numel, find_units, plan_plain
 from .ranges import SourceTensor
 from .writer import Fetch, UnitSource
+
+log = logging.getLogger("offload")
 
 RESIDENT = "__resident__"
 
@@ -190,8 +193,13 @@ def _as_the_model_names_them(model: nn.Module | None, tensors: dict[str, tuple[s
     prefix = getattr(model, "base_model_prefix", None)
     out = []
     fused: dict[str, tuple[Any, dict[str, dict[int, tuple[str, int, int]]], str]] = {}
+    unused = []  # the checkpoint's tensors the model has no place for: not loaded, as Transformers does
+    names: dict[tuple[str, str], tuple[str, str]] = {}  # (target, pattern) -> one piece's key and its expert
     for k, (dt, shape, f, o, n) in tensors.items():
         target, pattern = rename_source_key(k, renamings, converters, prefix, meta)
+        if target not in meta:  # multi-token-prediction layers (DeepSeek-V3, GLM-4.5, Qwen3-Next), stale buffers
+            unused.append(k)
+            continue
         if pattern is None:
             out.append(SourceTensor(target, dt, shape, ((f, o, n),), resident=target in buffers))
             continue
@@ -201,11 +209,23 @@ def _as_the_model_names_them(model: nn.Module | None, tensors: dict[str, tuple[s
         if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]) or m is None:
             return None
         entry = fused.setdefault(target, (conv, {p: {} for p in conv.source_patterns}, dt))
+        if dt != entry[2]:  # the pieces are joined as bytes: one dtype, or another's bits read as this one's
+            raise CheckpointError(f"{k} is {dt} while the other tensors {target} is stacked from are {entry[2]}: "
+                                  f"offload reads a stacked tensor's pieces as one dtype. Save the checkpoint in one "
+                                  f"dtype (load it with Transformers and save_pretrained)")
         entry[1][pattern][int(m.group(1))] = (f, o, n)
+        names[(target, pattern)] = (k, m.group(1))
+    if unused:
+        log.info("offload: %d tensor(s) of the checkpoint are not in %s and are not loaded (as Transformers does), "
+                 "e.g. %s", len(unused), type(model).__name__, unused[0])
     for target, (conv, by_pattern, dt) in fused.items():
-        experts = sorted(next(iter(by_pattern.values())))
-        if any(sorted(v) != experts for v in by_pattern.values()) or target not in meta:
-            return None
+        experts = sorted(set().union(*(set(v) for v in by_pattern.values())))
+        for p, v in by_pattern.items():
+            if missing := [e for e in experts if e not in v]:
+                key, at = names[(target, p)]
+                name = re.sub(rf"(?<=\.){at}(?=\.)", str(missing[0]), key, count=1)
+                raise CheckpointError(f"the checkpoint has no {name} (expert {missing[0]}'s part of {target}, which "
+                                      f"its other experts have): the checkpoint is incomplete; download it again")
         pieces = tuple(by_pattern[p][e] for e in experts for p in conv.source_patterns)
         t = SourceTensor(target, dt, meta[target], pieces)
         if _numel(meta[target]) * DTYPES[dt].itemsize != t.nbytes:

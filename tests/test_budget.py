@@ -89,3 +89,17 @@ def test_a_byte_size_that_is_no_size_is_a_value_error(value):
     """cpu_memory=float('inf') raised int()'s OverflowError, nan its ValueError about converting NaN."""
     with pytest.raises(ValueError, match="finite number >= 0"):
         _memory.parse_bytes(value)
+
+
+def test_the_minimum_cpu_memory_an_error_names_is_enough(no_thread_leak):
+    """The error named the minimum rounded down to two decimals (736.62 KiB for 736.625): passing it back
+    was refused again. It now names the bytes."""
+    import re
+
+    import offload
+    from conftest import make_model
+    model = make_model("opt")
+    with pytest.raises(OffloadError, match="the minimum is") as e:
+        offload.enable(model, prefetch=1, cpu_memory=1000, progress=False)
+    least = int(re.search(r"the minimum is (\d+) bytes", str(e.value)).group(1))
+    offload.enable(model, prefetch=1, cpu_memory=least, progress=False).disable()

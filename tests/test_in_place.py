@@ -331,3 +331,54 @@ def test_a_shard_whose_header_disagrees_with_the_config_points_at_the_checkpoint
     shard.write_bytes(bytes(raw))
     with pytest.raises(StoreMismatchError, match="download the checkpoint again"):
         offload.load(tmp_path / "m", ram_tier=0)
+
+
+def _edit_checkpoint(folder, edit) -> None:
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_tensors_the_model_has_no_place_for_are_left_as_transformers_leaves_them(tmp_path, no_thread_leak):
+    """A stale rotary inv_freq, or a multi-token-prediction layer past the model's last (DeepSeek-V3 and
+    GLM-4.5 ship model.layers.<N>): Transformers loads the checkpoint without them; offload refused it
+    ('tensors differ ... download the checkpoint again', or 'units ... are not modules of this model')."""
+    save("qwen3_moe", tmp_path / "q")
+    from safetensors.torch import load_file
+    layer0 = load_file(os.path.join(tmp_path / "q", "model.safetensors"))
+    extra_layer = {k.replace("model.layers.0.", "model.layers.3."): v.clone() for k, v in layer0.items()
+                   if k.startswith("model.layers.0.")}  # the model has layers 0-2
+
+    def edit(t):
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.randn(8)
+        t.update(extra_layer)
+    _edit_checkpoint(tmp_path / "q", edit)
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    offload.convert(tmp_path / "q", tmp_path / "store", progress=False)  # a copy: its store loads too
+    for source in (tmp_path / "q", tmp_path / "store"):
+        model, h = offload.load(source, ram_tier=0, progress=False, tune=False)
+        try:
+            with torch.no_grad():
+                assert torch.equal(model(IDS).logits, ref(IDS).logits)
+        finally:
+            h.disable()
+
+
+@pytest.mark.parametrize("damage", ["one expert in another dtype", "one expert's tensor missing"])
+def test_a_stacked_tensors_pieces_that_do_not_fit_together_are_named(damage, tmp_path):
+    """Per-expert pieces are joined as bytes: a piece in another dtype of the same size (fp16 in a bf16
+    checkpoint) was read as the others' dtype, silently wrong weights; a missing piece gave an error about
+    another unit's healthy tensors. Both name the tensor now."""
+    save("qwen3_moe", tmp_path / "q")
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+
+    def edit(t):
+        if damage.startswith("one expert in"):
+            t[key] = t[key].half()
+        else:
+            del t[key]
+    _edit_checkpoint(tmp_path / "q", edit)
+    with pytest.raises(offload.CheckpointError, match=re.escape(key)):
+        offload.load(tmp_path / "q", ram_tier=0, progress=False, tune=False)
