@@ -218,6 +218,11 @@ def _carve_experts(store: Store, plans: list[UnitPlan], records: list[UnitRecord
         return plans, records, []
     found = [p for p in plans if experts_modules(p.module)]
     if not found:
+        moe = [n for p in plans for n, m in p.module.named_modules() if n.split(".")[-1] in ("experts", "moe")]
+        if moe:  # experts there, in a layout experts.find cannot read one by one (DBRX, JetMoE, Llama 4)
+            log.info("offload: reading whole blocks, every expert included (%s: its experts' layout or forward is "
+                     "not the stacked [experts, ...] tensors with forward(hidden, top_k_index, top_k_weights) that "
+                     "routed reads serve)", moe[0])
         return plans, records, []
     why = ("the units are quantized: routed experts are read for unquantized models only, for now"
            if quantization else

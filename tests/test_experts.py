@@ -777,3 +777,33 @@ def test_predictions_left_by_a_failed_forward_are_not_counted_after_a_reset(tmp_
             assert torch.equal(model(IDS[:, :3]).logits, ref(IDS[:, :3]).logits)
         s = h.stats()
         assert s.expert_predicted_used_bytes <= s.expert_predicted_bytes
+
+
+def test_experts_routed_reads_cannot_serve_say_so(tmp_path, caplog, no_thread_leak):
+    """Experts in a layout routed reads cannot serve one by one (a list of expert modules, as DBRX's, JetMoE's
+    and Llama 4's are not stacked with forward(hidden, top_k_index, top_k_weights)) stream as whole blocks,
+    exact, and one log line says so (it was silent)."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = nn.Linear(16, 4)
+            self.experts = nn.ModuleList([nn.Linear(16, 16) for _ in range(4)])
+
+        def forward(self, x):
+            pick = self.router(x).argmax(-1, keepdim=True)
+            out = torch.stack([e(x) for e in self.experts], -2)
+            return x + out.gather(-2, pick[..., None].expand(*pick.shape, 16)).squeeze(-2)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Block() for _ in range(3)]).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = model(x)
+    with caplog.at_level(logging.INFO, logger="offload"):
+        with offload.enable(model, units=["0", "1", "2"], prefetch=1, ram_tier=0, store=tmp_path / "s",
+                            progress=False) as h:
+            assert h._experts is None
+            with torch.no_grad():
+                assert torch.equal(model(x), want)
+    assert any("reading whole blocks" in r.message and "experts" in r.message for r in caplog.records)
