@@ -172,10 +172,14 @@ class Placement:
 def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], records: Sequence[UnitRecord],
           streaming: Sequence[UnitPlan], devices: Sequence[torch.device], reader: Reader, prefetch: int | str, *,
           io_threads: int, cpu_memory: int | None, ram_tier: int | None, gpu_memory: int | str | None,
-          gpu_tier: int | str | None, tune: bool, progress: bool, gpu_extra: int = 0) -> Placement:
+          gpu_tier: int | str | None, tune: bool, progress: bool, gpu_extra: int = 0, host_extra: int = 0
+          ) -> Placement:
     """The tiers, the ring and its depth for the units ``plans`` (``records`` in the store ``st``);
     ``streaming`` is every plan whose weights are not resident (the units and the routed experts).
-    ``cpu_memory`` and ``ram_tier`` are in bytes; ``gpu_memory`` and ``gpu_tier`` as ``enable`` takes them."""
+    ``cpu_memory`` and ``ram_tier`` are in bytes; ``gpu_memory`` and ``gpu_tier`` as ``enable`` takes them.
+    ``host_extra``: what the RAM tier leaves for one forward's routed expert reads, before it takes units (a
+    budget just above the minimum otherwise went to the tier, and every decode step was split expert by
+    expert)."""
     backends = {dev: _backend_for(dev) for dev in devices}
     sizes = [r.data_bytes for r in records]
     done: dict[int, tuple[dict[torch.device, set[int]], set[int], int | None, int | None, MemoryPlan]] = {}
@@ -191,7 +195,9 @@ def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], rec
             elsewhere = set().union(*tiers.values()) if tiers else set()
             room, tier_size = _ram_room(model, streaming, kind, depth, [sizes[i] for i in range(len(sizes))
                                                                         if i not in elsewhere], cpu_memory, ram_tier)
-            done[depth] = tiers, elsewhere, room, tier_size, plan_memory(sizes, depth, ram_room=room, ram_tier=tier_size,
+            tier_room = None if room is None else max(0, room - host_extra)
+            done[depth] = tiers, elsewhere, room, tier_size, plan_memory(sizes, depth, ram_room=tier_room,
+                                                                         ram_tier=tier_size,
                                                                          on_gpu=frozenset(elsewhere)), left
         return done[depth]
 

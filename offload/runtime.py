@@ -143,13 +143,14 @@ def enable(model: nn.Module, prefetch: int | str = "auto", store: str | os.PathL
         fits = blocks_fit_on_gpu(model, plans, records, devices[0], kind, gpu_memory, gpu_tier) if routed_experts else False
         plans, records, groups = _carve_experts(st, plans, records, routed_experts, quantization, devices, fits)
         streaming = plans + [UnitPlan(g.name, g.module, g.tensors, devices[0]) for g in groups]  # not resident
-        placement = place(model, kind, st, plans, records, streaming, devices, rd, prefetch,  # 3. tiers, ring, depth
-                          io_threads=io_threads, cpu_memory=total_budget, ram_tier=tier_budget,
-                          gpu_memory=gpu_memory, gpu_tier=gpu_tier, tune=tune, progress=progress,
-                          gpu_extra=_experts_on_device(groups))
         config = getattr(model, "config", None)
         config = config.get_text_config() if hasattr(config, "get_text_config") else config  # a multimodal model's
         top_k = getattr(config, "num_experts_per_tok", None)
+        placement = place(model, kind, st, plans, records, streaming, devices, rd, prefetch,  # 3. tiers, ring, depth
+                          io_threads=io_threads, cpu_memory=total_budget, ram_tier=tier_budget,
+                          gpu_memory=gpu_memory, gpu_tier=gpu_tier, tune=tune, progress=progress,
+                          gpu_extra=_experts_on_device(groups),
+                          host_extra=reads_per_forward(top_k, [g.expert_bytes for g in groups]) if groups else 0)
         _build(built, st, plans, records, groups, devices, placement, rd, verify=verify, progress=progress,
                predict_experts=predict_experts, top_k=top_k)  # 4. prefetcher, stagers, hooks
     except BaseException:

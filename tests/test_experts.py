@@ -807,3 +807,23 @@ def test_experts_routed_reads_cannot_serve_say_so(tmp_path, caplog, no_thread_le
             with torch.no_grad():
                 assert torch.equal(model(x), want)
     assert any("reading whole blocks" in r.message and "experts" in r.message for r in caplog.records)
+
+
+def test_a_budget_just_above_the_minimum_leaves_one_tokens_expert_reads_before_the_ram_tier(tmp_path,
+                                                                                             no_thread_leak):
+    """The RAM tier took units first and left the experts less than one token's reads: at a budget of the
+    minimum + 1 MB every one-token decode step was split expert by expert. The tier now leaves those reads."""
+    import re
+    ref = make("qwen3_moe", tmp_path / "q")
+    with pytest.raises(offload.OffloadError) as e:
+        offload.load(tmp_path / "q", cpu_memory=1000, prefetch=1, progress=False, tune=False)
+    least = int(re.search(r"the minimum is (\d+) bytes", str(e.value)).group(1))
+    model, h = offload.load(tmp_path / "q", cpu_memory=least + 1_000_000, prefetch=1, progress=False, tune=False)
+    try:
+        assert h.stats().ram_tier_units > 0  # the tier still takes what is left
+        with torch.no_grad():
+            seen, got = decode_step(model, h)
+            assert torch.equal(got, decode_step(ref)[1])
+        assert h.stats().expert_split_forwards == 0 and seen
+    finally:
+        h.disable()
