@@ -195,10 +195,14 @@ def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], rec
             elsewhere = set().union(*tiers.values()) if tiers else set()
             room, tier_size = _ram_room(model, streaming, kind, depth, [sizes[i] for i in range(len(sizes))
                                                                         if i not in elsewhere], cpu_memory, ram_tier)
-            tier_room = None if room is None else max(0, room - host_extra)
-            done[depth] = tiers, elsewhere, room, tier_size, plan_memory(sizes, depth, ram_room=tier_room,
-                                                                         ram_tier=tier_size,
-                                                                         on_gpu=frozenset(elsewhere)), left
+            mp = plan_memory(sizes, depth, ram_room=None if room is None else max(0, room - host_extra),
+                             ram_tier=tier_size, on_gpu=frozenset(elsewhere))
+            slots, slot_bytes = mp.host_ring
+            if room is not None and host_extra and mp.bytes_of(mp.ram_tier) + slots * slot_bytes > room:
+                # no split leaves the reads their room (units of different sizes near the minimum: the tier
+                # that fits is all of them); the budget comes first, the reads are then split
+                mp = plan_memory(sizes, depth, ram_room=room, ram_tier=tier_size, on_gpu=frozenset(elsewhere))
+            done[depth] = tiers, elsewhere, room, tier_size, mp, left
         return done[depth]
 
     # The shallowest ring that will be tried first: a budget too small for it is refused here, naming the

@@ -103,3 +103,31 @@ def test_the_minimum_cpu_memory_an_error_names_is_enough(no_thread_leak):
         offload.enable(model, prefetch=1, cpu_memory=1000, progress=False)
     least = int(re.search(r"the minimum is (\d+) bytes", str(e.value)).group(1))
     offload.enable(model, prefetch=1, cpu_memory=least, progress=False).disable()
+
+
+def test_at_the_minimum_the_ring_and_tier_stay_within_the_budget_when_units_differ_in_size(tmp_path, monkeypatch,
+                                                                                           no_thread_leak):
+    """Leaving the routed experts their reads before the RAM tier could fit no split of units of different sizes
+    (a dense first layer): the tier came out empty and the ring of the largest unit's slots went past the budget.
+    The budget comes first; the reads are then split."""
+    import re
+
+    import torch
+    import transformers as tf
+
+    import offload
+    import offload.runtime as rt
+    from conftest import moe_config
+    placed = []
+    place = rt.place
+    monkeypatch.setattr(rt, "place", lambda *a, **k: placed.append(place(*a, **k)) or placed[-1])
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(moe_config("deepseek_v3", layers=4, hidden=128)).save_pretrained(tmp_path / "d")
+    with pytest.raises(OffloadError) as e:
+        offload.load(tmp_path / "d", cpu_memory=1000, prefetch=2, progress=False, tune=False)
+    least = int(re.search(r"the minimum is (\d+) bytes", str(e.value)).group(1))
+    for budget in (least, least + 50_000):
+        model, h = offload.load(tmp_path / "d", cpu_memory=budget, prefetch=2, progress=False, tune=False)
+        h.disable()
+        p = placed[-1]
+        assert p.plan.bytes_of(p.plan.ram_tier) + p.config.ring_bytes <= p.room, budget
