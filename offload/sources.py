@@ -215,6 +215,10 @@ def _as_the_model_names_them(model: nn.Module | None, tensors: dict[str, tuple[s
                                   f"dtype (load it with Transformers and save_pretrained)")
         entry[1][pattern][int(m.group(1))] = (f, o, n)
         names[(target, pattern)] = (k, m.group(1))
+    if unused and 2 * sum(tensors[k][4] for k in unused) > sum(v[4] for v in tensors.values()):
+        raise CheckpointError(f"most of the checkpoint's weights have no place in {type(model).__name__} (e.g. "
+                              f"{unused[0]}; the model has {next(iter(meta), '?')}): its names do not match this "
+                              f"model's (another architecture in config.json, or a prefix the checkpoint adds)")
     if unused:
         log.info("offload: %d tensor(s) of the checkpoint are not in %s and are not loaded (as Transformers does), "
                  "e.g. %s", len(unused), type(model).__name__, unused[0])

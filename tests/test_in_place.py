@@ -382,3 +382,12 @@ def test_a_stacked_tensors_pieces_that_do_not_fit_together_are_named(damage, tmp
     _edit_checkpoint(tmp_path / "q", edit)
     with pytest.raises(offload.CheckpointError, match=re.escape(key)):
         offload.load(tmp_path / "q", ram_tier=0, progress=False, tune=False)
+
+
+def test_a_checkpoint_whose_names_are_not_the_models_says_so(tmp_path):
+    """Tensors the model has no place for are left out (as Transformers does); when that is most of the
+    checkpoint (a prefix the checkpoint adds), the load said 'nothing to stream: all tied or shared'."""
+    save("llama", tmp_path / "l")
+    _edit_checkpoint(tmp_path / "l", lambda t: t.update({"transformer." + k: t.pop(k) for k in list(t)}))
+    with pytest.raises(offload.CheckpointError, match=r"no place in LlamaForCausalLM \(e.g. transformer\..*names do not match"):
+        offload.load(tmp_path / "l", ram_tier=0, progress=False, tune=False)
