@@ -354,8 +354,8 @@ class BoundUnits:
     A forward that entered a unit and never left it (``KeyboardInterrupt`` skips post-hooks: ``always_call``
     catches ``Exception`` only) left the unit bound, holding its ring slot; a forward of a second thread
     would lease, bind and unbind units under the first. So before a thread binds a unit (and at the
-    model's own call) ``check`` looks at the units bound now: none between the units of a forward, so
-    that costs a dict test. A unit this thread bound whose call is no longer on its stack was left by an
+    model's own call) ``claim`` looks at the units bound now: none between the units of a forward, so
+    that costs a dict write and a length. A unit this thread bound whose call is no longer on its stack was left by an
     interrupted forward, and is unbound; one that another thread is inside is an error, raised before
     anything is touched.
     """
@@ -415,7 +415,7 @@ class UnitHook:
     Module hooks, not a wrapper of ``module.forward``, although PyTorch's hooked-call path is about 2 us
     of a unit's cost (README, issue 17): with hooks, a pre-hook a user registers after ``enable`` sees
     the bound weights, a ``KeyboardInterrupt`` (which ``always_call`` does not catch) leaves the unit
-    bound until the root pre-hook's ``reset`` (tests/test_staging.py asserts that state), and
+    bound until the next call of a unit or of the model finds it (``BoundUnits``), and
     ``disable`` never has to put back a ``forward`` that Accelerate or the user may have wrapped since.
     A RAM-tier unit on the CPU then costs ``stage``/``done`` and two table writes per tensor (``_kept``).
     """
