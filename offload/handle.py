@@ -117,14 +117,14 @@ class Handle:
         self._lock = threading.Lock()
         self._forward_thread: int | None = None  # the thread whose forward the root pre-hook last let in
         self.closed = False
-        # dropped without disable() (the model and its handle garbage together): the reader threads, open
-        # files and a temporary store must not outlive them. Holds no reference to the handle or the model.
         for h in hooks:  # a unit module the user still holds keeps its handle (and the prefetcher) alive
             h.handle = self
         try:  # `offload cache clean` keeps what this handle reads
             self._in_use = hold(store.path, cache_dir())
         except OffloadError:  # no cache folder can be made: no store of this handle is in it
             self._in_use = None
+        # dropped without disable() (the model and its handle garbage together): the reader threads, open
+        # files and a temporary store must not outlive them. Holds no reference to the handle or the model.
         self._finalizer = weakref.finalize(self, _abandoned, prefetcher, list(stagers),
                                            store.path if temp_store else None, self._in_use)
 
