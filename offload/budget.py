@@ -92,7 +92,8 @@ class MemoryPlan:
 
 def plan_memory(unit_bytes: Sequence[int], prefetch: int, *, ram_room: int | None = None,
                 ram_tier: int | None = None, gpu_room: int | None = None, gpu_tier: int | None = None,
-                gpu_units: Sequence[int] | None = None, on_gpu: frozenset[int] | None = None) -> MemoryPlan:
+                gpu_units: Sequence[int] | None = None, on_gpu: frozenset[int] | None = None,
+                ram_reserve: int = 0) -> MemoryPlan:
     """Decide the tiers for units of ``unit_bytes``.
 
     Args:
@@ -102,6 +103,10 @@ def plan_memory(unit_bytes: Sequence[int], prefetch: int, *, ram_room: int | Non
         gpu_room / gpu_tier: the same for the GPU tier and the device slot ring (neither: no GPU).
         gpu_units: the units that compute on that GPU (default: all).
         on_gpu: the GPU tiers already chosen (several devices: one ``plan_memory`` each), for the RAM side.
+        ram_reserve: of ``ram_room``, what the RAM tier leaves before it takes units (one token's routed
+            expert reads: a budget just above the minimum otherwise went to the tier, and every decode
+            step was split expert by expert), where a split leaves it; where none does (units of
+            different sizes near the minimum), the budget comes first and the reserve goes.
     """
     sizes = list(unit_bytes)
     gpu: set[int] = set(on_gpu or ())
@@ -113,7 +118,11 @@ def plan_memory(unit_bytes: Sequence[int], prefetch: int, *, ram_room: int | Non
     host = [i for i in range(len(sizes)) if i not in gpu]
     hs = [sizes[i] for i in host]
     if ram_tier is not None:
-        picked = choose_resident(hs, ram_tier)
-    else:
-        picked = split_tier(hs, prefetch, max(0, ram_room or 0))
-    return MemoryPlan(tuple(sizes), prefetch, frozenset(gpu), frozenset(host[k] for k in picked))
+        return MemoryPlan(tuple(sizes), prefetch, frozenset(gpu), frozenset(host[k] for k in choose_resident(hs, ram_tier)))
+    room = max(0, ram_room or 0)
+    mp = MemoryPlan(tuple(sizes), prefetch, frozenset(gpu),
+                    frozenset(host[k] for k in split_tier(hs, prefetch, max(0, room - ram_reserve))))
+    slots, slot_bytes = mp.host_ring
+    if ram_reserve and mp.bytes_of(mp.ram_tier) + slots * slot_bytes > room:
+        mp = MemoryPlan(tuple(sizes), prefetch, frozenset(gpu), frozenset(host[k] for k in split_tier(hs, prefetch, room)))
+    return mp

@@ -177,9 +177,8 @@ def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], rec
     """The tiers, the ring and its depth for the units ``plans`` (``records`` in the store ``st``);
     ``streaming`` is every plan whose weights are not resident (the units and the routed experts).
     ``cpu_memory`` and ``ram_tier`` are in bytes; ``gpu_memory`` and ``gpu_tier`` as ``enable`` takes them.
-    ``host_extra``: what the RAM tier leaves for one forward's routed expert reads, before it takes units (a
-    budget just above the minimum otherwise went to the tier, and every decode step was split expert by
-    expert)."""
+    ``host_extra``: what the RAM tier leaves for one forward's routed expert reads (``plan_memory``'s
+    ``ram_reserve``)."""
     backends = {dev: _backend_for(dev) for dev in devices}
     sizes = [r.data_bytes for r in records]
     done: dict[int, tuple[dict[torch.device, set[int]], set[int], int | None, int | None, MemoryPlan]] = {}
@@ -195,14 +194,9 @@ def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], rec
             elsewhere = set().union(*tiers.values()) if tiers else set()
             room, tier_size = _ram_room(model, streaming, kind, depth, [sizes[i] for i in range(len(sizes))
                                                                         if i not in elsewhere], cpu_memory, ram_tier)
-            mp = plan_memory(sizes, depth, ram_room=None if room is None else max(0, room - host_extra),
-                             ram_tier=tier_size, on_gpu=frozenset(elsewhere))
-            slots, slot_bytes = mp.host_ring
-            if room is not None and host_extra and mp.bytes_of(mp.ram_tier) + slots * slot_bytes > room:
-                # no split leaves the reads their room (units of different sizes near the minimum: the tier
-                # that fits is all of them); the budget comes first, the reads are then split
-                mp = plan_memory(sizes, depth, ram_room=room, ram_tier=tier_size, on_gpu=frozenset(elsewhere))
-            done[depth] = tiers, elsewhere, room, tier_size, mp, left
+            done[depth] = tiers, elsewhere, room, tier_size, plan_memory(
+                sizes, depth, ram_room=room, ram_tier=tier_size, on_gpu=frozenset(elsewhere),
+                ram_reserve=host_extra), left
         return done[depth]
 
     # The shallowest ring that will be tried first: a budget too small for it is refused here, naming the

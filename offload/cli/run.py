@@ -294,6 +294,7 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
     CPU, RAM tier, host ring) and disk (streamed per token), with the budgets they come from; the
     ``--speculate`` draft beside the resident weights. The split is ``plan_memory``'s, as ``enable`` makes it."""
     from ..budget import plan_memory
+    from ..experts import reads_per_forward
     sizes = t.unit_bytes
     on_gpu = device != "cpu"
     sizes, experts = unit_sizes(t, device)
@@ -303,7 +304,8 @@ def plan_table(t: Target, cpu_memory: int | None, prefetch: int, device: str = "
         gpu_room = max(0, (gpu_memory if gpu_memory is not None else _free_gpu(device)) - t.resident_bytes - draft
                        - table)
     host_resident = 0 if on_gpu else t.resident_bytes + draft
-    mp = plan_memory(sizes, prefetch, ram_room=ram_room(cpu_memory, host_resident), gpu_room=gpu_room)
+    mp = plan_memory(sizes, prefetch, ram_room=ram_room(cpu_memory, host_resident), gpu_room=gpu_room,
+                     ram_reserve=reads_per_forward(experts.top_k, experts.expert_bytes) if experts is not None else 0)
     gpu_tier, ram_tier, streamed = mp.gpu_tier, mp.ram_tier, mp.streamed
     slots, slot_bytes = mp.host_ring
     ring = slots * slot_bytes
