@@ -30,8 +30,8 @@ Per request: ``max_new_tokens``, EOS (the model's generation config), stop strin
 ``seed`` (a ``torch.Generator`` per row, so a row's draws do not depend on its neighbours).
 Log-probabilities on request: of each generated token with the ``logprobs`` most likely alternatives,
 and of each prompt token given the ones before it (``prompt_logprobs``: what evaluation harnesses
-score; the pass admitting such a prompt keeps every column's logits instead of the last: rows x its
-width x vocabulary, so a long prompt is best scored with a small ``batch_size``). They are the model's own
+score; the pass admitting such a prompt has the output head compute that prompt's columns beside every
+row's last, ``Engine._scored_pass``). They are the model's own
 distribution (``log_softmax`` of the logits in fp32), before temperature and top-p, as vLLM reports them.
 
 Two ways in: ``generate_many(model, tokenizer, prompts)`` runs passes in the caller's thread and
@@ -380,10 +380,7 @@ class Engine:
         admitted beside 7 decoding rows costs its own [2000, vocabulary], not 8 rows' (8x the memory).
         Logit post-processing after the head (soft-capping, scaling) is elementwise and sees them alike. A
         model whose head is not that module call (the hook never sees its input) gets every column's logits."""
-        rows, cols = [], []
-        for k in range(ids.shape[0]):  # each row's last column first: position k is row k's
-            rows.append(k)
-            cols.append(width - 1)
+        rows, cols = list(range(ids.shape[0])), [width - 1] * ids.shape[0]  # each row's last column first
         spans = {}
         for k, r in scored:  # column c's logits predict column c + 1's token
             n = len(r.prompt_ids)

@@ -271,6 +271,7 @@ class ApplyGuard:
     def __init__(self, module: nn.Module, bindings: list[Binding]):
         self.bindings = bindings  # the streamed tensors under ``module``
         self.kind = type(module)
+        self.module = weakref.ref(module)  # the guard is the module's own attribute: no cycle through it
 
     def __call__(self, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
         for b in self.bindings:
@@ -293,17 +294,12 @@ class ApplyGuard:
                 held.append((table, b.attr, b.stand_in))
                 table[b.attr] = None
         try:
-            module = self.module_of()
-            return self.kind._apply(module, fn, *args, **kwargs)
+            return self.kind._apply(self.module(), fn, *args, **kwargs)
         finally:
             for table, attr, stand_in in held:
                 table[attr] = stand_in
 
-    def module_of(self) -> nn.Module:
-        return self._module()  # type: ignore[no-any-return]
-
     def install(self, module: nn.Module) -> None:
-        self._module = weakref.ref(module)
         module._apply = self  # type: ignore[method-assign]
 
     def remove(self, module: nn.Module) -> None:
@@ -510,10 +506,10 @@ class UnitHook:
         self._t_bound = time.perf_counter()
 
     def reentered(self, module: nn.Module) -> bool:
-        """Whether this call of the bound unit is inside its own forward (a unit calling itself), not a new
-        forward after one that was interrupted in it. Walks the stack: only ever asked of a bound unit."""
-        return (self.bound_units.threads.get(self) == threading.get_ident()
-                and _calls_on_stack(sys._getframe(2)).count(id(module)) > 1)
+        """Whether this call of a unit this thread has bound is inside its own forward (a unit calling
+        itself), not a new forward after one that was interrupted in it. Walks the stack: only ever asked of
+        a bound unit."""
+        return _calls_on_stack(sys._getframe(2)).count(id(module)) > 1
 
     def post(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.depth == 0 or self.bound_units.threads.get(self) != threading.get_ident():
