@@ -319,7 +319,7 @@ def test_a_stream_of_several_prompts_ends_after_every_ones_last_text(tokenizer, 
     """The stream counted a request finished when it read an event and saw the request done by then: an
     event queued before the request's last, read after it, counted it twice, so the stream ended with a
     choice's last text (and its log-probabilities, its finish chunk) unsent. A loaded event loop makes that
-    the usual order; simulated here by every queue read starting late."""
+    the usual order; made certain here: the stream reads its queue only once the engine is idle."""
     import asyncio
 
     from fastapi.testclient import TestClient
@@ -328,8 +328,9 @@ def test_a_stream_of_several_prompts_ends_after_every_ones_last_text(tokenizer, 
     from offload.engine import Engine
     wait_for = asyncio.wait_for
 
-    async def late(aw, timeout=None):
-        await asyncio.sleep(0.02)
+    async def late(aw, timeout=None):  # the stream reads its events only once every request is done
+        while engine.busy:
+            await asyncio.sleep(0.001)
         return await wait_for(aw, timeout)
     model = tiny_llama(len(tokenizer))
     engine = Engine(model, tokenizer, batch_size=4).start()
