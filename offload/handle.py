@@ -25,7 +25,7 @@ from . import tune as _tune
 from ._fileio import hold
 from .config import cache_dir
 from .errors import ChecksumError, OffloadError, StoreError
-from .hooks import QuantBinding, UnitHook, guard_casts
+from .hooks import QuantBinding, UnitHook, _compiling, eagerly, guard_casts
 from .install import unload_resident
 from .plan import UnitPlan
 from .prefetch import Prefetcher
@@ -134,6 +134,8 @@ class Handle:
         _live_handles.add(self)
 
     def _root_pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if _compiling():  # torch.compile: run as uncompiled (hooks.eagerly)
+            return eagerly(Handle._root_pre, self, module, args, kwargs)
         # A new top-level forward: a unit still bound by this thread was left by an interrupted forward
         # (KeyboardInterrupt skips post-hooks) and is unbound, so its staging buffer returns to the ring;
         # one another thread is computing in is an error (BoundUnits)
@@ -143,6 +145,8 @@ class Handle:
         self._meter.start(args, kwargs)
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if _compiling():
+            return eagerly(Handle._root_post, self, module, args, output)
         if self._forward_thread != threading.get_ident():
             return  # the pre-hook refused this call (always_call runs us anyway)
         self._meter.end(failed=sys.exc_info()[1] is not None)

@@ -34,6 +34,19 @@ from .trace import COMPUTE_TRACK, Tracer
 
 log = logging.getLogger("offload")
 
+_compiling = torch.compiler.is_compiling
+
+
+@torch.compiler.disable
+def eagerly(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` outside ``torch.compile``'s tracing. A hook that binds streamed weights cannot be traced
+    (dynamo would meet the stand-ins, which have no storage), so under ``torch.compile`` every hook asks
+    ``_compiling()`` first (0.1 us; wrapping each hook in ``torch.compiler.disable`` would cost ~1 us per call
+    uncompiled) and comes here: a graph break, and the hook runs as it does uncompiled. The code between a
+    unit's hooks, its forward, is compiled."""
+    return fn(*args)
+
+
 _EMPTY: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -467,6 +480,8 @@ class UnitHook:
             b.views.clear()
 
     def pre(self, module: nn.Module, args: Any) -> None:
+        if _compiling():
+            return eagerly(UnitHook._pre_compiled, self, module, args)
         if self.depth and self.bound_units.threads.get(self) == threading.get_ident():
             if self.reentered(module):
                 self.depth += 1  # re-entered (a unit calling itself): the outer call's binding serves
@@ -505,6 +520,18 @@ class UnitHook:
         self._w_bound = self._waited() if self._waited is not None else 0.0
         self._t_bound = time.perf_counter()
 
+    def _pre_compiled(self, module: nn.Module, args: Any) -> None:
+        """The pre-hook of a unit in a ``torch.compile``d model (``eagerly``). Refused where units compute on a
+        GPU: CUDA graphs (``mode="reduce-overhead"``) would replay the first forward's slot addresses while the
+        copies move on, and no GPU run has checked it; nothing is bound yet."""
+        device = getattr(self.stager, "device", None)
+        if device is not None and device.type != "cpu":
+            raise OffloadError(
+                f"torch.compile of a model whose offloaded units compute on {device} is not supported ({self.record.name} "
+                f"would be the first): run the model uncompiled (a streamed forward waits on its reads, not on "
+                f"Python), or enable it with device='cpu' to compile on the CPU")
+        self.pre(module, args)
+
     def reentered(self, module: nn.Module) -> bool:
         """Whether this call of a unit this thread has bound is inside its own forward (a unit calling
         itself), not a new forward after one that was interrupted in it. Walks the stack: only ever asked of
@@ -512,6 +539,8 @@ class UnitHook:
         return _calls_on_stack(sys._getframe(2)).count(id(module)) > 1
 
     def post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if _compiling():
+            return eagerly(UnitHook.post, self, module, args, output)
         if self.depth == 0 or self.bound_units.threads.get(self) != threading.get_ident():
             return  # the pre-hook failed, or refused another thread's call (always_call runs us anyway)
         self.depth -= 1

@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from .._memory import format_bytes
 from ..errors import OffloadError
-from ..hooks import Binding, BoundUnits, UnitHook
+from ..hooks import Binding, BoundUnits, UnitHook, _compiling, eagerly
 from ..staging import HUGE_PAGE, HostBuffer
 from .cache import ExpertCache, split
 from .layout import ExpertsGroup, Slab
@@ -614,6 +614,8 @@ class ExpertsHook(UnitHook):
         return False
 
     def pre_routed(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if _compiling():  # torch.compile: run as uncompiled (hooks.eagerly)
+            return eagerly(ExpertsHook.pre_routed, self, module, args, kwargs)
         if self.depth and self.bound_units.threads.get(self) == threading.get_ident() and not self.reentered(module):
             self.reset()  # left bound by a forward of this thread interrupted in it: this call reads its own
         if not self.depth:
