@@ -229,6 +229,12 @@ def test_logprobs_and_echo_as_evaluation_harnesses_ask(served):
                                                    logprobs=2, stream=True))
     tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert len(tokens) == 8 and "".join(tokens) == "".join(c.choices[0].text for c in chunks)
+    for echo in (False, True):  # where each token's text starts: the same streamed (summed chunk by chunk) or not
+        ask = dict(model=NAME, prompt="the naïve café", max_tokens=8, temperature=0, logprobs=1, echo=echo)
+        whole = server.client.completions.create(**ask).choices[0].logprobs.text_offset
+        streamed = [o for c in server.client.completions.create(**ask, stream=True) if c.choices[0].logprobs
+                    for o in c.choices[0].logprobs.text_offset]
+        assert streamed == whole and len(whole) == 8 + (len(tok.encode("the naïve café")) if echo else 0)
     # two most likely by text (two byte-level halves of a character are both U+FFFD: one key)
     assert all(1 <= len(d) <= 2 for c in chunks if c.choices[0].logprobs for d in c.choices[0].logprobs.top_logprobs)
     messages = [{"role": "user", "content": "what does the café serve?"}]

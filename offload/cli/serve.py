@@ -336,6 +336,20 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
         words = TokenText(engine.tokenizer)
         # echo: the prompt as given (text), or decoded (token ids), before the completion
         echoed = [(p if isinstance(p, str) else words.decode(p)) if echo else "" for p in prompts]
+        counted = [(0, 0)] * len(prompts)  # per choice: generated tokens whose texts' length is summed, that length
+        prompt_lengths: dict[int, int] = {}
+
+        def offset(i: int, a: int, prompt: bool = False) -> int:
+            """The length of choice ``i``'s first ``a`` generated tokens' texts (``prompt``: its prompt's), summed
+            once: a stream adds only its new tokens."""
+            if prompt:
+                if i not in prompt_lengths:
+                    prompt_lengths[i] = words.length(requests[i].prompt_ids)
+                return prompt_lengths[i]
+            done, length = counted[i] if counted[i][0] <= a else (0, 0)
+            length += words.length(requests[i].token_ids[done:a])
+            counted[i] = (a, length)
+            return length
 
         def scores(i: int, a: int, b: int | None, prompt: bool = False) -> dict[str, Any] | None:
             """Choice ``i``'s logprobs object for its generated tokens [a, b), after its prompt's when ``prompt``."""
@@ -347,7 +361,7 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
                 return {"content": words.chat(pairs), "refusal": None}
             # text_offset: where a token's text starts in the answer's text, counted in the tokens' own texts
             # (streamed or not alike): from 0 at the first generated token, or at the prompt's first with echo
-            start = (words.length(r.prompt_ids) if echo else 0) + words.length(r.token_ids[:a])
+            start = (offset(i, 0, prompt=True) if echo else 0) + offset(i, a)
             if prompt:
                 pairs = list(zip(r.prompt_ids, r.prompt_token_logprobs or [None] * len(r.prompt_ids))) + pairs
                 start = 0
