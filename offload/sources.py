@@ -14,7 +14,7 @@ import json
 import os
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -254,22 +254,31 @@ def _fused_sources(src: str, tensors: Sequence[Any], dtype: torch.dtype | None
             dt = DTYPES[t.dtype]
             specs.append(TensorSpec(rel, dtype if dtype is not None and dt.is_floating_point else dt, t.shape))
 
-        def fetch(rel: str) -> torch.Tensor:
-            t = by_rel[rel]
-            buf = bytearray(t.nbytes)
-            view, at = memoryview(buf), 0
-            for f, offset, n in t.pieces:
-                path = os.path.join(src, f)
-                with open(path, "rb") as fh:
-                    fh.seek(offset)
-                    got = fh.readinto(view[at:at + n])
-                if got != n:
-                    raise CheckpointError(f"{path} ended early reading {t.name} ({got} of {n} bytes at offset "
-                                          f"{offset}): the shard is truncated or changed; download it again")
-                at += n
-            out = torch.frombuffer(buf, dtype=DTYPES[t.dtype]) if t.nbytes else torch.empty(0, dtype=DTYPES[t.dtype])
-            return out.view(t.shape)
-        return UnitSource(name, specs, _fixed(fetch))
+        @contextlib.contextmanager
+        def opened() -> Iterator[Fetch]:
+            with contextlib.ExitStack() as stack:
+                files: dict[str, Any] = {}  # each shard opened once per unit (a tensor can be hundreds of pieces)
+
+                def fetch(rel: str) -> torch.Tensor:
+                    t = by_rel[rel]
+                    buf = bytearray(t.nbytes)
+                    view, at = memoryview(buf), 0
+                    for f, offset, n in t.pieces:
+                        path = os.path.join(src, f)
+                        if path not in files:
+                            files[path] = stack.enter_context(open(path, "rb"))
+                        fh = files[path]
+                        fh.seek(offset)
+                        got = fh.readinto(view[at:at + n])
+                        if got != n:
+                            raise CheckpointError(f"{path} ended early reading {t.name} ({got} of {n} bytes at offset "
+                                                  f"{offset}): the shard is truncated or changed; download it again")
+                        at += n
+                    out = (torch.frombuffer(buf, dtype=DTYPES[t.dtype]) if t.nbytes
+                           else torch.empty(0, dtype=DTYPES[t.dtype]))
+                    return out.view(t.shape)
+                yield fetch
+        return UnitSource(name, specs, opened)
 
     units = sorted((source(n, ts) for n, ts in groups.items() if n is not None), key=lambda u: _natural_key(u.name))
     resident = source(RESIDENT, groups[None]) if None in groups else None
