@@ -57,7 +57,8 @@ def _empty(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """
     t = _EMPTY.get((dtype, device))
     if t is None:
-        t = _EMPTY[(dtype, device)] = torch.empty(0, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # made inside inference mode, it would be an inference tensor for good
+            t = _EMPTY[(dtype, device)] = torch.empty(0, dtype=dtype, device=device)
     return t
 
 
@@ -482,6 +483,12 @@ class UnitHook:
     def pre(self, module: nn.Module, args: Any) -> None:
         if _compiling():
             return eagerly(UnitHook._pre_compiled, self, module, args)
+        if torch.is_inference_mode_enabled():
+            # a view made in inference mode is an inference tensor, and the views are kept (``Binding.views``,
+            # ``_kept``): a later forward with grad mode on would fail on them ("Inference tensors cannot be
+            # saved for backward"). Views of normal memory made outside it serve every mode.
+            with torch.inference_mode(False):
+                return self.pre(module, args)
         if self.depth and self.bound_units.threads.get(self) == threading.get_ident():
             if self.reentered(module):
                 self.depth += 1  # re-entered (a unit calling itself): the outer call's binding serves

@@ -418,3 +418,30 @@ def test_a_backward_through_units_that_keep_their_weights_is_not_refused(no_thre
         y = embeds.clone().requires_grad_(True)
         model(inputs_embeds=y).logits.sum().backward()
         assert torch.equal(y.grad, expected)
+
+
+@pytest.mark.parametrize("route", ["ram-tier", "streamed", "int8", "routed-experts"])
+def test_a_forward_with_grad_mode_after_one_under_inference_mode(route):
+    """Views of a unit's buffers are built once and kept; built under ``torch.inference_mode()`` they were
+    inference tensors, so a later forward with grad mode on (a first probe under inference mode, then a loss)
+    failed with "Inference tensors cannot be saved for backward". Each route binds its own kind of view."""
+    import transformers as tf
+    from conftest import moe_config
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(moe_config("qwen3_moe" if route == "routed-experts" else "llama")).eval()
+    x = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
+    kw: dict = {"ram_tier": None if route == "ram-tier" else 0, "quantize": "int8" if route == "int8" else None}
+    if route == "int8":  # the reference: the same int8 units, all in RAM
+        quantized = copy.deepcopy(model)
+        with offload.enable(quantized, ram_tier="1GiB", quantize="int8", progress=False, tune=False):
+            want = quantized(x).logits.detach()  # grad mode on, as below (int8's kernels differ under no_grad)
+    else:
+        want = model(x).logits.detach()
+    with offload.enable(model, progress=False, tune=False, **kw) as h:
+        with torch.inference_mode():
+            model(x)
+            model(x)  # every ring slot meets a unit under inference mode
+        got = model(x).logits  # grad mode on
+        assert torch.equal(got.detach(), want)
+        if route == "routed-experts":
+            assert h.stats().expert_bytes_read > 0
