@@ -117,6 +117,7 @@ class Handle:
         self._lock = threading.Lock()
         self._forward_thread: int | None = None  # the thread whose forward the root pre-hook last let in
         self.closed = False
+        self._final: Stats | None = None  # stats() as they stood at disable()
         for h in hooks:  # a unit module the user still holds keeps its handle (and the prefetcher) alive
             h.handle = self
         try:  # `offload cache clean` keeps what this handle reads
@@ -159,16 +160,18 @@ class Handle:
                     on_oom("out of memory in the model's forward")
 
     def stats(self) -> Stats:
-        s = self._prefetcher.stats() if not self.closed else None
-        tier = self._prefetcher.ram_tier if not self.closed else {}
+        """What the runtime did since ``enable`` (or ``reset_stats``); after ``disable``, as it stood then."""
+        final = self._final
+        if final is not None:
+            return dataclasses.replace(final)
+        s = self._prefetcher.stats()
+        tier = self._prefetcher.ram_tier
         return Stats(
-            bytes_read=s.bytes_read if s else 0, read_seconds=s.read_seconds if s else 0.0,
-            wait_seconds=s.wait_seconds if s else 0.0, units_loaded=s.units_loaded if s else 0,
-            hits=s.hits if s else 0, misses=s.misses if s else 0, ram_tier_hits=s.ram_tier_hits if s else 0,
-            units_in_flight=s.units_in_flight if s else 0, verified_units=s.verified_units if s else 0,
-            verify_seconds=s.verify_seconds if s else 0.0,
+            bytes_read=s.bytes_read, read_seconds=s.read_seconds, wait_seconds=s.wait_seconds,
+            units_loaded=s.units_loaded, hits=s.hits, misses=s.misses, ram_tier_hits=s.ram_tier_hits,
+            units_in_flight=s.units_in_flight, verified_units=s.verified_units, verify_seconds=s.verify_seconds,
             streamed_units=len(self._prefetcher.units) - len(tier) - len(self._prefetcher.elsewhere),
-            ram_tier_units=len(tier), ring_bytes=self._prefetcher.config.ring_bytes if not self.closed else 0,
+            ram_tier_units=len(tier), ring_bytes=self._prefetcher.config.ring_bytes,
             ram_tier_bytes=sum(b.nbytes for b in tier.values()),
             prefetch=self._prefetcher.depth, reader=self._prefetcher.reader.name, store=self._store.path,
             **({"expert_hits": self._experts.hits, "expert_misses": self._experts.misses,
@@ -214,6 +217,7 @@ class Handle:
         with self._lock:
             if self.closed:
                 return
+            self._final = self.stats()  # what stats() answers from now on (the prefetcher and its buffers go)
             self.closed = True
         self._finalizer.detach()
         errors: list[Exception] = []  # a failing step (a CUDA error, a damaged file) must not skip the rest

@@ -445,3 +445,17 @@ def test_a_forward_with_grad_mode_after_one_under_inference_mode(route):
         assert torch.equal(got.detach(), want)
         if route == "routed-experts":
             assert h.stats().expert_bytes_read > 0
+
+
+def test_stats_after_disable_are_what_they_were_at_disable(tmp_path):
+    """A handle's stats after ``disable()`` (or a ``with`` block): they zeroed the reads but kept the passes and
+    counted every unit as streamed, a summary no run had."""
+    model = Stack(3)
+    with offload.enable(model, ram_tier=0, prefetch=1, progress=False, tune=False) as h:
+        for _ in range(2):
+            model(torch.randn(2, D))
+        during = h.stats()
+    assert during.bytes_read > 0 and during.streamed_units == 3 and during.passes == 2
+    assert h.stats() == during
+    h.reset_stats()  # a no-op once disabled
+    assert h.stats() == during
