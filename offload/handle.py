@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import shutil
@@ -254,6 +255,8 @@ class Handle:
         step(self._prefetcher.close_files)
         if getattr(self._model, "_offload_handle", None) is self:
             del self._model._offload_handle
+        if self._kind == "module":
+            _refuse_weightless_forward(self._model)
         if self._in_use is not None:
             os.close(self._in_use)
         if self._temp_store:
@@ -375,6 +378,25 @@ def _refuse_backward(output: Any, model: str, depth: int = 0) -> None:
     elif depth < 3 and isinstance(output, (tuple, list)):
         for v in output:
             _refuse_backward(v, model, depth + 1)
+
+
+def _refuse_weightless_forward(model: nn.Module) -> None:
+    """After ``disable``, a model whose streamed weights were never in memory (built on meta: ``offload.load``,
+    ``enable(model, store=...)``) holds meta placeholders again; its forward failed deep in torch ("Tensor on
+    device cpu is not on the expected device meta"). Now it says why, until it is enabled again."""
+    meta = next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                 if t.device.type == "meta"), None)
+    if meta is None:
+        return
+
+    def refuse(module: nn.Module, args: Any) -> None:
+        if getattr(module, "_offload_handle", None) is not None:  # enabled again: its weights are back
+            hook.remove()
+            return
+        raise OffloadError(f"{type(module).__name__} was disabled and its weights are not in memory ({meta} is on "
+                           f"the meta device: the model was built on meta, by offload.load or for enable(model, "
+                           f"store=...)): load it again, or enable(model, store=STORE) to stream them again")
+    hook = model.register_forward_pre_hook(refuse)
 
 
 def _abandoned(prefetcher: Prefetcher, stagers: list[Stager], temp_store: str | None, in_use: int | None) -> None:

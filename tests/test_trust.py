@@ -459,3 +459,21 @@ def test_stats_after_disable_are_what_they_were_at_disable(tmp_path):
     assert h.stats() == during
     h.reset_stats()  # a no-op once disabled
     assert h.stats() == during
+
+
+def test_a_loaded_model_after_disable_says_it_has_no_weights(tmp_path):
+    """A model ``offload.load`` built on meta, disabled: its forward failed inside torch ("Tensor on device cpu
+    is not on the expected device meta"). Now an OffloadError says why, until it is enabled again."""
+    import transformers as tf
+    from conftest import moe_config
+    torch.manual_seed(0)
+    reference = tf.AutoModelForCausalLM.from_config(moe_config("llama", layers=2)).eval()
+    reference.save_pretrained(tmp_path / "m")
+    x = torch.randint(0, 256, (1, 5))
+    model, h = offload.load(tmp_path / "m", progress=False, tune=False)
+    store = h.stats().store
+    h.disable()
+    with pytest.raises(offload.OffloadError, match="was disabled and its weights are not in memory"):
+        model(x)
+    with offload.enable(model, store=store, progress=False, tune=False), torch.no_grad():
+        assert torch.equal(model(x).logits, reference(x).logits)
