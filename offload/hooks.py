@@ -18,6 +18,7 @@ life: there it keeps its view until ``disable``, so the next forward only puts i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import threading
@@ -454,6 +455,11 @@ class UnitHook:
         self.depth = 0  # forwards of this unit in progress (>1: it called itself)
         self.handles: list[Any] = []
         self.handle: Any = None  # the offload handle this hook belongs to (kept alive while its module is)
+        # Forwards that began binding / finished unbinding this unit: a ``state_dict()`` that overlapped one
+        # (from another thread, or inside the forward) may hold views its next units overwrite (_state_dict_post)
+        self.binds = self.unbinds = 0
+        self._state_dicts: dict[int, tuple[int, int, bool]] = {}  # per thread: binds, unbinds, keep_vars at its start
+        self._keys: list[tuple[str, Binding]] | None = None  # each binding's name under this unit's module
 
     @property
     def bound(self) -> bool:
@@ -466,7 +472,34 @@ class UnitHook:
 
     def register(self) -> None:
         self.handles = [self.module.register_forward_pre_hook(self.pre),
-                        self.module.register_forward_hook(self.post, always_call=True)]
+                        self.module.register_forward_hook(self.post, always_call=True), *self._state_dict_hooks()]
+
+    def _state_dict_hooks(self) -> list[Any]:
+        # torch marks the post-hook with an attribute, which a bound method cannot take: a partial can
+        return [self.module.register_state_dict_pre_hook(self._state_dict_pre),
+                self.module.register_state_dict_post_hook(functools.partial(UnitHook._state_dict_post, self))]
+
+    def _state_dict_pre(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        self._state_dicts[threading.get_ident()] = (self.binds, self.unbinds, keep_vars)
+
+    def _state_dict_post(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+        """A ``state_dict()`` that overlapped a forward of this unit (a checkpoint thread during ``generate``, or
+        a call inside the forward) may have collected the bound tensors: views of a ring slot the next units
+        overwrite. Those entries are read from the store instead (``keep_vars``: the stand-ins). A unit in the
+        RAM tier on the CPU computes from its own buffer, whose views stay right."""
+        seen = self._state_dicts.pop(threading.get_ident(), None)
+        if seen is None or self._fast:
+            return
+        binds, unbinds, keep_vars = seen
+        if binds == unbinds == self.binds:
+            return  # no forward of it bound its tensors meanwhile: the entries are the stand-ins' reads
+        if self._keys is None:
+            names = {id(m): n for n, m in module.named_modules()}
+            self._keys = [((names[id(b.owner)] + "." if names[id(b.owner)] else "") + b.attr, b)
+                          for b in self.bindings if id(b.owner) in names]
+        for key, b in self._keys:
+            if prefix + key in state_dict:
+                state_dict[prefix + key] = b.stand_in if keep_vars else b.stand_in.materialize()
 
     def remove(self) -> None:
         """Take the hooks out, and the views kept into the handle's buffers with them, so that freeing the
@@ -500,6 +533,7 @@ class UnitHook:
         except BaseException:
             self.bound_units.release(self)
             raise
+        self.binds += 1
         try:
             kept = self._kept
             if kept is not None and (data is self._kept_data or data.data_ptr() == self._kept_at):
@@ -520,6 +554,7 @@ class UnitHook:
             self._kept = self._kept_data = None
             for b in self.bindings:
                 b.unbind()
+            self.unbinds += 1
             self.stager.done(self.index)
             self.bound_units.release(self)
             raise
@@ -575,4 +610,5 @@ class UnitHook:
             own = self._own
             for b in self.bindings:
                 b.unbind(own)
+        self.unbinds += 1
         self.stager.done(self.index)

@@ -18,6 +18,7 @@ from torch import nn
 import offload
 import offload.prefetch as prefetch_mod
 from offload.config import StagingConfig
+from offload.hooks import Offloaded
 from offload.io import PythonReader
 from offload.prefetch import Prefetcher, _Task
 from conftest import inputs_for, make_model
@@ -477,3 +478,35 @@ def test_a_loaded_model_after_disable_says_it_has_no_weights(tmp_path):
         model(x)
     with offload.enable(model, store=store, progress=False, tune=False), torch.no_grad():
         assert torch.equal(model(x).logits, reference(x).logits)
+
+
+@pytest.mark.parametrize("keep_vars", [False, True])
+def test_state_dict_taken_while_another_thread_is_inside_a_unit(keep_vars):
+    """A checkpoint thread's ``state_dict()`` while the forward thread is inside unit 1 collected unit 1's bound
+    tensors: views of a ring slot that the next units overwrite, so it kept other blocks' weights, silently.
+    Those entries are now read from the store (``keep_vars``: the stand-ins). Gates, no sleeps."""
+    model = Stack(3)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    inside, go = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        if not inside.is_set():
+            inside.set()
+            assert go.wait(30)
+    with offload.enable(model, ram_tier=0, prefetch=1, progress=False, tune=False):
+        gate = model.blocks[1].out.register_forward_pre_hook(hold)  # unit 1 bound, its forward underway
+        forward = threading.Thread(target=lambda: [run(model, torch.randn(2, D)) for _ in range(2)])
+        forward.start()
+        try:
+            assert inside.wait(30)
+            got = model.state_dict(keep_vars=keep_vars)
+        finally:
+            go.set()
+            forward.join(30)
+        gate.remove()
+        run(model, torch.randn(2, D))  # every ring slot written again
+        for k, v in want.items():
+            g = got[k]
+            if isinstance(g, Offloaded):
+                g = g.materialize()
+            assert torch.equal(g, v), k

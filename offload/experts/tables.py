@@ -587,7 +587,7 @@ class ExpertsHook(UnitHook):
 
     def register(self) -> None:
         self.handles = [self.module.register_forward_pre_hook(self.pre_routed, with_kwargs=True),
-                        self.module.register_forward_hook(self.post, always_call=True)]
+                        self.module.register_forward_hook(self.post, always_call=True), *self._state_dict_hooks()]
         if self.eager is not None:
             self._forward.before = self.module.__dict__.get("forward")
             self.module.forward = self._forward
