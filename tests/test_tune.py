@@ -345,7 +345,7 @@ def test_pass_meter_counts_every_pass_but_keeps_a_bounded_record(monkeypatch):
     assert m.passes == 5 and len(m._seconds) == 3 and len(m._decode_seconds) == 3 and m.decode[1][0] == 5
 
 
-@pytest.mark.parametrize("extra", [["--prefetch", "3"], ["--no-tune"]])
+@pytest.mark.parametrize("extra", [["--prefetch", "3"], ["--no-tune"], ["--dry-run"]])
 def test_offload_tune_refuses_the_options_it_would_ignore(extra, tmp_path):
     """``offload tune`` measures and picks the depth itself: a --prefetch N or --no-tune given to it is a
     one-line error (exit 2) before any work, not silently dropped."""
@@ -357,6 +357,22 @@ def test_offload_tune_refuses_the_options_it_would_ignore(extra, tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "do not apply" in lines[0], r.stderr
     assert not (tmp_path / "c" / "random").exists()  # nothing built
+
+
+def test_offload_tune_of_a_model_too_small_to_measure_keeps_the_cached_disk_profiles(tmp_path):
+    """A model whose units total under MIN_STREAMED_BYTES measures nothing: ``offload tune`` forgot the machine's
+    disk profiles first, so the next run of a large model measured again, and said it had cached measurements."""
+    import subprocess
+    import sys
+    cache = tmp_path / "c"
+    (cache / "tune").mkdir(parents=True)
+    profile = cache / "tune" / "disk-0123.json"
+    profile.write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "offload.cli", "tune", "--random", "tiny-bloom"],
+                       capture_output=True, text=True, env={**os.environ, "OFFLOAD_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr
+    assert "nothing measured, nothing forgotten" in r.stderr and "forgot " not in r.stderr
+    assert profile.exists()
 
 
 def test_recent_disk_bound_runs_correct_a_stale_profile(monkeypatch):

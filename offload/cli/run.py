@@ -801,7 +801,8 @@ def add_model_options(r: Any) -> None:
                    help="RAM for all weights: resident + staging ring + RAM tier, e.g. 8GiB (default: free memory, "
                         "container limit included, minus 1 GiB)")
     r.add_argument("--gpu-memory", type=byte_size, metavar="BYTES",
-                   help="CUDA: GPU memory for streamed units (default: free GPU memory minus 2 GiB)")
+                   help="CUDA: GPU memory for all weights: resident + device slot ring + GPU tier, as "
+                        "offload.enable(gpu_memory=) (default: free GPU memory minus 2 GiB)")
     r.add_argument("--device", type=device, metavar="DEVICE",
                    help="where the model computes: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     r.add_argument("--trace", type=output_file, metavar="FILE",
@@ -883,9 +884,16 @@ def _tune_work(a: argparse.Namespace, model: Any, handle: Any, tokenizer: Any, d
 def cmd_tune(a: argparse.Namespace) -> int:
     """Measure this disk afresh (the model's own files, read only), load with ``prefetch="auto"``, run a
     few decode passes and cache their compute: later runs of this store plan from measurements."""
-    if a.prefetch != "auto" or a.no_tune:  # it measures, and plans the depth itself
-        raise UsageError("offload tune measures the disk and picks the depth itself: --prefetch N and --no-tune "
-                         "do not apply (use them with offload run)")
+    if a.prefetch != "auto" or a.no_tune or a.dry_run:  # it measures, and plans the depth itself
+        raise UsageError("offload tune measures the disk and picks the depth itself: --prefetch N, --no-tune and "
+                         "--dry-run do not apply (use them with offload run)")
+    from ..tune import DEFAULT_PREFETCH, MIN_STREAMED_BYTES
+    t = resolve(a)
+    if sum(t.unit_bytes) < MIN_STREAMED_BYTES:  # nothing would be measured: the cached profiles stay
+        _say(f"offload tune: {t.label}'s units total {format_bytes(sum(t.unit_bytes))} (< "
+             f"{format_bytes(MIN_STREAMED_BYTES)}), too little for the look-ahead depth to matter: nothing measured, "
+             f"nothing forgotten (runs of it use prefetch {DEFAULT_PREFETCH})")
+        return 0
     removed = measure.forget_disks()
     if removed:
         _say(f"offload tune: forgot {removed} cached disk measurement(s) of this machine")
