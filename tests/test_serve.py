@@ -157,7 +157,7 @@ def test_bad_requests_are_4xx_and_the_server_keeps_serving(served):
     r = httpx.post(server.url + "/v1/completions", content=b'{"model": "tiny-llama", "prompt": ', timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
-    assert "not valid JSON" in r.json()["error"]["message"]
+    assert "not valid JSON" in r.json()["error"]["message"] and r.json()["error"]["param"] is None  # not an offset
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "messages": []}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     with pytest.raises(openai.BadRequestError, match="positions"):  # 128 positions: too long
@@ -318,6 +318,15 @@ def test_serve_without_fastapi_is_one_line_before_loading(monkeypatch, capsys):
     assert main(["serve", "--random", "bloom-560m"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'pip install "offload[serve]"' in err[0]
+    assert os.listdir(os.environ["OFFLOAD_CACHE"]) == []
+
+
+@pytest.mark.parametrize("port", ["99999", "-5"])
+def test_serve_refuses_a_port_out_of_range_in_one_line(port, capsys):
+    """--port 99999 was a traceback from bind() after loading (OverflowError), not a usage error."""
+    from offload.cli import main
+    assert main(["serve", "--random", "bloom-560m", "--port", port]) == 2
+    assert "--port" in capsys.readouterr().err
     assert os.listdir(os.environ["OFFLOAD_CACHE"]) == []
 
 

@@ -41,7 +41,7 @@ def add_parser(sub: Any) -> None:
     run.add_model_options(s)
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (127.0.0.1: this machine only; 0.0.0.0 for every interface)")
-    s.add_argument("--port", type=at_least(0), default=8000, help="port to bind (0: any free port, printed)")
+    s.add_argument("--port", type=at_least(0, 65535), default=8000, help="port to bind (0: any free port, printed)")
     s.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="requests sharing each pass")
     s.add_argument("--max-queue", type=at_least(0), default=64, metavar="N",
                    help="requests that may wait for a row; one more is answered 429")
@@ -234,8 +234,9 @@ def create_app(engine: Any, model_name: str, handle: Any = None) -> Any:
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
         where = [str(x) for x in first.get("loc", ()) if x != "body"]
-        if first.get("type") == "json_invalid":
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+            where = []
         else:
             message = f"{'.'.join(where) or 'body'}: {first['msg']}"
         return JSONResponse(error_body(400, message, where[0] if where else None), status_code=400)
