@@ -201,15 +201,24 @@ class Binding:
         """This tensor's typed view in a unit's bytes ``data``."""
         return data[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
 
+    def _normal_view(self, data: torch.Tensor) -> torch.Tensor:
+        """``_view`` made outside inference mode: a view made in it is an inference tensor, and views are kept
+        (``views``, the hook's ``_kept``), so a later forward with grad mode on failed on them ("Inference
+        tensors cannot be saved for backward"). A view of normal memory made outside it serves every mode."""
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self._view(data)
+        return self._view(data)
+
     def view_in(self, data: torch.Tensor, keep: bool) -> torch.Tensor:
         """``keep``: ``data`` lives as long as the handle (host ring slots, the RAM tier, expert tables), so
         its view may be kept; a device slot or GPU-tier unit can be freed (given back on OOM) and is not."""
         if not keep:
-            return self._view(data)
+            return self._normal_view(data)
         key = data.data_ptr()
         view = self.views.get(key)
         if view is None:
-            view = self._view(data)
+            view = self._normal_view(data)
             if len(self.views) >= _MAX_VIEWS:
                 self.views.clear()
             self.views[key] = view
@@ -518,12 +527,6 @@ class UnitHook:
     def pre(self, module: nn.Module, args: Any) -> None:
         if _compiling():
             return eagerly(UnitHook._pre_compiled, self, module, args)
-        if torch.is_inference_mode_enabled():
-            # a view made in inference mode is an inference tensor, and the views are kept (``Binding.views``,
-            # ``_kept``): a later forward with grad mode on would fail on them ("Inference tensors cannot be
-            # saved for backward"). Views of normal memory made outside it serve every mode.
-            with torch.inference_mode(False):
-                return self.pre(module, args)
         if self.depth and self.bound_units.threads.get(self) == threading.get_ident():
             if self.reentered(module):
                 self.depth += 1  # re-entered (a unit calling itself): the outer call's binding serves
