@@ -123,13 +123,11 @@ class Offloaded(torch.Tensor):
 
     @staticmethod
     def __new__(cls, shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool, name: str,
-                device: torch.device, load: Any, is_param: bool = False) -> Offloaded:
+                device: torch.device, load: Any) -> Offloaded:
         t = torch.Tensor._make_subclass(cls, torch.empty(shape, dtype=dtype, device="meta"), requires_grad)
         t._offload_name, t._offload_device, t._offload_load = name, device, load
         t._offload_warned = False
         t._offload_grad = requires_grad
-        if is_param:  # isinstance(t, nn.Parameter) is True, as for the Parameter it stands in for
-            t._is_param = True  # (``module.get_parameter(name)`` refused every streamed weight)
         return t
 
     def materialize(self) -> torch.Tensor:

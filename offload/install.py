@@ -109,7 +109,7 @@ def bindings(plan: UnitPlan, rec: UnitRecord, restore: dict[int, torch.Tensor], 
         on_meta = current.device.type == "meta"  # Accelerate's placeholder (or a model built on meta)
         stand_in = Offloaded(t.shape, t.dtype, bool(current.requires_grad), f"{plan.name}.{t.rel}",
                              current.device if on_meta else plan.device,
-                             functools.partial(_read_stray, store, rec, t.rel, plan.device), is_param=t.is_param)
+                             functools.partial(_read_stray, store, rec, t.rel, plan.device))
         live = None
         if t.is_param:
             # The user's Parameter keeps its identity (its storage is swapped) when it is on the unit's device.

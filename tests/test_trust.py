@@ -510,15 +510,3 @@ def test_state_dict_taken_while_another_thread_is_inside_a_unit(keep_vars):
             if isinstance(g, Offloaded):
                 g = g.materialize()
             assert torch.equal(g, v), k
-
-
-def test_get_parameter_finds_a_streamed_weight():
-    """``module.get_parameter(name)`` (PEFT, Transformers utilities) refused every streamed weight while enabled:
-    the stand-in was no ``nn.Parameter``. Buffers stay buffers."""
-    model = Stack(2)
-    want = model.blocks[1].lin.weight.detach().clone()
-    with offload.enable(model, ram_tier=0, progress=False, tune=False):
-        p = model.get_parameter("blocks.1.lin.weight")
-        assert isinstance(p, nn.Parameter) and isinstance(p, Offloaded)
-        assert torch.equal(p.detach(), want)
-        assert all(isinstance(p, nn.Parameter) for _, p in model.named_parameters())
