@@ -113,8 +113,14 @@ def bindings(plan: UnitPlan, rec: UnitRecord, restore: dict[int, torch.Tensor], 
         live = None
         if t.is_param:
             # The user's Parameter keeps its identity (its storage is swapped) when it is on the unit's device.
-            fresh = nn.Parameter(torch.empty(0, dtype=t.dtype, device=plan.device), requires_grad=current.requires_grad)
-            live = current if not on_meta and current.device == plan.device else fresh
+            # Made outside inference mode (``load``/``enable`` under ``torch.inference_mode()``): an inference
+            # tensor's ``.data`` cannot take the buffers' views, made outside it (``Binding._normal_view``), so a
+            # Parameter made inside it (a model built there) is not kept either.
+            with torch.inference_mode(False):
+                fresh = nn.Parameter(torch.empty(0, dtype=t.dtype, device=plan.device),
+                                     requires_grad=current.requires_grad)
+            keep = not on_meta and current.device == plan.device and not current.is_inference()
+            live = current if keep else fresh
         if q is None:
             assert r is not None
             b = Binding(t.owner, t.attr, t.is_param, r.offset, r.nbytes, t.dtype, t.shape, stand_in, current, live)

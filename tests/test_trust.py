@@ -510,3 +510,34 @@ def test_state_dict_taken_while_another_thread_is_inside_a_unit(keep_vars):
             if isinstance(g, Offloaded):
                 g = g.materialize()
             assert torch.equal(g, v), k
+
+
+@pytest.mark.parametrize("where", ["model built", "folder loaded"])
+def test_a_model_made_under_inference_mode_runs_in_every_mode(where, tmp_path):
+    """Parameters made under ``torch.inference_mode()`` (a model built there, or ``offload.load`` called there,
+    which makes the Parameters of a model built on meta) are inference tensors: binding them to views made
+    outside inference mode failed every forward ("Inference tensors do not track version counter"). Such a
+    Parameter is not kept: the unit binds a Parameter made outside inference mode."""
+    import transformers as tf
+    from conftest import moe_config
+    x = torch.randint(0, 256, (1, 5))
+    torch.manual_seed(0)
+    reference = tf.AutoModelForCausalLM.from_config(moe_config("llama", layers=2)).eval()
+    with torch.no_grad():
+        want = reference(x).logits
+    if where == "model built":
+        with torch.inference_mode():
+            torch.manual_seed(0)
+            model = tf.AutoModelForCausalLM.from_config(moe_config("llama", layers=2)).eval()
+        handle = offload.enable(model, ram_tier=0, progress=False, tune=False)
+    else:
+        reference.save_pretrained(tmp_path / "m")
+        with torch.inference_mode():
+            model, handle = offload.load(tmp_path / "m", ram_tier=0, progress=False, tune=False)
+    try:
+        with torch.inference_mode():
+            assert torch.equal(model(x).logits, want)
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, want)
+    finally:
+        handle.disable()
