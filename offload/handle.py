@@ -218,7 +218,12 @@ class Handle:
         with self._lock:
             if self.closed:
                 return
-            self._final = self.stats()  # what stats() answers from now on (the prefetcher and its buffers go)
+            try:  # what stats() answers from now on (the prefetcher and its buffers go)
+                self._final = self.stats()
+            except Exception as e:  # noqa: BLE001 - a sticky CUDA error must not stop the teardown below
+                log.warning("offload: the handle's stats could not be read at disable (%s); they read as zero", e)
+                self._final = Stats(0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0, 0, 0, self._prefetcher.depth,
+                                    self._prefetcher.reader.name, self._store.path)
             self.closed = True
         self._finalizer.detach()
         errors: list[Exception] = []  # a failing step (a CUDA error, a damaged file) must not skip the rest
@@ -384,13 +389,16 @@ def _refuse_weightless_forward(model: nn.Module) -> None:
     """After ``disable``, a model whose streamed weights were never in memory (built on meta: ``offload.load``,
     ``enable(model, store=...)``) holds meta placeholders again; its forward failed deep in torch ("Tensor on
     device cpu is not on the expected device meta"). Now it says why, until it is enabled again."""
-    meta = next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
-                 if t.device.type == "meta"), None)
-    if meta is None:
+    def on_meta() -> str | None:
+        return next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                     if t.device.type == "meta"), None)
+    if on_meta() is None:
         return
 
     def refuse(module: nn.Module, args: Any) -> None:
-        if getattr(module, "_offload_handle", None) is not None:  # enabled again: its weights are back
+        meta = on_meta()
+        # enabled again, or given its weights (load_state_dict(assign=True), to_empty + load, a dispatch)
+        if getattr(module, "_offload_handle", None) is not None or meta is None:
             hook.remove()
             return
         raise OffloadError(f"{type(module).__name__} was disabled and its weights are not in memory ({meta} is on "

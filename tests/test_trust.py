@@ -478,6 +478,27 @@ def test_a_loaded_model_after_disable_says_it_has_no_weights(tmp_path):
         model(x)
     with offload.enable(model, store=store, progress=False, tune=False), torch.no_grad():
         assert torch.equal(model(x).logits, reference(x).logits)
+    with pytest.raises(offload.OffloadError, match="was disabled"):
+        model(x)
+    model.load_state_dict(reference.state_dict(), assign=True)  # its weights given back: the refusal goes
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reference(x).logits)
+
+
+def test_disable_tears_down_when_the_stats_cannot_be_read(monkeypatch):
+    """disable() reads the stats first (what stats() answers after it); a read that raises (a sticky CUDA error
+    in the pass meter's events) must not stop the teardown: the model gets its weights back."""
+    model = Stack(2)
+    want = model.blocks[0].lin.weight.detach().clone()
+    h = offload.enable(model, ram_tier=0, progress=False, tune=False)
+    run(model, torch.randn(2, D))
+
+    def broken() -> float:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(h._meter, "s_per_pass", broken)
+    h.disable()
+    assert h.closed and not isinstance(model.blocks[0].lin.weight, Offloaded)
+    assert torch.equal(model.blocks[0].lin.weight, want) and h.stats().bytes_read == 0
 
 
 @pytest.mark.parametrize("keep_vars", [False, True])
