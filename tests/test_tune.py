@@ -375,6 +375,26 @@ def test_offload_tune_of_a_model_too_small_to_measure_keeps_the_cached_disk_prof
     assert profile.exists()
 
 
+def test_offload_tune_weighs_a_moe_block_without_its_routed_experts(monkeypatch, tmp_path):
+    """enable measures the disk only when the units *it streams* reach MIN_STREAMED_BYTES, and a MoE block streams
+    without its routed experts: tune's check counted whole blocks, so it forgot the profiles for a run that
+    measured none. The threshold is set between the two sums; nothing is run (cmd_run stubbed)."""
+    import offload.tune as tune_mod
+    from offload.cli import build_parser
+    from offload.cli import run as R
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "c"))
+    a = build_parser().parse_args(["tune", "--random", "tiny-qwen3-moe", "--device", "cpu"])
+    t = R.resolve(a)
+    dense, experts = R.unit_sizes(t, "cpu")
+    assert experts is not None and sum(dense) < sum(t.unit_bytes)
+    monkeypatch.setattr(tune_mod, "MIN_STREAMED_BYTES", (sum(dense) + sum(t.unit_bytes)) // 2)
+    forgot, ran = [], []
+    monkeypatch.setattr(R.measure, "forget_disks", lambda: forgot.append(1) or 0)
+    monkeypatch.setattr(R, "cmd_run", lambda a, work=None: ran.append(1) or 0)
+    assert R.cmd_tune(a) == 0
+    assert not forgot and not ran
+
+
 def test_recent_disk_bound_runs_correct_a_stale_profile(monkeypatch):
     p = DiskProfile({}, {1: GB, 8: GB}, 1, 0, 0)
     u = units(10, 100_000_000, 0.0)

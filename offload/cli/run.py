@@ -889,8 +889,11 @@ def cmd_tune(a: argparse.Namespace) -> int:
                          "--dry-run do not apply (use them with offload run)")
     from ..tune import DEFAULT_PREFETCH, MIN_STREAMED_BYTES
     t = resolve(a)
-    if sum(t.unit_bytes) < MIN_STREAMED_BYTES:  # nothing would be measured: the cached profiles stay
-        _say(f"offload tune: {t.label}'s units total {format_bytes(sum(t.unit_bytes))} (< "
+    sizes, experts = unit_sizes(t, "cpu")  # what enable weighs: a MoE block without its routed experts
+    streamed = sum(sizes)
+    if streamed < MIN_STREAMED_BYTES:  # nothing would be measured: the cached profiles stay
+        _say(f"offload tune: {t.label}'s units total {format_bytes(streamed)}"
+             f"{' besides their routed experts (read as routed)' if experts is not None else ''} (< "
              f"{format_bytes(MIN_STREAMED_BYTES)}), too little for the look-ahead depth to matter: nothing measured, "
              f"nothing forgotten (runs of it use prefetch {DEFAULT_PREFETCH})")
         return 0
