@@ -387,3 +387,20 @@ def test_specs_of_a_transposed_weight(scheme, group):
     x, b = _x(4, 128), _x(96, seed=2)
     torch.testing.assert_close(torch.addmm(b, x, qw), torch.addmm(b, x, qw.dequantize()), atol=0.02, rtol=0.02)
     torch.testing.assert_close(qw.dequantize(), w, atol=0.01, rtol=0)
+
+
+def test_int8_chunk_buffer_made_under_inference_mode_serves_later_calls(monkeypatch):
+    """The int8 CPU path keeps one conversion buffer per thread; made during a first call under
+    ``torch.inference_mode()`` it was an inference tensor, and every later call outside inference mode failed
+    ("Inplace update to inference tensor outside InferenceMode")."""
+    from offload.quant import tensor as T
+    monkeypatch.setattr(T, "_local", type(T._local)())  # no buffer yet in this thread
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)  # fp32 activations: the chunked path (no vectorized fp32 int8 kernel)
+    qw = Q.from_stored(Q.quantize_linear(w, "int8", None), (64, 32), torch.float32, "int8")
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        a = F.linear(x, qw)
+    with torch.no_grad():
+        b = F.linear(x, qw)
+    assert torch.equal(a, b)

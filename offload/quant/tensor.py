@@ -222,7 +222,10 @@ def _chunk_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
     bufs = _local.__dict__.setdefault("bufs", {})
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+        # kept across calls: made in inference mode, a call outside it could not write it ("Inplace update to
+        # inference tensor outside InferenceMode")
+        with torch.inference_mode(False):
+            buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
