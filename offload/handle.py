@@ -26,7 +26,7 @@ from . import tune as _tune
 from ._fileio import hold
 from .config import cache_dir
 from .errors import ChecksumError, OffloadError, StoreError
-from .hooks import QuantBinding, UnitHook, _compiling, eagerly, guard_casts
+from .hooks import QuantBinding, UnitHook, _compiling, eagerly, guard_casts, unwatch_streamed, watch_streamed
 from .install import unload_resident
 from .plan import UnitPlan
 from .prefetch import Prefetcher
@@ -112,6 +112,7 @@ class Handle:
         self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                             model.register_forward_hook(self._root_post, always_call=True)]
         self._cast_guards = guard_casts(model, [b for h in hooks for b in h.bindings])
+        watch_streamed([b for h in hooks for b in h.bindings])
         # whether a forward's weights are gone once it returns (a backward through it cannot work): not where
         # every unit computes from its own RAM-tier buffer, kept between forwards
         self._frees_weights = any(not h.keeps_weights for h in hooks)
@@ -237,6 +238,7 @@ class Handle:
             rh.remove()
         for module, guard in self._cast_guards:
             guard.remove(module)
+        unwatch_streamed([b for h in self._hooks for b in h.bindings])
         for h in self._hooks:
             h.remove()
         step(self._save_compute)

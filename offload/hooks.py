@@ -48,6 +48,42 @@ def eagerly(fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
+# The (module, name) slots whose tensor is streamed, per enabled model: assigning one a new tensor while enabled
+# (``module.weight = nn.Parameter(...)``, ``register_buffer``) was silently undone at the unit's next forward,
+# which binds its own; torch's global registration hooks refuse it instead, at no cost to a forward.
+_STREAMED: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = weakref.WeakKeyDictionary()
+_REGISTRATION_HOOKS: list[Any] = []
+
+
+def _refuse_replacing(module: nn.Module, name: str, value: Any) -> None:
+    slots = _STREAMED.get(module)
+    if slots and name in slots:
+        raise OffloadError(
+            f"{type(module).__name__}.{name} is streamed by offload while it is enabled: a tensor assigned to it "
+            f"would be replaced by the store's at the unit's next forward. Call offload.disable(model), assign, "
+            f"then enable again (the store is rebuilt from the model's new weights)")
+
+
+def watch_streamed(bindings: list[Binding]) -> None:
+    """Refuse assignments to these bindings' slots until ``unwatch_streamed`` (``disable``)."""
+    if not _REGISTRATION_HOOKS:
+        from torch.nn.modules import module as _m
+        _REGISTRATION_HOOKS.extend([_m.register_module_parameter_registration_hook(_refuse_replacing),
+                                    _m.register_module_buffer_registration_hook(_refuse_replacing)])
+    for b in bindings:
+        slots = _STREAMED.setdefault(b.owner, {})
+        slots[b.attr] = slots.get(b.attr, 0) + 1
+
+
+def unwatch_streamed(bindings: list[Binding]) -> None:
+    for b in bindings:
+        slots = _STREAMED.get(b.owner)
+        if slots is not None and b.attr in slots:
+            slots[b.attr] -= 1
+            if not slots[b.attr]:
+                del slots[b.attr]
+
+
 _EMPTY: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 

@@ -562,3 +562,22 @@ def test_a_model_made_under_inference_mode_runs_in_every_mode(where, tmp_path):
             assert torch.equal(model(x).logits, want)
     finally:
         handle.disable()
+
+
+def test_assigning_a_streamed_weight_while_enabled_is_refused():
+    """``module.weight = nn.Parameter(...)`` (or ``register_buffer``) on a streamed slot was silently undone at the
+    unit's next forward, which binds the store's tensor: refused now, the model unchanged; resident weights, and
+    every weight after ``disable``, take assignments as usual."""
+    model = Stack(2)
+    x = torch.randn(2, D)
+    want = run(model, x)
+    new = nn.Parameter(torch.zeros(D, D))
+    with offload.enable(model, ram_tier=0, progress=False, tune=False):
+        with pytest.raises(offload.OffloadError, match=r"Linear.weight is streamed by offload"):
+            model.blocks[0].lin.weight = new
+        with pytest.raises(offload.OffloadError, match="is streamed by offload"):
+            model.blocks[1].out.register_parameter("bias", nn.Parameter(torch.zeros(D)))
+        assert torch.equal(run(model, x), want)
+        model.head.bias = nn.Parameter(model.head.bias.detach().clone())  # resident: assignable
+    model.blocks[0].lin.weight = new  # disabled: the model is the user's again
+    assert model.blocks[0].lin.weight is new
