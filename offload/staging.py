@@ -52,7 +52,8 @@ class HostBuffer:
         huge = huge and self.nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
         span = self.nbytes + HUGE_PAGE - PAGE if huge else self.nbytes
         self._mm: mmap.mmap | None = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        whole = torch.frombuffer(self._mm, dtype=torch.uint8)
+        with torch.inference_mode(False):  # made during a forward under inference mode (a ring made when units
+            whole = torch.frombuffer(self._mm, dtype=torch.uint8)  # first stream), views of it would not serve later ones
         self._pad = (-whole.data_ptr()) % HUGE_PAGE if huge else 0
         self.huge = False
         if huge:
@@ -61,7 +62,8 @@ class HostBuffer:
                 self.huge = True
             except OSError:  # THP compiled out of this kernel: 4 KiB pages still work
                 pass
-        self.tensor = whole[self._pad:self._pad + self.nbytes]
+        with torch.inference_mode(False):
+            self.tensor = whole[self._pad:self._pad + self.nbytes]
         self.address = self.tensor.data_ptr()
         self.registered = False  # page-locked for DMA (transfer.register_host_buffer)
         self.on_close: list[Callable[[HostBuffer], None]] = []

@@ -165,7 +165,8 @@ class CudaBackend:
         return torch.cuda.current_stream(self.device)
 
     def empty(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        with torch.inference_mode(False):  # slots made during a forward under inference mode serve every later one
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def copy(self, stream: Any, dst: torch.Tensor, src: torch.Tensor) -> None:
         with torch.cuda.stream(stream):

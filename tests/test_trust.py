@@ -581,3 +581,15 @@ def test_assigning_a_streamed_weight_while_enabled_is_refused():
         model.head.bias = nn.Parameter(model.head.bias.detach().clone())  # resident: assignable
     model.blocks[0].lin.weight = new  # disabled: the model is the user's again
     assert model.blocks[0].lin.weight is new
+
+
+def test_buffers_made_during_an_inference_mode_forward_serve_later_forwards():
+    """Host buffers (a ring made when units first stream, expert tables) can be made during a forward under
+    ``torch.inference_mode()``; as inference tensors, their views could not serve a later forward with grad
+    mode on, nor take an in-place write outside inference mode."""
+    from offload.staging import HostBuffer
+    with torch.inference_mode():
+        buf = HostBuffer(1 << 20)
+    assert not buf.tensor.is_inference()
+    buf.tensor[:4].copy_(torch.arange(4, dtype=torch.uint8))  # outside inference mode: allowed
+    buf.close()
