@@ -112,7 +112,7 @@ class Handle:
         self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                             model.register_forward_hook(self._root_post, always_call=True)]
         self._cast_guards = guard_casts(model, [b for h in hooks for b in h.bindings])
-        watch_streamed([b for h in hooks for b in h.bindings])
+        self._watched = watch_streamed([b for h in hooks for b in h.bindings])
         # whether a forward's weights are gone once it returns (a backward through it cannot work): not where
         # every unit computes from its own RAM-tier buffer, kept between forwards
         self._frees_weights = any(not h.keeps_weights for h in hooks)
@@ -129,7 +129,7 @@ class Handle:
         # dropped without disable() (the model and its handle garbage together): the reader threads, open
         # files and a temporary store must not outlive them. Holds no reference to the handle or the model.
         self._finalizer = weakref.finalize(self, _abandoned, prefetcher, list(stagers),
-                                           store.path if temp_store else None, self._in_use)
+                                           store.path if temp_store else None, self._in_use, self._watched)
 
     def _attach(self) -> None:
         """Make this the model's handle (``disable(model)`` finds it), disabled at exit if still open."""
@@ -238,7 +238,7 @@ class Handle:
             rh.remove()
         for module, guard in self._cast_guards:
             guard.remove(module)
-        unwatch_streamed([b for h in self._hooks for b in h.bindings])
+        unwatch_streamed(self._watched)
         for h in self._hooks:
             h.remove()
         step(self._save_compute)
@@ -409,10 +409,12 @@ def _refuse_weightless_forward(model: nn.Module) -> None:
     hook = model.register_forward_pre_hook(refuse)
 
 
-def _abandoned(prefetcher: Prefetcher, stagers: list[Stager], temp_store: str | None, in_use: int | None) -> None:
+def _abandoned(prefetcher: Prefetcher, stagers: list[Stager], temp_store: str | None, in_use: int | None,
+               watched: list[Any]) -> None:
     """A handle collected without ``disable()``: stop its reader threads, free its buffers, close its files,
-    remove its temporary store. In a thread of its own: the collection may run on a reader thread, which
-    cannot join itself."""
+    remove its temporary store, let the submodules that outlive it take weights again. In a thread of its own:
+    the collection may run on a reader thread, which cannot join itself."""
+    unwatch_streamed(watched)
     def close() -> None:
         for stager in stagers:
             with contextlib.suppress(Exception):

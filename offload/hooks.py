@@ -64,8 +64,10 @@ def _refuse_replacing(module: nn.Module, name: str, value: Any) -> None:
             f"then enable again (the store is rebuilt from the model's new weights)")
 
 
-def watch_streamed(bindings: list[Binding]) -> None:
-    """Refuse assignments to these bindings' slots until ``unwatch_streamed`` (``disable``)."""
+def watch_streamed(bindings: list[Binding]) -> list[tuple[weakref.ref[nn.Module], str]]:
+    """Refuse assignments to these bindings' slots until ``unwatch_streamed`` of what this returns (``disable``,
+    or the handle's finalizer: a submodule kept after its model was dropped without ``disable`` takes weights
+    again). The slots are held weakly, so the finalizer keeps no module alive."""
     if not _REGISTRATION_HOOKS:
         from torch.nn.modules import module as _m
         _REGISTRATION_HOOKS.extend([_m.register_module_parameter_registration_hook(_refuse_replacing),
@@ -73,15 +75,17 @@ def watch_streamed(bindings: list[Binding]) -> None:
     for b in bindings:
         slots = _STREAMED.setdefault(b.owner, {})
         slots[b.attr] = slots.get(b.attr, 0) + 1
+    return [(weakref.ref(b.owner), b.attr) for b in bindings]
 
 
-def unwatch_streamed(bindings: list[Binding]) -> None:
-    for b in bindings:
-        slots = _STREAMED.get(b.owner)
-        if slots is not None and b.attr in slots:
-            slots[b.attr] -= 1
-            if not slots[b.attr]:
-                del slots[b.attr]
+def unwatch_streamed(watched: list[tuple[weakref.ref[nn.Module], str]]) -> None:
+    for ref, attr in watched:
+        owner = ref()
+        slots = _STREAMED.get(owner) if owner is not None else None
+        if slots is not None and attr in slots:
+            slots[attr] -= 1
+            if not slots[attr]:
+                del slots[attr]
 
 
 _EMPTY: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}

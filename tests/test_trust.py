@@ -593,3 +593,17 @@ def test_buffers_made_during_an_inference_mode_forward_serve_later_forwards():
     assert not buf.tensor.is_inference()
     buf.tensor[:4].copy_(torch.arange(4, dtype=torch.uint8))  # outside inference mode: allowed
     buf.close()
+
+
+def test_a_submodule_kept_after_its_model_was_dropped_takes_weights_again():
+    """A model enabled and dropped without ``disable()``: a submodule the user kept still counted as streamed, so
+    assigning it weights was refused for good, naming a model that no longer exists."""
+    import gc
+    model = Stack(2)
+    lin = model.blocks[0].lin
+    offload.enable(model, ram_tier=0, progress=False, tune=False)
+    del model
+    gc.collect()
+    new = nn.Parameter(torch.zeros(D, D))
+    lin.weight = new
+    assert lin.weight is new
