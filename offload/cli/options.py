@@ -63,7 +63,8 @@ def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if n < minimum or (maximum is not None and n > maximum):
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}{f' and at most {maximum}' if maximum is not None else ''}, got {n}")
+            most = f" and at most {maximum}" if maximum is not None else ""
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{most}, got {n}")
         return n
     parse.__name__ = f"integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
     return parse
