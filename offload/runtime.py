@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ from .errors import OffloadError, StoreError, StoreMismatchError
 from .experts import (DeviceTable, DeviceTier, ExpertBinding, ExpertCache, ExpertsGroup, ExpertsHook, ExpertsStager,
                       carve, experts_modules, reads_per_forward)
 from .handle import Handle
-from .hooks import BoundUnits, UnitHook
+from .hooks import BoundUnits, Offloaded, UnitHook
 from .install import bindings, load_resident_from_store, keep_shared, silence_inner_accelerate_hooks, unload_resident
 from .io import Reader, get_reader
 from .manifest import MANIFEST, UnitRecord
@@ -118,6 +119,12 @@ def enable(model: nn.Module, prefetch: int | str = "auto", store: str | os.PathL
     old = getattr(model, "_offload_handle", None)
     if old is not None and not old.closed:
         raise OffloadError("offload is already enabled on this model: call offload.disable(model) first")
+    shared = next((n for n, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                                model.named_buffers(remove_duplicate=False))
+                   if isinstance(t, Offloaded)), None)
+    if shared is not None:  # a module shared with a model offload streams: its weights are that model's stand-ins
+        raise OffloadError(f"{shared} is streamed by another model that offload has enabled (this model shares its "
+                           f"module): disable that model first, or enable one model that holds both")
     if isinstance(prefetch, str) and prefetch != "auto":
         raise ValueError(f"prefetch must be an integer >= 1 or 'auto', got {prefetch!r}")
     StagingConfig(_tune.DEFAULT_PREFETCH if prefetch == "auto" else prefetch, 1, 1, io_threads)  # validated before any work

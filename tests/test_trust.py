@@ -607,3 +607,19 @@ def test_a_submodule_kept_after_its_model_was_dropped_takes_weights_again():
     new = nn.Parameter(torch.zeros(D, D))
     lin.weight = new
     assert lin.weight is new
+
+
+def test_enabling_a_model_that_shares_a_streamed_module_with_an_enabled_one_is_refused():
+    """Two models sharing a block: enabling the second while the first streams it planned from the first's
+    stand-ins and, depending on the order of its steps, failed half-installed or streamed nothing of it.
+    Refused before anything is touched; once the first is disabled the second enables as usual."""
+    a, b = Stack(2), Stack(2, seed=1)
+    b.blocks[0] = a.blocks[0]
+    x = torch.randn(2, D)
+    want_a, want_b = run(a, x), run(b, x)
+    with offload.enable(a, ram_tier=0, progress=False, tune=False):
+        with pytest.raises(offload.OffloadError, match="streamed by another model"):
+            offload.enable(b, ram_tier=0, progress=False, tune=False)
+        assert torch.equal(run(a, x), want_a)
+    with offload.enable(b, ram_tier=0, progress=False, tune=False):
+        assert torch.equal(run(b, x), want_b)
