@@ -111,8 +111,9 @@ class Handle:
                                          lambda: self._prefetcher.stats().wait_seconds, clock)
         self._root_hooks = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                             model.register_forward_hook(self._root_post, always_call=True)]
-        self._cast_guards = guard_casts(model, [b for h in hooks for b in h.bindings])
-        self._watched = watch_streamed([b for h in hooks for b in h.bindings])
+        streamed = [b for h in hooks for b in h.bindings]
+        self._cast_guards = guard_casts(model, streamed)
+        self._watched = watch_streamed(streamed)
         # whether a forward's weights are gone once it returns (a backward through it cannot work): not where
         # every unit computes from its own RAM-tier buffer, kept between forwards
         self._frees_weights = any(not h.keeps_weights for h in hooks)
