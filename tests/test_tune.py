@@ -359,6 +359,14 @@ def test_offload_tune_refuses_the_options_it_would_ignore(extra, tmp_path):
     assert not (tmp_path / "c" / "random").exists()  # nothing built
 
 
+def test_offload_tune_without_a_model_is_a_usage_error(capsys):
+    """Its size check resolved the model before run's check that one was given: a TypeError traceback."""
+    from offload.cli import main
+    assert main(["tune"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and "pass MODEL" in err[0]
+
+
 def test_offload_tune_of_a_model_too_small_to_measure_keeps_the_cached_disk_profiles(tmp_path):
     """A model whose units total under MIN_STREAMED_BYTES measures nothing: ``offload tune`` forgot the machine's
     disk profiles first, so the next run of a large model measured again, and said it had cached measurements."""

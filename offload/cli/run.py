@@ -54,6 +54,9 @@ def resolve(a: argparse.Namespace) -> Target:
     from ..manifest import MANIFEST
     from ..store import Store
     from ..writer import plan_layout
+    if bool(a.model) == bool(a.random):  # every command that resolves a model (run, serve, tune) asks this first
+        raise UsageError("pass MODEL (a Hugging Face folder or a store) or --random NAME" +
+                         (", not both" if a.model else ""))
     want = DTYPES[a.dtype] if a.dtype else None
     if a.random:
         dtype = want or torch.bfloat16
@@ -660,9 +663,6 @@ def cmd_run(a: argparse.Namespace, work: Callable[..., int] | None = None) -> in
     if jobs is not None and (a.prompt is not None or a.speculate):
         raise UsageError(f"--prompts {a.prompts} runs every prompt in the file: drop "
                          + ("--prompt" if a.prompt is not None else "--speculate (one sequence at a time)"))
-    if bool(a.model) == bool(a.random):
-        raise UsageError("pass MODEL (a Hugging Face folder or a store) or --random NAME" +
-                         (", not both" if a.model else ""))
     if not a.verbose:
         import transformers as tf
         tf.logging.set_verbosity_error()  # generate()'s notes about pad tokens are not the user's business
