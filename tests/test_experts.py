@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 import offload
 from conftest import moe_config
 from offload.experts import experts_modules
+from offload.staging import HUGE_PAGE
 
 IDS = torch.tensor([[3, 17, 42, 9, 120, 77, 5, 61]])
 
@@ -341,6 +343,14 @@ def _big_experts_model(experts: int = 8):
     return tf.AutoModelForCausalLM.from_config(cfg).eval()
 
 
+def _huge_page_stager(h):
+    """The handle's experts stager; the test is skipped where its tables have no transparent huge pages."""
+    stager = next(st for st in h._stagers if hasattr(st, "tables"))
+    if not all(t.huge for t in stager.tables.values()):
+        pytest.skip("no transparent huge pages here: no pages to move")
+    return stager
+
+
 def test_evicted_experts_huge_pages_are_moved_under_the_next_reads(tmp_path, no_thread_leak):
     """With no expert cache each forward's experts are evicted after it; their huge pages wait in the pool (never
     more than one forward read) and are moved under the next forward's reads instead of fresh pages being
@@ -349,9 +359,7 @@ def test_evicted_experts_huge_pages_are_moved_under_the_next_reads(tmp_path, no_
     ref = copy.deepcopy(model)
     with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False,
                         predict_experts=False) as h:
-        stager = next(st for st in h._stagers if hasattr(st, "tables"))
-        if not all(t.huge for t in stager.tables.values()):
-            pytest.skip("no transparent huge pages here: nothing to move")
+        stager = _huge_page_stager(h)
         pool = stager.pool
         maps = []
         with torch.no_grad():
@@ -375,14 +383,72 @@ def test_an_evicted_expert_routed_again_keeps_its_own_pages(predict, tmp_path, n
     ref = copy.deepcopy(model)
     with offload.enable(model, prefetch=1, cpu_memory="60MiB", store=tmp_path / "s", progress=False,
                         predict_experts=predict) as h:
-        stager = next(st for st in h._stagers if hasattr(st, "tables"))
-        if not all(t.huge for t in stager.tables.values()):
-            pytest.skip("no transparent huge pages here: nothing to move")
+        stager = _huge_page_stager(h)
         with torch.no_grad():
             for seed in range(20):
                 ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(seed))
                 assert torch.equal(model(ids).logits, ref(ids).logits), seed
         assert stager.pool.enabled and stager.pool.moved_bytes > 0 and stager.cache.evictions > 0
+
+
+def _spare_settled(pool) -> bool:
+    """The pool's thread is done filling: up to its limit, or it stopped."""
+    with pool.lock:
+        return pool.lock.wait_for(lambda: pool._spare is None or not pool._spare.filling and (
+            not pool.enabled or pool.bytes + HUGE_PAGE > pool.limit or pool._spare.next_empty() is None), timeout=60)
+
+
+def test_reads_no_evicted_expert_can_back_land_on_spare_pages_faulted_in_ahead(tmp_path, no_thread_leak):
+    """An expert cache that is not full evicts nothing, so no evicted expert's pages can back the next read: the
+    pool's thread faults spare huge pages in after each batch (on this VM memory the guest has not touched
+    lately faults at ~0.45 GB/s, in a read a forward waits for) and they are moved under the reads. The logits
+    stay the model's; the pool holds at most the read room, its thread stops at disable, and the moves split
+    no more mappings than the tables' advice was allowed."""
+    model = _big_experts_model(experts=16)
+    ref = copy.deepcopy(model)
+    with offload.enable(model, prefetch=1, cpu_memory="1GiB", store=tmp_path / "s", progress=False,
+                        predict_experts=False) as h:
+        stager = _huge_page_stager(h)
+        pool, maps = stager.pool, []
+        assert pool._spare is not None and pool.limit == stager.read_room
+        with torch.no_grad():
+            for seed in range(8):
+                ids = torch.randint(0, 256, (1, 2), generator=torch.Generator().manual_seed(seed))
+                assert torch.equal(model(ids).logits, ref(ids).logits), seed
+                assert _spare_settled(pool)
+                assert 0 < pool.bytes <= pool.limit == stager.read_room
+                maps.append(sum(1 for _ in open("/proc/self/maps")))
+        assert stager.cache.evictions == 0 and pool.held_bytes == 0  # nothing evicted: only spare pages served
+        assert pool.spare_moved_bytes > 0
+        ranges = sum(len(r) for t in stager.tables.values() for r in t.huge)
+        assert max(maps) - min(maps) <= 2 * ranges + 2 * pool._spare.pages, maps
+    assert not any(t.name == "offload-spare-pages" for t in threading.enumerate())
+
+
+def test_spare_pages_make_way_for_evicted_ones_within_the_limit(tmp_path, no_thread_leak):
+    """Without a budget the pool holds what the latest batch took: spare pages and evicted experts' pages
+    together never pass it, evicted ones (no fault at all) first."""
+    from offload.experts.pages import PagePool
+    pool = PagePool(spare_pages=8)
+    if pool._spare is None or not pool.enabled:
+        pytest.skip("pages cannot be moved here")
+    try:
+        pool.resize(4 * HUGE_PAGE)
+        pool.refill()
+        assert _spare_settled(pool) and pool.bytes == 4 * HUGE_PAGE and pool._spare.count == 4
+
+        class Donor:
+            def __init__(self): self.back = []
+            def address(self, at): return 0
+            def give_back(self, a, b): self.back.append((a, b))
+        donor = Donor()
+        assert pool.give(donor, 0, 2 * HUGE_PAGE)  # two spare pages go to make room
+        assert pool.bytes == 4 * HUGE_PAGE and pool._spare.count == 2 and pool.held_bytes == 2 * HUGE_PAGE
+        pool.resize(HUGE_PAGE)  # spare pages go before held ranges
+        assert pool._spare.count == 0 and pool.held_bytes == 0 and donor.back == [(0, 2 * HUGE_PAGE)]
+    finally:
+        pool.close()
+    assert pool._spare is None
 
 
 def test_experts_pages_are_given_back_where_they_cannot_be_moved(tmp_path, monkeypatch, caplog, no_thread_leak):
@@ -397,9 +463,7 @@ def test_experts_pages_are_given_back_where_they_cannot_be_moved(tmp_path, monke
     monkeypatch.setattr(pages, "move_pages", refuse)
     with offload.enable(model, prefetch=1, ram_tier=0, store=tmp_path / "s", progress=False,
                         predict_experts=False) as h:
-        stager = next(st for st in h._stagers if hasattr(st, "tables"))
-        if not all(t.huge for t in stager.tables.values()):
-            pytest.skip("no transparent huge pages here: nothing to move")
+        stager = _huge_page_stager(h)
         with torch.no_grad(), caplog.at_level(logging.INFO, logger="offload"):
             for seed in range(3):
                 ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(seed))

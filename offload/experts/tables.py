@@ -361,7 +361,12 @@ class ExpertsStager:
         self.read_room = read_room
         self.said_unsplit = False  # the one log line for a forward that cannot be split
         self.tables = {k: ExpertsTable(g) for k, g in enumerate(groups)}
-        self.pool = PagePool()  # evicted experts' huge pages, moved under the next reads
+        # evicted experts' huge pages, and spare ones faulted in ahead, moved under the next reads; the spare
+        # pages' address space covers the most the pool may hold: the read room, else a layer's table
+        most = read_room if read_room is not None else max((t.buffer.nbytes for t in self.tables.values()), default=0)
+        self.pool = PagePool(spare_pages=most // HUGE_PAGE)
+        if read_room is not None:  # under a budget the pool holds what the read room leaves between forwards
+            self.pool.resize(read_room)
         for t in self.tables.values():
             t.pool = self.pool
         self.in_use: set[tuple[int, int]] = set()
@@ -395,15 +400,22 @@ class ExpertsStager:
             # prefill, a batch of requests) makes room first, for it and the predicted reads not yet admitted
             room = len(missing) * eb + self._inflight_bytes() - self.read_room
             self.cache.evict(self.tables, self.in_use, room=room)
+        moved = self.pool.moved_bytes
         for e in missing:
             table.back(e)
-        if table.huge:  # these reads take this much memory anyway: the pool may keep as much for the next ones
-            self.pool.resize(sum(b - a for e in missing for a, b in table.huge[e]))
+        if table.huge and self.read_room is None:  # these reads take this much memory anyway: the pool may keep
+            self.pool.resize(sum(b - a for e in missing for a, b in table.huge[e]))  # as much for the next ones
+        elif table.huge:  # the pool and what these reads fault in afresh share the read room while they read
+            self.pool.resize(max(0, self.read_room - (len(missing) * eb - (self.pool.moved_bytes - moved))))
         try:
             demand = self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in missing])
             self.prefetcher.finish_reads(loads + demand)
         finally:
             self.prefetcher.resume_prefetch()  # the batch is in (or failed): prefetches held for it may read
+            if table.huge:
+                if self.read_room is not None:
+                    self.pool.resize(self.read_room)
+                self.pool.refill()  # spare pages faulted in while the experts compute, not in the next batch's reads
         with self.cache.lock:  # predicted and routed: hits, and used prediction if predicted since the last reset
             self.cache.hits += len(waits)
             self.cache.predicted_used_bytes += eb * len(self.cache.predicted.intersection((k, e) for e in waits))
@@ -496,6 +508,7 @@ class ExpertsStager:
         for load in self.inflight.values():  # the prefetcher is closed first: these completed or were abandoned
             load.done.wait(1)
         self.inflight = {}
+        self.pool.close()
         for t in self.tables.values():
             self.pool.forget(t)
             t.buffer.close()
