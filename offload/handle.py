@@ -56,7 +56,7 @@ class Stats:
     ram_tier_units: int
     ring_bytes: int
     ram_tier_bytes: int
-    prefetch: int
+    prefetch: int  # units read ahead: the depth asked, capped by the ring (the streamed units but one; at least 1)
     reader: str
     store: str
     expert_hits: int = 0  # routed experts found in the expert cache (mixture-of-experts models)
@@ -176,7 +176,8 @@ class Handle:
             streamed_units=len(self._prefetcher.units) - len(tier) - len(self._prefetcher.elsewhere),
             ram_tier_units=len(tier), ring_bytes=self._prefetcher.config.ring_bytes,
             ram_tier_bytes=sum(b.nbytes for b in tier.values()),
-            prefetch=self._prefetcher.depth, reader=self._prefetcher.reader.name, store=self._store.path,
+            prefetch=max(1, min(self._prefetcher.depth, self._prefetcher.config.ring_slots - 1)),
+            reader=self._prefetcher.reader.name, store=self._store.path,
             **({"expert_hits": self._experts.hits, "expert_misses": self._experts.misses,
                 "expert_bytes_read": self._experts.bytes_read, "expert_cache_bytes": self._experts.used,
                 "expert_predicted_bytes": self._experts.predicted_bytes,

@@ -462,6 +462,17 @@ def test_stats_after_disable_are_what_they_were_at_disable(tmp_path):
     assert h.stats() == during
 
 
+def test_stats_prefetch_is_the_depth_the_ring_allows():
+    """``prefetch=16`` over 3 streamed units: the ring has 3 slots (one computing), so 2 units are read ahead;
+    stats() said 16."""
+    model = Stack(3)
+    with offload.enable(model, ram_tier=0, prefetch=16, progress=False, tune=False) as h:
+        model(torch.randn(2, D))
+        assert h.stats().prefetch == 2 and h.stats().streamed_units == 3
+    with offload.enable(model, ram_tier=0, prefetch=1, progress=False, tune=False) as h:
+        assert h.stats().prefetch == 1
+
+
 def test_a_loaded_model_after_disable_says_it_has_no_weights(tmp_path):
     """A model ``offload.load`` built on meta, disabled: its forward failed inside torch ("Tensor on device cpu
     is not on the expected device meta"). Now an OffloadError says why, until it is enabled again."""
