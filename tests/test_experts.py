@@ -425,30 +425,67 @@ def test_reads_no_evicted_expert_can_back_land_on_spare_pages_faulted_in_ahead(t
     assert not any(t.name == "offload-spare-pages" for t in threading.enumerate())
 
 
-def test_spare_pages_make_way_for_evicted_ones_within_the_limit(tmp_path, no_thread_leak):
-    """Without a budget the pool holds what the latest batch took: spare pages and evicted experts' pages
-    together never pass it, evicted ones (no fault at all) first."""
+def test_spare_pages_are_kept_over_evicted_ones_and_go_first_on_a_shrink(no_thread_leak):
+    """Spare pages already cost their fault: a full pool refuses an evicted expert's range (its table gives it
+    back) rather than drop one. A shrink gives spare pages back first, then held ranges; a page being faulted
+    in does not push a held range out."""
     from offload.experts.pages import PagePool
     pool = PagePool(spare_pages=8)
     if pool._spare is None or not pool.enabled:
         pytest.skip("pages cannot be moved here")
+
+    class Donor:
+        def __init__(self): self.back = []
+        def address(self, at): return 0
+        def give_back(self, a, b): self.back.append((a, b))
+    donor = Donor()
     try:
         pool.resize(4 * HUGE_PAGE)
         pool.refill()
         assert _spare_settled(pool) and pool.bytes == 4 * HUGE_PAGE and pool._spare.count == 4
-
-        class Donor:
-            def __init__(self): self.back = []
-            def address(self, at): return 0
-            def give_back(self, a, b): self.back.append((a, b))
-        donor = Donor()
-        assert pool.give(donor, 0, 2 * HUGE_PAGE)  # two spare pages go to make room
-        assert pool.bytes == 4 * HUGE_PAGE and pool._spare.count == 2 and pool.held_bytes == 2 * HUGE_PAGE
-        pool.resize(HUGE_PAGE)  # spare pages go before held ranges
-        assert pool._spare.count == 0 and pool.held_bytes == 0 and donor.back == [(0, 2 * HUGE_PAGE)]
+        assert not pool.give(donor, 0, 2 * HUGE_PAGE) and pool._spare.count == 4
+        pool.resize(6 * HUGE_PAGE)
+        assert pool.give(donor, 0, 2 * HUGE_PAGE) and pool.held_bytes == 2 * HUGE_PAGE
+        pool.resize(3 * HUGE_PAGE)  # spare pages go first
+        assert pool._spare.count == 1 and pool.held_bytes == 2 * HUGE_PAGE and donor.back == []
+        with pool.lock:
+            pool._spare.filling.add(5)  # as the thread marks a page it is faulting in
+        pool.resize(2 * HUGE_PAGE)
+        assert pool.held_bytes == 2 * HUGE_PAGE and donor.back == [] and pool._spare.count == 0
+        with pool.lock:
+            pool._spare.filling.discard(5)
+        pool.resize(0)
+        assert pool.bytes == 0 and donor.back == [(0, 2 * HUGE_PAGE)]
     finally:
         pool.close()
     assert pool._spare is None
+
+
+def test_spare_pages_stay_within_the_read_room_while_experts_compute(tmp_path, monkeypatch, no_thread_leak):
+    """Under cpu_memory, the experts held, the page pool (spare pages included) and the reads in flight stay
+    within the cache's budget and the read room while a forward's experts compute: the pool refilled the read
+    room right after the reads, while the experts just read still filled it (one read room over)."""
+    from offload.experts import tables as E
+    cfg = moe_config("qwen3_moe", layers=3, hidden=1024)
+    cfg.num_experts = 16
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    over, want = [], E.ExpertsStager.want
+
+    def checked_want(self, k, experts):
+        want(self, k, experts)
+        assert _spare_settled(self.pool)
+        held = sum(len(t.present) for t in self.tables.values()) * self.tables[k].group.expert_bytes
+        over.append(held + self._inflight_bytes() + self.pool.bytes - self.cache.budget - self.read_room)
+    monkeypatch.setattr(E.ExpertsStager, "want", checked_want)
+    with offload.enable(model, prefetch=1, cpu_memory="80MiB", store=tmp_path / "s", progress=False,
+                        predict_experts=False) as h:
+        stager = _huge_page_stager(h)
+        with torch.no_grad():
+            for seed in range(6):
+                model(torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(seed)))
+        assert stager.pool.spare_moved_bytes > 0 and stager.cache.evictions > 0
+    assert over and max(over) <= 0, max(over)
 
 
 def test_experts_pages_are_given_back_where_they_cannot_be_moved(tmp_path, monkeypatch, caplog, no_thread_leak):

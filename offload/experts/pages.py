@@ -19,7 +19,8 @@ move pages (before Linux 5.7), pages are given back as before.
 
 Where no evicted expert's pages fit (an expert cache that is not full evicts nothing; a batch bigger than the
 last one), the pool's spare pages (``_Spare``) serve instead: huge pages a thread of the pool's own faults in
-after each batch is read (``refill``), while the experts compute, up to the same limit. A fault then happens
+once a forward's experts are done and the cache has evicted (``refill``), while the next units compute, up to
+the same limit (spare pages are kept over evicted ones: they already cost their fault). A fault then happens
 beside the compute instead of inside a read a forward waits for. On this VM that is most of a fresh read's
 time: memory the guest has not touched lately faults at ~0.45 GB/s (the host backs it), recycled memory at
 ~8 GB/s (README, Mixtures of experts).
@@ -68,6 +69,15 @@ def move_pages(src: int, dst: int, nbytes: int) -> None:
     if got != dst:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _thp_on() -> bool:
+    """Whether advised memory gets transparent huge pages (a spare page faulted with THP off is 4 KiB of 2 MiB)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
 
 
 class _Spare:
@@ -133,9 +143,9 @@ class PagePool:
 
     ``give(table, a, b)`` takes table bytes ``[a, b)`` (an evicted expert's huge pages) if there is room;
     ``take(table, a, b)`` moves a held range of that size, else as many spare pages in a row, under ``[a, b)``
-    before a read fills it. ``refill()`` (a batch is read: the experts compute now) wakes the thread that
-    faults spare pages in, up to the limit. Every call holds the pool's lock; the ranges given are not read or
-    written by anyone until taken."""
+    before a read fills it. ``refill()`` (a forward's experts are done and the cache has evicted: its pages came
+    here first) wakes the thread that faults spare pages in, up to the limit. Every call holds the pool's lock;
+    the ranges given are not read or written by anyone until taken."""
 
     def __init__(self, spare_pages: int = 0) -> None:
         self.held: dict[int, list[tuple[Any, int]]] = {}  # size -> [(table, offset)]
@@ -148,7 +158,7 @@ class PagePool:
         self._spare: _Spare | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
-        if self.enabled and _SPARE_PAGES and spare_pages > 0 and hasattr(mmap, "MADV_HUGEPAGE"):
+        if self.enabled and _SPARE_PAGES and spare_pages > 0 and hasattr(mmap, "MADV_HUGEPAGE") and _thp_on():
             try:
                 self._spare = _Spare(spare_pages)
             except (OSError, ValueError) as e:  # no address space, or THP compiled out: reads fault as before
@@ -158,16 +168,19 @@ class PagePool:
     def bytes(self) -> int:
         """Memory the pool holds: evicted experts' ranges and spare pages (those being faulted in included)."""
         spare = self._spare
-        return self.held_bytes + (0 if spare is None else (spare.count + len(spare.filling)) * HUGE_PAGE)
+        return self._kept() + (0 if spare is None else len(spare.filling) * HUGE_PAGE)
+
+    def _kept(self) -> int:
+        """What the pool holds but for pages being faulted in (those are released, not kept, once they are in if
+        the pool is full by then)."""
+        return self.held_bytes + (0 if self._spare is None else self._spare.count * HUGE_PAGE)
 
     def give(self, table: Any, a: int, b: int) -> bool:
         with self.lock:
             if not self.enabled or self._closed:
                 return False
-            if self.bytes + (b - a) > self.limit:  # an evicted expert's pages cost no fault: spare pages go first
-                self._drop_spare(self.bytes + (b - a) - self.limit)
-                if self.bytes + (b - a) > self.limit:
-                    return False
+            if self._kept() + (b - a) > self.limit:  # full: spare pages already cost their fault, these go back
+                return False
             self.held.setdefault(b - a, []).append((table, a))
             self.held_bytes += b - a
             return True
@@ -205,6 +218,8 @@ class PagePool:
         try:
             move_pages(sp.base + i * HUGE_PAGE, table.address(a), b - a)
         except OSError as e:
+            for j in range(i, i + n):  # claimed, not moved: still backed
+                sp.release(j)
             self._failed(e)
             return False
         self.moved_bytes += b - a
@@ -218,8 +233,8 @@ class PagePool:
         self._trim(0)
 
     def refill(self) -> None:
-        """A batch of expert reads is in: fault spare pages in, up to the limit, on the pool's thread (started
-        the first time) while the experts compute."""
+        """Fault spare pages in, up to the limit, on the pool's thread (started the first time), while the
+        model computes on."""
         with self.lock:
             if self._spare is None or self._closed or not self.enabled:
                 return
@@ -246,8 +261,8 @@ class PagePool:
             finally:
                 with self.lock:
                     sp.filling.discard(i)
-                    if self._closed or not self.enabled or self.bytes + HUGE_PAGE > self.limit:
-                        sp.release(i)  # the pool shrank or stopped meanwhile: not kept
+                    if self._closed or not self.enabled or self._kept() + HUGE_PAGE > self.limit:
+                        sp.release(i)  # the pool shrank, filled with evicted pages, or stopped meanwhile
                     else:
                         sp.ready[i] = True
                         sp.count += 1
@@ -273,10 +288,11 @@ class PagePool:
             self._trim(limit)
 
     def _trim(self, limit: int) -> None:
-        """Give back spare pages, then held ranges, until at most ``limit`` bytes are held (under ``lock``)."""
-        self._drop_spare(self.bytes - limit)
+        """Give back spare pages, then held ranges, until at most ``limit`` bytes are kept (under ``lock``); a page
+        being faulted in is released by the thread once it is in."""
+        self._drop_spare(self._kept() - limit)
         for size, rest in self.held.items():
-            while rest and self.bytes > limit:
+            while rest and self._kept() > limit:
                 t, x = rest.pop()
                 t.give_back(x, x + size)
                 self.held_bytes -= size

@@ -400,22 +400,17 @@ class ExpertsStager:
             # prefill, a batch of requests) makes room first, for it and the predicted reads not yet admitted
             room = len(missing) * eb + self._inflight_bytes() - self.read_room
             self.cache.evict(self.tables, self.in_use, room=room)
-        moved = self.pool.moved_bytes
         for e in missing:
             table.back(e)
         if table.huge and self.read_room is None:  # these reads take this much memory anyway: the pool may keep
             self.pool.resize(sum(b - a for e in missing for a, b in table.huge[e]))  # as much for the next ones
-        elif table.huge:  # the pool and what these reads fault in afresh share the read room while they read
-            self.pool.resize(max(0, self.read_room - (len(missing) * eb - (self.pool.moved_bytes - moved))))
+        elif table.huge:  # while these reads fill the read room, the pool keeps what they leave of it
+            self.pool.resize(self._pool_room(len(missing) * eb))
         try:
             demand = self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in missing])
             self.prefetcher.finish_reads(loads + demand)
         finally:
             self.prefetcher.resume_prefetch()  # the batch is in (or failed): prefetches held for it may read
-            if table.huge:
-                if self.read_room is not None:
-                    self.pool.resize(self.read_room)
-                self.pool.refill()  # spare pages faulted in while the experts compute, not in the next batch's reads
         with self.cache.lock:  # predicted and routed: hits, and used prediction if predicted since the last reset
             self.cache.hits += len(waits)
             self.cache.predicted_used_bytes += eb * len(self.cache.predicted.intersection((k, e) for e in waits))
@@ -437,6 +432,12 @@ class ExpertsStager:
                 table.present.add(e)
                 self.cache.admit((k, e), eb)
             self.cache.bytes_read += len(missing) * eb
+
+    def _pool_room(self, reading: int) -> int:
+        """Under a budget, what the read room leaves the page pool beside ``reading`` bytes of reads a forward
+        waits for and the predicted reads in flight."""
+        assert self.read_room is not None
+        return max(0, self.read_room - reading - self._inflight_bytes())
 
     def _inflight_bytes(self) -> int:
         """Predicted experts being read, not admitted to the cache yet: memory they take already."""
@@ -481,6 +482,8 @@ class ExpertsStager:
         for e, load in zip(todo, self.prefetcher.start_reads([(table.group.experts[e], table.buffer) for e in todo],
                                                             urgent=False)):
             self.inflight[(k, e)] = load
+        if self.read_room is not None:  # these reads take read room the pool held
+            self.pool.resize(self._pool_room(0))
         with self.cache.lock:
             self.cache.predicted_bytes += len(todo) * table.group.expert_bytes
             self.cache.predicted.update((k, e) for e in todo)
@@ -495,7 +498,11 @@ class ExpertsStager:
         if self.device is not None:
             self.device.done()
         self.in_use = {p for p in self.in_use if p[0] != k}
-        self.cache.evict(self.tables, self.in_use)
+        self.cache.evict(self.tables, self.in_use)  # evicted experts' pages to the pool first
+        if self.tables[k].huge:
+            if self.read_room is not None:  # the forward's reads are cached now: the read room is free again
+                self.pool.resize(self._pool_room(0))
+            self.pool.refill()  # spare pages faulted in while the next units compute, not in the next reads
 
     def close(self) -> None:
         try:
