@@ -34,7 +34,7 @@ import os
 import threading
 from typing import Any
 
-from ..staging import HUGE_PAGE
+from ..staging import HUGE_PAGE, HostBuffer
 
 log = logging.getLogger("offload")
 
@@ -91,12 +91,11 @@ class _Spare:
 
     def __init__(self, pages: int):
         self.pages = pages
-        self._mm: mmap.mmap | None = mmap.mmap(-1, (pages + 1) * HUGE_PAGE,
-                                               flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        start = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
-        self.pad = (-start) % HUGE_PAGE
-        self._mm.madvise(mmap.MADV_HUGEPAGE, self.pad, pages * HUGE_PAGE)
-        self.base = start + self.pad
+        self.buffer = HostBuffer(pages * HUGE_PAGE)  # 2 MiB aligned, advised huge, nothing backed yet
+        if not self.buffer.huge:
+            self.buffer.close()
+            raise OSError("transparent huge pages cannot be advised here")
+        self.base = self.buffer.address
         self.ready = [False] * pages
         self.filling: set[int] = set()
         self.count = 0  # ready pages
@@ -128,13 +127,11 @@ class _Spare:
         self.release(i)
 
     def release(self, i: int) -> None:
-        if self._mm is not None:
-            self._mm.madvise(mmap.MADV_DONTNEED, self.pad + i * HUGE_PAGE, HUGE_PAGE)
+        if self.buffer._mm is not None:
+            self.buffer._mm.madvise(mmap.MADV_DONTNEED, self.buffer._pad + i * HUGE_PAGE, HUGE_PAGE)
 
     def close(self) -> None:
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        self.buffer.close()
 
 
 class PagePool:
@@ -161,7 +158,7 @@ class PagePool:
         if self.enabled and _SPARE_PAGES and spare_pages > 0 and hasattr(mmap, "MADV_HUGEPAGE") and _thp_on():
             try:
                 self._spare = _Spare(spare_pages)
-            except (OSError, ValueError) as e:  # no address space, or THP compiled out: reads fault as before
+            except OSError as e:  # no address space, or THP compiled out: reads fault as before
                 log.info("offload: no spare huge pages for expert reads (%s)", e)
 
     @property
