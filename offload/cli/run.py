@@ -654,9 +654,10 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def cmd_run(a: argparse.Namespace, work: Callable[..., int] | None = None) -> int:
+def cmd_run(a: argparse.Namespace, work: Callable[..., int] | None = None, target: Target | None = None) -> int:
     """Check, plan, convert once, load, then ``work(a, model, handle, tokenizer, device)`` (default: generate
-    from --prompt, or the --prompts file); ``offload serve`` passes its server as ``work``."""
+    from --prompt, or the --prompts file); ``offload serve`` passes its server as ``work``, ``offload tune`` the
+    target it resolved already."""
     jobs = read_prompts(a.prompts) if getattr(a, "prompts", None) else None  # the whole file, before any work
     if jobs is None and getattr(a, "output", None):
         raise UsageError("--output applies with --prompts FILE")
@@ -671,7 +672,7 @@ def cmd_run(a: argparse.Namespace, work: Callable[..., int] | None = None) -> in
         _say("note: --gpu-memory ignored: units compute on the CPU" + ("" if torch.cuda.is_available() else
                                                                        " (no CUDA device)"))
     # 1. Everything that can be refused, before anything is written or loaded.
-    target = resolve(a)
+    target = target if target is not None else resolve(a)
     require_reader(a.reader)
     if a.plot:
         require("matplotlib", "plot", "--plot")
@@ -903,7 +904,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
     a.prefetch, a.no_tune, a.prompt, a.prompts, a.output, a.speculate, a.plot = "auto", False, None, None, None, None, None
     a.draft_tokens = None
     t0 = time.perf_counter()
-    rc = cmd_run(a, work=_tune_work)
+    rc = cmd_run(a, work=_tune_work, target=t)
     _say(f"offload tune: {time.perf_counter() - t0:.1f} s; measurements cached under {measure.cache_root()}")
     return rc
 
