@@ -225,8 +225,9 @@ class Handle:
                 self._final = self.stats()
             except Exception as e:  # noqa: BLE001 - a sticky CUDA error must not stop the teardown below
                 log.warning("offload: the handle's stats could not be read at disable (%s); they read as zero", e)
-                self._final = Stats(0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0, 0, 0, self._prefetcher.depth,
-                                    self._prefetcher.reader.name, self._store.path)
+                zero = {f.name: 0 for f in dataclasses.fields(Stats) if f.default is dataclasses.MISSING}
+                self._final = Stats(**{**zero, "prefetch": self._prefetcher.depth,
+                                       "reader": self._prefetcher.reader.name, "store": self._store.path})
             self.closed = True
         self._finalizer.detach()
         errors: list[Exception] = []  # a failing step (a CUDA error, a damaged file) must not skip the rest
