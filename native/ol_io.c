@@ -72,21 +72,30 @@ static int64_t ol_read_tail(int fd, char *dst, uint64_t len, uint64_t off, uint6
 typedef struct {
     int fd;
     char *buf;
+    char *bounce;                  /* NULL, or one chunk per thread: each request lands there, then is copied */
     uint64_t off, len, chunk;
     atomic_uint_fast64_t next;     /* next chunk index to claim */
     atomic_int err;                /* first -errno seen */
     atomic_uint_fast64_t short_at; /* lowest offset (relative) where the file ended */
 } ol_job;
 
+typedef struct {
+    ol_job *job;
+    int index; /* this thread's chunk of the bounce region */
+} ol_worker_arg;
+
 static void *ol_worker(void *arg) {
-    ol_job *j = (ol_job *)arg;
+    ol_worker_arg *w = (ol_worker_arg *)arg;
+    ol_job *j = w->job;
+    char *bounce = j->bounce ? j->bounce + (uint64_t)w->index * j->chunk : NULL;
     uint64_t nchunks = (j->len + j->chunk - 1) / j->chunk;
     for (;;) {
         if (atomic_load(&j->err)) break;
         uint64_t i = atomic_fetch_add(&j->next, 1);
         if (i >= nchunks) break;
         uint64_t start = i * j->chunk, n = j->len - start < j->chunk ? j->len - start : j->chunk, got = 0;
-        int64_t rc = ol_pread_full(j->fd, j->buf + start, n, j->off + start, &got);
+        int64_t rc = ol_pread_full(j->fd, bounce ? bounce : j->buf + start, n, j->off + start, &got);
+        if (bounce && got) memcpy(j->buf + start, bounce, got);
         if (rc < 0) {
             int zero = 0;
             atomic_compare_exchange_strong(&j->err, &zero, (int)rc);
@@ -101,8 +110,8 @@ static void *ol_worker(void *arg) {
 }
 
 static int64_t ol_read_threads(int fd, char *buf, uint64_t len, uint64_t off, uint64_t chunk, int depth,
-                               uint64_t *valid) {
-    ol_job j = {.fd = fd, .buf = buf, .off = off, .len = len, .chunk = chunk};
+                               char *bounce, uint64_t bounce_len, uint64_t *valid) {
+    ol_job j = {.fd = fd, .buf = buf, .bounce = bounce, .off = off, .len = len, .chunk = chunk};
     atomic_init(&j.next, 0);
     atomic_init(&j.err, 0);
     atomic_init(&j.short_at, UINT64_MAX);
@@ -110,13 +119,18 @@ static int64_t ol_read_threads(int fd, char *buf, uint64_t len, uint64_t off, ui
     int nthreads = depth < 1 ? 1 : depth;
     if ((uint64_t)nthreads > nchunks) nthreads = (int)nchunks;
     pthread_t tids[64];
+    ol_worker_arg args[64];
     if (nthreads > 64) nthreads = 64;
+    if (bounce && (uint64_t)nthreads * chunk > bounce_len) nthreads = (int)(bounce_len / chunk);
+    if (nthreads < 1) return -EINVAL;
     int started = 0;
     for (int t = 1; t < nthreads; t++) {
-        if (pthread_create(&tids[started], NULL, ol_worker, &j) != 0) break;
+        args[t] = (ol_worker_arg){.job = &j, .index = t};
+        if (pthread_create(&tids[started], NULL, ol_worker, &args[t]) != 0) break;
         started++;
     }
-    ol_worker(&j); /* the calling thread works too */
+    args[0] = (ol_worker_arg){.job = &j, .index = 0};
+    ol_worker(&args[0]); /* the calling thread works too */
     for (int t = 0; t < started; t++) pthread_join(tids[t], NULL);
     int err = atomic_load(&j.err);
     if (err) return err;
@@ -287,7 +301,8 @@ int ol_uring_available(void) {
 #endif
 }
 
-int64_t ol_read(int fd, void *dst, uint64_t len, uint64_t off, uint64_t chunk, int depth, int engine, uint64_t *valid) {
+int64_t ol_read(int fd, void *dst, uint64_t len, uint64_t off, uint64_t chunk, int depth, int engine,
+                void *bounce, uint64_t bounce_len, uint64_t *valid) {
     char *buf = (char *)dst;
     *valid = 0;
     if (len == 0) return 0;
@@ -297,6 +312,8 @@ int64_t ol_read(int fd, void *dst, uint64_t len, uint64_t off, uint64_t chunk, i
     if (flags < 0) return -errno;
     int direct = (flags & O_DIRECT) != 0;
     uint64_t body = len, tail = 0;
+    if (bounce && ((uintptr_t)bounce % OL_ALIGN || bounce_len < chunk)) return -EINVAL;
+    if (bounce) engine = OL_ENGINE_THREADS; /* the bounce region is split among the pool's threads */
     if (direct) {
         if (off % OL_ALIGN || (uintptr_t)buf % OL_ALIGN) return -EINVAL; /* caller falls back to buffered */
         body = len / OL_ALIGN * OL_ALIGN;
@@ -309,12 +326,12 @@ int64_t ol_read(int fd, void *dst, uint64_t len, uint64_t off, uint64_t chunk, i
         if (engine == OL_ENGINE_URING || engine == OL_ENGINE_AUTO) {
             rc = ol_read_uring(fd, buf, body, off, chunk, depth, &got);
             if (engine == OL_ENGINE_AUTO && (rc == -ENOSYS || rc == -EPERM || rc == -EINVAL))
-                rc = ol_read_threads(fd, buf, body, off, chunk, depth, &got);
+                rc = ol_read_threads(fd, buf, body, off, chunk, depth, NULL, 0, &got);
         } else
 #endif
         {
             if (engine == OL_ENGINE_URING) return -ENOSYS;
-            rc = ol_read_threads(fd, buf, body, off, chunk, depth, &got);
+            rc = ol_read_threads(fd, buf, body, off, chunk, depth, (char *)bounce, bounce_len, &got);
         }
         if (rc != 0) { *valid = rc == OL_SHORT ? got : 0; return rc; }
     }

@@ -5,12 +5,14 @@
 
 static PyObject *py_read(PyObject *self, PyObject *args) {
     int fd, depth, engine;
-    unsigned long long addr, len, off, chunk;
-    if (!PyArg_ParseTuple(args, "iKKKKii", &fd, &addr, &len, &off, &chunk, &depth, &engine)) return NULL;
+    unsigned long long addr, len, off, chunk, bounce = 0, bounce_len = 0;
+    if (!PyArg_ParseTuple(args, "iKKKKii|KK", &fd, &addr, &len, &off, &chunk, &depth, &engine, &bounce, &bounce_len))
+        return NULL;
     uint64_t valid = 0;
     int64_t rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = ol_read(fd, (void *)(uintptr_t)addr, len, off, chunk, depth, engine, &valid);
+    rc = ol_read(fd, (void *)(uintptr_t)addr, len, off, chunk, depth, engine, (void *)(uintptr_t)bounce, bounce_len,
+                 &valid);
     Py_END_ALLOW_THREADS
     /* (rc, valid): rc is 0, OL_SHORT, or -errno; Python names the file in the exception. */
     return Py_BuildValue("LK", (long long)rc, (unsigned long long)valid);
@@ -21,7 +23,7 @@ static PyObject *py_uring_available(PyObject *self, PyObject *noargs) {
 }
 
 static PyMethodDef methods[] = {
-    {"read", py_read, METH_VARARGS, "read(fd, addr, len, off, chunk, depth, engine) -> (rc, valid_bytes)"},
+    {"read", py_read, METH_VARARGS, "read(fd, addr, len, off, chunk, depth, engine[, bounce_addr, bounce_len]) -> (rc, valid_bytes)"},
     {"uring_available", py_uring_available, METH_NOARGS, "True when io_uring works in this process"},
     {NULL, NULL, 0, NULL},
 };

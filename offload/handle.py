@@ -57,7 +57,7 @@ class Stats:
     ring_bytes: int
     ram_tier_bytes: int
     prefetch: int  # units read ahead: the depth asked, capped by the ring (the streamed units but one; at least 1)
-    reader: str
+    reader: str  # the reader's name, "+bounce" when it reads through a bounce region (measure.use_profile)
     store: str
     expert_hits: int = 0  # routed experts found in the expert cache (mixture-of-experts models)
     expert_misses: int = 0  # routed experts read from disk
@@ -177,7 +177,7 @@ class Handle:
             ram_tier_units=len(tier), ring_bytes=self._prefetcher.config.ring_bytes,
             ram_tier_bytes=sum(b.nbytes for b in tier.values()),
             prefetch=max(1, min(self._prefetcher.depth, self._prefetcher.config.ring_slots - 1)),
-            reader=self._prefetcher.reader.name, store=self._store.path,
+            reader=_reader_name(self._prefetcher.reader), store=self._store.path,
             **({"expert_hits": self._experts.hits, "expert_misses": self._experts.misses,
                 "expert_bytes_read": self._experts.bytes_read, "expert_cache_bytes": self._experts.used,
                 "expert_predicted_bytes": self._experts.predicted_bytes,
@@ -227,7 +227,7 @@ class Handle:
                 log.warning("offload: the handle's stats could not be read at disable (%s); they read as zero", e)
                 zero = {f.name: 0 for f in dataclasses.fields(Stats) if f.default is dataclasses.MISSING}
                 self._final = Stats(**{**zero, "prefetch": self._prefetcher.depth,
-                                       "reader": self._prefetcher.reader.name, "store": self._store.path})
+                                       "reader": _reader_name(self._prefetcher.reader), "store": self._store.path})
             self.closed = True
         self._finalizer.detach()
         errors: list[Exception] = []  # a failing step (a CUDA error, a damaged file) must not skip the rest
@@ -368,6 +368,10 @@ class Handle:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._hooks)} units, prefetch={self._prefetcher.depth}"
         return f"<offload.Handle {state} store={self._store.path!r}>"
+
+
+def _reader_name(reader: Any) -> str:
+    return reader.name + ("+bounce" if getattr(reader, "bounce", False) else "")
 
 
 def _refuse_backward(output: Any, model: str, depth: int = 0) -> None:

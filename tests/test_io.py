@@ -17,11 +17,14 @@ READERS = [PythonReader(direct=True), PythonReader(direct=False), MmapReader()]
 if _native.load_error() is None:
     # small chunks and a shallow queue so a few hundred KB make many requests and reuse slots
     READERS += [_native.NativeReader("threads", depth=4, chunk_bytes=8192),
-                _native.NativeReader("threads", depth=3, chunk_bytes=4096, direct=False)]
+                _native.NativeReader("threads", depth=3, chunk_bytes=4096, direct=False),
+                _native.NativeReader("threads", depth=4, chunk_bytes=8192, bounce=True)]
+    READERS[-1].bounce_chunk = 8192  # through a bounce region of 4-32 requests: many of them, several threads
     if _native.uring_available():
         READERS += [_native.NativeReader("uring", depth=4, chunk_bytes=8192),
                     _native.NativeReader("uring", depth=2, chunk_bytes=4096, direct=False)]
-IDS = [f"{r.name}-{'direct' if getattr(r, 'direct', False) else 'buffered'}" for r in READERS]
+IDS = [f"{r.name}-{'direct' if getattr(r, 'direct', False) else 'buffered'}{'-bounce' if getattr(r, 'bounce', 0) else ''}"
+       for r in READERS]
 
 
 @pytest.fixture(scope="module")

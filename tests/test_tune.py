@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -159,44 +160,85 @@ def test_disk_profile_is_measured_once_then_cached_and_files_are_untouched(quick
     assert measure.disk_profile(units_, reader, refresh=True) is not None and len(quick) == 2
 
 
+class _FakeClock:
+    """``measure``'s clock, advanced by the fake readers below (``ms`` per read, twice that while the
+    CPU is busy), so a measurement's answer is exact and no time is asserted."""
+    now = 0.0
+    busy = False
+
+    def __init__(self, monkeypatch):
+        self.lock = threading.Lock()
+        clock = self
+
+        class Busy:
+            def __enter__(self): clock.busy = True
+            def __exit__(self, *a): clock.busy = False
+
+        monkeypatch.setattr(measure, "time", self)
+        monkeypatch.setattr(measure, "_Busy", Busy)
+        monkeypatch.setattr(measure, "evict", lambda paths: None)
+
+    def perf_counter(self):
+        return self.now
+
+    def time(self):
+        return 0.0
+
+    def spend(self, ms):
+        with self.lock:
+            self.now += ms * (2 if self.busy else 1) / 1000
+
+
+class _TimedReader:
+    name, task_bytes = "fake", None
+
+    def __init__(self, clock, ms=1.0):
+        self.clock, self.ms = clock, ms
+
+    def open(self, path): return path
+    def close(self, h): pass
+
+    def read(self, h, off, dest):
+        self.clock.spend(self.ms)
+
+
 def test_the_rate_kept_while_computing_is_measured_in_pairs(tmp_path, monkeypatch):
-    """``busy`` is each round's level read again with the CPU busy over the same level idle. A fake
-    clock advances per read (1 ms idle, 2 ms busy), so the answer is exact and no time is asserted."""
-    import threading
-    lock = threading.Lock()
-
-    class Clock:
-        now = 0.0
-        busy = False
-
-        def perf_counter(self):
-            return self.now
-
-        def time(self):
-            return 0.0
-
-    clock = Clock()
-
-    class Reader:
-        name, task_bytes = "fake", None
-
-        def open(self, path): return path
-        def close(self, h): pass
-
-        def read(self, h, off, dest):
-            with lock:
-                clock.now += 0.002 if clock.busy else 0.001
-
-    class Busy:
-        def __enter__(self): clock.busy = True
-        def __exit__(self, *a): clock.busy = False
-
-    monkeypatch.setattr(measure, "time", clock)
-    monkeypatch.setattr(measure, "_Busy", Busy)
-    monkeypatch.setattr(measure, "evict", lambda paths: None)
-    m = measure.measure_disk(_files(tmp_path), Reader(), point_seconds=0.05)
+    """``busy`` is each round's level read again with the CPU busy over the same level idle (1 ms a read
+    idle, 2 ms busy)."""
+    m = measure.measure_disk(_files(tmp_path), _TimedReader(_FakeClock(monkeypatch)), point_seconds=0.05)
     assert m.busy == pytest.approx(0.5, rel=0.1)
     assert all(v == pytest.approx((1 << 20) / 0.001, rel=0.1) for v in m.bps.values())  # idle levels untouched
+
+
+@pytest.mark.parametrize("bounce_ms,chosen", [(0.8, True), (0.98, False)])
+def test_a_reader_bounces_only_where_that_measured_faster_and_the_profile_keeps_it(tmp_path, monkeypatch, bounce_ms,
+                                                                                   chosen):
+    """A reader that may bounce is measured both ways at the busy level, computing; the winner reads the
+    levels and is what the profile (and a reader planned from it) uses. A read costs 1 ms direct,
+    ``bounce_ms`` through the region, twice that while computing."""
+    class Reader(_TimedReader):
+        bounce, bounce_auto = False, True
+
+        def read(self, h, off, dest):
+            self.clock.spend(bounce_ms if self.bounce else 1.0)
+
+    clock = _FakeClock(monkeypatch)
+    reader = Reader(clock)
+    m = measure.measure_disk(_files(tmp_path), reader, point_seconds=0.05)
+    assert m.bounce is chosen and reader.bounce is chosen
+    assert m.bounce_gain == pytest.approx(1 / bounce_ms, rel=0.05)
+    per_read = (bounce_ms if chosen else 1.0) / 1000
+    assert all(v == pytest.approx((1 << 20) / per_read, rel=0.1) for v in m.bps.values())  # read as chosen
+    assert m.busy == pytest.approx(0.5, rel=0.1)  # the winner's side, computing, over its idle level
+    # a profile with the choice round-trips through its cache file and sets a fresh reader that may bounce
+    prof = measure.DiskProfile({"k": 1}, m.bps, m.read_bytes, m.seconds, 0.0, m.busy, m.bounce, m.bounce_gain)
+    again = measure.DiskProfile.from_json(json.loads(json.dumps(prof.as_json())))
+    assert (again.bounce, again.bounce_gain) == (prof.bounce, prof.bounce_gain)
+    fresh, fixed = Reader(clock), Reader(clock)
+    fixed.bounce_auto = False
+    measure.use_profile(fresh, again)
+    measure.use_profile(fixed, again)
+    assert fresh.bounce is chosen and fixed.bounce is False  # a reader told how to read is left as told
 
 
 def test_a_profile_from_another_machine_is_not_trusted(quick, tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ from .options import (UsageError, add_command, at_least, byte_size, choice_list,
 RUNS = ("memory", "accelerate", "dispatch", "offload")
 FIO_FILE_BYTES = 4 << 30  # fio's test file beside the model's files: its I/O floor, measured in the same minute
 DISK_FLOOR_MIN_BYTES = 64 << 20  # without fio: the readers' test file is the blocks' size, within these bounds
-READER_FLOORS = ("native-uring", "native-threads", "python-direct")  # the O_DIRECT readers enable() can use
+READER_FLOORS = ("native-uring", "native-threads", "native-bounce", "python-direct")  # O_DIRECT readers enable() uses
 
 
 
