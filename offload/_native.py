@@ -23,14 +23,11 @@ except ImportError as e:  # not built (no compiler at install time) or built for
     _error = f"extension offload._ol_native not built: {e}"
 
 ENGINES = {"auto": 0, "uring": 1, "threads": 2}
-# Through a bounce region (``NativeReader.bounce``), requests of BOUNCE_CHUNK and BOUNCE_DEPTH of them in flight across
-# the reader's reads at once (each read takes its share, at least BOUNCE_MIN_DEPTH): what lands fast is a small
-# destination, so the regions stay small in all. Measured here, four 200 MB reads in flight into a 1 GiB ring:
-# direct 2.27 GB/s; through 512 KiB x 16 per read (32 MiB in all) 2.43-2.58, x 8 (16 MiB) 2.62-2.73, x 4 2.42;
-# one read at a time, x 32 2.64-2.81 (benchmarks/README, "Reading through a bounce region").
-BOUNCE_CHUNK = 512 << 10
-BOUNCE_DEPTH = 32
-BOUNCE_MIN_DEPTH = 4
+# Through a bounce region (``NativeReader.bounce``), requests of this size, ``depth`` of them per read: each read's
+# region is then 4 MiB, and small is the point. bloom-1b7 fp32 streamed cold at prefetch 4 (four reads in flight),
+# alternated in one run: direct 1.89 s/token; 16 x 512 KiB per read 1.58-1.60; 16 x 256 KiB 1.47-1.49;
+# 16 x 128 KiB 1.68; 32 x 256 KiB 1.69; 32 x 512 KiB 1.82; 32 x 512 KiB shared by the reads in flight 2.03.
+BOUNCE_CHUNK = 256 << 10
 
 
 def load_error() -> str | None:
@@ -50,7 +47,9 @@ class _Handle:
 
 
 class NativeReader:
-    """Whole-unit reads: one call keeps ``depth`` requests of ``chunk_bytes`` in flight, GIL released."""
+    """Whole-unit reads: one call keeps ``depth`` requests of ``chunk_bytes`` in flight, GIL released; or,
+    with ``bounce``, ``depth`` requests of ``bounce_chunk``, each landing in a small region of the read's
+    own and copied out (``ol_io.h`` says why)."""
 
     task_bytes: int | None = None  # the native engine keeps its own queue full
 
@@ -69,8 +68,9 @@ class NativeReader:
         # until the reader goes) and is copied out; None: as the disk measured faster (``measure.use_profile``)
         self.bounce = bool(bounce)
         self.bounce_auto = bounce is None and engine != "uring"
-        self._bounces: list[HostBuffer] = []  # bounce regions no read is using: reused (last in, first out), so hot
-        self._bouncing = 0  # reads through a region now
+        # bounce regions no read is using: reused (last in, first out), so hot; one per read ever in flight at once
+        # (4 MiB each: the prefetcher's reads in flight, up to io_threads), outside ``cpu_memory`` (README, "Memory")
+        self._bounces: list[HostBuffer] = []
         self.bounce_chunk = BOUNCE_CHUNK  # (tests make it small, so a small file takes many requests)
         self._bounce_lock = threading.Lock()
 
@@ -119,9 +119,7 @@ class NativeReader:
                 rc, valid = _ext.read(fd, addr, n, offset, self.bounce_chunk, region.nbytes // self.bounce_chunk,
                                       ENGINES["threads"], region.tensor.data_ptr(), region.nbytes)
             finally:
-                with self._bounce_lock:
-                    self._bouncing -= 1
-                    self._bounces.append(region)
+                self._give_bounce(region)
         else:
             rc, valid = _ext.read(fd, addr, n, offset, self.chunk_bytes, self.depth, ENGINES[self.engine])
         if rc == _ext.SHORT:
@@ -135,19 +133,17 @@ class NativeReader:
                 pass
 
     def _take_bounce(self) -> HostBuffer:
-        """A region for one read: this read's share of BOUNCE_DEPTH requests, the most recently used region
-        that size (a new one, backed now, when none is idle)."""
+        """A region for one read: the one given back last (hot), or a new one, backed now, not inside the read."""
         with self._bounce_lock:
-            self._bouncing += 1
-            nbytes = max(BOUNCE_MIN_DEPTH, BOUNCE_DEPTH // self._bouncing) * self.bounce_chunk
-            for i in range(len(self._bounces) - 1, -1, -1):
-                if self._bounces[i].nbytes == nbytes:
-                    return self._bounces.pop(i)
-            if len(self._bounces) > 2 * BOUNCE_DEPTH // BOUNCE_MIN_DEPTH:  # sizes from a past concurrency
-                self._bounces.pop(0).close()
-        region = HostBuffer(nbytes)
-        region.tensor.fill_(0)  # backed now, not inside the first read
+            if self._bounces:
+                return self._bounces.pop()
+        region = HostBuffer(self.depth * self.bounce_chunk)
+        region.tensor.fill_(0)
         return region
+
+    def _give_bounce(self, region: HostBuffer) -> None:
+        with self._bounce_lock:
+            self._bounces.append(region)
 
     def close(self, h: _Handle) -> None:
         os.close(h.fd)

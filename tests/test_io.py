@@ -227,6 +227,21 @@ def test_concurrent_reads_into_distinct_buffers(data_file, reader):
     assert not errors, errors
 
 
+@pytest.mark.skipif(_native.load_error() is not None, reason="native reader not built")
+def test_bounce_regions_are_one_per_read_in_flight_and_the_last_given_back_goes_first():
+    """Each read in flight has a region of its own (``depth`` requests); they are kept for the next reads,
+    no more of them than were ever in flight at once, and the most recently used (hot) is taken first."""
+    r = _native.NativeReader(depth=4, bounce=True)
+    r.bounce_chunk = 4096
+    taken = [r._take_bounce() for _ in range(3)]  # as if three reads were in flight at once
+    assert len({b.tensor.data_ptr() for b in taken}) == 3 and all(b.nbytes == 4 * 4096 for b in taken)
+    for b in taken:
+        r._give_bounce(b)
+    assert r._take_bounce() is taken[-1]
+    assert r._take_bounce() is taken[-2]
+    assert len(r._bounces) == 1  # nothing made while regions were idle
+
+
 @pytest.mark.parametrize("reader", READERS, ids=IDS)
 def test_closed_handle_is_a_clear_error(data_file, reader):
     path, _ = data_file

@@ -224,7 +224,7 @@ def backends(native_ok: bool, uring_ok: bool, aiofiles_ok: bool) -> dict[str, li
         grid["native-uring"] = [(1 * M, 16), (1 * M, 32), (4 * M, 8), (4 * M, 16)]
     if native_ok:
         grid["native-threads"] = [(1 * M, 16), (4 * M, 8)]
-        grid["native-bounce"] = [(M // 2, 32)]  # the thread engine through a small reused region (measure.BOUNCE_GAIN)
+        grid["native-bounce"] = [(M // 4, 16)]  # the thread engine through a small region of its own (_native.py)
     grid["python-direct"] = [(4 * M, 8), (8 * M, 8), (8 * M, 16)]
     grid["python-buffered"] = [(8 * M, 8)]
     grid["mmap"] = [(8 * M, 4)]
