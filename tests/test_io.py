@@ -19,7 +19,7 @@ if _native.load_error() is None:
     READERS += [_native.NativeReader("threads", depth=4, chunk_bytes=8192),
                 _native.NativeReader("threads", depth=3, chunk_bytes=4096, direct=False),
                 _native.NativeReader("threads", depth=4, chunk_bytes=8192, bounce=True)]
-    READERS[-1].bounce_chunk = 8192  # through a bounce region of 4-32 requests: many of them, several threads
+    READERS[-1].bounce_chunk, READERS[-1].bounce_min_read = 8192, 0  # through a bounce region: many requests
     if _native.uring_available():
         READERS += [_native.NativeReader("uring", depth=4, chunk_bytes=8192),
                     _native.NativeReader("uring", depth=2, chunk_bytes=4096, direct=False)]
@@ -240,6 +240,24 @@ def test_bounce_regions_are_one_per_read_in_flight_and_the_last_given_back_goes_
     assert r._take_bounce() is taken[-1]
     assert r._take_bounce() is taken[-2]
     assert len(r._bounces) == 1  # nothing made while regions were idle
+
+
+@pytest.mark.skipif(_native.load_error() is not None, reason="native reader not built")
+def test_only_reads_of_bounce_min_read_or_more_go_through_a_region(data_file):
+    path, payload = data_file
+    r = _native.NativeReader(depth=4, bounce=True)
+    r.bounce_chunk, r.bounce_min_read = 4096, 64 << 10
+    buf = HostBuffer(len(payload))
+    h = r.open(path)
+    try:
+        if not h.direct:
+            pytest.skip("no O_DIRECT on this filesystem: regions are never used")
+        r.read(h, 0, buf.view(0, 32 << 10))
+        assert r._bounces == [] and bytes(buf.view(0, 32 << 10)) == payload[:32 << 10]  # direct
+        r.read(h, 4096, buf.view(0, 128 << 10))
+        assert len(r._bounces) == 1 and bytes(buf.view(0, 128 << 10)) == payload[4096:4096 + (128 << 10)]
+    finally:
+        r.close(h)
 
 
 @pytest.mark.parametrize("reader", READERS, ids=IDS)

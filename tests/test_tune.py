@@ -298,6 +298,13 @@ def test_enable_auto_measures_predicts_and_stays_exact(quick, tmp_path):
     assert len(quick) == 1
 
 
+def test_a_model_that_fits_in_memory_says_nothing_is_read_per_pass_and_measures_no_disk(quick, tmp_path):
+    h = offload.enable(_stack(), store=str(tmp_path / "a"), progress=False)  # the default budget holds it all
+    assert h.stats().streamed_units == 0 and h.prediction is None and quick == []
+    assert "nothing is read per pass" in h.why_no_prediction
+    h.disable()
+
+
 def test_explicit_prefetch_wins_and_no_tune_never_measures(quick, tmp_path):
     h = offload.enable(_stack(), prefetch=3, store=str(tmp_path / "a"), ram_tier=0, progress=False)
     assert h.stats().prefetch == 3 and quick == []
