@@ -72,7 +72,7 @@ class NativeReader:
         # bounce: each request lands in a small region reused call after call (one per read in flight, kept
         # until the reader goes) and is copied out; None: as the disk measured faster (``measure.use_profile``)
         self.bounce = bool(bounce)
-        self.bounce_auto = bounce is None and engine != "uring"
+        self.bounce_auto = bounce is None and engine != "uring" and direct
         # bounce regions no read is using: reused (last in, first out), so hot; one per read ever in flight at once
         # (4 MiB each: the prefetcher's reads in flight, up to io_threads), outside ``cpu_memory`` (README, "Memory")
         self._bounces: list[HostBuffer] = []

@@ -41,7 +41,8 @@ from .ranges import page_down
 
 log = logging.getLogger("offload")
 
-VERSION = 3  # 2: profiles carry the rate kept while computing (``busy``); 3: and whether reads bounce
+DISK_VERSION = 3  # 2: profiles carry the rate kept while computing (``busy``); 3: and whether reads bounce
+COMPUTE_VERSION = 2
 MAX_CONCURRENCY = 8  # unit reads in flight measured (and the deepest look-ahead the planner tries)
 MEASURE_CAP_BYTES = 64 << 20  # a read longer than this measures no differently; caps the buffers
 POINT_SECONDS = 0.5  # time spent per concurrency level per round
@@ -114,7 +115,7 @@ class DiskProfile:
         return self.curve()(max(self.bps))
 
     def as_json(self) -> dict[str, Any]:
-        return {"version": VERSION, "key": self.key, "bps": {str(k): v for k, v in self.bps.items()},
+        return {"version": DISK_VERSION, "key": self.key, "bps": {str(k): v for k, v in self.bps.items()},
                 "read_bytes": self.read_bytes, "seconds": self.seconds, "measured_at": self.measured_at,
                 "busy": self.busy, "bounce": self.bounce, "bounce_gain": self.bounce_gain, "observed": self.observed}
 
@@ -193,13 +194,13 @@ def forget_disks() -> int:
     return n
 
 
-def _read_cached(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
+def _read_cached(path: str, key: dict[str, Any], version: int) -> dict[str, Any] | None:
     try:
         with open(path) as f:
             d = json.load(f)
     except (OSError, ValueError):
         return None
-    if not isinstance(d, dict) or d.get("version") != VERSION or d.get("key") != key:
+    if not isinstance(d, dict) or d.get("version") != version or d.get("key") != key:
         return None  # another machine's, another disk's, or an older format: never trusted
     return d
 
@@ -345,7 +346,12 @@ def measure_disk(units: Sequence[Reads], reader: Any, *, max_concurrency: int = 
     try:
         evict(paths)
         ab: list[tuple[float, float]] = []  # (direct, bounce) at busy_level, computing: the busy samples too
-        if getattr(reader, "bounce_auto", False):
+        # the A/B only where the two ways differ: O_DIRECT reads long enough to go through regions
+        can_bounce = (any(getattr(h, "direct", False) for h in handles.values())
+                      and any(n >= getattr(reader, "bounce_min_read", 0) for p in plans for _, _, n in p))
+        if getattr(reader, "bounce_auto", False) and not can_bounce:
+            reader.bounce = False
+        elif getattr(reader, "bounce_auto", False):
             with _Busy():
                 for r in range(rounds):
                     side = {}
@@ -387,14 +393,14 @@ def disk_profile(units: Sequence[Reads], reader: Any, *, measure: bool = True, r
     size = max(sum(n for _, _, n in u) for u in units)
     read_bytes = min(size, MEASURE_CAP_BYTES)
     bucket = 1 << max(0, (read_bytes - 1).bit_length())  # profiles are shared by units of similar size
-    key = _disk_key(units[0][0][0], getattr(reader, "name", type(reader).__name__), bucket)
+    key = _disk_key(units[0][0][0], _reader_key(reader), bucket)
     path = _cache_file("disk", key)
     if not refresh:
-        d = _read_cached(path, key)
+        d = _read_cached(path, key, DISK_VERSION)
         if d is not None:
             return use_profile(reader, DiskProfile.from_json(d))
     if not measure:
-        return None
+        return use_profile(reader, None)
     if say:
         say(f"offload: measuring this disk's read rate with {key['reader']} on the model's own files "
             f"(once per disk; cached in {os.path.dirname(path)}; --no-tune skips)")
@@ -414,12 +420,22 @@ def disk_profile(units: Sequence[Reads], reader: Any, *, measure: bool = True, r
     return prof
 
 
-def use_profile(reader: Any, profile: DiskProfile) -> DiskProfile:
-    """Make ``reader`` read as ``profile`` was measured (through its bounce region or not), unless its
-    owner fixed that (``bounce_auto`` false). The rates are only true for reads made that way."""
+def use_profile(reader: Any, profile: DiskProfile | None) -> DiskProfile | None:
+    """Make ``reader`` read as ``profile`` was measured (through its bounce regions or not; direct when
+    there is no profile), unless its owner fixed that (``bounce_auto`` false). The rates are only true
+    for reads made that way. A reader shared by several live handles shares this setting."""
     if getattr(reader, "bounce_auto", False):
-        reader.bounce = profile.bounce
+        reader.bounce = profile is not None and profile.bounce
     return profile
+
+
+def _reader_key(reader: Any) -> str:
+    """The reader as a disk profile's key names it: with how it lands requests when that can vary (a profile
+    measured by a reader told to bounce, or not, says nothing about the other way, nor about the choice)."""
+    name = getattr(reader, "name", type(reader).__name__)
+    if not hasattr(reader, "bounce"):
+        return name
+    return name + ("+auto" if getattr(reader, "bounce_auto", False) else "+bounce" if reader.bounce else "+direct")
 
 
 def observe_disk(profile: DiskProfile, measured_over_predicted: float) -> None:
@@ -427,7 +443,7 @@ def observe_disk(profile: DiskProfile, measured_over_predicted: float) -> None:
     drift) to its cached profile (``DiskProfile.drift``), clamped to [0.5, 2]. A profile no longer
     cached (forgotten, measured afresh meanwhile, or another machine's) is left alone."""
     path = _cache_file("disk", profile.key)
-    d = _read_cached(path, profile.key)
+    d = _read_cached(path, profile.key, DISK_VERSION)
     if d is None or float(d.get("measured_at", -1)) != profile.measured_at:
         return
     cached = DiskProfile.from_json(d)
@@ -454,7 +470,7 @@ class Compute:
 
 def cached_compute(store_id: str, batch: int, device: str, n_units: int) -> Compute | None:
     key = _compute_key(store_id, batch, device)
-    d = _read_cached(_cache_file("compute", key), key)
+    d = _read_cached(_cache_file("compute", key), key, COMPUTE_VERSION)
     if d is None or len(d.get("unit_s", ())) != n_units:
         return None
     return Compute([float(x) for x in d["unit_s"]], float(d["other_s"]))
@@ -462,7 +478,7 @@ def cached_compute(store_id: str, batch: int, device: str, n_units: int) -> Comp
 
 def save_compute(store_id: str, batch: int, device: str, compute: Compute) -> None:
     key = _compute_key(store_id, batch, device)
-    _write_cached(_cache_file("compute", key), {"version": VERSION, "key": key, **compute.as_json()})
+    _write_cached(_cache_file("compute", key), {"version": COMPUTE_VERSION, "key": key, **compute.as_json()})
 
 
 _kernel_cache: dict[tuple[str, int, int], float] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import types
 
 import pytest
 import torch
@@ -202,6 +203,20 @@ class _TimedReader:
         self.clock.spend(self.ms)
 
 
+def _bouncing_reader(bounce_ms):
+    """A fake reader that may bounce (as the native one with O_DIRECT): 1 ms a read direct, ``bounce_ms``
+    through its regions."""
+    class Reader(_TimedReader):
+        bounce, bounce_auto, bounce_min_read = False, True, 0
+
+        def open(self, path):
+            return types.SimpleNamespace(direct=True, path=path)
+
+        def read(self, h, off, dest):
+            self.clock.spend(bounce_ms if self.bounce else 1.0)
+    return Reader
+
+
 def test_the_rate_kept_while_computing_is_measured_in_pairs(tmp_path, monkeypatch):
     """``busy`` is each round's level read again with the CPU busy over the same level idle (1 ms a read
     idle, 2 ms busy)."""
@@ -216,13 +231,8 @@ def test_a_reader_bounces_only_where_that_measured_faster_and_the_profile_keeps_
     """A reader that may bounce is measured both ways at the busy level, computing; the winner reads the
     levels and is what the profile (and a reader planned from it) uses. A read costs 1 ms direct,
     ``bounce_ms`` through the region, twice that while computing."""
-    class Reader(_TimedReader):
-        bounce, bounce_auto = False, True
-
-        def read(self, h, off, dest):
-            self.clock.spend(bounce_ms if self.bounce else 1.0)
-
     clock = _FakeClock(monkeypatch)
+    Reader = _bouncing_reader(bounce_ms)
     reader = Reader(clock)
     m = measure.measure_disk(_files(tmp_path), reader, point_seconds=0.05)
     assert m.bounce is chosen and reader.bounce is chosen
@@ -239,6 +249,47 @@ def test_a_reader_bounces_only_where_that_measured_faster_and_the_profile_keeps_
     measure.use_profile(fresh, again)
     measure.use_profile(fixed, again)
     assert fresh.bounce is chosen and fixed.bounce is False  # a reader told how to read is left as told
+
+
+def test_a_cached_profile_sets_how_a_reader_lands_its_reads_and_only_for_readers_it_was_measured_for(
+        quick, tmp_path, monkeypatch):
+    clock = _FakeClock(monkeypatch)
+    Reader = _bouncing_reader(0.8)
+    units_ = _files(tmp_path)
+    first = Reader(clock)
+    assert measure.disk_profile(units_, first).bounce and first.bounce  # measured: the regions won
+    fresh = Reader(clock)
+    assert measure.disk_profile(units_, fresh, measure=False) is not None and fresh.bounce  # from the cache
+    told = Reader(clock)
+    told.bounce_auto = False
+    assert measure.disk_profile(units_, told, measure=False) is None and not told.bounce  # not its profile
+    (tmp_path / "other").mkdir()
+    other = _files(tmp_path / "other", n=2, size=3 << 20)  # another unit size: nothing cached for it
+    assert measure.disk_profile(other, fresh, measure=False) is None and not fresh.bounce  # direct again
+
+
+def test_no_a_b_where_no_read_would_go_through_a_region(tmp_path, monkeypatch):
+    """Ranges under ``bounce_min_read`` (or no O_DIRECT) read the same either way: comparing them would
+    only measure noise, so nothing is compared and the reader reads direct."""
+    reader = _bouncing_reader(0.5)(_FakeClock(monkeypatch))
+    reader.bounce_min_read = 2 << 20  # the files are 1 MiB
+    m = measure.measure_disk(_files(tmp_path), reader, point_seconds=0.05)
+    assert m.bounce_gain is None and m.bounce is False and reader.bounce is False
+
+
+def test_a_failed_measurement_leaves_the_reader_reading_direct(tmp_path, monkeypatch):
+    clock = _FakeClock(monkeypatch)
+
+    class Failing(_bouncing_reader(0.8)):
+        def read(self, h, off, dest):
+            if self.bounce:
+                raise OSError(5, "Input/output error", h.path)
+            super().read(h, off, dest)
+
+    reader = Failing(clock)
+    with pytest.raises(OSError):
+        measure.measure_disk(_files(tmp_path), reader, point_seconds=0.05)
+    assert reader.bounce is False
 
 
 def test_a_profile_from_another_machine_is_not_trusted(quick, tmp_path, monkeypatch):
