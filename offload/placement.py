@@ -203,7 +203,7 @@ def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], rec
     # minimum at that depth; and if every unit fits the tiers there is no disk to plan for.
     streams = bool(placed(1 if prefetch == "auto" else prefetch)[4].streamed)
     tuning = _tuning_inputs(st, records, reader, devices, model, plans, measure=tune and prefetch == "auto" and streams,
-                            progress=progress, streams=streams)
+                            progress=progress, streams=streams, routed=len(streaming) > len(plans))
     if prefetch == "auto":
         prefetch, prediction = _auto_depth(placed, tuning)
     else:
@@ -221,11 +221,11 @@ def place(model: nn.Module, kind: str, st: Store, plans: Sequence[UnitPlan], rec
 
 def _tuning_inputs(st: Store, records: Sequence[UnitRecord], reader: Reader, devices: Sequence[torch.device],
                    model: nn.Module, plans: Sequence[UnitPlan], *, measure: bool, progress: bool,
-                   streams: bool = True) -> dict[str, Any]:
+                   streams: bool = True, routed: bool = False) -> dict[str, Any]:
     """What ``tune`` needs to predict this model's passes: the disk profile (cached, or measured now when
     ``measure`` and the units stream enough bytes for it to matter), the units' byte ranges and sizes,
     the compute's kind and where it runs. ``streams``: whether any unit is read per pass at all (not
-    when every unit fits the tiers)."""
+    when every unit fits the tiers); ``routed``: routed experts are read as routed besides."""
     reads = [[(st.path_of(r, e.file), e.offset, e.length) for e in r.reads] for r in records if r.reads]
     q = st.quantization
     kind = q["scheme"] if q else str(st.dtype or torch.float32).replace("torch.", "")
@@ -245,7 +245,9 @@ def _tuning_inputs(st: Store, records: Sequence[UnitRecord], reader: Reader, dev
         log.warning("offload: could not measure the disk (%s); prefetch=%d", e, _tune.DEFAULT_PREFETCH)
         out["why"] = f"the disk could not be measured ({e})"
     if out["disk"] is None and "why" not in out and not streams:
-        out["why"] = ("every unit fits in memory under this budget: nothing is read per pass, so there is no depth "
+        out["why"] = ("every block fits in memory under this budget (only the routed experts are read, as routed): "
+                      "there is no depth to plan and the disk was not measured" if routed else
+                      "every unit fits in memory under this budget: nothing is read per pass, so there is no depth "
                       "to plan and the disk was not measured")
     if out["disk"] is None and "why" not in out:
         out["why"] = ("this disk was never measured (`offload tune MODEL` measures it; prefetch='auto' does when "

@@ -236,7 +236,9 @@ def _basis(t: dict[str, Any], compute_basis: str) -> str:
     d: DiskProfile = t["disk"]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.measured_at))
     drift = f", x{1 / d.drift:.2f} from recent disk-bound runs' measured / predicted" if d.drift != 1.0 else ""
-    return (f"disk {d.peak / 1e9:.2f} GB/s fitted at depth, {d.busy:.0%} of it while computing ({d.key['reader']}, "
+    how = (f", through bounce regions ({d.bounce_gain:.2f}x direct)" if d.bounce and d.bounce_gain else
+           ", through bounce regions" if d.bounce else "")
+    return (f"disk {d.peak / 1e9:.2f} GB/s fitted at depth, {d.busy:.0%} of it while computing ({d.key['reader']}{how}, "
             f"measured {when}{drift}); {compute_basis}")
 
 

@@ -936,3 +936,12 @@ def test_a_budget_just_above_the_minimum_leaves_one_tokens_expert_reads_before_t
         assert h.stats().expert_split_forwards == 0 and seen
     finally:
         h.disable()
+
+
+def test_blocks_that_fit_in_memory_say_only_the_routed_experts_are_read(tmp_path, monkeypatch):
+    from offload import tune
+    monkeypatch.setattr(tune, "MIN_STREAMED_BYTES", 0)  # the tiny blocks count as enough to plan
+    model = make("qwen3_moe")
+    with offload.enable(model, store=tmp_path / "s", progress=False) as h:  # the default budget holds the blocks
+        assert h.stats().streamed_units == 0 and h.prediction is None
+        assert "only the routed experts are read" in h.why_no_prediction
