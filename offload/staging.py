@@ -58,7 +58,7 @@ class HostBuffer:
         self.huge = False
         if huge:
             try:
-                self._mm.madvise(mmap.MADV_HUGEPAGE, self._pad, self.nbytes // HUGE_PAGE * HUGE_PAGE)
+                self.advise(mmap.MADV_HUGEPAGE, 0, self.nbytes // HUGE_PAGE * HUGE_PAGE)
                 self.huge = True
             except OSError:  # THP compiled out of this kernel: 4 KiB pages still work
                 pass
@@ -67,6 +67,15 @@ class HostBuffer:
         self.address = self.tensor.data_ptr()
         self.registered = False  # page-locked for DMA (transfer.register_host_buffer)
         self.on_close: list[Callable[[HostBuffer], None]] = []
+
+    @property
+    def closed(self) -> bool:
+        return self._mm is None
+
+    def advise(self, advice: int, offset: int, length: int) -> None:
+        """``madvise`` bytes ``[offset, offset + length)`` of the buffer (huge pages on or off, pages given back)."""
+        assert self._mm is not None, "buffer is closed"
+        self._mm.madvise(advice, self._pad + offset, length)
 
     def view(self, offset: int = 0, length: int | None = None) -> memoryview:
         assert self._mm is not None, "buffer is closed"

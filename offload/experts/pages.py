@@ -127,8 +127,8 @@ class _Spare:
         self.release(i)
 
     def release(self, i: int) -> None:
-        if self.buffer._mm is not None:
-            self.buffer._mm.madvise(mmap.MADV_DONTNEED, self.buffer._pad + i * HUGE_PAGE, HUGE_PAGE)
+        if not self.buffer.closed:
+            self.buffer.advise(mmap.MADV_DONTNEED, i * HUGE_PAGE, HUGE_PAGE)
 
     def close(self) -> None:
         self.buffer.close()

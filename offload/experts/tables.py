@@ -66,17 +66,13 @@ class ExpertsTable:
         self.huge_bytes = self._advise_huge()
         self.pool: PagePool | None = None  # where evicted experts' huge pages wait for the next read (ExpertsStager)
 
-    def _madvise(self, advice: int, a: int, b: int) -> None:
-        assert self.buffer._mm is not None
-        self.buffer._mm.madvise(advice, self.buffer._pad + a, b - a)
-
     def _advise_huge(self) -> int:
         """Advise transparent huge pages on every 2 MiB page that lies wholly inside one expert's own bytes
         (``Slab.region``), and nowhere else: a huge page is backed only when that expert is read and freed
         whole when it is evicted, so resident memory stays what the cache counts; a region's tail (and,
         for packed slabs, the edges a neighbour's widened read shares) stays on 4 KiB pages. Returns the
         bytes advised."""
-        if self.buffer._mm is None or not hasattr(mmap, "MADV_HUGEPAGE") or not self.buffer.huge:
+        if self.buffer.closed or not hasattr(mmap, "MADV_HUGEPAGE") or not self.buffer.huge:
             return 0
         per_expert: list[list[tuple[int, int]]] = [[] for _ in range(self.group.count)]
         for slab in self.group.slabs:
@@ -89,14 +85,14 @@ class ExpertsTable:
         try:
             # HostBuffer advised the whole table; pages shared by experts must not be huge (an eviction
             # would split them), so off everywhere first, then on per region
-            self._madvise(mmap.MADV_NOHUGEPAGE, 0, self.buffer.nbytes // HUGE_PAGE * HUGE_PAGE)
+            self.buffer.advise(mmap.MADV_NOHUGEPAGE, 0, self.buffer.nbytes // HUGE_PAGE * HUGE_PAGE)
             # each advised range is a mapping of its own: past the kernel's limit on a process's mappings
             # (vm.max_map_count) every later mmap (malloc's large blocks, torch's) fails, so stay well under
             if not _HUGE_PAGES or not _mappings_allow(2 * len(ranges)):
                 return 0
             done = 0
             for a, b in ranges:
-                self._madvise(mmap.MADV_HUGEPAGE, a, b)
+                self.buffer.advise(mmap.MADV_HUGEPAGE, a, b - a)
                 done += b - a
             self.huge = per_expert
             return done
@@ -107,8 +103,8 @@ class ExpertsTable:
         return self.buffer.address + offset
 
     def give_back(self, a: int, b: int) -> None:
-        if self.buffer._mm is not None:
-            self._madvise(mmap.MADV_DONTNEED, a, b)
+        if not self.buffer.closed:
+            self.buffer.advise(mmap.MADV_DONTNEED, a, b - a)
 
     def back(self, e: int) -> None:
         """Before expert ``e`` is read: move evicted experts' huge pages under its huge-page ranges (``pages``),
@@ -121,17 +117,17 @@ class ExpertsTable:
         """Give expert ``e``'s pages back: its whole region (or the whole pages inside a packed slice, whose
         edges a neighbour shares); its huge pages to the pool when it has room (``pages``)."""
         self.present.discard(e)
-        if self.buffer._mm is None:
+        if self.buffer.closed:
             return
         pooled = [r for r in (self.huge[e] if self.huge and self.pool is not None else ()) if self.pool.give(self, *r)]
         for slab in self.group.slabs:
             a, b = slab.region(e)
             for x, y in sorted(r for r in pooled if a <= r[0] < b):  # the gaps between the pooled ranges
                 if x > a:
-                    self._madvise(mmap.MADV_DONTNEED, a, x)
+                    self.buffer.advise(mmap.MADV_DONTNEED, a, x - a)
                 a = max(a, y)
             if b > a:
-                self._madvise(mmap.MADV_DONTNEED, a, b)
+                self.buffer.advise(mmap.MADV_DONTNEED, a, b - a)
 
 
 class ExpertBinding(Binding):
