@@ -232,8 +232,8 @@ def _tuning_inputs(st: Store, records: Sequence[UnitRecord], reader: Reader, dev
     resident = sum(t.numel() * t.element_size() for t in _resident_tensors(model, plans))
     out: dict[str, Any] = {"sizes": [r.data_bytes for r in records], "kind": kind, "resident_bytes": resident,
                            "device": devices[0].type, "store_id": _tune.store_id(st, records), "disk": None}
+    _measure.use_profile(reader, None)  # direct unless this model's profile says so (the reader may come from another)
     if not reads or sum(out["sizes"]) < _tune.MIN_STREAMED_BYTES:
-        _measure.use_profile(reader, None)  # no profile: direct (a reader planned for another model may bounce)
         out["why"] = (f"the units total {format_bytes(sum(out['sizes']))} (< {format_bytes(_tune.MIN_STREAMED_BYTES)}): "
                       f"too little for the depth to matter")
         return out
@@ -241,7 +241,6 @@ def _tuning_inputs(st: Store, records: Sequence[UnitRecord], reader: Reader, dev
     try:
         out["disk"] = _measure.disk_profile(reads, reader, measure=measure, say=say)
     except OSError as e:  # measuring is an optimisation: a disk that cannot be measured plans as before
-        _measure.use_profile(reader, None)
         log.warning("offload: could not measure the disk (%s); prefetch=%d", e, _tune.DEFAULT_PREFETCH)
         out["why"] = f"the disk could not be measured ({e})"
     if out["disk"] is None and "why" not in out and not streams:
